@@ -1,0 +1,1 @@
+"""Python client for sealbox (Open Inference Protocol) and the `sealbox` CLI."""

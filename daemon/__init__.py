@@ -1,0 +1,1 @@
+"""The privileged supervisor: config, trust policy, workers, the public gRPC API."""

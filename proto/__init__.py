@@ -1,0 +1,1 @@
+"""Generated gRPC stubs: the public Open Inference Protocol and the internal worker service."""

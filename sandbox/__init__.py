@@ -1,0 +1,1 @@
+"""Worker confinement: one sandbox profile value, rendered into the launcher."""

@@ -1,0 +1,107 @@
+"""The engine interface: how a worker turns verified model bytes into a callable.
+
+One engine per model format. The worker hands an engine the model's files as
+a mapping from the signed relative name ("weights.safetensors") to a path the
+engine may open ("/proc/self/fd/5": a sealed copy of exactly the verified
+bytes). Engines never see the host's model directory.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import importlib
+from typing import Mapping
+
+import numpy as np
+
+# Open Inference Protocol datatypes <-> numpy dtypes (BYTES is not served).
+DATATYPE_TO_NUMPY = {
+    "BOOL": np.dtype(np.bool_), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32), "UINT64": np.dtype(np.uint64), "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
+}
+NUMPY_TO_DATATYPE = {v: k for k, v in DATATYPE_TO_NUMPY.items()}
+
+
+class ModelError(Exception):
+    """The model's files are unusable: refused at load, with the file and the reason."""
+
+
+class InputError(Exception):
+    """A request does not fit the model (name, datatype or shape): INVALID_ARGUMENT."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str              # an Open Inference Protocol datatype, e.g. "FP32"
+    shape: tuple[int, ...]     # -1 for a variable dimension
+
+    def check(self, array: np.ndarray) -> None:
+        """Raise InputError unless array fits this spec."""
+        expected = DATATYPE_TO_NUMPY[self.datatype]
+        if array.dtype != expected:
+            raise InputError(f"input '{self.name}': datatype {NUMPY_TO_DATATYPE.get(array.dtype, str(array.dtype))}, "
+                             f"expected {self.datatype}")
+        if len(array.shape) != len(self.shape) or any(
+                want != -1 and want != got for want, got in zip(self.shape, array.shape)):
+            raise InputError(f"input '{self.name}': shape {list(array.shape)}, expected {list(self.shape)} "
+                             "(-1 = any size)")
+
+    @classmethod
+    def from_json(cls, obj: Mapping, where: str) -> "TensorSpec":
+        try:
+            name, datatype, shape = obj["name"], obj["datatype"], obj["shape"]
+        except (KeyError, TypeError) as exc:
+            raise ModelError(f"{where}: tensor entry needs name, datatype and shape") from exc
+        if not isinstance(name, str) or not name:
+            raise ModelError(f"{where}: tensor name must be a non-empty string")
+        if datatype not in DATATYPE_TO_NUMPY:
+            raise ModelError(f"{where}: tensor '{name}': unsupported datatype {datatype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool)
+                                                  and d >= -1 for d in shape):
+            raise ModelError(f"{where}: tensor '{name}': shape must be a list of integers >= -1")
+        return cls(name, datatype, tuple(shape))
+
+
+class Engine(abc.ABC):
+    """A loaded model. Built once per worker by `load`; `infer` may be called from several threads."""
+
+    #: reported as ModelMetadataResponse.platform
+    platform: str = ""
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+
+    @classmethod
+    @abc.abstractmethod
+    def load(cls, files: Mapping[str, str]) -> "Engine":
+        """Parse the model from files (signed name -> openable path); raise ModelError if unusable."""
+
+    @abc.abstractmethod
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the model on checked inputs; return one array per output spec, by name."""
+
+    def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """Raise InputError unless inputs are exactly this model's inputs, each fitting its spec."""
+        expected = {spec.name for spec in self.inputs}
+        if set(inputs) != expected:
+            raise InputError(f"inputs {sorted(inputs)}, expected {sorted(expected)}")
+        for spec in self.inputs:
+            spec.check(inputs[spec.name])
+
+
+# Engine name (the model's `format` in the daemon config) -> "module:class".
+ENGINES = {
+    "mlx": "sealbox.worker.mlx_engine:MlxEngine",
+    "flux": "sealbox.worker.flux.engine:FluxNativeEngine",
+    "julia": "sealbox.worker.flux.julia_engine:JuliaEngine",
+}
+
+
+def engine_class(name: str) -> type[Engine]:
+    try:
+        module, _, attr = ENGINES[name].partition(":")
+    except KeyError:
+        raise ModelError(f"unknown model format {name!r} (known: {', '.join(sorted(ENGINES))})") from None
+    return getattr(importlib.import_module(module), attr)

@@ -1,0 +1,1 @@
+"""Flux.jl models saved with BSON.jl: strict reader, allowlist scanner, native evaluator."""

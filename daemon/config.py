@@ -1,5 +1,202 @@
-"""The daemon's TOML configuration (placeholder until the supervisor lands)."""
+"""The daemon's TOML configuration: parsed once, checked strictly, errors name file and key.
+
+    [server]
+    socket = "/run/sealbox/sealbox.sock"   # Unix socket of the public API
+    tcp = "127.0.0.1:8001"                 # optional, loopback only
+    max_message_mb = 256                   # gRPC message limit, every hop
+    state_dir = "/var/lib/sealbox"         # accepted versions (rollback protection)
+    run_dir = "/run/sealbox/workers"       # one socket directory per worker
+    audit_log = "/var/log/sealbox/audit.jsonl"
+    audit_stderr = true
+
+    [workers]
+    user = "sealbox-worker"
+    python = "/opt/sealbox/venv/bin/python"
+    memory_mb = 2048
+    pids_max = 64
+    load_timeout_s = 60
+    infer_timeout_s = 30
+    restart_backoff_s = [0.5, 30]           # first and longest delay
+    seccomp = true                          # layers: turning one off is explicit and logged
+    landlock = true
+    cgroups = true
+
+    [policy]                                # the default trust policy (see SECURITY.md)
+    ...
+
+    [models.NAME]
+    path = "/srv/models/NAME"
+    format = "mlx"                          # mlx | flux | julia
+    load = true                             # load at start
+    [models.NAME.policy]                    # overrides of the default policy
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import sys
+import tomllib
+from typing import Any
+
+from sealbox.worker.engine import ENGINES
 
 
 class ConfigError(Exception):
     """A malformed config: the message names the file and the key."""
+
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    socket: str = "/run/sealbox/sealbox.sock"
+    tcp: str | None = None
+    max_message_bytes: int = 256 * 2**20
+    state_dir: str = "/var/lib/sealbox"
+    run_dir: str = "/run/sealbox/workers"
+    audit_log: str | None = None
+    audit_stderr: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerConfig:
+    user: str = "sealbox-worker"
+    python: str = sys.executable
+    memory_bytes: int = 2048 * 2**20
+    pids_max: int = 64
+    load_timeout_s: float = 60.0
+    infer_timeout_s: float = 30.0
+    restart_backoff_s: tuple[float, float] = (0.5, 30.0)
+    seccomp: bool = True
+    landlock: bool = True
+    cgroups: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    path: str
+    format: str
+    load: bool = True
+    policy: Any = None        # a sealbox.daemon.policy.TrustPolicy
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    path: str
+    server: ServerConfig
+    workers: WorkerConfig
+    models: dict[str, ModelConfig]
+    default_policy: Any = None
+
+
+class _Table:
+    """Typed access to one TOML table; every error names the file and the key."""
+
+    def __init__(self, data: Any, where: str):
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: must be a table")
+        self.data, self.where, self.used = data, where, set()
+
+    def get(self, key: str, kind, default):
+        self.used.add(key)
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            raise ConfigError(f"{self.where}: key '{key}' must be {names}, not {type(value).__name__}")
+        return value
+
+    def positive(self, key: str, default, kind=(int, float)):
+        value = self.get(key, kind, default)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{self.where}: key '{key}' must be positive, not {value}")
+        return value
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(f"{self.where}: unknown key '{unknown[0]}'")
+
+
+def _server(table: _Table) -> ServerConfig:
+    d = ServerConfig()
+    tcp = table.get("tcp", str, None)
+    if tcp is not None:
+        host, _, port = tcp.rpartition(":")
+        try:
+            loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        if not loopback or not port.isdigit():
+            raise ConfigError(f"{table.where}: key 'tcp' must be a loopback address with a port, not {tcp!r}")
+    cfg = ServerConfig(
+        socket=table.get("socket", str, d.socket), tcp=tcp,
+        max_message_bytes=int(table.positive("max_message_mb", d.max_message_bytes / 2**20) * 2**20),
+        state_dir=table.get("state_dir", str, d.state_dir), run_dir=table.get("run_dir", str, d.run_dir),
+        audit_log=table.get("audit_log", str, d.audit_log), audit_stderr=table.get("audit_stderr", bool, d.audit_stderr))
+    table.finish()
+    return cfg
+
+
+def _workers(table: _Table) -> WorkerConfig:
+    d = WorkerConfig()
+    backoff = table.get("restart_backoff_s", list, list(d.restart_backoff_s))
+    if len(backoff) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in backoff) \
+            or backoff[0] > backoff[1]:
+        raise ConfigError(f"{table.where}: key 'restart_backoff_s' must be [first, longest] seconds, first <= longest")
+    cfg = WorkerConfig(
+        user=table.get("user", str, d.user), python=table.get("python", str, d.python),
+        memory_bytes=int(table.positive("memory_mb", d.memory_bytes / 2**20) * 2**20),
+        pids_max=table.positive("pids_max", d.pids_max, int),
+        load_timeout_s=float(table.positive("load_timeout_s", d.load_timeout_s)),
+        infer_timeout_s=float(table.positive("infer_timeout_s", d.infer_timeout_s)),
+        restart_backoff_s=(float(backoff[0]), float(backoff[1])),
+        seccomp=table.get("seccomp", bool, d.seccomp), landlock=table.get("landlock", bool, d.landlock),
+        cgroups=table.get("cgroups", bool, d.cgroups))
+    table.finish()
+    return cfg
+
+
+def _policy(data: Any, where: str, defaults=None):
+    from sealbox.daemon.policy import TrustPolicy  # the one place trust decisions are configured
+    return TrustPolicy.from_toml(data if data is not None else {}, where, defaults)
+
+
+def load_config(path: str) -> Config:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    base = os.path.dirname(os.path.abspath(path))
+    top = _Table(data, path)
+    server = _server(_Table(top.get("server", dict, {}), f"{path}: [server]"))
+    workers = _workers(_Table(top.get("workers", dict, {}), f"{path}: [workers]"))
+    default_policy = _policy(top.get("policy", dict, {}), f"{path}: [policy]")
+    models = {}
+    for name, raw in top.get("models", dict, {}).items():
+        where = f"{path}: [models.{name}]"
+        if not MODEL_NAME.match(name):
+            raise ConfigError(f"{where}: model name must match {MODEL_NAME.pattern}")
+        table = _Table(raw, where)
+        model_path = table.get("path", str, None)
+        if model_path is None:
+            raise ConfigError(f"{where}: key 'path' is required")
+        fmt = table.get("format", str, "mlx")
+        if fmt not in ENGINES:
+            raise ConfigError(f"{where}: key 'format' must be one of {sorted(ENGINES)}, not {fmt!r}")
+        policy = _policy(table.get("policy", dict, None), f"{where}.policy", default_policy)
+        models[name] = ModelConfig(name=name, path=os.path.join(base, model_path), format=fmt,
+                                   load=table.get("load", bool, True), policy=policy)
+        table.finish()
+    top.finish()
+    return Config(path=os.path.abspath(path), server=server, workers=workers, models=models,
+                  default_policy=default_policy)

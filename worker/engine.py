@@ -14,13 +14,10 @@ from typing import Mapping
 
 import numpy as np
 
-# Open Inference Protocol datatypes <-> numpy dtypes (BYTES is not served).
-DATATYPE_TO_NUMPY = {
-    "BOOL": np.dtype(np.bool_), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32), "UINT64": np.dtype(np.uint64), "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
-}
+from sealbox.proto.tensors import DATATYPES
+
+# Open Inference Protocol datatypes <-> numpy dtypes: one table, shared with the wire codec.
+DATATYPE_TO_NUMPY = DATATYPES
 NUMPY_TO_DATATYPE = {v: k for k, v in DATATYPE_TO_NUMPY.items()}
 
 

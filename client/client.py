@@ -1,0 +1,88 @@
+"""A Python client for sealbox: numpy in, numpy out, over the Open Inference Protocol.
+
+    from sealbox.client import Client
+    with Client("unix:/run/sealbox/sealbox.sock") as c:
+        outputs = c.infer("demo", {"x": np.ones((1, 4), np.float32)})
+
+Errors are grpc.RpcError with the server's status code and message.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Mapping
+
+import grpc
+import numpy as np
+
+from sealbox.proto import inference_pb2 as pb
+from sealbox.proto import inference_pb2_grpc as pb_grpc
+from sealbox.proto import tensors
+
+DEFAULT_TARGET = os.environ.get("SEALBOX_TARGET", "unix:/run/sealbox/sealbox.sock")
+
+
+class Client:
+    def __init__(self, target: str = DEFAULT_TARGET, max_message_bytes: int = 256 * 2**20, timeout: float = 60.0):
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        self.channel = grpc.insecure_channel(target, options=options)
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        self.timeout = timeout
+
+    def close(self):
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- health and metadata
+    def live(self) -> bool:
+        return self.stub.ServerLive(pb.ServerLiveRequest(), timeout=self.timeout).live
+
+    def ready(self) -> bool:
+        return self.stub.ServerReady(pb.ServerReadyRequest(), timeout=self.timeout).ready
+
+    def model_ready(self, name: str) -> bool:
+        return self.stub.ModelReady(pb.ModelReadyRequest(name=name), timeout=self.timeout).ready
+
+    def server_metadata(self) -> pb.ServerMetadataResponse:
+        return self.stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=self.timeout)
+
+    def metadata(self, name: str) -> pb.ModelMetadataResponse:
+        return self.stub.ModelMetadata(pb.ModelMetadataRequest(name=name), timeout=self.timeout)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until the server answers ServerReady=true (initial model loads finished)."""
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        import time
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if time.monotonic() > deadline:
+                raise TimeoutError("sealbox did not become ready")
+            time.sleep(0.05)
+
+    # -- inference
+    def infer(self, name: str, inputs: Mapping[str, np.ndarray], outputs: Iterable[str] | None = None,
+              timeout: float | None = None) -> dict[str, np.ndarray]:
+        request = tensors.build_request(name, dict(inputs), outputs)
+        response = self.stub.ModelInfer(request, timeout=timeout or self.timeout)
+        return tensors.response_outputs(response)
+
+    # -- admin
+    def models(self) -> list[pb.RepositoryIndexResponse.ModelIndex]:
+        return list(self.stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=self.timeout).models)
+
+    def status(self, name: str) -> pb.RepositoryIndexResponse.ModelIndex:
+        for model in self.models():
+            if model.name == name:
+                return model
+        raise KeyError(f"unknown model '{name}'")
+
+    def load(self, name: str) -> None:
+        self.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=name), timeout=self.timeout)
+
+    def unload(self, name: str) -> None:
+        self.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=name), timeout=self.timeout)

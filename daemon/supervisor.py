@@ -1,0 +1,333 @@
+"""The supervisor: one sandboxed worker per model, its state, and the calls proxied to it.
+
+Data flows one way: a load request is checked against the trust policy and
+verified (sealbox.daemon.verify), the verified bytes (sealed memfds) are
+handed to a freshly launched sandboxed worker, and inference requests are
+forwarded to that worker as untouched bytes.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import enum
+import logging
+import os
+import queue
+import shutil
+import signal
+import threading
+import time
+
+import grpc
+
+from sealbox.daemon.audit import AuditLog
+from sealbox.daemon.config import Config, ModelConfig
+from sealbox.proto import inference_pb2 as pb
+from sealbox.sandbox import launcher
+from sealbox.sandbox.profile import SOCKET_NAME, SandboxProfile
+
+log = logging.getLogger("sealboxd")
+
+EXIT_REASONS = {2: "bad worker spec", 3: "model refused by the engine", 4: "sandbox confinement failed"}
+
+
+class State(str, enum.Enum):
+    UNLOADED = "UNLOADED"
+    LOADING = "LOADING"
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+class ModelUnavailable(Exception):
+    """The model cannot answer now (loading, crashed, unloaded): gRPC UNAVAILABLE."""
+
+
+class LoadRefused(Exception):
+    """Verification refused the model: gRPC PERMISSION_DENIED. Nothing was handed to a worker."""
+
+
+def describe_exit(returncode: int) -> str:
+    """bwrap exits 128+N when the worker died of signal N."""
+    if returncode > 128:
+        try:
+            name = signal.Signals(returncode - 128).name
+        except ValueError:
+            name = f"signal {returncode - 128}"
+        text = f"killed by {name}"
+        if returncode - 128 == signal.SIGSYS:
+            text += " (seccomp violation)"
+        return text
+    if returncode < 0:
+        return f"killed by {signal.Signals(-returncode).name}"
+    return f"exited with code {returncode}" + (f" ({EXIT_REASONS[returncode]})" if returncode in EXIT_REASONS else "")
+
+
+class Spawner:
+    """Starts every worker from one long-lived thread.
+
+    bwrap's --die-with-parent (PR_SET_PDEATHSIG) fires when the *thread* that
+    forked it exits, so workers must not be forked from short-lived threads.
+    """
+
+    def __init__(self):
+        self._jobs: queue.Queue = queue.Queue()
+        threading.Thread(target=self._run, name="spawner", daemon=True).start()
+
+    def _run(self):
+        while True:
+            fn, future = self._jobs.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # handed back to the caller
+                    future.set_exception(exc)
+
+    def call(self, fn):
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._jobs.put((fn, future))
+        return future.result()
+
+
+def _identity(x):
+    return x
+
+
+class Worker:
+    """One running sandboxed worker process and the channel to it."""
+
+    def __init__(self, name: str, profile: SandboxProfile, socket_dir: str, proc, max_message_bytes: int):
+        self.name, self.profile, self.socket_dir, self.proc = name, profile, socket_dir, proc
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
+        self.stopping = False
+        opts = [("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes)]
+        self.channel = grpc.insecure_channel(f"unix:{os.path.join(socket_dir, SOCKET_NAME)}", options=opts)
+        self.infer_raw = self.channel.unary_unary("/sealbox.worker.Worker/Infer",
+                                                  request_serializer=_identity, response_deserializer=_identity)
+        self.describe = self.channel.unary_unary("/sealbox.worker.Worker/Describe",
+                                                 request_serializer=_identity,
+                                                 response_deserializer=pb.ModelMetadataResponse.FromString)
+        self._stderr_reader = threading.Thread(target=self._drain_stderr, name=f"stderr-{name}", daemon=True)
+        self._stderr_reader.start()
+
+    def _drain_stderr(self):
+        for line in iter(self.proc.stderr.readline, b""):
+            text = line.decode("utf-8", "replace").rstrip()[:2000]
+            self.stderr_tail.append(text)
+            log.info("worker %s: %s", self.name, text)
+
+    def wait_ready(self, timeout: float) -> pb.ModelMetadataResponse:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise ModelUnavailable(self.death_reason("while loading"))
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.kill()
+                raise ModelUnavailable(f"load timed out after {timeout:g} s; worker killed")
+            try:
+                return self.describe(b"", timeout=min(left, 0.25), wait_for_ready=True)
+            except grpc.RpcError:
+                continue
+
+    def death_reason(self, when: str) -> str:
+        rc = self.proc.wait()
+        self._stderr_reader.join(timeout=1.0)  # the worker's last words, before they are quoted
+        reason = f"worker {describe_exit(rc)} {when}"
+        last = [line for line in self.stderr_tail if line.startswith("sealbox worker:")]
+        if last:
+            reason += ": " + last[-1].removeprefix("sealbox worker: ")
+        if self.profile.memory_bytes and rc - 128 in (signal.SIGKILL, signal.SIGSEGV):
+            reason += f" (memory limit {self.profile.memory_bytes // 2**20} MiB)"
+        return reason
+
+    def kill(self):
+        self.stopping = True
+        if self.proc.poll() is None:
+            self.proc.kill()  # --die-with-parent takes the sandbox down with bwrap
+        self.proc.wait()
+        self.channel.close()
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+
+@dataclasses.dataclass
+class ManagedModel:
+    config: ModelConfig
+    state: State = State.UNLOADED
+    reason: str = ""
+    version: str = ""
+    metadata: pb.ModelMetadataResponse | None = None
+    worker: Worker | None = None
+    verified: object = None   # sealbox.daemon.verify.VerifiedModel while loaded
+    failures: int = 0
+    lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
+    generation: int = 0
+
+
+class Supervisor:
+    def __init__(self, config: Config, audit: AuditLog):
+        self.config, self.audit = config, audit
+        self.models = {name: ManagedModel(cfg) for name, cfg in config.models.items()}
+        self.spawner = Spawner()
+        self.stopped = threading.Event()
+        self.initial_load_done = threading.Event()
+
+    # -- profile: the one place a model's confinement is decided
+    def profile_for(self, model: ModelConfig) -> SandboxProfile:
+        w = self.config.workers
+        return SandboxProfile(engine=model.format, worker_user=w.user, python=w.python,
+                              memory_bytes=w.memory_bytes, pids_max=w.pids_max,
+                              load_timeout_s=w.load_timeout_s, infer_timeout_s=w.infer_timeout_s,
+                              seccomp=w.seccomp, landlock=w.landlock, cgroups=w.cgroups)
+
+    def preflight(self) -> list[str]:
+        """Refuse to run if workers cannot be sandboxed as configured; return warnings to log."""
+        import subprocess
+
+        w = self.config.workers
+        profile = SandboxProfile(engine="mlx", worker_user=w.user, python=w.python)
+        launcher.bwrap_path()
+        uid, gid = launcher.worker_identity(profile)
+        probe = subprocess.run([w.python, "-c", "import sealbox.worker.main"], user=uid, group=gid,
+                               extra_groups=[], capture_output=True, env={"PATH": "/usr/bin:/bin"}, cwd="/")
+        if probe.returncode != 0:
+            raise launcher.SandboxUnavailable(
+                f"runtime: the worker user {w.user!r} cannot run {w.python} with sealbox installed "
+                f"({probe.stderr.decode(errors='replace').strip().splitlines()[-1:] or ['no output']}); "
+                "use a Python outside root's home, e.g. a venv made from /usr/bin/python3")
+        return [f"sandbox layer {layer} is disabled by [workers] {layer} = false in {self.config.path}"
+                for layer in ("seccomp", "landlock", "cgroups") if not getattr(w, layer)]
+
+    def get(self, name: str) -> ManagedModel:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise KeyError(f"unknown model '{name}'") from None
+
+    def load_all(self):
+        threads = [threading.Thread(target=self._load_quietly, args=(name,), daemon=True)
+                   for name, m in self.models.items() if m.config.load]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.initial_load_done.set()
+
+    def _load_quietly(self, name):
+        try:
+            self.load(name)
+        except (ModelUnavailable, LoadRefused) as exc:
+            log.warning("model %s not loaded: %s", name, exc)
+
+    def load(self, name: str) -> None:
+        """Verify, launch, wait until ready. Raises LoadRefused or ModelUnavailable."""
+        from sealbox.daemon.verify import VerificationError, verify_model
+
+        model = self.get(name)
+        with model.lock:
+            self._stop_worker(model, State.LOADING, "loading")
+            cfg = model.config
+            try:
+                verified = verify_model(name, cfg.path, cfg.policy, self.config.server.state_dir, self.audit)
+            except VerificationError as exc:
+                model.state, model.reason = State.UNAVAILABLE, f"verification refused: {exc}"
+                raise LoadRefused(model.reason) from None
+            model.verified, model.version, model.failures = verified, verified.version or "", 0
+            self._start_worker(model)
+
+    def _start_worker(self, model: ManagedModel) -> None:
+        profile = self.profile_for(model.config)
+        name = model.config.name
+        model.generation += 1
+        generation = model.generation
+        try:
+            socket_dir = launcher.make_socket_dir(self.config.server.run_dir, f"{name}-{generation}", profile)
+            proc = self.spawner.call(lambda: launcher.launch(profile, socket_dir, model.verified.files))
+        except (launcher.SandboxUnavailable, OSError) as exc:
+            model.state, model.reason = State.UNAVAILABLE, f"sandbox unavailable: {exc}"
+            self.audit.event("worker_start", model=name, verdict="refused", reason=model.reason)
+            raise ModelUnavailable(model.reason) from None
+        worker = Worker(name, profile, socket_dir, proc, self.config.server.max_message_bytes)
+        model.worker, model.state, model.reason = worker, State.LOADING, "loading"
+        try:
+            model.metadata = worker.wait_ready(profile.load_timeout_s)
+        except ModelUnavailable as exc:
+            worker.kill()
+            model.worker, model.state, model.reason = None, State.UNAVAILABLE, str(exc)
+            self.audit.event("model_load", model=name, verdict="failed", reason=model.reason)
+            raise
+        model.state, model.reason = State.READY, ""
+        self.audit.event("model_load", model=name, verdict="ready", version=model.version,
+                         engine=model.config.format, worker_pid=proc.pid)
+        threading.Thread(target=self._watch, args=(model, worker, generation), daemon=True,
+                         name=f"watch-{name}").start()
+
+    def _watch(self, model: ManagedModel, worker: Worker, generation: int) -> None:
+        worker.proc.wait()
+        if worker.stopping or self.stopped.is_set():
+            return
+        reason = worker.death_reason("while serving")
+        with model.lock:
+            if model.generation != generation:
+                return
+            worker.kill()
+            model.worker, model.state, model.reason = None, State.UNAVAILABLE, reason
+            model.failures += 1
+            first, longest = self.config.workers.restart_backoff_s
+            delay = min(first * 2 ** (model.failures - 1), longest)
+        self.audit.event("worker_died", model=model.config.name, reason=reason, restart_in_s=delay)
+        timer = threading.Timer(delay, self._restart, args=(model, generation))
+        timer.daemon = True
+        timer.start()
+
+    def _restart(self, model: ManagedModel, generation: int) -> None:
+        with model.lock:
+            # The sealed memfds still hold the verified bytes: no re-verification needed.
+            if self.stopped.is_set() or model.generation != generation or model.verified is None:
+                return
+            try:
+                self._start_worker(model)
+            except ModelUnavailable as exc:
+                log.warning("restart of %s failed: %s", model.config.name, exc)
+
+    def _stop_worker(self, model: ManagedModel, state: State, reason: str) -> None:
+        model.generation += 1
+        if model.worker is not None:
+            model.worker.kill()
+            model.worker = None
+        if model.verified is not None:
+            model.verified.close()
+            model.verified = None
+        model.state, model.reason, model.metadata = state, reason, None
+
+    def unload(self, name: str) -> None:
+        model = self.get(name)
+        with model.lock:
+            self._stop_worker(model, State.UNLOADED, "unloaded")
+        self.audit.event("model_unload", model=name)
+
+    def infer_raw(self, name: str, request: bytes, stream: bool = False) -> bytes:
+        model = self.get(name)
+        worker = model.worker
+        if model.state != State.READY or worker is None:
+            raise ModelUnavailable(f"model '{name}' is {model.state.value.lower()}"
+                                   + (f": {model.reason}" if model.reason else ""))
+        try:
+            return worker.infer_raw(request, timeout=worker.profile.infer_timeout_s)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                reason = f"inference timed out after {worker.profile.infer_timeout_s:g} s; worker killed"
+                self.audit.event("infer_timeout", model=name, reason=reason)
+                worker.proc.kill()  # the watcher reports it and restarts with backoff
+                raise ModelUnavailable(f"model '{name}': {reason}") from None
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL) \
+                    and worker.proc.poll() is not None:
+                raise ModelUnavailable(f"model '{name}': worker {describe_exit(worker.proc.returncode)}") from None
+            raise
+
+    def shutdown(self) -> None:
+        self.stopped.set()
+        for model in self.models.values():
+            with model.lock:
+                self._stop_worker(model, State.UNLOADED, "daemon stopped")

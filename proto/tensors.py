@@ -1,0 +1,116 @@
+"""Open Inference Protocol tensors <-> numpy arrays (both raw and typed contents).
+
+Raw contents are row-major, little-endian, unpadded. Outputs are always sent
+raw: tritonclient's as_numpy() ignores typed contents.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from sealbox.proto import inference_pb2 as pb
+
+DATATYPES = {
+    "BOOL": np.dtype("?"), "UINT8": np.dtype("u1"), "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"), "UINT64": np.dtype("<u8"), "INT8": np.dtype("i1"),
+    "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
+}
+# Which typed-contents field carries each datatype (FP16/BF16 only travel raw).
+TYPED_FIELD = {
+    "BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+    "UINT32": "uint_contents", "UINT64": "uint64_contents", "INT8": "int_contents",
+    "INT16": "int_contents", "INT32": "int_contents", "INT64": "int64_contents",
+    "FP32": "fp32_contents", "FP64": "fp64_contents",
+}
+MAX_DIMS = 16
+
+
+class TensorError(ValueError):
+    """A tensor in a request is malformed (INVALID_ARGUMENT)."""
+
+
+def datatype_of(array: np.ndarray) -> str:
+    for name, dtype in DATATYPES.items():
+        if array.dtype.newbyteorder("<") == dtype or array.dtype == dtype:
+            return name
+    raise TensorError(f"numpy dtype {array.dtype} has no Open Inference Protocol datatype")
+
+
+def _shape(name: str, shape) -> tuple[int, ...]:
+    if len(shape) > MAX_DIMS:
+        raise TensorError(f"input '{name}': {len(shape)} dimensions, at most {MAX_DIMS}")
+    if any(d < 0 for d in shape):
+        raise TensorError(f"input '{name}': negative dimension in shape {list(shape)}")
+    return tuple(int(d) for d in shape)
+
+
+def request_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+    """Decode every input of a request into a numpy array (read-only views of raw bytes)."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise TensorError(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs")
+    arrays: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(request.inputs):
+        name = tensor.name
+        if name in arrays:
+            raise TensorError(f"input '{name}' given twice")
+        dtype = DATATYPES.get(tensor.datatype)
+        if dtype is None:
+            raise TensorError(f"input '{name}': datatype {tensor.datatype!r} is not supported "
+                              f"(supported: {', '.join(DATATYPES)})")
+        shape = _shape(name, tensor.shape)
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if raw:
+            if tensor.HasField("contents"):
+                raise TensorError(f"input '{name}': both raw and typed contents given")
+            data = raw[index]
+            if len(data) != count * dtype.itemsize:
+                raise TensorError(f"input '{name}': {len(data)} bytes of raw contents, shape {list(shape)} "
+                                  f"of {tensor.datatype} needs {count * dtype.itemsize}")
+            array = np.frombuffer(data, dtype=dtype).reshape(shape)
+        else:
+            field = TYPED_FIELD.get(tensor.datatype)
+            if field is None:
+                raise TensorError(f"input '{name}': datatype {tensor.datatype} only travels as raw contents")
+            values = getattr(tensor.contents, field)
+            if len(values) != count:
+                raise TensorError(f"input '{name}': {len(values)} values in {field}, shape {list(shape)} "
+                                  f"needs {count}")
+            array = np.asarray(values, dtype=dtype).reshape(shape)
+        arrays[name] = array
+    return arrays
+
+
+def add_output(response: pb.ModelInferResponse, name: str, array: np.ndarray) -> None:
+    array = np.ascontiguousarray(array)
+    datatype = datatype_of(array)
+    out = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+    del out  # only metadata lives in outputs; the bytes go raw
+    response.raw_output_contents.append(array.astype(DATATYPES[datatype], copy=False).tobytes())
+
+
+def response_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
+    """Decode a response's outputs (raw or typed) into numpy arrays."""
+    raw = response.raw_output_contents
+    arrays = {}
+    for index, tensor in enumerate(response.outputs):
+        dtype = DATATYPES[tensor.datatype]
+        shape = tuple(tensor.shape)
+        if raw:
+            arrays[tensor.name] = np.frombuffer(raw[index], dtype=dtype).reshape(shape)
+        else:
+            arrays[tensor.name] = np.asarray(getattr(tensor.contents, TYPED_FIELD[tensor.datatype]),
+                                             dtype=dtype).reshape(shape)
+    return arrays
+
+
+def build_request(model: str, inputs: dict[str, np.ndarray], outputs=None, version: str = "") -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model, model_version=version)
+    for name, array in inputs.items():
+        array = np.ascontiguousarray(array)
+        datatype = datatype_of(array)
+        request.inputs.add(name=name, datatype=datatype, shape=array.shape)
+        request.raw_input_contents.append(array.astype(DATATYPES[datatype], copy=False).tobytes())
+    for name in outputs or ():
+        request.outputs.add(name=name)
+    return request

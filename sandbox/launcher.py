@@ -1,0 +1,112 @@
+"""Render a SandboxProfile into a bubblewrap command line and start a worker.
+
+bwrap is never run as root: the child drops to the dedicated worker uid
+(setgroups, setresgid, setresuid via Popen's user/group/extra_groups) before
+exec'ing bwrap, because bwrap started as root keeps host uid 0 inside.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+from typing import Mapping, Sequence
+
+from sealbox.sandbox.profile import SOCKET_DIR_IN_SANDBOX, SOCKET_NAME, SandboxProfile
+
+
+class SandboxUnavailable(Exception):
+    """A layer the profile requires cannot be applied on this host: no worker is started."""
+
+
+def bwrap_path() -> str:
+    path = shutil.which("bwrap", path="/usr/bin:/bin:/usr/local/bin")
+    if not path:
+        raise SandboxUnavailable("namespaces: bubblewrap (bwrap) not found; install Debian's 'bubblewrap'")
+    return path
+
+
+def worker_identity(profile: SandboxProfile) -> tuple[int, int]:
+    try:
+        entry = pwd.getpwnam(profile.worker_user)
+    except KeyError:
+        raise SandboxUnavailable(f"uid: worker user {profile.worker_user!r} does not exist "
+                                 "(create it: useradd --system --no-create-home sealbox-worker)") from None
+    if entry.pw_uid == 0 or entry.pw_gid == 0:
+        raise SandboxUnavailable(f"uid: worker user {profile.worker_user!r} must not be uid/gid 0")
+    return entry.pw_uid, entry.pw_gid
+
+
+def bwrap_args(profile: SandboxProfile, socket_dir: str, seccomp_fd: int | None = None) -> list[str]:
+    """bubblewrap's arguments for this profile, up to (not including) the command."""
+    args = [
+        "--unshare-all", "--unshare-user", "--disable-userns",  # all namespaces incl. net; no nested userns
+        "--die-with-parent", "--new-session", "--clearenv",
+        "--hostname", "sandbox",
+        "--cap-drop", "ALL",
+        "--proc", "/proc", "--dev", "/dev",
+        "--size", str(profile.tmpfs_size), "--tmpfs", "/tmp",
+        # Debian's merged /usr: the top-level dirs are symlinks into /usr.
+        "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
+        "--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin",
+    ]
+    for path in (*profile.runtime_paths, *profile.extra_ro_paths):
+        args += ["--ro-bind", path, path]
+    args += ["--bind", socket_dir, SOCKET_DIR_IN_SANDBOX, "--chdir", "/tmp"]
+    for key, value in profile.worker_environment().items():
+        args += ["--setenv", key, value]
+    if seccomp_fd is not None:
+        args += ["--seccomp", str(seccomp_fd)]
+    return args
+
+
+def worker_spec(profile: SandboxProfile, files: Mapping[str, int], run_python: Sequence[str] | None = None) -> str:
+    """The worker's single argument: what to load and how to confine itself (JSON)."""
+    spec = {
+        "engine": profile.engine,
+        "socket": f"{SOCKET_DIR_IN_SANDBOX}/{SOCKET_NAME}",
+        "files": dict(files),
+        "landlock": profile.landlock,
+        "read_only": [*profile.runtime_paths, *profile.extra_ro_paths],
+        "read_write": [SOCKET_DIR_IN_SANDBOX, "/tmp"],
+        "seccomp_stage2": profile.seccomp,
+    }
+    if run_python is not None:
+        spec["run_python"] = list(run_python)
+    return json.dumps(spec)
+
+
+def make_socket_dir(parent: str, name: str, profile: SandboxProfile) -> str:
+    """A fresh directory owned by the worker uid, mode 0700: the worker's only writable bind."""
+    uid, gid = worker_identity(profile)
+    os.makedirs(parent, mode=0o711, exist_ok=True)
+    path = os.path.join(parent, name)
+    if os.path.lexists(path):
+        shutil.rmtree(path)
+    os.mkdir(path, 0o700)
+    os.chown(path, uid, gid)
+    return path
+
+
+def launch(profile: SandboxProfile, socket_dir: str, files: Mapping[str, int],
+           run_python: Sequence[str] | None = None, stdout=subprocess.DEVNULL,
+           stderr=subprocess.PIPE, preexec_extra=None) -> subprocess.Popen:
+    """Start one sandboxed worker. Returns the bwrap process (the worker's parent inside)."""
+    uid, gid = worker_identity(profile)
+    command = [bwrap_path(), *bwrap_args(profile, socket_dir), "--",
+               profile.python, "-m", "sealbox.worker.main", worker_spec(profile, files, run_python)]
+    import resource
+
+    def preexec():
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (profile.nofile, profile.nofile))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (profile.fsize_bytes, profile.fsize_bytes))
+        if preexec_extra is not None:
+            preexec_extra()
+
+    return subprocess.Popen(
+        command, user=uid, group=gid, extra_groups=[], pass_fds=tuple(files.values()),
+        stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+        env={"PATH": "/usr/bin:/bin"},  # bwrap's own environment is visible in /proc/1/environ
+        cwd="/", preexec_fn=preexec, close_fds=True)

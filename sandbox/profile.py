@@ -1,0 +1,67 @@
+"""The sandbox profile: the one value that decides how a worker is confined.
+
+Everything about a worker's confinement is a field here; the launcher only
+renders it (bubblewrap arguments, rlimits, cgroup limits, the worker's own
+self-restrictions). Changing confinement means changing this value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import sysconfig
+
+import sealbox
+
+# Where things appear inside the sandbox.
+SOCKET_DIR_IN_SANDBOX = "/run/sealbox"
+SOCKET_NAME = "worker.sock"
+
+
+def _runtime_paths() -> tuple[str, ...]:
+    """Host paths the worker's Python needs read-only: /usr, the venv, and sealbox's code."""
+    paths = ["/usr", sys.prefix]
+    # An editable install maps sealbox to a source tree outside the venv.
+    paths.extend(os.path.realpath(p) for p in sealbox.__path__)
+    purelib = os.path.realpath(sysconfig.get_paths()["purelib"])
+    out: list[str] = []
+    for path in paths:
+        path = os.path.realpath(path)
+        if path == purelib or any(path == p or path.startswith(p + "/") for p in out):
+            continue
+        out.append(path)
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxProfile:
+    engine: str                       # "mlx", "flux", "julia": selects engine and syscall allowlist
+    worker_user: str = "sealbox-worker"
+    python: str = sys.executable      # must be executable by worker_user (not root's pyenv)
+    runtime_paths: tuple[str, ...] = dataclasses.field(default_factory=_runtime_paths)
+    extra_ro_paths: tuple[str, ...] = ()   # e.g. a Julia installation and depot
+    tmpfs_size: int = 64 * 2**20
+    memory_bytes: int = 2 * 2**30
+    pids_max: int = 64
+    nofile: int = 256
+    fsize_bytes: int = 64 * 2**20
+    load_timeout_s: float = 60.0
+    infer_timeout_s: float = 30.0
+    # Layers beyond namespaces; each can only be turned off explicitly in the config.
+    seccomp: bool = True
+    landlock: bool = True
+    cgroups: bool = True
+
+    def worker_environment(self) -> dict[str, str]:
+        """The worker's whole environment (bubblewrap starts it with --clearenv)."""
+        return {
+            "PATH": "/usr/bin:/bin",
+            "HOME": "/tmp",
+            "TMPDIR": "/tmp",               # private tmpfs: MLX's kernel cache can't be poisoned across workers
+            "MLX_DISABLE_COMPILE": "1",     # no g++ at run time (and seccomp would kill it)
+            "GRPC_ENABLE_FORK_SUPPORT": "0",  # a failed fork must not hang the server
+            "MALLOC_ARENA_MAX": "2",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONNOUSERSITE": "1",
+            "PYTHON_JULIAPKG_OFFLINE": "yes",
+        }

@@ -1,0 +1,112 @@
+"""The worker: runs inside the sandbox, the only process that parses a model.
+
+Started by the launcher as `python -m sealbox.worker.main SPEC_JSON`. It
+confines itself further (Landlock, the exec ban), loads the model from the
+inherited sealed file descriptors, and serves the internal Worker gRPC
+service on a Unix socket in its socket directory.
+
+Exit codes: 0 stopped by SIGTERM; 2 bad spec; 3 the model was refused
+(reason on stderr); 4 confinement could not be applied.
+"""
+from __future__ import annotations
+
+import json
+import runpy
+import signal
+import sys
+import threading
+from concurrent import futures
+
+EXIT_BAD_SPEC, EXIT_MODEL_REFUSED, EXIT_CONFINEMENT = 2, 3, 4
+
+
+def confine(spec: dict) -> None:
+    """The worker's self-restrictions, applied before any model byte is read."""
+    if spec.get("landlock"):
+        from sealbox.sandbox import landlock
+        landlock.restrict_self(read_only=spec["read_only"], read_write=spec["read_write"])
+    if spec.get("seccomp_stage2"):
+        from sealbox.sandbox import seccomp
+        seccomp.load_stage2(seccomp.stage2_bpf(spec["engine"]))
+
+
+def serve(spec: dict, engine, engine_thread: futures.ThreadPoolExecutor) -> None:
+    import grpc
+
+    from sealbox.proto import inference_pb2 as pb
+    from sealbox.proto import tensors
+    from sealbox.proto import worker_pb2_grpc
+    from sealbox.worker.engine import InputError
+
+    class Worker(worker_pb2_grpc.WorkerServicer):
+        def Describe(self, request, context):
+            response = pb.ModelMetadataResponse(platform=engine.platform)
+            for spec_list, field in ((engine.inputs, response.inputs), (engine.outputs, response.outputs)):
+                for t in spec_list:
+                    field.add(name=t.name, datatype=t.datatype, shape=t.shape)
+            return response
+
+        def Infer(self, request, context):
+            try:
+                inputs = tensors.request_inputs(request)
+                engine.check_inputs(inputs)
+                wanted = [o.name for o in request.outputs]
+                known = [o.name for o in engine.outputs]
+                unknown = sorted(set(wanted) - set(known))
+                if unknown:
+                    raise InputError(f"requested outputs {unknown} do not exist (outputs: {known})")
+                results = engine_thread.submit(engine.infer, inputs).result()
+            except (InputError, tensors.TensorError) as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            response = pb.ModelInferResponse(model_name=request.model_name,
+                                             model_version=request.model_version, id=request.id)
+            for name in wanted or known:
+                tensors.add_output(response, name, results[name])
+            return response
+
+    limit = spec.get("max_message_bytes", 256 * 2**20)
+    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=options)
+    worker_pb2_grpc.add_WorkerServicer_to_server(Worker(), server)
+    server.add_insecure_port("unix:" + spec["socket"])
+    server.start()
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    stopped.wait()
+    server.stop(grace=1).wait()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m sealbox.worker.main SPEC_JSON (started by sealboxd, not by hand)", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    spec = json.loads(argv[0])
+    files = {name: f"/proc/self/fd/{int(fd)}" for name, fd in spec["files"].items()}
+    # Import what serving needs before confinement, so Landlock/seccomp see a settled process.
+    from sealbox.worker.engine import ModelError, engine_class
+    engine_cls = engine_class(spec["engine"]) if "run_python" not in spec else None
+    import grpc  # noqa: F401
+    try:
+        confine(spec)
+    except Exception as exc:  # fail closed: no model is read unconfined
+        print(f"sealbox worker: confinement failed: {exc}", file=sys.stderr)
+        return EXIT_CONFINEMENT
+    if "run_python" in spec:
+        # `sealbox sandbox run-python`: the operator's script stands in for the model loader.
+        script, *args = spec["run_python"]
+        sys.argv = [script, *args]
+        runpy.run_path(script, run_name="__main__")
+        return 0
+    # One thread owns the engine: MLX streams are per thread, and engines need not be thread-safe.
+    engine_thread = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+    try:
+        engine = engine_thread.submit(engine_cls.load, files).result()
+    except ModelError as exc:
+        print(f"sealbox worker: model refused: {exc}", file=sys.stderr)
+        return EXIT_MODEL_REFUSED
+    serve(spec, engine, engine_thread)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -11,7 +11,7 @@ import os
 import pwd
 import shutil
 import subprocess
-from typing import Mapping, Sequence
+from typing import Mapping
 
 from sealbox.sandbox.profile import SOCKET_DIR_IN_SANDBOX, SOCKET_NAME, SandboxProfile
 
@@ -38,7 +38,8 @@ def worker_identity(profile: SandboxProfile) -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
-def bwrap_args(profile: SandboxProfile, socket_dir: str, seccomp_fd: int | None = None) -> list[str]:
+def bwrap_args(profile: SandboxProfile, socket_dir: str, seccomp_fd: int | None = None,
+               extra_ro_files: Mapping[str, str] | None = None) -> list[str]:
     """bubblewrap's arguments for this profile, up to (not including) the command."""
     args = [
         "--unshare-all", "--unshare-user", "--disable-userns",  # all namespaces incl. net; no nested userns
@@ -53,6 +54,8 @@ def bwrap_args(profile: SandboxProfile, socket_dir: str, seccomp_fd: int | None 
     ]
     for path in (*profile.runtime_paths, *profile.extra_ro_paths):
         args += ["--ro-bind", path, path]
+    for host, dest in (extra_ro_files or {}).items():  # an operator's script for run-python
+        args += ["--ro-bind", host, dest]
     args += ["--bind", socket_dir, SOCKET_DIR_IN_SANDBOX, "--chdir", "/tmp"]
     for key, value in profile.worker_environment().items():
         args += ["--setenv", key, value]
@@ -61,7 +64,7 @@ def bwrap_args(profile: SandboxProfile, socket_dir: str, seccomp_fd: int | None 
     return args
 
 
-def worker_spec(profile: SandboxProfile, files: Mapping[str, int], run_python: Sequence[str] | None = None) -> str:
+def worker_spec(profile: SandboxProfile, files: Mapping[str, int], run: dict | None = None) -> str:
     """The worker's single argument: what to load and how to confine itself (JSON)."""
     spec = {
         "engine": profile.engine,
@@ -72,8 +75,8 @@ def worker_spec(profile: SandboxProfile, files: Mapping[str, int], run_python: S
         "read_write": [SOCKET_DIR_IN_SANDBOX, "/tmp"],
         "seccomp_stage2": profile.seccomp,
     }
-    if run_python is not None:
-        spec["run_python"] = list(run_python)
+    if run is not None:
+        spec["run"] = run
     return json.dumps(spec)
 
 
@@ -90,12 +93,16 @@ def make_socket_dir(parent: str, name: str, profile: SandboxProfile) -> str:
 
 
 def launch(profile: SandboxProfile, socket_dir: str, files: Mapping[str, int],
-           run_python: Sequence[str] | None = None, stdout=subprocess.DEVNULL,
-           stderr=subprocess.PIPE, preexec_extra=None) -> subprocess.Popen:
-    """Start one sandboxed worker. Returns the bwrap process (the worker's parent inside)."""
+           run: dict | None = None, extra_ro_files: Mapping[str, str] | None = None,
+           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_extra=None) -> subprocess.Popen:
+    """Start one sandboxed worker. Returns the bwrap process (the worker's parent inside).
+
+    `run` replaces the model loader with {"kind": "script"|"module", "target", "args"}
+    (operator tools); everything else about the sandbox stays the same.
+    """
     uid, gid = worker_identity(profile)
-    command = [bwrap_path(), *bwrap_args(profile, socket_dir), "--",
-               profile.python, "-m", "sealbox.worker.main", worker_spec(profile, files, run_python)]
+    command = [bwrap_path(), *bwrap_args(profile, socket_dir, extra_ro_files=extra_ro_files), "--",
+               profile.python, "-m", "sealbox.worker.main", worker_spec(profile, files, run)]
     import resource
 
     def preexec():
@@ -110,3 +117,20 @@ def launch(profile: SandboxProfile, socket_dir: str, files: Mapping[str, int],
         stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
         env={"PATH": "/usr/bin:/bin"},  # bwrap's own environment is visible in /proc/1/environ
         cwd="/", preexec_fn=preexec, close_fds=True)
+
+
+def run_tool(profile: SandboxProfile, run: dict, files: Mapping[str, int] | None = None,
+             extra_ro_files: Mapping[str, str] | None = None, run_dir: str = "/run/sealbox/tools") -> int:
+    """Run an operator tool in a worker's sandbox with stdout/stderr passed through; its exit status back."""
+    import tempfile
+
+    os.makedirs(run_dir, mode=0o711, exist_ok=True)
+    parent = tempfile.mkdtemp(prefix="tool-", dir=run_dir)
+    os.chmod(parent, 0o711)
+    try:
+        socket_dir = make_socket_dir(parent, "sock", profile)
+        proc = launch(profile, socket_dir, files or {}, run=run, extra_ro_files=extra_ro_files,
+                      stdout=None, stderr=None)
+        return proc.wait()
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)

@@ -76,6 +76,19 @@ def serve(spec: dict, engine, engine_thread: futures.ThreadPoolExecutor) -> None
     server.stop(grace=1).wait()
 
 
+def run_instead_of_loader(kind: str, target: str, args: list[str]) -> int:
+    """`sealbox sandbox run-python` (a script) and `sealbox scan` (a module's main) run here, confined."""
+    if kind == "script":
+        sys.argv = [target, *args]
+        runpy.run_path(target, run_name="__main__")
+        return 0
+    if kind == "module":
+        import importlib
+        return importlib.import_module(target).main(args)
+    print(f"sealbox worker: unknown run kind {kind!r}", file=sys.stderr)
+    return EXIT_BAD_SPEC
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m sealbox.worker.main SPEC_JSON (started by sealboxd, not by hand)", file=sys.stderr)
@@ -84,19 +97,16 @@ def main(argv: list[str]) -> int:
     files = {name: f"/proc/self/fd/{int(fd)}" for name, fd in spec["files"].items()}
     # Import what serving needs before confinement, so Landlock/seccomp see a settled process.
     from sealbox.worker.engine import ModelError, engine_class
-    engine_cls = engine_class(spec["engine"]) if "run_python" not in spec else None
+    run = spec.get("run")  # operator tools: a script or module in place of the model loader
+    engine_cls = engine_class(spec["engine"]) if run is None else None
     import grpc  # noqa: F401
     try:
         confine(spec)
     except Exception as exc:  # fail closed: no model is read unconfined
         print(f"sealbox worker: confinement failed: {exc}", file=sys.stderr)
         return EXIT_CONFINEMENT
-    if "run_python" in spec:
-        # `sealbox sandbox run-python`: the operator's script stands in for the model loader.
-        script, *args = spec["run_python"]
-        sys.argv = [script, *args]
-        runpy.run_path(script, run_name="__main__")
-        return 0
+    if run is not None:
+        return run_instead_of_loader(run["kind"], run["target"], run["args"])
     # One thread owns the engine: MLX streams are per thread, and engines need not be thread-safe.
     engine_thread = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
     try:

@@ -1,0 +1,175 @@
+"""The `sealbox` command line: call a running sealboxd, publish models, inspect the sandbox."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+from sealbox.client.client import DEFAULT_TARGET, Client
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+
+
+def _client(args) -> Client:
+    return Client(args.target)
+
+
+def cmd_models(args) -> int:
+    with _client(args) as c:
+        for m in c.models():
+            print(f"{m.name}\t{m.state}\t{m.version or '-'}\t{m.reason}")
+    return EXIT_OK
+
+
+def cmd_status(args) -> int:
+    with _client(args) as c:
+        m = c.status(args.model)
+        print(f"model:   {m.name}\nstate:   {m.state}\nversion: {m.version or '-'}")
+        if m.reason:
+            print(f"reason:  {m.reason}")
+        if m.state == "READY":
+            meta = c.metadata(args.model)
+            print(f"engine:  {meta.platform}")
+            for kind, tensors in (("input", meta.inputs), ("output", meta.outputs)):
+                for t in tensors:
+                    print(f"{kind}:   {t.name} {t.datatype} {list(t.shape)}")
+    return EXIT_OK
+
+
+def _parse_inputs(specs: list[str]) -> dict[str, np.ndarray]:
+    inputs = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"sealbox infer: --input must be NAME=FILE.npy, not {spec!r}")
+        try:
+            inputs[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"sealbox infer: {path}: cannot read as .npy: {exc}") from None
+    return inputs
+
+
+def cmd_infer(args) -> int:
+    inputs = _parse_inputs(args.input)
+    with _client(args) as c:
+        outputs = c.infer(args.model, inputs, args.output or None)
+    for name, array in outputs.items():
+        if args.output_dir:
+            path = os.path.join(args.output_dir, f"{name}.npy")
+            np.save(path, array)
+            print(f"{name}: {array.dtype} {list(array.shape)} -> {path}")
+        else:
+            print(f"{name}: {array.dtype} {list(array.shape)}\n{array}")
+    return EXIT_OK
+
+
+def cmd_load(args) -> int:
+    with _client(args) as c:
+        c.load(args.model)
+    print(f"{args.model}: loaded")
+    return EXIT_OK
+
+
+def cmd_unload(args) -> int:
+    with _client(args) as c:
+        c.unload(args.model)
+    print(f"{args.model}: unloaded")
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from sealbox.client.demo import run_demo
+    return run_demo(args.dir, once=args.once)
+
+
+def cmd_scan(args) -> int:
+    from sealbox.sandbox.tools import scan_file
+    return scan_file(args.file, as_json=args.json)
+
+
+def cmd_sandbox_check(args) -> int:
+    from sealbox.sandbox import hostcheck
+    import json
+    report = hostcheck.host_report()
+    print(json.dumps(report, indent=2, sort_keys=True) if args.json else hostcheck.format_report(report))
+    return EXIT_OK
+
+
+def cmd_sandbox_run_python(args) -> int:
+    from sealbox.sandbox.tools import run_python
+    return run_python(args.script, args.args, engine=args.engine, memory=args.memory)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sealbox",
+        description="Call a running sealboxd, publish and verify signed models, and inspect the worker sandbox.",
+        epilog=f"The daemon is reached at --target (default {DEFAULT_TARGET}; set SEALBOX_TARGET to change it). "
+               "Exit status: 0 success, 1 refused (verification, scan, or a server error), 2 usage or I/O error.")
+    parser.add_argument("--target", default=DEFAULT_TARGET,
+                        help="gRPC target of sealboxd: unix:/path/to.sock or 127.0.0.1:PORT")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list the models, their state and why a model is not ready")
+    p.set_defaults(func=cmd_models)
+    p = sub.add_parser("status", help="state, version, engine and tensors of one model")
+    p.add_argument("model")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("infer", help="run one inference with inputs from .npy files")
+    p.add_argument("model")
+    p.add_argument("--input", action="append", required=True, metavar="NAME=FILE.npy",
+                   help="one per model input (repeat)")
+    p.add_argument("--output", action="append", metavar="NAME", help="only return these outputs")
+    p.add_argument("--output-dir", metavar="DIR", help="save each output as DIR/NAME.npy instead of printing")
+    p.set_defaults(func=cmd_infer)
+    p = sub.add_parser("load", help="verify and (re)load a configured model")
+    p.add_argument("model")
+    p.set_defaults(func=cmd_load)
+    p = sub.add_parser("unload", help="stop a model's worker")
+    p.add_argument("model")
+    p.set_defaults(func=cmd_unload)
+    p = sub.add_parser("demo", help="build, sign and serve a small demo MLX model and call it once (run as root)")
+    p.add_argument("--dir", default=None, help="where the demo model, key and config live "
+                   "(default: ~/.local/share/sealbox/demo)")
+    p.add_argument("--once", action="store_true", help="stop the daemon after the first call")
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("scan", help="scan a BSON.jl file (inside the sandbox) and say whether sealbox would run it")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="machine-readable verdict")
+    p.set_defaults(func=cmd_scan)
+
+    sandbox = sub.add_parser("sandbox", help="inspect the worker sandbox").add_subparsers(
+        dest="sandbox_command", required=True, metavar="SUBCOMMAND")
+    p = sandbox.add_parser("check", help="which sandbox layers this host supports and which workers would get")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sandbox_check)
+    p = sandbox.add_parser("run-python", help="run a Python script inside exactly the sandbox a worker gets, "
+                           "after the worker's own self-restrictions, in place of the model loader (run as root)")
+    p.add_argument("--engine", choices=["mlx", "flux"], default="mlx")
+    p.add_argument("--memory", default=None, metavar="SIZE", help="memory limit, e.g. 512M or 2G")
+    p.add_argument("script")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_sandbox_run_python)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import grpc
+    try:
+        return args.func(args)
+    except grpc.RpcError as exc:
+        print(f"sealbox: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyError as exc:
+        print(f"sealbox: {exc.args[0]}", file=sys.stderr)
+        return EXIT_REFUSED
+    except OSError as exc:
+        print(f"sealbox: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

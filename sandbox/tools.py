@@ -1,0 +1,61 @@
+"""Operator tools that run inside exactly a worker's sandbox: `sealbox scan` and `sealbox sandbox run-python`."""
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from sealbox.sandbox.launcher import SandboxUnavailable, run_tool
+from sealbox.sandbox.profile import SandboxProfile
+
+SCRIPT_IN_SANDBOX = "/run/sealbox-tool/script.py"
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"(\d+)([KMG]?)i?B?", text.strip(), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"size {text!r}: use a number with an optional K, M or G suffix (e.g. 512M)")
+    return int(match.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[match.group(2).upper()]
+
+
+def _require_root(tool: str) -> None:
+    if os.geteuid() != 0:
+        raise SystemExit(f"sealbox {tool}: must run as root (it drops to the worker user inside the sandbox)")
+
+
+def run_python(script: str, args: list[str], engine: str = "mlx", memory: str | None = None) -> int:
+    _require_root("sandbox run-python")
+    profile = SandboxProfile(engine=engine)
+    if memory:
+        profile = SandboxProfile(engine=engine, memory_bytes=parse_size(memory))
+    script = os.path.realpath(script)
+    if not os.path.isfile(script):
+        print(f"sealbox sandbox run-python: {script}: not a file", file=sys.stderr)
+        return 2
+    try:
+        return run_tool(profile, {"kind": "script", "target": SCRIPT_IN_SANDBOX, "args": list(args)},
+                        extra_ro_files={script: SCRIPT_IN_SANDBOX})
+    except SandboxUnavailable as exc:
+        print(f"sealbox sandbox run-python: {exc}", file=sys.stderr)
+        return 2
+
+
+def scan_file(path: str, as_json: bool = False) -> int:
+    """The BSON.jl scanner, run confined: the file is hostile until scanned."""
+    _require_root("scan")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        print(f"sealbox scan: {path}: {exc.strerror}", file=sys.stderr)
+        return 2
+    try:
+        args = [f"/proc/self/fd/{fd}", "--name", os.path.basename(path)] + (["--json"] if as_json else [])
+        code = run_tool(SandboxProfile(engine="flux"),
+                        {"kind": "module", "target": "sealbox.worker.flux.scan_cli", "args": args},
+                        files={"model.bson": fd})
+    except SandboxUnavailable as exc:
+        print(f"sealbox scan: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        os.close(fd)
+    return code if code in (0, 1, 2) else 2

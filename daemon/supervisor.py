@@ -219,6 +219,10 @@ class Supervisor:
             self.load(name)
         except (ModelUnavailable, LoadRefused) as exc:
             log.warning("model %s not loaded: %s", name, exc)
+        except Exception as exc:  # a bug must not leave the model looking merely "unloaded"
+            log.exception("model %s: internal error while loading", name)
+            model = self.models[name]
+            model.state, model.reason = State.UNAVAILABLE, f"internal error while loading: {exc!r}"
 
     def load(self, name: str) -> None:
         """Verify, launch, wait until ready. Raises LoadRefused or ModelUnavailable."""

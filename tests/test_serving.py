@@ -1,0 +1,165 @@
+"""The whole chain, end to end: real sealboxd, real bubblewrap workers, real MLX, real gRPC."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import grpc
+import numpy as np
+import psutil
+import pytest
+
+from conftest import PYTHON
+from sealbox.daemon.demo_model import demo_function, demo_weights
+
+
+@pytest.fixture
+def served(daemon_factory, demo_model, keys):
+    daemon = daemon_factory({"demo": {"path": demo_model}}, keys[1], tcp=True).start()
+    yield daemon
+
+
+def reference(x: np.ndarray) -> np.ndarray:
+    """The same exported function, run in-process with MLX."""
+    import mlx.core as mx
+    w = {k: mx.array(v) for k, v in demo_weights().items()}
+    return np.array(demo_function(mx.array(x), **w))
+
+
+def test_infer_matches_in_process_mlx(served):
+    x = np.random.default_rng(3).standard_normal((17, 4)).astype(np.float32)
+    with served.client() as client:
+        out = client.infer("demo", {"x": x})
+        assert set(out) == {"y"}
+        np.testing.assert_allclose(out["y"], reference(x), rtol=1e-5, atol=1e-5)
+        meta = client.metadata("demo")
+    assert meta.platform == "mlx"
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("x", "FP32", [-1, 4])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [("y", "FP32", [-1, 3])]
+    # Same answer over loopback TCP.
+    from sealbox.client import Client
+    with Client(served.tcp_target) as tcp_client:
+        np.testing.assert_allclose(tcp_client.infer("demo", {"x": x})["y"], reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_large_tensor_over_4mb(served):
+    x = np.random.default_rng(4).standard_normal((300_000, 4)).astype(np.float32)  # 4.8 MB in, 3.6 MB out
+    with served.client() as client:
+        out = client.infer("demo", {"x": x})
+    np.testing.assert_allclose(out["y"], reference(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("inputs, code, message", [
+    ({"x": np.zeros((2, 4), np.float64)}, grpc.StatusCode.INVALID_ARGUMENT, "input 'x': datatype FP64, expected FP32"),
+    ({"x": np.zeros((2, 5), np.float32)}, grpc.StatusCode.INVALID_ARGUMENT,
+     "input 'x': shape [2, 5], expected [-1, 4] (-1 = any size)"),
+    ({"z": np.zeros((2, 4), np.float32)}, grpc.StatusCode.INVALID_ARGUMENT, "inputs ['z'], expected ['x']"),
+])
+def test_bad_inputs_are_invalid_argument(served, inputs, code, message):
+    with served.client() as client:
+        with pytest.raises(grpc.RpcError) as err:
+            client.infer("demo", inputs)
+    assert err.value.code() == code
+    assert err.value.details() == message
+
+
+def test_unknown_model(served):
+    with served.client() as client:
+        with pytest.raises(grpc.RpcError) as err:
+            client.infer("nope", {"x": np.zeros((1, 4), np.float32)})
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert err.value.details() == "unknown model 'nope'"
+        assert client.model_ready("nope") is False
+        with pytest.raises(grpc.RpcError) as err:
+            client.metadata("nope")
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_unload_load_cycle(served):
+    x = np.ones((1, 4), np.float32)
+    with served.client() as client:
+        client.unload("demo")
+        assert client.model_ready("demo") is False
+        assert client.status("demo").state == "UNLOADED"
+        with pytest.raises(grpc.RpcError) as err:
+            client.infer("demo", {"x": x})
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "unloaded" in err.value.details()
+        client.load("demo")
+        assert client.model_ready("demo") is True
+        np.testing.assert_allclose(client.infer("demo", {"x": x})["y"], reference(x), rtol=1e-5, atol=1e-5)
+
+
+def _worker_python(daemon) -> psutil.Process:
+    for pid in daemon.worker_pids():
+        proc = psutil.Process(pid)
+        if "sealbox.worker.main" in " ".join(proc.cmdline()) and proc.name().startswith("python"):
+            return proc
+    raise AssertionError("no worker process found")
+
+
+def test_worker_runs_as_unprivileged_uid(served):
+    worker = _worker_python(served)
+    import pwd
+    expected = pwd.getpwnam("sealbox-worker").pw_uid
+    assert worker.uids().real == worker.uids().effective == expected != 0
+    # bwrap itself, the worker's parent, never runs as root either.
+    for pid in served.worker_pids():
+        assert psutil.Process(pid).uids().effective != 0
+
+
+def test_kill_9_worker_turns_unavailable_then_recovers(served):
+    x = np.ones((2, 4), np.float32)
+    with served.client() as client:
+        client.infer("demo", {"x": x})
+        _worker_python(served).send_signal(signal.SIGKILL)
+        # Until the restart, calls fail with UNAVAILABLE naming the death.
+        saw_unavailable = False
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                client.infer("demo", {"x": x})
+                if saw_unavailable:
+                    break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
+                saw_unavailable = True
+            time.sleep(0.02)
+        assert saw_unavailable
+        np.testing.assert_allclose(client.infer("demo", {"x": x})["y"], reference(x), rtol=1e-5, atol=1e-5)
+        assert client.ready()
+    died = [e for e in served.audit_events() if e["event"] == "worker_died"]
+    assert died and "killed by SIGKILL" in died[0]["reason"]
+    assert served.proc.poll() is None
+
+
+def test_sigterm_leaves_no_process_behind(served):
+    pids = served.worker_pids()
+    assert pids
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(timeout=30) == 0
+    time.sleep(0.5)
+    alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert alive == []
+    assert not os.path.exists(served.socket)
+
+
+def test_malformed_config_names_file_and_key(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text('[workers]\nmemory_mb = "lots"\n')
+    result = subprocess.run([PYTHON, "-m", "sealbox.daemon.main", "--config", str(config)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"sealboxd: config refused: {config}: [workers]: key 'memory_mb' must be int or float, not str"
+    config.write_text('[models.m]\npath = "x"\nformat = "onnx"\n')
+    result = subprocess.run([PYTHON, "-m", "sealbox.daemon.main", "--config", str(config)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "[models.m]: key 'format' must be one of ['flux', 'julia', 'mlx'], not 'onnx'" in result.stderr
+    config.write_text('[server]\ntcp = "0.0.0.0:8001"\n')
+    result = subprocess.run([PYTHON, "-m", "sealbox.daemon.main", "--config", str(config)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "key 'tcp' must be a loopback address with a port, not '0.0.0.0:8001'" in result.stderr

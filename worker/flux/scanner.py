@@ -1,0 +1,1174 @@
+"""The allowlist scanner: is this BSON.jl file a Flux model that sealbox will run?
+
+It decides before BSON.jl or any evaluator touches the file. `BSON.load` can run
+code (serialized closures), resolve any global, forge any struct or pointer and
+call whatever sits in a callable slot (see the bsonjl-format note, section 6),
+so the scanner accepts only a closed set of shapes:
+
+* the strict BSON layer (bson.py), then backrefs resolved with cycle and
+  expansion-size (billion-laughs) checks;
+* exactly one top-level value is a Flux model; every other top-level value and
+  every unused `_backrefs` entry must be inert data (numbers, strings, float
+  arrays, allowlisted types);
+* the model is a tree of allowlisted layers (Chain, Dense, Conv, MaxPool,
+  MeanPool, BatchNorm, Dropout, softmax, flatten, identity), each matched
+  against the positional field layout of Flux 0.10 to 0.16, with its type
+  parameters cross-checked against its data;
+* callable slots (Dense.σ, Conv.σ, BatchNorm.λ) hold only allowlisted
+  activation singletons: a closure-free gadget such as `Base.run` is as
+  dangerous as a closure;
+* shapes are propagated through the chain.
+
+Places are written the way a Julia user would reach the value
+(`model.layers[7].σ`, 1-based), or `_backrefs[i]` with BSON.jl's 1-based ref.
+
+The accepted model comes back as plain layer records (below) holding numpy
+views of the weights in numpy layout: a Julia array of size (d1, ..., dn) is
+the row-major numpy array of shape (dn, ..., d1) over the same bytes, so every
+per-dimension tuple (stride, pad, dilation, pooling window) is stored reversed
+too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Union
+
+import numpy as np
+
+from sealbox.worker.flux import bson
+
+MAX_EXPANDED_NODES = 2_000_000   # nodes after backref expansion; real models: a few thousand
+MAX_REASONS = 50                  # enough to explain a refusal, bounded for hostile files
+MAX_RANK = 8
+MAX_ARRAY_ELEMENTS = 1 << 28
+MAX_NESTING = 64                  # types inside types, Chains inside Chains
+
+ACCEPTED, REFUSED, NOT_A_MODEL = "accepted", "refused", "not-a-model"
+
+CLOSURE = "serialized closure (jl_anonymous): code in the model file"
+
+# Activation singletons allowed in callable slots: type name -> activation id.
+ACTIVATIONS = {
+    ("NNlib", "#relu"): "relu",
+    ("NNlib", "#σ"): "sigmoid",          # `const sigmoid = σ`: on disk it is #σ
+    ("NNlib", "#sigmoid"): "sigmoid",
+    ("NNlib", "#sigmoid_fast"): "sigmoid_fast",
+    ("Base", "#tanh"): "tanh",
+    ("NNlib", "#tanh_fast"): "tanh_fast",
+    ("NNlib", "#leakyrelu"): "leakyrelu",
+    ("NNlib", "#elu"): "elu",
+    ("NNlib", "#selu"): "selu",
+    ("NNlib", "#softplus"): "softplus",
+    ("NNlib", "#gelu"): "gelu",          # old NNlib name of gelu_tanh (a shim keeps it loadable)
+    ("NNlib", "#gelu_tanh"): "gelu",
+    ("Base", "#identity"): "identity",
+}
+# Functions allowed as whole Chain layers (they act on the whole array).
+LAYER_FUNCTIONS = {
+    ("NNlib", "#softmax"): "softmax",
+    ("MLUtils", "#flatten"): "flatten",
+    ("Flux", "#flatten"): "flatten",
+    ("Base", "#identity"): "identity",
+}
+LAYER_TYPES = ("Chain", "Dense", "Conv", "MaxPool", "MeanPool", "BatchNorm", "Dropout")
+FLOAT_TYPES = {("Core", "Float32"): np.dtype("<f4"), ("Core", "Float64"): np.dtype("<f8"),
+               ("Core", "Float16"): np.dtype("<f2")}
+INT_TYPES = {("Core", "Int64"): np.dtype("<i8"), ("Core", "Int32"): np.dtype("<i4")}
+DATATYPE_NAMES = {np.dtype("<f4"): "FP32", np.dtype("<f8"): "FP64", np.dtype("<f2"): "FP16"}
+RNG_SINGLETONS = {("Random", "TaskLocalRNG"), ("Random", "_GLOBAL_RNG")}
+# Names that may appear in types (never instantiated from the file unless listed above).
+TYPE_NAMES = (
+    {("Flux", name) for name in LAYER_TYPES} | {("Flux", "Zeros")}
+    | set(ACTIVATIONS) | set(LAYER_FUNCTIONS) | set(FLOAT_TYPES) | set(INT_TYPES) | RNG_SINGLETONS
+    | {("Core", n) for n in ("Tuple", "Array", "Bool", "Nothing", "NamedTuple", "Any")}
+    | {("Base", "Colon")}
+)
+TAG_KEYS = {
+    "struct": {"tag", "type", "data"}, "datatype": {"tag", "name", "params"},
+    "array": {"tag", "type", "size", "data"}, "tuple": {"tag", "data"}, "symbol": {"tag", "name"},
+    "backref": {"tag", "ref"}, "ref": {"tag", "path"}, "svec": {"tag", "data"},
+    "unionall": {"tag", "body", "var"}, "jl_bottom_type": {"tag"},
+    "jl_anonymous": {"tag", "typename", "params"},
+}
+
+
+# ---------------------------------------------------------------- results
+
+@dataclasses.dataclass(frozen=True)
+class Reason:
+    place: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.place}: {self.message}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+    weight: np.ndarray            # numpy layout (in, out) == Julia (out, in)
+    bias: np.ndarray | None       # (out,), None for bias=false / Flux.Zeros
+    activation: str
+
+    @property
+    def summary(self) -> str:
+        out, inp = self.weight.shape[1], self.weight.shape[0]
+        extra = "" if self.activation == "identity" else f", {_act_name(self.activation)}"
+        return f"Dense({inp} => {out}{extra}{'' if self.bias is not None else '; bias=false'})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+    weight: np.ndarray            # numpy (Cout, Cin/groups, k...) == Julia (k..., Cin/groups, Cout)
+    bias: np.ndarray | None
+    activation: str
+    stride: tuple[int, ...]       # numpy order (last Julia dim first)
+    pad: tuple[tuple[int, int], ...]  # per numpy spatial axis: (low, high)
+    dilation: tuple[int, ...]
+    groups: int
+
+    @property
+    def summary(self) -> str:
+        kernel = tuple(reversed(self.weight.shape[2:]))
+        cin, cout = self.weight.shape[1] * self.groups, self.weight.shape[0]
+        parts = [f"{_jl_tuple(kernel)}", f"{cin} => {cout}"]
+        if self.activation != "identity":
+            parts.append(_act_name(self.activation))
+        jpad = tuple(v for pair in reversed(self.pad) for v in pair)
+        if any(jpad):
+            parts.append(f"pad={_jl_tuple(jpad)}")
+        if any(s != 1 for s in self.stride):
+            parts.append(f"stride={_jl_tuple(tuple(reversed(self.stride)))}")
+        if any(d != 1 for d in self.dilation):
+            parts.append(f"dilation={_jl_tuple(tuple(reversed(self.dilation)))}")
+        if self.groups != 1:
+            parts.append(f"groups={self.groups}")
+        if self.bias is None:
+            parts.append("bias=false")
+        return f"Conv({', '.join(parts)})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pool:
+    mode: str                     # "max" or "mean"
+    window: tuple[int, ...]       # numpy order
+    pad: tuple[tuple[int, int], ...]
+    stride: tuple[int, ...]
+
+    @property
+    def summary(self) -> str:
+        name = "MaxPool" if self.mode == "max" else "MeanPool"
+        window = tuple(reversed(self.window))
+        parts = [_jl_tuple(window)]
+        jpad = tuple(v for pair in reversed(self.pad) for v in pair)
+        if any(jpad):
+            parts.append(f"pad={_jl_tuple(jpad)}")
+        if tuple(reversed(self.stride)) != window:
+            parts.append(f"stride={_jl_tuple(tuple(reversed(self.stride)))}")
+        return f"{name}({', '.join(parts)})"
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNorm:
+    activation: str
+    beta: np.ndarray | None       # None when affine=false
+    gamma: np.ndarray | None
+    mean: np.ndarray
+    var: np.ndarray
+    eps: float
+
+    @property
+    def summary(self) -> str:
+        extra = "" if self.activation == "identity" else f", {_act_name(self.activation)}"
+        return f"BatchNorm({self.mean.shape[0]}{extra}{'' if self.beta is not None else ', affine=false'})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Dropout:
+    p: float
+
+    @property
+    def summary(self) -> str:
+        return f"Dropout({self.p:g})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Function:
+    name: str                     # "softmax", "flatten" or "identity"
+
+    @property
+    def summary(self) -> str:
+        return self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain:
+    layers: tuple
+    names: tuple[str, ...] | None  # NamedTuple chains
+
+    @property
+    def summary(self) -> str:
+        return f"Chain({len(self.layers)} layers)"
+
+
+Layer = Union[Dense, Conv, Pool, BatchNorm, Dropout, Function, Chain]
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    key: str                      # top-level key holding the model
+    root: Layer
+    dtype: np.dtype               # element type of every weight array
+    datatype: str                 # its Open Inference Protocol name
+    input_shape: tuple[int, ...]  # numpy layout, -1 = any size
+    output_shape: tuple[int, ...]
+    layers: tuple[tuple[str, Layer], ...]  # (place, leaf layer) in evaluation order
+
+    def describe(self) -> list[str]:
+        lines = [f"{place}: {layer.summary}" for place, layer in self.layers]
+        lines.append(f"input {list(self.input_shape)} {self.datatype} -> output {list(self.output_shape)} {self.datatype}")
+        return lines
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    file: str
+    status: str                   # ACCEPTED, REFUSED or NOT_A_MODEL
+    reasons: tuple[Reason, ...]
+    model: Model | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == ACCEPTED
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {"file": self.file, "status": self.status,
+                               "reasons": [{"place": r.place, "message": r.message} for r in self.reasons]}
+        if self.model is not None:
+            m = self.model
+            out["model"] = {
+                "key": m.key,
+                "layers": [{"place": p, "layer": type(l).__name__ if not isinstance(l, Function) else l.name,
+                            "summary": l.summary} for p, l in m.layers],
+                "input": {"name": "input", "datatype": m.datatype, "shape": list(m.input_shape)},
+                "output": {"name": "output", "datatype": m.datatype, "shape": list(m.output_shape)},
+            }
+        return out
+
+
+def _act_name(act: str) -> str:
+    return "σ" if act == "sigmoid" else act
+
+
+def _jl_tuple(values: tuple) -> str:
+    return f"({values[0]},)" if len(values) == 1 else "(" + ", ".join(str(v) for v in values) + ")"
+
+
+def _dotted(name: tuple[str, ...]) -> str:
+    return ".".join(name)
+
+
+# ---------------------------------------------------------------- types
+
+@dataclasses.dataclass(frozen=True)
+class JType:
+    """A parsed BSON.jl datatype: normalised name path and parameters."""
+    name: tuple[str, ...]
+    params: tuple = ()
+
+    def __str__(self) -> str:
+        if not self.params:
+            return _dotted(self.name)
+        return f"{_dotted(self.name)}{{{', '.join(_param_str(p) for p in self.params)}}}"
+
+
+def _param_str(p) -> str:
+    if isinstance(p, tuple):
+        return "(" + ", ".join(":" + s for s in p) + ("," if len(p) == 1 else "") + ")"
+    return str(p).lower() if isinstance(p, bool) else str(p)
+
+
+def _array_type(dtype: np.dtype, rank: int) -> JType:
+    elt = next(name for name, dt in FLOAT_TYPES.items() if dt == dtype)
+    return JType(("Core", "Array"), (JType(elt), rank))
+
+
+def normalise(path: list) -> tuple[str, ...]:
+    """BSON.jl names Base and Core as Main.Base / Main.Core (Julia <= 1.3) or Base / Core."""
+    name = tuple(path)
+    if len(name) >= 2 and name[0] == "Main" and name[1] in ("Base", "Core"):
+        name = name[1:]
+    return name
+
+
+class _Refuse(Exception):
+    def __init__(self, place: str, message: str):
+        super().__init__(f"{place}: {message}")
+        self.reason = Reason(place, message)
+
+
+class _Recorded(Exception):
+    """A Chain failed; the reasons for its layers are already recorded."""
+
+
+class ShapeError(Exception):
+    """An input shape does not fit a layer; `place` names the layer."""
+
+    def __init__(self, place: str, message: str):
+        super().__init__(f"{place}: {message}")
+        self.place, self.message = place, message
+
+
+def _tag(node) -> str | None:
+    if isinstance(node, dict):
+        tag = node.get("tag")
+        return tag if isinstance(tag, str) else None
+    return None
+
+
+# ---------------------------------------------------------------- scan
+
+class _Scan:
+    def __init__(self, top: dict):
+        self.top = top
+        self.refs: list = []
+        self.reasons: list[Reason] = []
+        self.type_cache: dict[int, JType] = {}
+        self.used_entries: set[int] = set()
+        self.depth = 0
+
+    def refuse(self, reason: Reason) -> None:
+        if len(self.reasons) < MAX_REASONS:
+            self.reasons.append(reason)
+
+    # ---- backrefs
+
+    def check_backrefs(self) -> list[Reason]:
+        """Validate every backref; raise on alias loops and on expansions beyond MAX_EXPANDED_NODES.
+
+        Returns the cycles found: real closure files have them (TypeName -> Method -> TypeName),
+        so they are reported after whatever the model check finds, not instead of it.
+        """
+        refs = self.top.get("_backrefs", [])
+        if not isinstance(refs, list):
+            raise _Refuse("_backrefs", "must be a BSON array")
+        self.refs = refs
+        # per entry (and the root, index -1): own node count and the entries it refers to
+        local: dict[int, int] = {}
+        edges: dict[int, list[int]] = {}
+        root = {k: v for k, v in self.top.items() if k != "_backrefs"}
+        for index, node, place in [(-1, root, "")] + [(i, e, f"_backrefs[{i + 1}]") for i, e in enumerate(refs)]:
+            count, out = self._count(node, place)
+            local[index], edges[index] = count, out
+        # an entry that is itself a backref is an alias; a loop of aliases has no value at all
+        for start, entry in enumerate(refs):
+            seen = {start}
+            while _tag(entry) == "backref":
+                index = entry["ref"] - 1
+                if index in seen:
+                    raise _Refuse(f"_backrefs[{start + 1}]", "backref cycle: the entry refers to itself "
+                                  "through backrefs only")
+                seen.add(index)
+                entry = refs[index]
+        cycles: list[Reason] = []
+        # iterative depth-first walk with colours: cycle detection and memoised sizes
+        size: dict[int, int] = {}
+        for start in range(len(refs)):
+            if start in size:
+                continue
+            stack = [(start, iter(edges[start]))]
+            on_path = {start: 0}
+            path = [start]
+            while stack:
+                entry, it = stack[-1]
+                nxt = next(it, None)
+                if nxt is None:
+                    stack.pop()
+                    path.pop()
+                    del on_path[entry]
+                    size[entry] = min(MAX_EXPANDED_NODES + 1,
+                                      local[entry] + sum(size[e] for e in edges[entry]))
+                    continue
+                if nxt in on_path:
+                    cycle = path[on_path[nxt]:] + [nxt]
+                    cycles.append(Reason(f"_backrefs[{nxt + 1}]", "backref cycle: " + " -> ".join(
+                        f"_backrefs[{e + 1}]" for e in cycle)))
+                    edges[entry] = [e for e in edges[entry] if e != nxt]   # count the rest once
+                    continue
+                if nxt not in size:
+                    on_path[nxt] = len(path)
+                    path.append(nxt)
+                    stack.append((nxt, iter(edges[nxt])))
+        total = local[-1] + sum(size[e] for e in edges[-1])
+        if total > MAX_EXPANDED_NODES:
+            raise _Refuse("_backrefs", f"backrefs expand the file to more than {MAX_EXPANDED_NODES} nodes "
+                          "(a billion-laughs DAG)")
+        return cycles
+
+    def _count(self, node, place: str) -> tuple[int, list[int]]:
+        """Nodes in this subtree not behind a backref, and the backref targets (0-based) met."""
+        count, out = 0, []
+        stack = [(node, place)]
+        while stack:
+            item, where = stack.pop()
+            count += 1
+            if isinstance(item, list):
+                stack.extend((v, f"{where}[{i}]") for i, v in enumerate(item))
+            elif isinstance(item, dict):
+                if _tag(item) == "backref":
+                    out.append(self._ref_index(item, where))
+                else:
+                    stack.extend((v, f"{where}.{k}" if where else k) for k, v in item.items())
+        return count, out
+
+    def _ref_index(self, node: dict, place: str) -> int:
+        ref = node.get("ref")
+        if set(node) != TAG_KEYS["backref"] or isinstance(ref, bool) or not isinstance(ref, int):
+            raise _Refuse(place, "malformed backref: needs exactly tag and an integer ref")
+        if not 1 <= ref <= len(self.refs):
+            raise _Refuse(place, f"backref {ref} outside _backrefs (1..{len(self.refs)})")
+        return ref - 1
+
+    def deref(self, node):
+        """Follow backrefs; the entries met count as checked by whoever checks the result."""
+        while _tag(node) == "backref":
+            index = node["ref"] - 1     # validated in check_backrefs
+            self.used_entries.add(index)
+            node = self.refs[index]
+        return node
+
+    def peek(self, node):
+        """Follow backrefs only to look (messages, finding the model)."""
+        while _tag(node) == "backref":
+            node = self.refs[node["ref"] - 1]
+        return node
+
+    def nested(self, place: str):
+        """Bound recursion through backref chains (types in types, chains in chains)."""
+        scan = self
+
+        class _Guard:
+            def __enter__(self):
+                scan.depth += 1
+                if scan.depth > MAX_NESTING:
+                    raise _Refuse(place, f"types or layers nested deeper than {MAX_NESTING} levels")
+
+            def __exit__(self, *exc):
+                scan.depth -= 1
+        return _Guard()
+
+    # ---- danger sweep: name the worst thing inside a refused value
+
+    def danger(self, node, place: str) -> Reason | None:
+        seen: set[int] = set()
+        stack = [(node, place)]
+        while stack:
+            item, where = stack.pop()
+            if isinstance(item, list):
+                stack.extend(reversed([(v, f"{where}[{i + 1}]") for i, v in enumerate(item)]))
+                continue
+            if not isinstance(item, dict):
+                continue
+            tag = _tag(item)
+            if tag == "backref":
+                index = item["ref"] - 1
+                if index not in seen:
+                    seen.add(index)
+                    stack.append((self.refs[index], where))
+                continue
+            if tag == "jl_anonymous":
+                return Reason(where, CLOSURE)
+            if tag == "ref":
+                return Reason(where, f"module reference (ref {_path_text(item.get('path'))}): "
+                                     "resolves any global by name")
+            if tag == "datatype" and isinstance(item.get("name"), list) and normalise(item["name"])[:2] == ("Core", "Ptr"):
+                return Reason(where, "raw pointer type (Core.Ptr): forged pointers are never allowed")
+            stack.extend(reversed([(v, f"{where}.{k}") for k, v in item.items() if k != "tag"]))
+        return None
+
+    def describe(self, node) -> str:
+        node = self.peek(node)
+        if node is None:
+            return "nothing"
+        if isinstance(node, bool):
+            return f"the boolean {str(node).lower()}"
+        if isinstance(node, (int, float)):
+            return f"the number {node!r}"
+        if isinstance(node, str):
+            return "a string"
+        if isinstance(node, memoryview):
+            return "raw bytes"
+        if isinstance(node, list):
+            return "a plain array"
+        tag = _tag(node)
+        if tag is None:
+            return "an untagged document"
+        if tag == "struct":
+            typ = self.peek(node.get("type"))
+            if _tag(typ) == "jl_anonymous":
+                return "a serialized closure"
+            if _tag(typ) == "datatype" and isinstance(typ.get("name"), list):
+                return f"a value of type {_dotted(normalise(typ['name']))}"
+            return "a struct"
+        if tag == "datatype" and isinstance(node.get("name"), list):
+            return f"the type {_dotted(normalise(node['name']))}"
+        if tag in TAG_KEYS:
+            return f"a {tag} document"
+        return f"a document with unknown tag {tag!r}"
+
+    def refuse_value(self, node, place: str, expected: str) -> _Refuse:
+        found = self.danger(node, place)
+        if found is not None:
+            return _Refuse(found.place, found.message)
+        return _Refuse(place, f"holds {self.describe(node)}; expected {expected}")
+
+    # ---- types
+
+    def jtype(self, node, place: str, trail: tuple[int, ...] = ()) -> JType:
+        """Parse a datatype; errors inside parameters name them as `place (type parameter 1.2)`."""
+        target = self.deref(node)
+        if trail:
+            place = place.split(" (type parameter ")[0] + f" (type parameter {'.'.join(map(str, trail))})"
+        key = id(target)
+        if key in self.type_cache:
+            return self.type_cache[key]
+        tag = _tag(target)
+        if tag == "jl_anonymous":
+            raise _Refuse(place, CLOSURE)
+        if tag != "datatype":
+            raise self.refuse_value(target, place, "a datatype")
+        if set(target) != TAG_KEYS["datatype"]:
+            raise _Refuse(place, f"datatype with keys {sorted(target)}, expected {sorted(TAG_KEYS['datatype'])}")
+        raw_name, raw_params = target["name"], target["params"]
+        if not (isinstance(raw_name, list) and 1 <= len(raw_name) <= 8
+                and all(isinstance(s, str) and s for s in raw_name)):
+            raise _Refuse(place, "datatype name must be a list of 1 to 8 non-empty strings")
+        name = normalise(raw_name)
+        if name[:2] == ("Core", "Ptr"):
+            raise _Refuse(place, "raw pointer type (Core.Ptr): forged pointers are never allowed")
+        if name not in TYPE_NAMES:
+            raise _Refuse(place, f"type {_dotted(name)} is not on the allowlist")
+        with self.nested(place):
+            params = self.type_params(raw_params, name, place, trail)
+        result = JType(name, params)
+        self.type_cache[key] = result
+        return result
+
+    def type_params(self, raw, name: tuple[str, ...], place: str, trail: tuple[int, ...]) -> tuple:
+        raw = self.deref(raw)
+        if _tag(raw) == "array":       # all-isbits params, e.g. MaxPool{2,4}, are an Int64 array
+            values = self.int_array(raw, f"{place} (type parameters)")
+            return tuple(values)
+        if not isinstance(raw, list):
+            raise self.refuse_value(raw, f"{place} (type parameters)", "a list of type parameters")
+        params = []
+        base = place.split(" (type parameter ")[0]
+        for i, item in enumerate(raw):
+            where = f"{base} (type parameter {'.'.join(map(str, trail + (i + 1,)))})"
+            item = self.deref(item)
+            if isinstance(item, bool):
+                params.append(item)
+            elif isinstance(item, int):
+                params.append(item)
+            elif _tag(item) == "tuple" and name == ("Core", "NamedTuple") and i == 0:
+                params.append(self.symbol_tuple(item, where))
+            else:
+                params.append(self.jtype(item, base, trail + (i + 1,)))
+        return tuple(params)
+
+    def symbol_tuple(self, node: dict, place: str) -> tuple[str, ...]:
+        if set(node) != TAG_KEYS["tuple"] or not isinstance(node["data"], list):
+            raise _Refuse(place, "malformed tuple")
+        names = []
+        for item in node["data"]:
+            item = self.deref(item)
+            if _tag(item) != "symbol" or set(item) != TAG_KEYS["symbol"] or not isinstance(item["name"], str):
+                raise self.refuse_value(item, place, "a symbol (NamedTuple field name)")
+            names.append(item["name"])
+        return tuple(names)
+
+    # ---- values
+
+    def int_array(self, node: dict, place: str) -> list[int]:
+        if set(node) != TAG_KEYS["array"]:
+            raise _Refuse(place, "malformed array document")
+        elt = self.jtype(node["type"], place)
+        if elt.name not in INT_TYPES or elt.params:
+            raise _Refuse(place, f"integer array of element type {elt}, expected Core.Int64 or Core.Int32")
+        size, data = node["size"], node["data"]
+        if not (isinstance(size, list) and len(size) == 1 and isinstance(size[0], int)
+                and not isinstance(size[0], bool) and 0 <= size[0] <= 64):
+            raise _Refuse(place, "integer array must be 1-dimensional with at most 64 elements")
+        dtype = INT_TYPES[elt.name]
+        if not isinstance(data, memoryview) or len(data) != size[0] * dtype.itemsize:
+            raise _Refuse(place, f"integer array of {size[0]} elements needs {size[0] * dtype.itemsize} bytes of data")
+        return [int(v) for v in np.frombuffer(data, dtype)]
+
+    def float_array(self, node, place: str, rank: int | None = None) -> np.ndarray:
+        node = self.deref(node)
+        if _tag(node) != "array":
+            raise self.refuse_value(node, place, "a float array")
+        if set(node) != TAG_KEYS["array"]:
+            raise _Refuse(place, f"array document with keys {sorted(node)}, expected {sorted(TAG_KEYS['array'])}")
+        size, data = node["size"], node["data"]
+        if not (isinstance(size, list) and 1 <= len(size) <= MAX_RANK
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in size)):
+            raise _Refuse(place, f"array size must be a list of 1 to {MAX_RANK} non-negative integers")
+        count = math.prod(size)
+        elt = self.jtype(node["type"], f"{place} (element type)")
+        if elt.name not in FLOAT_TYPES or elt.params:
+            zero = " (a zero-size element type: BSON.jl would call its constructor and fill " \
+                   f"{count} elements)" if elt.name == ("Core", "Nothing") else ""
+            raise _Refuse(place, f"array element type {elt} is not allowed{zero}; expected Float32, Float64 or Float16")
+        dtype = FLOAT_TYPES[elt.name]
+        dims = "×".join(str(d) for d in size)
+        if count > MAX_ARRAY_ELEMENTS:
+            raise _Refuse(place, f"array of size {dims} has more than {MAX_ARRAY_ELEMENTS} elements")
+        if not isinstance(data, memoryview):
+            raise _Refuse(place, "array data must be raw bytes for a float element type")
+        if len(data) != count * dtype.itemsize:
+            raise _Refuse(place, f"array of size {dims} {_dotted(elt.name)} needs "
+                                 f"{count * dtype.itemsize} bytes, data has {len(data)}")
+        if rank is not None and len(size) != rank:
+            raise _Refuse(place, f"array of rank {len(size)} ({dims}), expected rank {rank}")
+        return np.frombuffer(data, dtype, count).reshape(tuple(reversed(size)))
+
+    def struct(self, node, place: str, expected: str) -> tuple[JType, list]:
+        node = self.deref(node)
+        if _tag(node) != "struct":
+            raise self.refuse_value(node, place, expected)
+        if set(node) != TAG_KEYS["struct"]:
+            raise _Refuse(place, f"struct document with keys {sorted(node)}, expected {sorted(TAG_KEYS['struct'])}")
+        typ = self.jtype(node["type"], place)
+        data = node["data"]
+        if not isinstance(data, list):
+            found = self.danger(node, place)
+            if found is not None:
+                raise _Refuse(found.place, found.message)
+            raise _Refuse(place, f"{typ} with raw bytes: only Float32/Float64 scalars may be primitive values here")
+        return typ, data
+
+    def singleton(self, node, place: str, allowed, expected: str) -> tuple[str, ...]:
+        """A struct with no fields whose type (no params) is in `allowed`: returns the type name."""
+        target = self.deref(node)
+        if _tag(target) == "struct" and _tag(self.deref(target.get("type"))) == "jl_anonymous":
+            raise _Refuse(place, CLOSURE)
+        try:
+            typ, data = self.struct(target, place, expected)
+        except _Refuse as err:
+            if err.reason.message.startswith("type ") and "allowlist" in err.reason.message:
+                name = normalise(self.deref(target["type"])["name"])
+                what = "function" if name[-1].startswith("#") else "type"
+                raise _Refuse(place, f"{what} {_dotted(name)} is not allowed; expected {expected}") from None
+            raise
+        if typ.name not in allowed:
+            what = "function" if typ.name[-1].startswith("#") else "value of type"
+            raise _Refuse(place, f"holds the {what} {_dotted(typ.name)}; expected {expected}")
+        if data or typ.params:
+            raise self.refuse_value(target, place, f"{expected} (a singleton, without fields or type parameters)")
+        return typ.name
+
+    def activation(self, node, place: str) -> tuple[str, JType]:
+        name = self.singleton(node, place, ACTIVATIONS, "an allowed activation ("
+                              + ", ".join(sorted({_act_name(a) for a in ACTIVATIONS.values()})) + ")")
+        return ACTIVATIONS[name], JType(name)
+
+    def scalar_float(self, node, place: str) -> tuple[float, JType]:
+        node = self.deref(node)
+        if isinstance(node, float):
+            return node, JType(("Core", "Float64"))
+        if _tag(node) == "struct" and set(node) == TAG_KEYS["struct"] and isinstance(node["data"], memoryview):
+            typ = self.jtype(node["type"], place)
+            if typ.name in FLOAT_TYPES and not typ.params:
+                dtype = FLOAT_TYPES[typ.name]
+                if len(node["data"]) != dtype.itemsize:
+                    raise _Refuse(place, f"{typ} scalar of {len(node['data'])} bytes, expected {dtype.itemsize}")
+                value = float(np.frombuffer(node["data"], dtype)[0])
+                if not math.isfinite(value):
+                    raise _Refuse(place, f"non-finite {typ} scalar")
+                return value, typ
+        raise self.refuse_value(node, place, "a floating-point number")
+
+    def integer(self, node, place: str) -> int:
+        node = self.deref(node)
+        if isinstance(node, int) and not isinstance(node, bool):
+            return node
+        raise self.refuse_value(node, place, "an integer")
+
+    def boolean(self, node, place: str) -> bool:
+        node = self.deref(node)
+        if isinstance(node, bool):
+            return node
+        raise self.refuse_value(node, place, "true or false")
+
+    def int_tuple(self, node, place: str, lengths: tuple[int, ...], minimum: int) -> tuple[int, ...]:
+        node = self.deref(node)
+        if _tag(node) != "tuple" or set(node) != TAG_KEYS["tuple"] or not isinstance(node["data"], list):
+            raise self.refuse_value(node, place, "a tuple of integers")
+        values = tuple(self.integer(v, f"{place}[{i + 1}]") for i, v in enumerate(node["data"]))
+        if len(values) not in lengths:
+            raise _Refuse(place, f"tuple of {len(values)} integers, expected {' or '.join(map(str, lengths))}")
+        if any(v < minimum or v > 1 << 20 for v in values):
+            raise _Refuse(place, f"tuple {_jl_tuple(values)} has values outside {minimum}..{1 << 20}")
+        return values
+
+    def bias(self, node, place: str, length: int) -> tuple[np.ndarray | None, list[JType]]:
+        """A bias vector, or `false` (0.13+) / Flux.Zeros (0.11, 0.12) for none; with the type(s) it may have."""
+        node = self.deref(node)
+        if node is False:
+            return None, [JType(("Core", "Bool"))]
+        if _tag(node) == "struct":
+            typ, data = self.struct(node, place, "a bias")
+            if typ.name == ("Flux", "Zeros"):
+                if data:   # 0.11: Zeros{T,N}(size)
+                    size = self.int_tuple(data[0], f"{place}.size", (1,), 0)
+                    if len(data) != 1 or size != (length,):
+                        raise _Refuse(place, f"Flux.Zeros of size {size}, expected ({length},)")
+                return None, [typ]
+            raise self.refuse_value(node, place, "a bias vector, false or Flux.Zeros")
+        bias = self.float_array(node, place, rank=1)
+        if bias.shape[0] != length:
+            raise _Refuse(place, f"bias of length {bias.shape[0]}, expected {length}")
+        return bias, [_array_type(bias.dtype, 1)]
+
+    def expect_param(self, place: str, index: int, got, allowed: list, what: str) -> None:
+        if got not in allowed:
+            want = " or ".join(_param_str(a) for a in allowed)
+            raise _Refuse(place, f"type parameter {index} ({what}) is {_param_str(got)} but the data says {want}")
+
+    # ---- layers
+
+    def layer(self, node, place: str) -> tuple[Layer, JType]:
+        target = self.deref(node)
+        if _tag(target) == "struct" and isinstance(target.get("data"), list) and not target["data"]:
+            typ_node = self.deref(target.get("type"))
+            if _tag(typ_node) == "jl_anonymous":
+                raise _Refuse(place, CLOSURE)
+            if _tag(typ_node) == "datatype" and isinstance(typ_node.get("name"), list):
+                name = normalise(typ_node["name"])
+                if name in ACTIVATIONS and name not in LAYER_FUNCTIONS:
+                    raise _Refuse(place, f"the activation {_dotted(name)} as a whole layer: Julia refuses "
+                                         "activations on arrays (it needs broadcasting)")
+                if name[-1].startswith("#"):
+                    found = self.singleton(target, place, LAYER_FUNCTIONS,
+                                           "a layer or one of softmax, flatten, identity")
+                    return Function(LAYER_FUNCTIONS[found]), JType(found)
+        if (_tag(target) == "struct" and set(target) == TAG_KEYS["struct"] and isinstance(target["data"], list)
+                and _tag(self.peek(target["type"])) == "datatype"
+                and self.peek(target["type"]).get("name") == ["Flux", "Chain"]):
+            # a Chain's layers first: a bad layer is better named at the layer than in the type
+            with self.nested(place):
+                return self.layer_chain(target["type"], target["data"], place)
+        typ, data = self.struct(node, place, "a Flux layer")
+        if typ.name[0] != "Flux" or typ.name[-1] not in LAYER_TYPES or len(typ.name) != 2:
+            supported = ", ".join(LAYER_TYPES)
+            if typ.name[0] == "Flux":
+                raise _Refuse(place, f"layer type {_dotted(typ.name)} is not supported (supported: {supported})")
+            raise _Refuse(place, f"holds a value of type {_dotted(typ.name)}; expected a Flux layer ({supported})")
+        check = getattr(self, "layer_" + typ.name[-1].lower())
+        with self.nested(place):
+            return check(typ, data, place), typ
+
+    def layer_chain(self, type_node, data: list, place: str) -> tuple[Chain, JType]:
+        if len(data) != 1:
+            raise _Refuse(place, f"Chain with {len(data)} fields, expected 1 (layers)")
+        raw = self.deref(data[0])
+        names = None
+        if isinstance(raw, list):                       # Chain of a Vector (0.13+)
+            items, kind = raw, "vector"
+        elif _tag(raw) == "tuple" and set(raw) == TAG_KEYS["tuple"] and isinstance(raw["data"], list):
+            items, kind = raw["data"], "tuple"
+        elif _tag(raw) == "struct":                     # NamedTuple (0.13+)
+            nt, items = self.struct(raw, f"{place}.layers", "the Chain's layers")
+            if nt.name != ("Core", "NamedTuple") or len(nt.params) != 2 or not isinstance(nt.params[0], tuple):
+                raise _Refuse(f"{place}.layers", f"holds a value of type {nt}; expected a tuple, vector or NamedTuple of layers")
+            names, kind = nt.params[0], "named"
+            if len(names) != len(items) or len(set(names)) != len(names):
+                raise _Refuse(f"{place}.layers", f"NamedTuple with {len(names)} names for {len(items)} layers")
+        else:
+            raise self.refuse_value(raw, f"{place}.layers", "a tuple, vector or NamedTuple of layers")
+        if not items:
+            raise _Refuse(place, "empty Chain")
+        layers, types, failed = [], [], False
+        for i, item in enumerate(items):
+            where = f"{place}.layers.{names[i]}" if names else f"{place}.layers[{i + 1}]"
+            try:
+                layer, ltype = self.layer(item, where)
+            except _Refuse as err:
+                self.refuse(err.reason)
+                failed = True
+                continue
+            except _Recorded:
+                failed = True
+                continue
+            layers.append(layer)
+            types.append(ltype)
+        if failed:
+            raise _Recorded()
+        typ = self.jtype(type_node, place)
+        if len(typ.params) != 1:
+            raise _Refuse(place, f"Chain with {len(typ.params)} type parameters, expected 1")
+        tuple_type = JType(("Core", "Tuple"), tuple(types))
+        if kind == "vector":
+            param = typ.params[0]
+            if not (isinstance(param, JType) and param.name == ("Core", "Array") and len(param.params) == 2
+                    and param.params[1] == 1 and (param.params[0] == JType(("Core", "Any"))
+                                                  or all(t == param.params[0] for t in types))):
+                raise _Refuse(place, f"type parameter 1 is {_param_str(param)} but the layers are a vector of {tuple_type}")
+        elif kind == "named":
+            self.expect_param(place, 1, typ.params[0], [JType(("Core", "NamedTuple"), (names, tuple_type))], "layers")
+            nt_type = self.jtype(self.deref(data[0])["type"], place)
+            if nt_type.params[1] != tuple_type:
+                raise _Refuse(f"{place}.layers", f"NamedTuple type says {nt_type.params[1]} but the layers are {tuple_type}")
+        else:
+            self.expect_param(place, 1, typ.params[0], [tuple_type], "layers")
+        return Chain(tuple(layers), names), typ
+
+    def layer_dense(self, typ: JType, data: list, place: str) -> Dense:
+        if len(typ.params) != 3 or len(data) != 3:
+            raise _Refuse(place, f"Dense with {len(data)} fields and {len(typ.params)} type parameters, "
+                                 "expected 3 fields [weight, bias, σ] and 3 type parameters")
+        weight = self.float_array(data[0], f"{place}.weight", rank=2)    # numpy (in, out)
+        bias, bias_types = self.bias(data[1], f"{place}.bias", weight.shape[1])
+        if bias is not None and bias.dtype != weight.dtype:
+            raise _Refuse(f"{place}.bias", f"element type {bias.dtype} differs from the weight's {weight.dtype}")
+        act, act_type = self.activation(data[2], f"{place}.σ")
+        self.expect_param(place, 1, typ.params[0], [act_type], "σ")
+        self.expect_param(place, 2, typ.params[1], [_array_type(weight.dtype, 2)], "weight")
+        self.expect_param(place, 3, typ.params[2], bias_types, "bias")
+        return Dense(weight, bias, act)
+
+    def layer_conv(self, typ: JType, data: list, place: str) -> Conv:
+        if not ((len(typ.params) == 4 and len(data) == 6) or (len(typ.params) == 5 and len(data) in (6, 7))):
+            raise _Refuse(place, f"Conv with {len(data)} fields and {len(typ.params)} type parameters, expected "
+                                 "[σ, weight, bias, stride, pad, dilation(, groups)] with Conv{N,(M,)F,A,V}")
+        act, act_type = self.activation(data[0], f"{place}.σ")
+        weight = self.float_array(data[1], f"{place}.weight")
+        n = weight.ndim - 2
+        if not 1 <= n <= 3:
+            raise _Refuse(f"{place}.weight", f"rank {weight.ndim}: only 1-, 2- and 3-d convolutions are supported")
+        groups = self.integer(data[6], f"{place}.groups") if len(data) == 7 else 1
+        cout = weight.shape[0]
+        if groups < 1 or cout % groups:
+            raise _Refuse(f"{place}.groups", f"groups={groups} does not divide the {cout} output channels")
+        bias, bias_types = self.bias(data[2], f"{place}.bias", cout)
+        if bias is not None and bias.dtype != weight.dtype:
+            raise _Refuse(f"{place}.bias", f"element type {bias.dtype} differs from the weight's {weight.dtype}")
+        stride = self.int_tuple(data[3], f"{place}.stride", (n,), 1)
+        pad_lengths = (n,) if len(typ.params) == 4 else (n, 2 * n)
+        pad = self.int_tuple(data[4], f"{place}.pad", pad_lengths, 0)
+        dilation = self.int_tuple(data[5], f"{place}.dilation", (n,), 1)
+        params = typ.params
+        self.expect_param(place, 1, params[0], [n], "N, spatial dimensions")
+        if len(params) == 5:
+            self.expect_param(place, 2, params[1], [len(pad)], "M, pad length")
+        offset = len(params) - 3
+        self.expect_param(place, offset + 1, params[offset], [act_type], "σ")
+        self.expect_param(place, offset + 2, params[offset + 1], [_array_type(weight.dtype, n + 2)], "weight")
+        self.expect_param(place, offset + 3, params[offset + 2], bias_types, "bias")
+        return Conv(weight, bias, act, tuple(reversed(stride)), _numpy_pad(pad, n), tuple(reversed(dilation)), groups)
+
+    def layer_maxpool(self, typ: JType, data: list, place: str) -> Pool:
+        return self._pool("max", typ, data, place)
+
+    def layer_meanpool(self, typ: JType, data: list, place: str) -> Pool:
+        return self._pool("mean", typ, data, place)
+
+    def _pool(self, mode: str, typ: JType, data: list, place: str) -> Pool:
+        if len(typ.params) != 2 or len(data) != 3:
+            raise _Refuse(place, f"pooling layer with {len(data)} fields and {len(typ.params)} type parameters, "
+                                 "expected [k, pad, stride] with {N,M}")
+        window = self.int_tuple(data[0], f"{place}.k", (1, 2, 3), 1)
+        n = len(window)
+        pad = self.int_tuple(data[1], f"{place}.pad", (n, 2 * n), 0)
+        stride = self.int_tuple(data[2], f"{place}.stride", (n,), 1)
+        self.expect_param(place, 1, typ.params[0], [n], "N, window dimensions")
+        self.expect_param(place, 2, typ.params[1], [len(pad)], "M, pad length")
+        return Pool(mode, tuple(reversed(window)), _numpy_pad(pad, n), tuple(reversed(stride)))
+
+    def layer_batchnorm(self, typ: JType, data: list, place: str) -> BatchNorm:
+        if len(typ.params) != 4 or len(data) not in (8, 11):
+            raise _Refuse(place, f"BatchNorm with {len(data)} fields and {len(typ.params)} type parameters, "
+                                 "expected 8 (Flux 0.10-0.11) or 11 (0.12+) fields and 4 type parameters")
+        act, act_type = self.activation(data[0], f"{place}.λ")
+        modern = len(data) == 11
+        affine = self.boolean(data[7], f"{place}.affine") if modern else True
+        if modern and not self.boolean(data[8], f"{place}.track_stats"):
+            raise _Refuse(f"{place}.track_stats", "false: Flux would normalise with batch statistics, not stored ones")
+        active = self.deref(data[9] if modern else data[7])
+        if active is True:
+            raise _Refuse(f"{place}.active", "true: saved in training mode, Flux would use batch statistics")
+        if active not in (None, False):
+            raise self.refuse_value(active, f"{place}.active", "nothing or false")
+        mean = self.float_array(data[3], f"{place}.μ", rank=1)
+        var = self.float_array(data[4], f"{place}.σ²", rank=1)
+        chs = mean.shape[0]
+        if modern and self.integer(data[10], f"{place}.chs") != chs:
+            raise _Refuse(f"{place}.chs", f"says {self.deref(data[10])} channels but μ has {chs}")
+        if affine:
+            beta = self.float_array(data[1], f"{place}.β", rank=1)
+            gamma = self.float_array(data[2], f"{place}.γ", rank=1)
+        else:
+            for i, field in ((1, "β"), (2, "γ")):
+                if self.deref(data[i]) is not None:
+                    raise self.refuse_value(data[i], f"{place}.{field}", "nothing (affine=false)")
+            beta = gamma = None
+        for field, arr in (("β", beta), ("γ", gamma), ("σ²", var)):
+            if arr is not None and arr.shape[0] != chs:
+                raise _Refuse(f"{place}.{field}", f"length {arr.shape[0]}, expected {chs} channels like μ")
+            if arr is not None and arr.dtype != mean.dtype:
+                raise _Refuse(f"{place}.{field}", f"element type {arr.dtype} differs from μ's {mean.dtype}")
+        if np.any(var < 0):
+            raise _Refuse(f"{place}.σ²", "negative variance")
+        eps, eps_type = self.scalar_float(data[5], f"{place}.ϵ")
+        _, mom_type = self.scalar_float(data[6], f"{place}.momentum")
+        if eps <= 0:
+            raise _Refuse(f"{place}.ϵ", f"ϵ={eps} must be positive")
+        vector = _array_type(mean.dtype, 1)
+        params = typ.params
+        self.expect_param(place, 1, params[0], [act_type], "λ")
+        # 0.10-0.11 BatchNorm{F,V,W,N}; 0.12+ BatchNorm{F,V,N,W}: V types β/γ, W μ/σ², N ϵ/momentum
+        v_index, n_index, w_index = (2, 3, 4) if modern else (2, 4, 3)
+        self.expect_param(place, v_index, params[v_index - 1], [vector if affine else JType(("Core", "Nothing"))], "β, γ")
+        self.expect_param(place, n_index, params[n_index - 1], [eps_type], "ϵ")
+        self.expect_param(place, w_index, params[w_index - 1], [vector], "μ, σ²")
+        if mom_type != eps_type:
+            raise _Refuse(f"{place}.momentum", f"of type {mom_type}, but ϵ is {eps_type}")
+        return BatchNorm(act, beta, gamma, mean, var, eps)
+
+    def layer_dropout(self, typ: JType, data: list, place: str) -> Dropout:
+        layouts = {(1, 2), (1, 3), (2, 3), (3, 4)}     # (type params, fields) for 0.8 / 0.9 / 0.10-0.12 / 0.13+
+        if (len(typ.params), len(data)) not in layouts:
+            raise _Refuse(place, f"Dropout with {len(data)} fields and {len(typ.params)} type parameters, "
+                                 "expected [p, (dims,) active(, rng)]")
+        p, p_type = self.scalar_float(data[0], f"{place}.p")
+        if not 0 <= p < 1:
+            raise _Refuse(f"{place}.p", f"p={p} outside [0, 1)")
+        active = self.deref(data[1] if len(data) == 2 else data[2])
+        if active is True:
+            raise _Refuse(f"{place}.active", "true: saved in training mode, Flux would drop values at random")
+        if active not in (None, False):
+            raise self.refuse_value(active, f"{place}.active", "nothing or false")
+        self.expect_param(place, 1, typ.params[0], [p_type], "p")
+        if len(data) >= 3:
+            dims = self.deref(data[1])
+            if isinstance(dims, int) and not isinstance(dims, bool):
+                dims_types = [JType(("Core", "Int64")), JType(("Core", "Int32"))]
+            elif _tag(dims) == "tuple":
+                n = len(self.int_tuple(dims, f"{place}.dims", tuple(range(1, MAX_RANK + 1)), 1))
+                dims_types = [JType(("Core", "Tuple"), (JType(("Core", t)),) * n) for t in ("Int64", "Int32")]
+            else:
+                self.singleton(dims, f"{place}.dims", {("Base", "Colon")}, "a dimension, a tuple of them or :")
+                dims_types = [JType(("Base", "Colon"))]
+            if len(typ.params) >= 2:
+                self.expect_param(place, 2, typ.params[1], dims_types, "dims")
+        if len(data) == 4:
+            rng = self.singleton(data[3], f"{place}.rng", RNG_SINGLETONS, "Random.TaskLocalRNG()")
+            self.expect_param(place, 3, typ.params[2], [JType(rng)], "rng")
+        return Dropout(p)
+
+    # ---- inert data (non-model top-level values, unused _backrefs entries)
+
+    def inert(self, node, place: str) -> None:
+        """Refuse anything but plain data and allowlisted types; backrefs are left to their entries."""
+        stack = [(node, place)]
+        while stack:
+            item, where = stack.pop()
+            if item is None or isinstance(item, (bool, int, float, str, memoryview)):
+                continue
+            if isinstance(item, list):
+                stack.extend((v, f"{where}[{i + 1}]") for i, v in enumerate(item))
+                continue
+            tag = _tag(item)
+            if tag == "backref":
+                continue
+            try:
+                if tag == "tuple" and set(item) == TAG_KEYS["tuple"] and isinstance(item["data"], list):
+                    stack.extend((v, f"{where}[{i + 1}]") for i, v in enumerate(item["data"]))
+                elif tag == "symbol" and set(item) == TAG_KEYS["symbol"] and isinstance(item["name"], str):
+                    pass
+                elif tag == "datatype":
+                    self.jtype(item, where)
+                elif tag == "array":
+                    self.float_array(item, where)
+                elif tag == "struct" and isinstance(item.get("data"), memoryview):
+                    self.scalar_float(item, where)
+                else:
+                    raise self.refuse_value(item, where, "plain data (numbers, strings, float arrays)")
+            except _Refuse as err:
+                self.refuse(self.danger(item, where) or err.reason)
+
+
+def _path_text(path) -> str:
+    if isinstance(path, list) and all(isinstance(p, str) for p in path):
+        return ".".join(path)
+    return "?"
+
+
+def _numpy_pad(pad: tuple[int, ...], n: int) -> tuple[tuple[int, int], ...]:
+    """Julia pad (lo1, hi1, lo2, hi2, ...) or symmetric (p1, p2, ...) -> numpy-ordered (lo, hi) pairs."""
+    pairs = [(p, p) for p in pad] if len(pad) == n else [(pad[2 * i], pad[2 * i + 1]) for i in range(n)]
+    return tuple(reversed(pairs))
+
+
+# ---------------------------------------------------------------- shapes
+
+def leaves(layer: Layer, place: str) -> list[tuple[str, Layer]]:
+    if isinstance(layer, Chain):
+        out = []
+        for i, sub in enumerate(layer.layers):
+            where = f"{place}.layers.{layer.names[i]}" if layer.names else f"{place}.layers[{i + 1}]"
+            out.extend(leaves(sub, where))
+        return out
+    return [(place, layer)]
+
+
+def input_shape(layers: list[tuple[str, Layer]], place: str) -> tuple[int | None, ...]:
+    """The numpy-layout input shape (None = any) fixed by the first Dense, Conv or pooling layer."""
+    for _, layer in layers:
+        if isinstance(layer, Dense):
+            return (None, layer.weight.shape[0])
+        if isinstance(layer, Conv):
+            return (None, layer.weight.shape[1] * layer.groups) + (None,) * (layer.weight.ndim - 2)
+        if isinstance(layer, Pool):
+            return (None, None) + (None,) * len(layer.window)
+        if isinstance(layer, Function) and layer.name == "flatten":
+            break
+    raise ShapeError(place, "cannot tell the input shape: no Dense, Conv or pooling layer before any flatten")
+
+
+def layer_shape(layer: Layer, shape: tuple, place: str) -> tuple:
+    """Output shape of one leaf layer for an input shape (None = unknown); raise _Refuse on a mismatch.
+
+    Used both statically (with unknown dims) and at inference time (all dims known).
+    """
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ShapeError(place, message)
+
+    def shown(s) -> str:
+        return "[" + ", ".join("?" if d is None else str(d) for d in s) + "]"
+
+    if isinstance(layer, Dense):
+        inp, out = layer.weight.shape
+        need(len(shape) == 2, f"{layer.summary} needs a (batch, features) input, got shape {shown(shape)}")
+        need(shape[1] in (None, inp), f"{layer.summary} needs {inp} input features, got {shape[1]} (shape {shown(shape)})")
+        return (shape[0], out)
+    if isinstance(layer, (Conv, Pool)):
+        if isinstance(layer, Conv):
+            n = layer.weight.ndim - 2
+            cin = layer.weight.shape[1] * layer.groups
+            window = tuple((k - 1) * d + 1 for k, d in zip(layer.weight.shape[2:], layer.dilation))
+            channels = layer.weight.shape[0]
+        else:
+            n, cin, window, channels = len(layer.window), None, layer.window, shape[1] if len(shape) > 1 else None
+        need(len(shape) == n + 2, f"{layer.summary} needs a rank-{n + 2} input (batch, channels, {n} spatial), "
+                                  f"got shape {shown(shape)}")
+        need(cin is None or shape[1] in (None, cin), f"{layer.summary} needs {cin} input channels, got {shape[1]}")
+        spatial = []
+        for size, w, (lo, hi), s in zip(shape[2:], window, layer.pad, layer.stride):
+            if size is None:
+                spatial.append(None)
+                continue
+            out = (size + lo + hi - w) // s + 1
+            need(size + lo + hi >= w, f"{layer.summary}: spatial size {size} is smaller than the window {w}")
+            spatial.append(out)
+        return (shape[0], channels) + tuple(spatial)
+    if isinstance(layer, BatchNorm):
+        chs = layer.mean.shape[0]
+        need(len(shape) >= 2 and shape[1] in (None, chs),
+             f"{layer.summary} needs {chs} channels on axis 1, got shape {shown(shape)}")
+        return shape
+    if isinstance(layer, Function) and layer.name == "flatten":
+        need(len(shape) >= 2, f"flatten needs at least 2 dimensions, got {shown(shape)}")
+        rest = shape[1:]
+        return (shape[0], None if None in rest else math.prod(rest))
+    return shape          # Dropout, softmax, identity
+
+
+# ---------------------------------------------------------------- entry points
+
+def scan_bytes(data: bytes | memoryview, file: str = "model.bson") -> Verdict:
+    """Scan the bytes of a BSON.jl file; never raises for bad content, returns the verdict."""
+    try:
+        top = bson.parse(data)
+    except bson.BsonError as err:
+        return Verdict(file, REFUSED, (Reason(file, str(err)),))
+    scan = _Scan(top)
+    if "tag" in top:
+        return Verdict(file, REFUSED, (Reason("top", "key 'tag' at the top level would make BSON.jl read "
+                                              "the whole file as one tagged value"),))
+    try:
+        cycles = scan.check_backrefs()
+    except _Refuse as err:
+        return Verdict(file, REFUSED, (err.reason,))
+
+    keys = [k for k in top if k != "_backrefs"]
+    candidates = []
+    for key in keys:
+        target = scan.peek(top[key])
+        typ = scan.peek(target.get("type")) if _tag(target) == "struct" else None
+        if _tag(typ) == "datatype" and isinstance(typ.get("name"), list) and typ["name"][:1] == ["Flux"]:
+            candidates.append(key)
+        else:
+            scan.inert(top[key], key)
+    model = None
+    if len(candidates) > 1:
+        scan.refuse(Reason("top", f"{len(candidates)} Flux models ({', '.join(candidates)}): "
+                                  "cannot tell which one to serve"))
+    elif candidates:
+        key = candidates[0]
+        try:
+            root, _ = scan.layer(top[key], key)
+            model = _finish(key, root)
+        except _Refuse as err:
+            scan.refuse(err.reason)
+        except _Recorded:
+            pass
+        except ShapeError as err:
+            scan.refuse(Reason(err.place, err.message))
+    # _backrefs entries the model does not use must still be inert
+    for index, entry in enumerate(scan.refs):
+        if index not in scan.used_entries:
+            scan.inert(entry, f"_backrefs[{index + 1}]")
+    for reason in cycles:
+        scan.refuse(reason)
+
+    if not candidates:
+        reasons = [Reason("top", "no Flux model at the top level (keys: " + (", ".join(keys) or "none")
+                          + "): weights or other data only")] + scan.reasons
+        return Verdict(file, REFUSED if scan.reasons else NOT_A_MODEL, tuple(reasons[:MAX_REASONS]))
+    if scan.reasons:
+        return Verdict(file, REFUSED, tuple(scan.reasons))
+    return Verdict(file, ACCEPTED, (), model)
+
+
+def _finish(key: str, root: Layer) -> Model:
+    layers = leaves(root, key)
+    dtypes = {arr.dtype for _, layer in layers for arr in (getattr(layer, f.name) for f in dataclasses.fields(layer))
+              if isinstance(arr, np.ndarray)}
+    if len(dtypes) != 1:
+        found = ", ".join(sorted(str(d) for d in dtypes)) or "none"
+        raise _Refuse(key, f"weights must share one element type, found {found}")
+    dtype = next(iter(dtypes))
+    shape_in = input_shape(layers, key)
+    shape = shape_in
+    for place, layer in layers:
+        shape = layer_shape(layer, shape, place)
+    spec = lambda s: tuple(-1 if d is None else d for d in s)  # noqa: E731
+    return Model(key, root, dtype, DATATYPE_NAMES[dtype], spec(shape_in), spec(shape), tuple(layers))
+
+
+def scan_file(path: str | os.PathLike, name: str | None = None) -> Verdict:
+    """Scan a file; raise OSError if it cannot be read (size checked before reading)."""
+    label = name or os.fspath(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > bson.MAX_FILE_BYTES:
+            return Verdict(label, REFUSED, (Reason(label, f"bson: file is {size} bytes, above the limit "
+                                                          f"of {bson.MAX_FILE_BYTES}"),))
+        data = f.read(bson.MAX_FILE_BYTES + 1)
+    if len(data) > bson.MAX_FILE_BYTES:
+        return Verdict(label, REFUSED, (Reason(label, f"bson: file is more than {bson.MAX_FILE_BYTES} bytes"),))
+    return scan_bytes(data, label)

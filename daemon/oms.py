@@ -1,0 +1,374 @@
+"""The OpenSSF model-signing (OMS) format: Sigstore bundle v0.3 + DSSE + in-toto.
+
+Parsing and verification are written from the format (see
+/work/shared/notes/model-signing.md); all cryptography goes through the
+`cryptography` package. Stricter than model_signing 1.1.1: the leaf
+certificate must be valid *now*, the signer identity is pinned, resource
+names are validated, duplicate JSON keys are refused, legacy pre-1.0
+encodings and keyless bundles are refused.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import hashlib
+import json
+import posixpath
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import verification as xv
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from .hashing import ALGORITHMS
+from .policy import ANY_IDENTITY, SUPPORTED_CURVES, TrustPolicy, key_fingerprint
+from .storage import VerificationError
+
+BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
+INTOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "https://model_signing/signature/v1.0"
+LEGACY_PREDICATE_TYPE = "https://model_signing/Digests/v0.1"
+# What model_signing ignores by default, plus sealbox's own metadata files.
+DEFAULT_IGNORE = (".git", ".gitattributes", ".github", ".gitignore")
+
+
+def _b64(value, where: str, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise VerificationError(where, "bundle", f"{what} is not a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise VerificationError(where, "bundle", f"{what} is not valid base64") from None
+
+
+def strict_json(data: bytes, where: str, check: str):
+    """json.loads refusing duplicate keys: two readers must never disagree."""
+    def pairs(items):
+        obj = {}
+        for k, v in items:
+            if k in obj:
+                raise ValueError(f"duplicate key {k!r}")
+            obj[k] = v
+        return obj
+    try:
+        return json.loads(data, object_pairs_hook=pairs)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise VerificationError(where, check, f"not valid JSON ({e})") from None
+
+
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE v1 pre-authentication encoding: what the signature covers."""
+    t = payload_type.encode()
+    return b"DSSEv1 %d %s %d %s" % (len(t), t, len(payload), payload)
+
+
+def _hash_for(key: ec.EllipticCurvePublicKey) -> hashes.HashAlgorithm:
+    return {256: hashes.SHA256(), 384: hashes.SHA384(), 521: hashes.SHA512()}[key.curve.key_size]
+
+
+@dataclass(frozen=True)
+class Bundle:
+    where: str
+    payload_type: str
+    payload: bytes          # exactly the decoded bytes the signature covers
+    signature: bytes        # DER ECDSA
+    key_hint: str | None    # key method: hex SHA-256 of the signer's PEM
+    chain: tuple[x509.Certificate, ...]  # certificate method: leaf first
+
+
+def parse_bundle(data: bytes, where: str) -> Bundle:
+    doc = strict_json(data, where, "bundle")
+    if not isinstance(doc, dict):
+        raise VerificationError(where, "bundle", "not a JSON object")
+    if doc.get("mediaType") != BUNDLE_MEDIA_TYPE:
+        raise VerificationError(where, "bundle", f"mediaType {doc.get('mediaType')!r} is not {BUNDLE_MEDIA_TYPE}")
+    material, env = doc.get("verificationMaterial"), doc.get("dsseEnvelope")
+    if not isinstance(material, dict) or not isinstance(env, dict):
+        raise VerificationError(where, "bundle", "verificationMaterial or dsseEnvelope missing")
+    if "certificate" in material:
+        raise VerificationError(where, "bundle", "a keyless Sigstore bundle (Fulcio certificate): not supported; "
+                                                 "sign with a key or a certificate chain")
+    if material.get("tlogEntries") or material.get("timestampVerificationData"):
+        raise VerificationError(where, "bundle", "transparency-log or timestamp entries: not supported")
+    key_hint, chain = None, ()
+    if "publicKey" in material and "x509CertificateChain" not in material:
+        pk = material["publicKey"]
+        if not isinstance(pk, dict):
+            raise VerificationError(where, "bundle", "publicKey is not an object")
+        if isinstance(pk.get("hint"), str) and pk["hint"]:
+            key_hint = pk["hint"].lower()
+        elif "rawBytes" in pk:
+            # model_signing < 1.0 embedded the PEM itself: only a hint to us.
+            key_hint = hashlib.sha256(_b64(pk["rawBytes"], where, "publicKey.rawBytes")).hexdigest()
+    elif "x509CertificateChain" in material and "publicKey" not in material:
+        certs = material["x509CertificateChain"].get("certificates") if isinstance(material["x509CertificateChain"], dict) else None
+        if not isinstance(certs, list) or not certs:
+            raise VerificationError(where, "bundle", "x509CertificateChain has no certificates")
+        parsed = []
+        for i, c in enumerate(certs):
+            der = _b64(c.get("rawBytes") if isinstance(c, dict) else None, where, f"certificate {i}")
+            try:
+                parsed.append(x509.load_der_x509_certificate(der))
+            except ValueError:
+                raise VerificationError(where, "bundle", f"certificate {i} is not DER X.509") from None
+        chain = tuple(parsed)
+    else:
+        raise VerificationError(where, "bundle", "verificationMaterial must hold exactly one of publicKey or x509CertificateChain")
+    sigs = env.get("signatures")
+    if not isinstance(sigs, list) or len(sigs) != 1 or not isinstance(sigs[0], dict):
+        raise VerificationError(where, "bundle", "the DSSE envelope must carry exactly one signature")
+    payload_type = env.get("payloadType")
+    if payload_type != INTOTO_PAYLOAD_TYPE:
+        raise VerificationError(where, "bundle", f"payloadType {payload_type!r} is not {INTOTO_PAYLOAD_TYPE}")
+    return Bundle(where, payload_type, _b64(env.get("payload"), where, "payload"),
+                  _b64(sigs[0].get("sig"), where, "signature"), key_hint, chain)
+
+
+def verify_bundle(bundle: Bundle, policy: TrustPolicy, now: datetime.datetime | None = None) -> str:
+    """Checks the DSSE signature against the policy; returns the signer identity
+    ("key:sha256:<fingerprint>" or the pinned certificate identity)."""
+    message = pae(bundle.payload_type, bundle.payload)
+    if bundle.chain:
+        return _verify_chain(bundle, policy, message, now or datetime.datetime.now(datetime.timezone.utc))
+    if not policy.public_keys:
+        raise VerificationError(bundle.where, "signature", "signed with a key, but the policy trusts no public keys")
+    candidates = [k for k in policy.public_keys if bundle.key_hint in (None, k.fingerprint)]
+    if not candidates:
+        raise VerificationError(bundle.where, "signature", f"signed by key sha256:{bundle.key_hint}, which the policy does not trust")
+    for k in candidates:
+        try:
+            k.key.verify(bundle.signature, message, ec.ECDSA(_hash_for(k.key)))
+            return f"key:sha256:{k.fingerprint}"
+        except InvalidSignature:
+            continue
+    raise VerificationError(bundle.where, "signature", "the DSSE signature does not verify with "
+                            + ", ".join(f"{k.path} (sha256:{k.fingerprint})" for k in candidates))
+
+
+def cert_identities(cert: x509.Certificate) -> list[str]:
+    ids = []
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        ids += [f"email:{v}" for v in san.get_values_for_type(x509.RFC822Name)]
+        ids += [f"uri:{v}" for v in san.get_values_for_type(x509.UniformResourceIdentifier)]
+    except x509.ExtensionNotFound:
+        pass
+    ids.append(f"subject:{cert.subject.rfc4514_string()}")
+    return ids
+
+
+def _verify_chain(bundle: Bundle, policy: TrustPolicy, message: bytes, now: datetime.datetime) -> str:
+    where, leaf, intermediates = bundle.where, bundle.chain[0], list(bundle.chain[1:])
+    if not policy.certificates:
+        raise VerificationError(where, "certificate", "signed with a certificate, but the policy trusts no certificate roots")
+    skew = datetime.timedelta(seconds=policy.clock_skew_seconds)
+    # Upstream checks validity at the leaf's notBefore; we check it now.
+    if now > leaf.not_valid_after_utc + skew:
+        raise VerificationError(where, "certificate", f"the signing certificate expired at {leaf.not_valid_after_utc.isoformat()} "
+                                f"(now {now.replace(microsecond=0).isoformat()}, clock skew allowed {policy.clock_skew_seconds}s)")
+    if now < leaf.not_valid_before_utc - skew:
+        raise VerificationError(where, "certificate", f"the signing certificate is not valid before {leaf.not_valid_before_utc.isoformat()}")
+    key = leaf.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in SUPPORTED_CURVES:
+        raise VerificationError(where, "certificate", "the signing certificate's key is not EC P-256, P-384 or P-521")
+    try:
+        ku = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+        if not ku.digital_signature:
+            raise VerificationError(where, "certificate", "the signing certificate's keyUsage lacks digitalSignature")
+    except x509.ExtensionNotFound:
+        raise VerificationError(where, "certificate", "the signing certificate has no keyUsage extension") from None
+    try:
+        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        if ExtendedKeyUsageOID.CODE_SIGNING not in eku:
+            raise VerificationError(where, "certificate", "the signing certificate's extendedKeyUsage lacks codeSigning")
+    except x509.ExtensionNotFound:
+        pass
+    # Within the skew window, build the chain at the nearest valid instant.
+    at = min(max(now, leaf.not_valid_before_utc), leaf.not_valid_after_utc)
+    identities = cert_identities(leaf)
+    reasons = []
+    for roots in policy.certificates:
+        verifier = (xv.PolicyBuilder().store(xv.Store(list(roots.certs))).time(at)
+                    # The leaf's own extensions are checked above: signing
+                    # certificates are not web PKI client certificates.
+                    .extension_policies(ca_policy=xv.ExtensionPolicy.webpki_defaults_ca(),
+                                        ee_policy=xv.ExtensionPolicy.permit_all())
+                    .build_client_verifier())
+        try:
+            verifier.verify(leaf, intermediates)
+        except xv.VerificationError as e:
+            reasons.append(f"{roots.path}: {e}")
+            continue
+        pinned = [i for i in identities if i in roots.identities or ANY_IDENTITY in roots.identities]
+        if not pinned:
+            raise VerificationError(where, "identity", f"signer {', '.join(identities)} is not among the identities pinned "
+                                    f"for {roots.path} ({', '.join(roots.identities)})")
+        try:
+            key.verify(bundle.signature, message, ec.ECDSA(_hash_for(key)))
+        except InvalidSignature:
+            raise VerificationError(where, "signature", f"the DSSE signature does not verify with the certificate of {pinned[0]}") from None
+        return pinned[0]
+    raise VerificationError(where, "certificate", "the certificate chain does not lead to a trusted root: " + "; ".join(reasons))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The signed statement: which content the model consists of."""
+    subject_name: str
+    subject_digest: str  # hex SHA-256 over the raw resource digests, in order
+    method: str          # "files" or "shards"
+    hash_type: str
+    shard_size: int | None
+    allow_symlinks: bool
+    ignore_paths: tuple[str, ...]
+    # path -> {(start, end): raw digest}; files mode: {(0, None): digest}
+    resources: dict[str, dict[tuple[int, int | None], bytes]]
+
+
+def check_name(name, where: str) -> str:
+    """A resource name must be a plain relative POSIX path inside the model."""
+    if not isinstance(name, str) or not name:
+        raise VerificationError(where, "manifest", f"resource name {name!r} is not a non-empty string")
+    if name == ".":
+        return name  # a single-file model
+    parts = name.split("/")
+    if name.startswith("/") or "\x00" in name or any(p in ("", ".", "..") for p in parts):
+        raise VerificationError(where, "manifest", f"resource name {name!r} is not a plain relative path inside the model")
+    return name
+
+
+def parse_statement(payload: bytes, where: str) -> Manifest:
+    st = strict_json(payload, where, "statement")
+    if not isinstance(st, dict) or st.get("_type") != STATEMENT_TYPE:
+        raise VerificationError(where, "statement", f"not an in-toto {STATEMENT_TYPE} statement")
+    if st.get("predicateType") == LEGACY_PREDICATE_TYPE:
+        raise VerificationError(where, "statement", f"legacy pre-1.0 predicate {LEGACY_PREDICATE_TYPE}: not supported; re-sign with model_signing >= 1.0")
+    if st.get("predicateType") != PREDICATE_TYPE:
+        raise VerificationError(where, "statement", f"predicateType {st.get('predicateType')!r} is not {PREDICATE_TYPE}")
+    subjects = st.get("subject")
+    if not isinstance(subjects, list) or len(subjects) != 1 or not isinstance(subjects[0], dict):
+        raise VerificationError(where, "statement", "must have exactly one subject")
+    subject_digest = (subjects[0].get("digest") or {}).get("sha256")
+    pred = st.get("predicate")
+    if not isinstance(pred, dict) or not isinstance(pred.get("serialization"), dict) or not isinstance(pred.get("resources"), list):
+        raise VerificationError(where, "statement", "predicate lacks serialization or resources")
+    ser = pred["serialization"]
+    method, hash_type = ser.get("method"), ser.get("hash_type")
+    if method not in ("files", "shards"):
+        raise VerificationError(where, "statement", f"serialization method {method!r} is not files or shards")
+    if hash_type not in ALGORITHMS or (method == "shards" and hash_type == "blake3"):
+        raise VerificationError(where, "statement", f"hash_type {hash_type!r} is not supported for {method}")
+    allow_symlinks = ser.get("allow_symlinks", False)
+    if not isinstance(allow_symlinks, bool):
+        raise VerificationError(where, "statement", "allow_symlinks is not a boolean")
+    shard_size = None
+    if method == "shards":
+        raw = ser.get("shard_size")
+        # model_signing writes it as a JSON float such as 1000000000.0.
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)) or raw != int(raw) or int(raw) <= 0:
+            raise VerificationError(where, "statement", f"shard_size {raw!r} is not a positive integer")
+        shard_size = int(raw)
+    ignore = ser.get("ignore_paths", [])
+    if not isinstance(ignore, list) or not all(isinstance(p, str) for p in ignore):
+        raise VerificationError(where, "statement", "ignore_paths is not a list of strings")
+
+    expected_alg = hash_type if method == "files" else f"{hash_type}-sharded-{shard_size}"
+    resources: dict[str, dict] = {}
+    concat = hashlib.sha256()
+    seen = set()
+    for r in pred["resources"]:
+        if not isinstance(r, dict):
+            raise VerificationError(where, "manifest", "a resource is not an object")
+        name, alg, digest_hex = r.get("name"), r.get("algorithm"), r.get("digest")
+        if alg != expected_alg:
+            raise VerificationError(where, "manifest", f"resource {name!r} uses algorithm {alg!r}, not {expected_alg!r}")
+        try:
+            digest = bytes.fromhex(digest_hex)
+        except (TypeError, ValueError):
+            raise VerificationError(where, "manifest", f"resource {name!r} has a digest that is not hex") from None
+        if name in seen:
+            raise VerificationError(where, "manifest", f"duplicate resource name {name!r}")
+        seen.add(name)
+        concat.update(digest)
+        if method == "files":
+            resources[check_name(name, where)] = {(0, None): digest}
+        else:
+            path, start, end = _shard_name(name, where)
+            resources.setdefault(check_name(path, where), {})[(start, end)] = digest
+    if subject_digest != concat.hexdigest():
+        raise VerificationError(where, "manifest", "the subject digest does not match the listed resources")
+    return Manifest(str(subjects[0].get("name", "")), subject_digest, method, hash_type, shard_size,
+                    allow_symlinks, tuple(ignore), resources)
+
+
+def _shard_name(name, where: str) -> tuple[str, int, int]:
+    parts = name.rsplit(":", 2) if isinstance(name, str) else []
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit() or int(parts[1]) >= int(parts[2]):
+        raise VerificationError(where, "manifest", f"shard name {name!r} is not PATH:START:END")
+    return parts[0], int(parts[1]), int(parts[2])
+
+
+def is_ignored(name: str, ignore_paths: tuple[str, ...]) -> bool:
+    """Signed ignore_paths are relative to the model root; a directory covers its content."""
+    for p in ignore_paths:
+        p = posixpath.normpath(p)
+        if p and not p.startswith(("/", "../")) and p != "..":
+            if name == p or name.startswith(p + "/"):
+                return True
+    return False
+
+
+# ---- signing (the publisher side) -------------------------------------------------
+
+
+def statement_payload(model_name: str, digests: dict[str, bytes], hash_type: str, ignore_paths: list[str]) -> bytes:
+    """The in-toto statement model_signing 1.x writes for the files method."""
+    names = sorted(digests, key=lambda n: n.split("/"))  # component-wise, like model_signing
+    resources = [{"name": n, "algorithm": hash_type, "digest": digests[n].hex()} for n in names]
+    subject = hashlib.sha256(b"".join(digests[n] for n in names)).hexdigest()
+    statement = {
+        "_type": STATEMENT_TYPE,
+        "subject": [{"name": model_name, "digest": {"sha256": subject}}],
+        "predicateType": PREDICATE_TYPE,
+        "predicate": {
+            "serialization": {"method": "files", "hash_type": hash_type, "allow_symlinks": False,
+                              "ignore_paths": sorted(ignore_paths)},
+            "resources": resources,
+        },
+    }
+    return json.dumps(statement, indent=2).encode()
+
+
+def load_private_key(path: str) -> ec.EllipticCurvePrivateKey:
+    with open(path, "rb") as f:
+        key = serialization.load_pem_private_key(f.read(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in SUPPORTED_CURVES:
+        raise ValueError(f"{path}: not an EC P-256, P-384 or P-521 private key")
+    return key
+
+
+def sign_payload(payload: bytes, private_key: ec.EllipticCurvePrivateKey,
+                 chain: list[x509.Certificate] | None = None) -> bytes:
+    """A Sigstore bundle v0.3 JSON over a DSSE envelope of `payload`.
+    chain=None: key method (publicKey.hint); else leaf-first certificate chain."""
+    sig = private_key.sign(pae(INTOTO_PAYLOAD_TYPE, payload), ec.ECDSA(_hash_for(private_key.public_key())))
+    if chain is None:
+        material = {"publicKey": {"hint": key_fingerprint(private_key.public_key())}, "tlogEntries": []}
+    else:
+        if chain[0].public_key() != private_key.public_key():
+            raise ValueError("the signing certificate does not match the private key")
+        material = {"x509CertificateChain": {"certificates": [
+            {"rawBytes": base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode()} for c in chain]},
+            "tlogEntries": []}
+    bundle = {
+        "mediaType": BUNDLE_MEDIA_TYPE,
+        "verificationMaterial": material,
+        "dsseEnvelope": {"payload": base64.b64encode(payload).decode(), "payloadType": INTOTO_PAYLOAD_TYPE,
+                         "signatures": [{"sig": base64.b64encode(sig).decode(), "keyid": ""}]},
+    }
+    return json.dumps(bundle).encode()

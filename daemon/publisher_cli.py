@@ -1,0 +1,206 @@
+"""The publisher's commands: hash, sign (key or certificate), verify.
+
+Mounted under the `sealbox` CLI by add_commands(); main(argv) runs them
+alone. `verify` runs exactly the daemon's verify_model with a policy built
+from the flags. Exit codes: 0 verified/done, 1 refused, 2 usage or I/O error.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+from cryptography import x509
+
+from . import oms
+from .hashing import file_digest
+from .policy import ANY_IDENTITY, TrustedKey, TrustedRoots, TrustPolicy
+from .rollback import release_payload
+from .storage import VerificationError, open_tree, resolve_symlinks
+from .verify import verify_model
+
+DEFAULT_SIGNATURE = "model.sig"
+DEFAULT_RELEASE = "model.release.sig"
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("hash", help="print the SHA-256 of every model file (a pin manifest for unsigned models)")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.set_defaults(func=cmd_hash)
+
+    sign = subparsers.add_parser("sign", help="sign a model in the OpenSSF model-signing format")
+    methods = sign.add_subparsers(dest="method", required=True)
+    for method in ("key", "certificate"):
+        s = methods.add_parser(method, help=f"sign with an EC private key{' and its certificate' if method == 'certificate' else ''}")
+        s.add_argument("model_dir", metavar="MODEL_DIR")
+        s.add_argument("--private-key", required=True, metavar="KEY.pem")
+        if method == "certificate":
+            s.add_argument("--signing-certificate", required=True, metavar="CERT.pem")
+            s.add_argument("--certificate-chain", action="append", default=[], metavar="CHAIN.pem",
+                           help="intermediate certificates to embed (repeatable)")
+        s.add_argument("--signature", metavar="OUT", help="where to write the bundle (default MODEL_DIR/model.sig)")
+        s.add_argument("--version", help="also write a signed release statement (model.release.sig beside the signature)")
+        s.add_argument("--model-name", help="the model name the daemon's config uses (with --version)")
+        s.set_defaults(func=cmd_sign)
+
+    v = subparsers.add_parser("verify", help="verify a model exactly as the daemon does")
+    v.add_argument("model_dir", metavar="MODEL_DIR")
+    v.add_argument("--signature", required=True, metavar="SIG")
+    trust = v.add_mutually_exclusive_group(required=True)
+    trust.add_argument("--public-key", action="append", metavar="KEY.pub")
+    trust.add_argument("--certificate-chain", action="append", metavar="ROOT.pem",
+                       help="trust anchors (repeatable)")
+    v.add_argument("--identity", action="append", default=[],
+                   help="pinned signer identity: email:ADDR, uri:URI or subject:NAME (repeatable)")
+    v.add_argument("--ignore-paths", action="append", default=[], metavar="NAME",
+                   help="files or directories to skip (they would never reach a worker)")
+    v.add_argument("--model-name", help="expected model name in the release statement (default: the directory name)")
+    v.set_defaults(func=cmd_verify)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sealbox")
+    add_commands(parser.add_subparsers(required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+@contextlib.contextmanager
+def _progress(total: int, what: str):
+    """A progress bar on an interactive stderr for long hashing, else nothing."""
+    if not sys.stderr.isatty() or total < (256 << 20):
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), console=None, transient=True) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _model_digests(model_dir: str, exclude: set[str], ignore: tuple[str, ...]) -> dict[str, bytes]:
+    real = os.path.realpath(model_dir)
+    tree = open_tree(real, exclude, strict=False)
+    try:
+        for n in [n for n in tree.files if oms.is_ignored(n, ignore)]:
+            tree.drop(n)
+        for n in [n for n in tree.symlinks if oms.is_ignored(n, ignore)]:
+            del tree.symlinks[n]
+        resolve_symlinks(tree, allow=False)
+        files = list(tree.files.values())
+        with _progress(sum(f.size for f in files), "hashing") as progress:
+            return file_digest(files, "sha256", progress)
+    finally:
+        tree.close()
+
+
+def _excluded(model_dir: str, *paths: str) -> set[str]:
+    real = os.path.realpath(model_dir)
+    out = set()
+    for p in paths:
+        rel = os.path.relpath(os.path.realpath(p), real)
+        if not rel.startswith("..") and not os.path.isabs(rel):
+            out.add(rel)
+    return out
+
+
+def cmd_hash(args) -> int:
+    real = os.path.realpath(args.model_dir)
+    try:
+        digests = _model_digests(real, _excluded(real, os.path.join(real, DEFAULT_SIGNATURE),
+                                                 os.path.join(real, DEFAULT_RELEASE)), ())
+    except VerificationError as e:
+        print(f"sealbox hash: refused: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"sealbox hash: {e}", file=sys.stderr)
+        return 2
+    names = sorted(digests, key=lambda n: n.split("/"))
+    for n in names:
+        print(f"{digests[n].hex()}  {n}")
+    import hashlib
+    print(f"# sealbox-digest sha256:{hashlib.sha256(b''.join(digests[n] for n in names)).hexdigest()}")
+    return 0
+
+
+def cmd_sign(args) -> int:
+    if (args.version is None) != (args.model_name is None):
+        print("sealbox sign: --version and --model-name go together", file=sys.stderr)
+        return 2
+    real = os.path.realpath(args.model_dir)
+    if not os.path.isdir(real):
+        print(f"sealbox sign: {args.model_dir}: not a directory", file=sys.stderr)
+        return 2
+    sig_path = args.signature or os.path.join(real, DEFAULT_SIGNATURE)
+    release_path = os.path.join(os.path.dirname(os.path.abspath(sig_path)), DEFAULT_RELEASE)
+    exclude = _excluded(real, sig_path, release_path)
+    try:
+        key = oms.load_private_key(args.private_key)
+        chain = None
+        if args.method == "certificate":
+            with open(args.signing_certificate, "rb") as f:
+                chain = [x509.load_pem_x509_certificate(f.read())]
+            for path in args.certificate_chain:
+                with open(path, "rb") as f:
+                    chain += x509.load_pem_x509_certificates(f.read())
+        ignore = sorted(set(oms.DEFAULT_IGNORE) | exclude)
+        digests = _model_digests(real, exclude, tuple(ignore))
+        payload = oms.statement_payload(os.path.basename(real), digests, "sha256", ignore)
+        _write(sig_path, oms.sign_payload(payload, key, chain))
+        if args.version is not None:
+            subject = oms.parse_statement(payload, sig_path).subject_digest
+            _write(release_path, oms.sign_payload(release_payload(args.model_name, args.version, subject), key, chain))
+    except VerificationError as e:
+        print(f"sealbox sign: refused: {e}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:
+        print(f"sealbox sign: {e}", file=sys.stderr)
+        return 2
+    print(f"signed {len(digests)} files: {sig_path}" + (f" and {release_path} (version {args.version})" if args.version else ""))
+    return 0
+
+
+def _write(path: str, data: bytes) -> None:
+    # 0644: a signature is public; the daemon refuses group/world-writable files.
+    tmp = f"{path}.tmp.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _as_model_names(real: str, paths: list[str]) -> list[str]:
+    """Like model_signing, accept paths as given on the command line (relative
+    to the current directory) as well as names inside the model."""
+    out = []
+    for p in paths:
+        rel = os.path.relpath(os.path.realpath(p), real)
+        out.append(rel if os.path.lexists(p) and not rel.startswith("..") else p)
+    return out
+
+
+def cmd_verify(args) -> int:
+    real = os.path.realpath(args.model_dir)
+    sig = os.path.abspath(args.signature)
+    try:
+        keys = tuple(TrustedKey.load(p) for p in args.public_key or ())
+        identities = tuple(args.identity) or (ANY_IDENTITY,)
+        roots = tuple(TrustedRoots.load(p, identities) for p in args.certificate_chain or ())
+    except (OSError, ValueError) as e:
+        print(f"sealbox verify: {e}", file=sys.stderr)
+        return 2
+    if roots and not args.identity:
+        print("sealbox verify: warning: no --identity given, any signer chaining to the roots is accepted", file=sys.stderr)
+    policy = TrustPolicy(sources=("/",), public_keys=keys, certificates=roots, signature=sig,
+                         release=os.path.join(os.path.dirname(sig), DEFAULT_RELEASE),
+                         ignore_paths=tuple(_as_model_names(real, args.ignore_paths)), where="command line")
+    name = args.model_name or os.path.basename(real)
+    try:
+        with verify_model(name, real, policy, None, None) as model:
+            print(f"verified: {len(model.files)} files, {model.digest}, signer {model.signer}"
+                  + (f", version {model.version}" if model.version else ""))
+    except VerificationError as e:
+        print(f"sealbox verify: refused: {e}", file=sys.stderr)
+        return 1
+    return 0

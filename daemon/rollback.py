@@ -1,0 +1,120 @@
+"""Rollback protection: signed release statements and the highest version seen.
+
+A release statement is a second DSSE envelope in a Sigstore bundle (by
+default `model.release.sig` beside `model.sig`), signed by the same signer as
+the OMS bundle. Its in-toto statement binds a model name and version to the
+OMS statement's subject digest, so it cannot be moved to other content:
+
+    {"_type": "https://in-toto.io/Statement/v1",
+     "subject": [{"name": "<model>", "digest": {"sha256": "<OMS subject digest>"}}],
+     "predicateType": "https://sealbox.dev/release/v1",
+     "predicate": {"model": "<model>", "version": "1.2.0"}}
+
+The daemon keeps the highest version accepted per model in
+<state_dir>/versions.json (root-only, replaced atomically).
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+from .oms import STATEMENT_TYPE, strict_json
+from .policy import TrustPolicy, parse_version
+from .storage import VerificationError
+
+RELEASE_PREDICATE = "https://sealbox.dev/release/v1"
+STATE_FILE = "versions.json"
+
+
+def release_payload(model: str, version: str, subject_digest: str) -> bytes:
+    parse_version(version)  # refuse to sign what the daemon would refuse to read
+    return json.dumps({
+        "_type": STATEMENT_TYPE,
+        "subject": [{"name": model, "digest": {"sha256": subject_digest}}],
+        "predicateType": RELEASE_PREDICATE,
+        "predicate": {"model": model, "version": version},
+    }, indent=2).encode()
+
+
+def parse_release(payload: bytes, where: str) -> tuple[str, str, str]:
+    """Returns (model, version, subject digest) from a verified payload."""
+    st = strict_json(payload, where, "release")
+    if not isinstance(st, dict) or st.get("_type") != STATEMENT_TYPE or st.get("predicateType") != RELEASE_PREDICATE:
+        raise VerificationError(where, "release", f"not an in-toto statement with predicateType {RELEASE_PREDICATE}")
+    subjects, pred = st.get("subject"), st.get("predicate")
+    if not isinstance(subjects, list) or len(subjects) != 1 or not isinstance(subjects[0], dict) or not isinstance(pred, dict):
+        raise VerificationError(where, "release", "must have exactly one subject and a predicate")
+    digest = (subjects[0].get("digest") or {}).get("sha256")
+    model, version = pred.get("model"), pred.get("version")
+    if not isinstance(digest, str) or not isinstance(model, str) or subjects[0].get("name") != model:
+        raise VerificationError(where, "release", "subject name, digest or predicate.model missing or inconsistent")
+    try:
+        parse_version(version)
+    except ValueError as e:
+        raise VerificationError(where, "release", str(e)) from None
+    return model, version, digest
+
+
+class VersionStore:
+    """The highest accepted version per model, in a root-only state file."""
+
+    def __init__(self, state_dir: str):
+        self.dir = state_dir
+        self.path = os.path.join(state_dir, STATE_FILE)
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        st = os.stat(state_dir, follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise VerificationError(state_dir, "rollback", "the state directory must be a directory owned by the daemon with mode 0700")
+
+    def read(self) -> dict[str, str]:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return {}
+        with os.fdopen(fd, "rb") as f:
+            data = f.read()
+        versions = strict_json(data, self.path, "rollback")
+        if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
+            raise VerificationError(self.path, "rollback", "not a JSON object of model -> version")
+        return versions
+
+    def get(self, model: str) -> str | None:
+        return self.read().get(model)
+
+    def record(self, model: str, version: str) -> None:
+        """Raises the recorded version to `version` if it is higher. The single
+        daemon process is the only writer; callers serialize per model."""
+        versions = self.read()
+        old = versions.get(model)
+        if old is not None and parse_version(old) >= parse_version(version):
+            return
+        versions[model] = version
+        tmp = f"{self.path}.tmp.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, json.dumps(versions, indent=1, sort_keys=True).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)  # the rename itself must survive a crash
+        finally:
+            os.close(dfd)
+
+
+def check_version(model: str, version: str | None, release_where: str, policy: TrustPolicy,
+                  recorded: str | None) -> None:
+    """The rollback decision. `version` is None when there is no release statement."""
+    if version is None:
+        if policy.min_version is not None:
+            raise VerificationError(release_where, "rollback", f"no signed release statement, but the policy requires version >= {policy.min_version}")
+        if recorded is not None and not policy.allow_downgrade:
+            raise VerificationError(release_where, "rollback", f"no signed release statement, but version {recorded} was accepted before")
+        return
+    if policy.min_version is not None and parse_version(version) < parse_version(policy.min_version):
+        raise VerificationError(release_where, "rollback", f"version {version} is below the policy's min_version {policy.min_version}")
+    if recorded is not None and parse_version(version) < parse_version(recorded) and not policy.allow_downgrade:
+        raise VerificationError(release_where, "rollback", f"version {version} is lower than version {recorded} accepted before for {model!r} (allow_downgrade is false)")

@@ -1,0 +1,243 @@
+"""Storage checks: what the model's files are, before any byte is hashed.
+
+Every entry is opened with O_NOFOLLOW relative to its parent directory's fd
+and checked with fstat on that fd, so a path swapped after the check cannot
+be what gets hashed: the hashing reads from the very fds opened here.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import stat
+from dataclasses import dataclass, field
+
+# A signature bundle or pin manifest is small; bigger is an attack or a mistake.
+MAX_METADATA_BYTES = 16 << 20
+
+_O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+_O_DIR = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_DIRECTORY
+
+
+class VerificationError(Exception):
+    """A model refused. The message names the file and the check that failed."""
+
+    def __init__(self, file: str, check: str, detail: str):
+        self.file, self.check, self.detail = file, check, detail
+        super().__init__(f"{file}: {check}: {detail}")
+
+
+@dataclass
+class OpenFile:
+    name: str  # relative POSIX path inside the model ("." never: see single-file models)
+    path: str  # absolute path, for messages only
+    fd: int    # O_RDONLY, CLOEXEC; owned by the Tree
+    size: int
+    dev_ino: tuple[int, int]
+
+
+@dataclass
+class Tree:
+    """The checked content of a model directory (or of a single-file model)."""
+    root: str
+    single_file: bool
+    files: dict[str, OpenFile] = field(default_factory=dict)
+    symlinks: dict[str, str] = field(default_factory=dict)  # name -> target name, both inside
+
+    def close(self) -> None:
+        for f in self.files.values():
+            if f.fd >= 0:
+                os.close(f.fd)
+                f.fd = -1
+
+    def drop(self, name: str) -> None:
+        f = self.files.pop(name)
+        os.close(f.fd)
+
+
+_KIND = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+         stat.S_IFBLK: "a block device", stat.S_IFLNK: "a symlink", stat.S_IFDIR: "a directory"}
+
+
+def _kind(mode: int) -> str:
+    return _KIND.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def check_owner_and_mode(path: str, st: os.stat_result) -> None:
+    """Only root or the daemon itself may be able to change what we load."""
+    if st.st_uid not in (0, os.geteuid()):
+        raise VerificationError(path, "storage", f"owned by uid {st.st_uid}, not root or the daemon (uid {os.geteuid()})")
+    if st.st_mode & 0o022:
+        raise VerificationError(path, "storage", f"group- or world-writable (mode {stat.S_IMODE(st.st_mode):04o})")
+
+
+def read_checked(path: str, strict: bool = True, limit: int = MAX_METADATA_BYTES) -> bytes:
+    """Reads a small metadata file (signature, pin manifest) with the same checks."""
+    try:
+        fd = os.open(path, _O_FILE)
+    except FileNotFoundError:
+        raise VerificationError(path, "storage", "missing") from None
+    except OSError as e:
+        raise VerificationError(path, "storage", _os_reason(e)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise VerificationError(path, "storage", f"{_kind(st.st_mode)}, not a regular file")
+        if strict:
+            check_owner_and_mode(path, st)
+        if st.st_size > limit:
+            raise VerificationError(path, "size", f"{st.st_size} bytes, more than the {limit} allowed for metadata")
+        chunks, total = [], 0
+        while total <= limit:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > limit:
+            raise VerificationError(path, "size", f"grew past the {limit} bytes allowed for metadata")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _os_reason(e: OSError) -> str:
+    import errno
+    if e.errno == errno.ELOOP:
+        return "a symlink (refused)"
+    return e.strerror or str(e)
+
+
+def open_tree(model_path: str, exclude: set[str], strict: bool = True) -> Tree:
+    """Opens and checks every entry of a model directory, or a single-file model.
+
+    `model_path` must already be a real path (no symlinks). `exclude` holds
+    relative names that are not model files (the signature and release files);
+    they are skipped without being opened. Symlinks are recorded, not
+    followed; one that leaves the directory is refused here. `strict` adds the
+    owner, mode and hard-link checks (the daemon); the publisher signs its
+    own files without them.
+    """
+    try:
+        st = os.stat(model_path, follow_symlinks=False)
+    except OSError as e:
+        raise VerificationError(model_path, "storage", _os_reason(e)) from None
+    if stat.S_ISREG(st.st_mode):
+        tree = Tree(model_path, single_file=True)
+        try:
+            fd = os.open(model_path, _O_FILE)
+        except OSError as e:
+            raise VerificationError(model_path, "storage", _os_reason(e)) from None
+        try:
+            _add_file(tree, ".", model_path, fd, st, strict)
+        except BaseException:
+            os.close(fd)
+            raise
+        _check_hardlinks(tree, strict)
+        return tree
+    if not stat.S_ISDIR(st.st_mode):
+        raise VerificationError(model_path, "storage", f"{_kind(st.st_mode)}, not a model directory or file")
+    tree = Tree(model_path, single_file=False)
+    try:
+        fd = os.open(model_path, _O_DIR)
+    except OSError as e:
+        raise VerificationError(model_path, "storage", _os_reason(e)) from None
+    try:
+        dst = os.fstat(fd)
+        if (dst.st_dev, dst.st_ino) != (st.st_dev, st.st_ino):
+            raise VerificationError(model_path, "storage", "replaced while being opened")
+        if strict:
+            check_owner_and_mode(model_path, dst)
+        _walk(tree, fd, "", exclude, strict)
+        _check_hardlinks(tree, strict)
+    except BaseException:
+        tree.close()
+        raise
+    finally:
+        os.close(fd)
+    return tree
+
+
+def _add_file(tree: Tree, name: str, path: str, fd: int, lst: os.stat_result, strict: bool) -> None:
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != (lst.st_dev, lst.st_ino):
+        raise VerificationError(path, "storage", "replaced while being opened")
+    if not stat.S_ISREG(st.st_mode):
+        raise VerificationError(path, "storage", f"{_kind(st.st_mode)}, not a regular file")
+    if strict:
+        check_owner_and_mode(path, st)
+    tree.files[name] = OpenFile(name, path, fd, st.st_size, (st.st_dev, st.st_ino))
+
+
+def _walk(tree: Tree, dir_fd: int, rel_dir: str, exclude: set[str], strict: bool) -> None:
+    with os.scandir(dir_fd) as it:
+        names = sorted(e.name for e in it)
+    for entry in names:
+        name = f"{rel_dir}/{entry}" if rel_dir else entry
+        path = os.path.join(tree.root, name)
+        if name in exclude:
+            continue
+        try:
+            lst = os.stat(entry, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError as e:
+            raise VerificationError(path, "storage", _os_reason(e)) from None
+        mode = lst.st_mode
+        if stat.S_ISLNK(mode):
+            target = os.readlink(entry, dir_fd=dir_fd)
+            resolved = posixpath.normpath(posixpath.join(rel_dir, target))
+            if posixpath.isabs(target) or resolved == ".." or resolved.startswith("../"):
+                raise VerificationError(path, "storage", f"a symlink to {target!r}, outside the model directory")
+            tree.symlinks[name] = resolved
+        elif stat.S_ISDIR(mode):
+            try:
+                fd = os.open(entry, _O_DIR, dir_fd=dir_fd)
+            except OSError as e:
+                raise VerificationError(path, "storage", _os_reason(e)) from None
+            try:
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != (lst.st_dev, lst.st_ino):
+                    raise VerificationError(path, "storage", "replaced while being opened")
+                if strict:
+                    check_owner_and_mode(path, st)
+                _walk(tree, fd, name, exclude, strict)
+            finally:
+                os.close(fd)
+        elif stat.S_ISREG(mode):
+            try:
+                fd = os.open(entry, _O_FILE, dir_fd=dir_fd)
+            except OSError as e:
+                raise VerificationError(path, "storage", _os_reason(e)) from None
+            try:
+                _add_file(tree, name, path, fd, lst, strict)
+            except BaseException:
+                os.close(fd)
+                raise
+        else:
+            # Never opened: opening a device or FIFO can block or have effects.
+            raise VerificationError(path, "storage", f"{_kind(mode)}, not a regular file")
+
+
+def _check_hardlinks(tree: Tree, strict: bool) -> None:
+    """A file with more links than we found inside can be changed from outside."""
+    if not strict:
+        return
+    inside: dict[tuple[int, int], int] = {}
+    for f in tree.files.values():
+        inside[f.dev_ino] = inside.get(f.dev_ino, 0) + 1
+    for f in tree.files.values():
+        nlink = os.fstat(f.fd).st_nlink
+        if nlink > inside[f.dev_ino]:
+            raise VerificationError(f.path, "storage", f"has {nlink} hard links, {nlink - inside[f.dev_ino]} of them outside the model directory")
+
+
+def resolve_symlinks(tree: Tree, allow: bool) -> None:
+    """Turns each allowed in-directory symlink into a file entry sharing the
+    target's content (a dup of its fd), as model_signing hashes them."""
+    for name, target in sorted(tree.symlinks.items()):
+        path = os.path.join(tree.root, name)
+        if not allow:
+            raise VerificationError(path, "storage", "a symlink, and the signature's serialization does not allow symlinks")
+        if target not in tree.files:
+            raise VerificationError(path, "storage", f"a symlink to {target!r}, which is not a regular model file")
+        t = tree.files[target]
+        tree.files[name] = OpenFile(name, path, os.dup(t.fd), t.size, t.dev_ino)
+    tree.symlinks.clear()

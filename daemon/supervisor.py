@@ -329,6 +329,8 @@ class Supervisor:
                     and worker.proc.poll() is not None:
                 raise ModelUnavailable(f"model '{name}': worker {describe_exit(worker.proc.returncode)}") from None
             raise
+        except ValueError:  # grpc: the channel was closed under us while the worker is replaced
+            raise ModelUnavailable(f"model '{name}': worker {model.reason or 'stopped'}") from None
 
     def shutdown(self) -> None:
         self.stopped.set()

@@ -11,7 +11,7 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import PYTHON
+from conftest import PYTHON, make_ec_key
 from sealbox.daemon.demo_model import demo_function, demo_weights
 
 
@@ -148,12 +148,14 @@ def test_sigterm_leaves_no_process_behind(served):
 
 def test_malformed_config_names_file_and_key(tmp_path):
     config = tmp_path / "bad.toml"
+    _, public = make_ec_key(tmp_path)
+    policy = f'[policy]\nsources = ["{tmp_path}"]\npublic_keys = ["{public}"]\n'
     config.write_text('[workers]\nmemory_mb = "lots"\n')
     result = subprocess.run([PYTHON, "-m", "sealbox.daemon.main", "--config", str(config)],
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == f"sealboxd: config refused: {config}: [workers]: key 'memory_mb' must be int or float, not str"
-    config.write_text('[models.m]\npath = "x"\nformat = "onnx"\n')
+    config.write_text(policy + '[models.m]\npath = "x"\nformat = "onnx"\n')
     result = subprocess.run([PYTHON, "-m", "sealbox.daemon.main", "--config", str(config)],
                             capture_output=True, text=True)
     assert result.returncode == 2

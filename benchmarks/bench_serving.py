@@ -1,0 +1,120 @@
+"""Serving: ModelInfer latency and large-tensor throughput through sealbox (client ->
+supervisor -> sandboxed worker) against the same MLX function in-process, and
+spawn-to-ready of a sandboxed worker against an unsandboxed one."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import DemoDaemon, ms, stats  # noqa: E402
+
+CALLS = int(os.environ.get("BENCH_CALLS", "500"))
+
+
+def in_process_fn(model_dir: str):
+    import mlx.core as mx
+    weights = mx.load(os.path.join(model_dir, "weights.safetensors"))
+    fn = mx.import_function(os.path.join(model_dir, "model.mlxfn"))
+
+    def call(x: np.ndarray) -> np.ndarray:
+        out = fn(mx.array(x), **weights)[0]
+        mx.eval(out)
+        return np.array(out, copy=False)
+    return call
+
+
+def time_calls(fn, n: int) -> list[float]:
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t)
+    return samples
+
+
+def latency_and_throughput(daemon: DemoDaemon) -> None:
+    from sealbox.client import Client
+    local = in_process_fn(os.path.join(daemon.dir, "model"))
+    small = np.ones((1, 4), np.float32)
+    big = np.random.default_rng(0).standard_normal((4 * 2**20, 4)).astype(np.float32)  # 64 MiB in
+    with Client(daemon.target) as client:
+        for _ in range(50):
+            client.infer("demo", {"x": small})
+            local(small)
+        remote = stats(time_calls(lambda: client.infer("demo", {"x": small}), CALLS))
+        base = stats(time_calls(lambda: local(small), CALLS))
+        print(f"small call (batch 1)   sealbox median {ms(remote['median'])} p99 {ms(remote['p99'])}   "
+              f"in-process median {ms(base['median'])} p99 {ms(base['p99'])}   "
+              f"ratio {remote['median'] / base['median']:.1f}x  (+{ms(remote['median'] - base['median'])})")
+        client.infer("demo", {"x": big})
+        remote = stats(time_calls(lambda: client.infer("demo", {"x": big}), 7))
+        base = stats(time_calls(lambda: local(big), 7))
+        gb = big.nbytes / 1e9
+        print(f"64 MiB input           sealbox median {ms(remote['median'])} = {gb / remote['median']:.2f} GB/s   "
+              f"in-process {ms(base['median'])} = {gb / base['median']:.2f} GB/s   "
+              f"ratio {remote['median'] / base['median']:.2f}x")
+
+
+def spawn_to_ready(daemon: DemoDaemon, rounds: int = 15) -> None:
+    """Launch the demo worker directly: sandboxed (bwrap + configured layers) and bare, same fds."""
+    import grpc
+    from sealbox.daemon.config import load_config
+    from sealbox.daemon.verify import verify_model
+    from sealbox.sandbox import launcher
+    from sealbox.daemon.supervisor import Supervisor
+    from sealbox.daemon.audit import AuditLog
+
+    config = load_config(daemon.config)
+    supervisor = Supervisor(config, AuditLog())
+    model = config.models["demo"]
+    profile = supervisor.profile_for(model)
+    verified = verify_model("demo", model.path, model.policy, None, None)
+    run_dir = "/run/sealbox/bench"
+
+    def wait(proc, sock):
+        channel = grpc.insecure_channel(f"unix:{sock}")
+        describe = channel.unary_unary("/sealbox.worker.Worker/Describe", request_serializer=lambda x: x,
+                                       response_deserializer=lambda x: x)
+        describe(b"", wait_for_ready=True, timeout=60)
+        channel.close()
+        proc.kill()
+        proc.wait()
+
+    def sandboxed():
+        sock_dir = launcher.make_socket_dir(run_dir, "w", profile)
+        t = time.perf_counter()
+        proc = supervisor.spawner.call(lambda: launcher.launch(profile, sock_dir, verified.files,
+                                                               stderr=subprocess.DEVNULL))
+        wait(proc, os.path.join(sock_dir, "worker.sock"))
+        return time.perf_counter() - t
+
+    def bare():
+        sock_dir = launcher.make_socket_dir(run_dir, "b", profile)
+        spec = launcher.worker_spec(profile, verified.files).replace('"/run/sealbox/worker.sock"',
+                                                                     f'"{sock_dir}/worker.sock"')
+        spec = spec.replace('"landlock": true', '"landlock": false').replace('"seccomp_stage2": true',
+                                                                              '"seccomp_stage2": false')
+        t = time.perf_counter()
+        proc = subprocess.Popen([profile.python, "-m", "sealbox.worker.main", spec],
+                                pass_fds=tuple(verified.files.values()), stderr=subprocess.DEVNULL)
+        wait(proc, os.path.join(sock_dir, "worker.sock"))
+        return time.perf_counter() - t
+
+    sandboxed(), bare()  # warm the page cache
+    s = stats([sandboxed() for _ in range(rounds)])
+    b = stats([bare() for _ in range(rounds)])
+    layers = ", ".join(k for k in ("seccomp", "landlock", "cgroups") if getattr(profile, k)) or "none"
+    print(f"spawn-to-ready         sandboxed (bwrap + {layers}) median {ms(s['median'])}   "
+          f"unsandboxed median {ms(b['median'])}   ratio {s['median'] / b['median']:.2f}x")
+    verified.close()
+
+
+if __name__ == "__main__":
+    with DemoDaemon(os.environ.get("BENCH_WORKERS", "")) as daemon:
+        latency_and_throughput(daemon)
+        spawn_to_ready(daemon)

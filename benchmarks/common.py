@@ -1,0 +1,52 @@
+"""Shared helpers for the benchmarks: timing statistics and a signed demo daemon."""
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def stats(samples: list[float]) -> dict:
+    ordered = sorted(samples)
+    return {"median": statistics.median(ordered), "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]}
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:8.3f} ms"
+
+
+class DemoDaemon:
+    """sealboxd serving the signed demo model from a temporary directory."""
+
+    def __init__(self, extra_workers: str = ""):
+        from sealbox.client.demo import prepare
+        self.dir = tempfile.mkdtemp(prefix="sealbox-bench-")
+        os.chmod(self.dir, 0o755)
+        self.config = prepare(self.dir)
+        if extra_workers:
+            text = open(self.config).read().replace("[workers]\n", "[workers]\n" + extra_workers + "\n")
+            open(self.config, "w").write(text)
+        self.target = f"unix:{self.dir}/sealbox.sock"
+
+    def __enter__(self):
+        from sealbox.client import Client
+        self.proc = subprocess.Popen([sys.executable, "-m", "sealbox.daemon.main", "--config", self.config],
+                                     stderr=subprocess.DEVNULL)
+        with Client(self.target) as client:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    if client.ready() and client.model_ready("demo"):
+                        return self
+                except Exception:
+                    pass
+                time.sleep(0.1)
+        raise RuntimeError("sealboxd did not become ready")
+
+    def __exit__(self, *exc):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)

@@ -56,8 +56,12 @@ def strict_json(data: bytes, where: str, check: str):
             obj[k] = v
         return obj
     try:
-        return json.loads(data, object_pairs_hook=pairs)
-    except (ValueError, UnicodeDecodeError) as e:
+        text = data.decode("utf-8")  # json.loads(bytes) would guess UTF-16/32 too
+    except UnicodeDecodeError:
+        raise VerificationError(where, check, "not valid JSON (not UTF-8 text)") from None
+    try:
+        return json.loads(text, object_pairs_hook=pairs)
+    except ValueError as e:
         raise VerificationError(where, check, f"not valid JSON ({e})") from None
 
 

@@ -35,6 +35,10 @@ class TensorSpec:
     datatype: str              # an Open Inference Protocol datatype, e.g. "FP32"
     shape: tuple[int, ...]     # -1 for a variable dimension
 
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return DATATYPE_TO_NUMPY[self.datatype]
+
     def check(self, array: np.ndarray) -> None:
         """Raise InputError unless array fits this spec."""
         expected = DATATYPE_TO_NUMPY[self.datatype]

@@ -2,7 +2,7 @@
 
 A model directory holds `model.json` and either
   - `function` (an .mlxfn made with mx.export_function) plus optional
-    `weights` (.safetensors) whose tensors are passed as keyword arguments, or
+    `weights` (.safetensors or .gguf) whose tensors are passed as keyword arguments, or
   - `architecture` ({"type": "mlp", "activation": "relu"}) plus `weights`.
 `inputs`/`outputs` list {name, datatype, shape} with -1 for variable sizes;
 the function takes the inputs positionally, in that order, and returns the
@@ -37,10 +37,10 @@ def _read_metadata(files: Mapping[str, str]) -> dict:
     return meta
 
 
-def _file(files: Mapping[str, str], meta: dict, key: str, suffix: str) -> str:
+def _file(files: Mapping[str, str], meta: dict, key: str, suffixes: tuple[str, ...]) -> str:
     name = meta.get(key)
-    if not isinstance(name, str) or not name.endswith(suffix):
-        raise ModelError(f"{METADATA}: '{key}' must name a {suffix} file of the model")
+    if not isinstance(name, str) or not name.endswith(suffixes):
+        raise ModelError(f"{METADATA}: '{key}' must name a {' or '.join(suffixes)} file of the model")
     if name not in files:
         raise ModelError(f"{METADATA}: '{key}' names {name!r}, which is not among the model's files")
     return files[name]
@@ -91,15 +91,17 @@ class MlxEngine(Engine):
             raise ModelError(f"{METADATA}: 'inputs' and 'outputs' must each list at least one tensor")
         weights = {}
         if "weights" in meta:
-            path = _file(files, meta, "weights", ".safetensors")
+            path = _file(files, meta, "weights", (".safetensors", ".gguf"))
+            fmt = meta["weights"].rsplit(".", 1)[1]
             try:
                 # The path is a sealed memfd: MLX's lazy reads see exactly the verified bytes.
-                weights = mx.load(path, format="safetensors")
+                # GGUF parsing is known to crash on crafted files: it happens only here, sandboxed.
+                weights = mx.load(path, format=fmt)
                 mx.eval(list(weights.values()))
             except (ValueError, RuntimeError) as exc:
-                raise ModelError(f"{meta['weights']}: not loadable as safetensors ({exc})") from None
+                raise ModelError(f"{meta['weights']}: not loadable as {fmt} ({exc})") from None
         if "function" in meta:
-            path = _file(files, meta, "function", ".mlxfn")
+            path = _file(files, meta, "function", (".mlxfn",))
             try:
                 imported = mx.import_function(path)
             except (ValueError, RuntimeError) as exc:
@@ -114,7 +116,24 @@ class MlxEngine(Engine):
             fn = _mlp(weights, arch.get("activation", "relu"))
         else:
             raise ModelError(f"{METADATA}: needs 'function' (an .mlxfn) or 'architecture'")
-        return cls(fn, weights, inputs, outputs)
+        engine = cls(fn, weights, inputs, outputs)
+        engine.warm_up()
+        return engine
+
+    def warm_up(self) -> None:
+        """One call on zeros (variable dimensions = 1) while loading: a function that crashes,
+        hangs or returns the wrong outputs fails the load, not the first client's request."""
+        zeros = {t.name: np.zeros([1 if d == -1 else d for d in t.shape], dtype=t.numpy_dtype)
+                 for t in self.inputs}
+        try:
+            results = self.infer(zeros)
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(f"warm-up call failed: {exc}") from None
+        for spec in self.outputs:  # ModelMetadata must tell the truth
+            got = results[spec.name]
+            if got.dtype != spec.numpy_dtype or got.ndim != len(spec.shape):
+                raise ModelError(f"{METADATA}: output '{spec.name}' is declared {spec.datatype} {list(spec.shape)} "
+                                 f"but the model returns {got.dtype} with {got.ndim} dimensions")
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import mlx.core as mx

@@ -640,7 +640,13 @@ class _Scan:
             raise self.refuse_value(node, place, expected)
         if set(node) != TAG_KEYS["struct"]:
             raise _Refuse(place, f"struct document with keys {sorted(node)}, expected {sorted(TAG_KEYS['struct'])}")
-        typ = self.jtype(node["type"], place)
+        try:
+            typ = self.jtype(node["type"], place)
+        except _Refuse as err:     # name the worst thing inside (a pointer field, a closure) if any
+            found = self.danger(node["data"], f"{place}.data")
+            if found is None:
+                raise
+            raise _Refuse(found.place, found.message) from err
         data = node["data"]
         if not isinstance(data, list):
             found = self.danger(node, place)

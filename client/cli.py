@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable verdict")
     p.set_defaults(func=cmd_scan)
 
+    from sealbox.daemon import publisher_cli  # hash, sign, verify: the daemon's own verifier and policy
+    publisher_cli.add_commands(sub)
+
     sandbox = sub.add_parser("sandbox", help="inspect the worker sandbox").add_subparsers(
         dest="sandbox_command", required=True, metavar="SUBCOMMAND")
     p = sandbox.add_parser("check", help="which sandbox layers this host supports and which workers would get")

@@ -55,7 +55,7 @@ def serve(spec: dict, engine, engine_thread: futures.ThreadPoolExecutor) -> None
                 unknown = sorted(set(wanted) - set(known))
                 if unknown:
                     raise InputError(f"requested outputs {unknown} do not exist (outputs: {known})")
-                results = engine_thread.submit(engine.infer, inputs).result()
+                results = engine.infer(inputs)  # already on the engine's thread (the server's only one)
             except (InputError, tensors.TensorError) as exc:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             response = pb.ModelInferResponse(model_name=request.model_name,
@@ -66,7 +66,8 @@ def serve(spec: dict, engine, engine_thread: futures.ThreadPoolExecutor) -> None
 
     limit = spec.get("max_message_bytes", 256 * 2**20)
     options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=options)
+    # The server runs every call on the engine's own thread: no hand-off per request.
+    server = grpc.server(engine_thread, options=options)
     worker_pb2_grpc.add_WorkerServicer_to_server(Worker(), server)
     server.add_insecure_port("unix:" + spec["socket"])
     server.start()

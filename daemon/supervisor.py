@@ -230,13 +230,15 @@ class Supervisor:
 
         model = self.get(name)
         with model.lock:
-            self._stop_worker(model, State.LOADING, "loading")
             cfg = model.config
             try:
                 verified = verify_model(name, cfg.path, cfg.policy, self.config.server.state_dir, self.audit)
             except VerificationError as exc:
-                model.state, model.reason = State.UNAVAILABLE, f"verification refused: {exc}"
-                raise LoadRefused(model.reason) from None
+                reason = f"verification refused: {exc}"
+                if model.state != State.READY:  # a refused reload leaves a serving model serving
+                    model.state, model.reason = State.UNAVAILABLE, reason
+                raise LoadRefused(reason) from None
+            self._stop_worker(model, State.LOADING, "loading")
             model.verified, model.version, model.failures = verified, verified.version or "", 0
             self._start_worker(model)
 

@@ -1,0 +1,132 @@
+"""Model verification throughput: sealbox verify vs single-threaded hashlib vs model_signing.
+
+    /opt/sealbox/venv/bin/python benchmarks/bench_verify.py [--mib 1024] [--files 4] [--repeat 5]
+
+(or SEALBOX_BENCH_MIB=256). Creates a model of FILES random files totalling
+MIB MiB in a temporary directory, signs it with a key, warms the page cache,
+then times each way of checking it and prints medians, GB/s and ratios
+against single-threaded hashlib.sha256 measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from sealbox.daemon import publisher_cli
+from sealbox.daemon.hashing import hash_into_memfds
+from sealbox.daemon.policy import TrustPolicy
+from sealbox.daemon.storage import open_tree
+from sealbox.daemon.verify import verify_model
+
+MODEL_SIGNING = str(Path(sys.executable).parent / "model_signing")
+
+
+def timed(fn, repeat: int) -> float:
+    samples = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t)
+    return statistics.median(samples)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mib", type=int, default=int(os.environ.get("SEALBOX_BENCH_MIB", "1024")))
+    ap.add_argument("--files", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="sealbox-bench-verify-"))
+    try:
+        model = tmp / "model"
+        model.mkdir(mode=0o755)
+        per_file = (args.mib << 20) // args.files
+        for i in range(args.files):
+            with open(model / f"model-{i:05d}.safetensors", "wb") as f:
+                for _ in range(0, per_file, 16 << 20):
+                    f.write(os.urandom(min(16 << 20, per_file)))
+                f.truncate(per_file)
+            os.chmod(model / f"model-{i:05d}.safetensors", 0o644)
+        key = ec.generate_private_key(ec.SECP256R1())
+        (tmp / "k.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption()))
+        (tmp / "k.pub").write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+        assert publisher_cli.main(["sign", "key", str(model), "--private-key", str(tmp / "k.pem")]) == 0
+        policy = TrustPolicy.from_toml({"sources": [str(tmp)], "public_keys": [str(tmp / "k.pub")]}, "bench")
+        files = sorted(p for p in model.iterdir() if p.suffix == ".safetensors")
+        total = sum(p.stat().st_size for p in files)
+        for p in files:  # warm the page cache
+            p.read_bytes()
+
+        def baseline():
+            for p in files:
+                with open(p, "rb") as f:
+                    hashlib.file_digest(f, "sha256")
+
+        def sealbox_verify():
+            verify_model("bench", str(model), policy, None, None).close()
+
+        def sealbox_hash_only(algorithm):
+            def run():
+                tree = open_tree(str(model), {"model.sig"})
+                try:
+                    hash_into_memfds(list(tree.files.values()), algorithm, keep=False)
+                finally:
+                    tree.close()
+            return run
+
+        def sealbox_seal(algorithm):
+            def run():
+                tree = open_tree(str(model), {"model.sig"})
+                try:
+                    for h in hash_into_memfds(list(tree.files.values()), algorithm).values():
+                        os.close(h.memfd)
+                finally:
+                    tree.close()
+            return run
+
+        def upstream_cli():
+            subprocess.run([MODEL_SIGNING, "verify", "key", str(model), "--signature", str(model / "model.sig"),
+                            "--public_key", str(tmp / "k.pub")], check=True, capture_output=True)
+
+        def upstream_startup():
+            subprocess.run([MODEL_SIGNING, "--version"], check=True, capture_output=True)
+
+        rows = [
+            ("hashlib.sha256, 1 thread (baseline)", baseline),
+            ("sealbox verify_model (sha256 + sealed memfds)", sealbox_verify),
+            ("sealbox hash+seal, sha256", sealbox_seal("sha256")),
+            ("sealbox hash only, sha256 (publisher)", sealbox_hash_only("sha256")),
+            ("sealbox hash+seal, blake3", sealbox_seal("blake3")),
+            ("model_signing verify key (CLI)", upstream_cli),
+            ("model_signing --version (start-up only)", upstream_startup),
+        ]
+        print(f"model: {args.files} files, {total / 2**20:.0f} MiB, page cache warm, {os.cpu_count()} CPUs, "
+              f"median of {args.repeat}")
+        base = None
+        for label, fn in rows:
+            fn()  # warm-up
+            t = timed(fn, args.repeat)
+            base = base or t
+            rate = "" if "start-up" in label else f"{total / t / 1e9:6.2f} GB/s"
+            print(f"  {label:48s} {t * 1e3:9.1f} ms  {rate:>11s}  x{base / t:5.2f} vs baseline")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -96,8 +96,10 @@ def _identity(x):
 class Worker:
     """One running sandboxed worker process and the channel to it."""
 
-    def __init__(self, name: str, profile: SandboxProfile, socket_dir: str, proc, max_message_bytes: int):
-        self.name, self.profile, self.socket_dir, self.proc = name, profile, socket_dir, proc
+    def __init__(self, name: str, profile: SandboxProfile, socket_dir: str, sandboxed: launcher.SandboxedWorker,
+                 max_message_bytes: int):
+        self.name, self.profile, self.socket_dir = name, profile, socket_dir
+        self.sandboxed, self.proc = sandboxed, sandboxed.proc
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
         self.stopping = False
         opts = [("grpc.max_receive_message_length", max_message_bytes),
@@ -134,20 +136,25 @@ class Worker:
     def death_reason(self, when: str) -> str:
         rc = self.proc.wait()
         self._stderr_reader.join(timeout=1.0)  # the worker's last words, before they are quoted
-        reason = f"worker {describe_exit(rc)} {when}"
+        limit = f"memory limit {self.profile.memory_bytes // 2**20} MiB"
+        if self.sandboxed.oom_killed():
+            reason = f"worker killed by the OOM killer {when} ({limit})"
+        else:
+            reason = f"worker {describe_exit(rc)} {when}"
+            if rc - 128 in (signal.SIGKILL, signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT):
+                reason += f" ({limit})"  # MLX segfaults rather than failing cleanly when memory runs out
+        if self.sandboxed.pids_limit_hit():
+            reason += f" (process limit {self.profile.pids_max} reached)"
         last = [line for line in self.stderr_tail if line.startswith("sealbox worker:")]
         if last:
             reason += ": " + last[-1].removeprefix("sealbox worker: ")
-        if self.profile.memory_bytes and rc - 128 in (signal.SIGKILL, signal.SIGSEGV):
-            reason += f" (memory limit {self.profile.memory_bytes // 2**20} MiB)"
         return reason
 
     def kill(self):
         self.stopping = True
-        if self.proc.poll() is None:
-            self.proc.kill()  # --die-with-parent takes the sandbox down with bwrap
-        self.proc.wait()
+        self.sandboxed.kill()
         self.channel.close()
+        self.sandboxed.cleanup()
         shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 
@@ -249,12 +256,12 @@ class Supervisor:
         generation = model.generation
         try:
             socket_dir = launcher.make_socket_dir(self.config.server.run_dir, f"{name}-{generation}", profile)
-            proc = self.spawner.call(lambda: launcher.launch(profile, socket_dir, model.verified.files))
+            sandboxed = self.spawner.call(lambda: launcher.launch(profile, socket_dir, model.verified.files))
         except (launcher.SandboxUnavailable, OSError) as exc:
             model.state, model.reason = State.UNAVAILABLE, f"sandbox unavailable: {exc}"
             self.audit.event("worker_start", model=name, verdict="refused", reason=model.reason)
             raise ModelUnavailable(model.reason) from None
-        worker = Worker(name, profile, socket_dir, proc, self.config.server.max_message_bytes)
+        worker = Worker(name, profile, socket_dir, sandboxed, self.config.server.max_message_bytes)
         model.worker, model.state, model.reason = worker, State.LOADING, "loading"
         try:
             model.metadata = worker.wait_ready(profile.load_timeout_s)
@@ -265,7 +272,7 @@ class Supervisor:
             raise
         model.state, model.reason = State.READY, ""
         self.audit.event("model_load", model=name, verdict="ready", version=model.version,
-                         engine=model.config.format, worker_pid=proc.pid)
+                         engine=model.config.format, worker_pid=sandboxed.proc.pid)
         threading.Thread(target=self._watch, args=(model, worker, generation), daemon=True,
                          name=f"watch-{name}").start()
 
@@ -325,7 +332,7 @@ class Supervisor:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 reason = f"inference timed out after {worker.profile.infer_timeout_s:g} s; worker killed"
                 self.audit.event("infer_timeout", model=name, reason=reason)
-                worker.proc.kill()  # the watcher reports it and restarts with backoff
+                worker.sandboxed.kill()  # the watcher reports it and restarts with backoff
                 raise ModelUnavailable(f"model '{name}': {reason}") from None
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL) \
                     and worker.proc.poll() is not None:

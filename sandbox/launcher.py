@@ -6,6 +6,7 @@ exec'ing bwrap, because bwrap started as root keeps host uid 0 inside.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pwd
@@ -64,16 +65,18 @@ def bwrap_args(profile: SandboxProfile, socket_dir: str, seccomp_fd: int | None 
     return args
 
 
-def worker_spec(profile: SandboxProfile, files: Mapping[str, int], run: dict | None = None) -> str:
+def worker_spec(profile: SandboxProfile, files: Mapping[str, int], run: dict | None = None,
+                seccomp_stage2_fd: int | None = None) -> str:
     """The worker's single argument: what to load and how to confine itself (JSON)."""
     spec = {
         "engine": profile.engine,
         "socket": f"{SOCKET_DIR_IN_SANDBOX}/{SOCKET_NAME}",
         "files": dict(files),
         "landlock": profile.landlock,
-        "read_only": [*profile.runtime_paths, *profile.extra_ro_paths],
-        "read_write": [SOCKET_DIR_IN_SANDBOX, "/tmp"],
-        "seccomp_stage2": profile.seccomp,
+        # Landlock: the runtime and random sources read-only; only the socket dir and tmpfs writable.
+        "read_only": [*profile.runtime_paths, *profile.extra_ro_paths, "/dev/urandom", "/dev/zero"],
+        "read_write": [SOCKET_DIR_IN_SANDBOX, "/tmp", "/dev/null"],
+        "seccomp_stage2_fd": seccomp_stage2_fd,
     }
     if run is not None:
         spec["run"] = run
@@ -92,31 +95,88 @@ def make_socket_dir(parent: str, name: str, profile: SandboxProfile) -> str:
     return path
 
 
+@dataclasses.dataclass
+class SandboxedWorker:
+    """A launched worker: the bwrap process (the sandbox's parent) and the worker's cgroup."""
+    proc: subprocess.Popen
+    cgroup: object = None     # sealbox.sandbox.cgroups.WorkerCgroup when the profile asks for cgroups
+
+    def kill(self) -> None:
+        """Kill the whole worker tree (one cgroup.kill write where the host has it) and reap bwrap."""
+        if self.cgroup is not None:
+            self.cgroup.kill()
+        if self.proc.poll() is None:
+            self.proc.kill()  # --die-with-parent takes the sandbox down with bwrap
+        self.proc.wait()
+
+    def oom_killed(self) -> bool:
+        return self.cgroup is not None and self.cgroup.oom_killed()
+
+    def pids_limit_hit(self) -> bool:
+        return self.cgroup is not None and bool(self.cgroup.pids_limit_hit())
+
+    def cleanup(self) -> None:
+        """After the worker is dead: remove its cgroup."""
+        if self.cgroup is not None:
+            self.cgroup.remove()
+            self.cgroup = None
+
+
 def launch(profile: SandboxProfile, socket_dir: str, files: Mapping[str, int],
            run: dict | None = None, extra_ro_files: Mapping[str, str] | None = None,
-           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_extra=None) -> subprocess.Popen:
-    """Start one sandboxed worker. Returns the bwrap process (the worker's parent inside).
+           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) -> SandboxedWorker:
+    """Start one sandboxed worker with every layer the profile asks for; fail closed if one is unavailable.
 
     `run` replaces the model loader with {"kind": "script"|"module", "target", "args"}
     (operator tools); everything else about the sandbox stays the same.
     """
     uid, gid = worker_identity(profile)
-    command = [bwrap_path(), *bwrap_args(profile, socket_dir, extra_ro_files=extra_ro_files), "--",
-               profile.python, "-m", "sealbox.worker.main", worker_spec(profile, files, run)]
-    import resource
+    owned_fds: list[int] = []
+    cgroup = None
+    try:
+        stage1 = stage2 = None
+        if profile.seccomp:
+            from sealbox.sandbox import seccomp
+            try:
+                stage1 = seccomp.bpf_memfd(seccomp.stage1_bpf(profile.engine))
+                owned_fds.append(stage1)
+                stage2 = seccomp.bpf_memfd(seccomp.stage2_bpf(profile.engine))
+                owned_fds.append(stage2)
+            except seccomp.SeccompError as exc:
+                raise SandboxUnavailable(str(exc)) from None
+        if profile.cgroups:
+            from sealbox.sandbox import cgroups
+            try:
+                cgroup = cgroups.WorkerCgroup.create(os.path.basename(socket_dir), profile.memory_bytes,
+                                                     profile.pids_max)
+            except cgroups.CgroupError as exc:
+                raise SandboxUnavailable(str(exc)) from None
+        command = [bwrap_path(), *bwrap_args(profile, socket_dir, stage1, extra_ro_files), "--",
+                   profile.python, "-m", "sealbox.worker.main", worker_spec(profile, files, run, stage2)]
+        from sealbox.sandbox.limits import apply_rlimits
 
-    def preexec():
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (profile.nofile, profile.nofile))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (profile.fsize_bytes, profile.fsize_bytes))
-        if preexec_extra is not None:
-            preexec_extra()
+        def preexec():
+            # As root: join the worker's cgroup (before any fork inside), then drop to the worker uid.
+            if cgroup is not None:
+                cgroup.attach_self()
+            apply_rlimits(nofile=profile.nofile, fsize=profile.fsize_bytes, core=0)
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
 
-    return subprocess.Popen(
-        command, user=uid, group=gid, extra_groups=[], pass_fds=tuple(files.values()),
-        stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-        env={"PATH": "/usr/bin:/bin"},  # bwrap's own environment is visible in /proc/1/environ
-        cwd="/", preexec_fn=preexec, close_fds=True)
+        proc = subprocess.Popen(
+            command, pass_fds=(*files.values(), *owned_fds),
+            stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+            env={"PATH": "/usr/bin:/bin"},  # bwrap's own environment is visible in /proc/1/environ
+            cwd="/", preexec_fn=preexec, close_fds=True)
+    except BaseException:
+        if cgroup is not None:
+            cgroup.remove()
+        raise
+    finally:
+        for fd in owned_fds:
+            os.close(fd)
+    return SandboxedWorker(proc, cgroup)
 
 
 def run_tool(profile: SandboxProfile, run: dict, files: Mapping[str, int] | None = None,
@@ -129,8 +189,12 @@ def run_tool(profile: SandboxProfile, run: dict, files: Mapping[str, int] | None
     os.chmod(parent, 0o711)
     try:
         socket_dir = make_socket_dir(parent, "sock", profile)
-        proc = launch(profile, socket_dir, files or {}, run=run, extra_ro_files=extra_ro_files,
-                      stdout=None, stderr=None)
-        return proc.wait()
+        worker = launch(profile, socket_dir, files or {}, run=run, extra_ro_files=extra_ro_files,
+                        stdout=None, stderr=None)
+        try:
+            return worker.proc.wait()
+        finally:
+            worker.kill()
+            worker.cleanup()
     finally:
         shutil.rmtree(parent, ignore_errors=True)

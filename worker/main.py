@@ -25,9 +25,9 @@ def confine(spec: dict) -> None:
     if spec.get("landlock"):
         from sealbox.sandbox import landlock
         landlock.restrict_self(read_only=spec["read_only"], read_write=spec["read_write"])
-    if spec.get("seccomp_stage2"):
+    if spec.get("seccomp_stage2_fd") is not None:  # built by the supervisor: no libseccomp needed here
         from sealbox.sandbox import seccomp
-        seccomp.load_stage2(seccomp.stage2_bpf(spec["engine"]))
+        seccomp.load_stage2_from_fd(spec["seccomp_stage2_fd"])
 
 
 def serve(spec: dict, engine, engine_thread: futures.ThreadPoolExecutor) -> None:
@@ -96,18 +96,18 @@ def main(argv: list[str]) -> int:
         return EXIT_BAD_SPEC
     spec = json.loads(argv[0])
     files = {name: f"/proc/self/fd/{int(fd)}" for name, fd in spec["files"].items()}
-    # Import what serving needs before confinement, so Landlock/seccomp see a settled process.
-    from sealbox.worker.engine import ModelError, engine_class
-    run = spec.get("run")  # operator tools: a script or module in place of the model loader
-    engine_cls = engine_class(spec["engine"]) if run is None else None
-    import grpc  # noqa: F401
+    # Confine first, while the process has one thread (Landlock confines only the calling
+    # thread; numpy and grpc start threads on import). Fail closed: nothing is read unconfined.
     try:
         confine(spec)
-    except Exception as exc:  # fail closed: no model is read unconfined
+    except Exception as exc:
         print(f"sealbox worker: confinement failed: {exc}", file=sys.stderr)
         return EXIT_CONFINEMENT
+    from sealbox.worker.engine import ModelError, engine_class
+    run = spec.get("run")  # operator tools: a script or module in place of the model loader
     if run is not None:
         return run_instead_of_loader(run["kind"], run["target"], run["args"])
+    engine_cls = engine_class(spec["engine"])
     # One thread owns the engine: MLX streams are per thread, and engines need not be thread-safe.
     engine_thread = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
     try:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 # A signature bundle or pin manifest is small; bigger is an attack or a mistake.
 MAX_METADATA_BYTES = 16 << 20
+MAX_DEPTH = 64  # deeper nesting is no model layout; it would only exhaust the stack
 
 _O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 _O_DIR = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_DIRECTORY
@@ -169,6 +170,8 @@ def _add_file(tree: Tree, name: str, path: str, fd: int, lst: os.stat_result, st
 
 
 def _walk(tree: Tree, dir_fd: int, rel_dir: str, exclude: set[str], strict: bool) -> None:
+    if rel_dir.count("/") >= MAX_DEPTH:
+        raise VerificationError(os.path.join(tree.root, rel_dir), "storage", f"nested more than {MAX_DEPTH} directories deep")
     with os.scandir(dir_fd) as it:
         names = sorted(e.name for e in it)
     for entry in names:

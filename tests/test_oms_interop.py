@@ -169,3 +169,13 @@ def test_upstream_vectors(vector_dir, name, vector):
             assert sorted(vm.files) == want
             for n, fd in vm.files.items():
                 assert os.pread(fd, 100, 0) == ((model / n) if model.is_dir() else model).read_bytes()
+
+
+def test_upstream_allow_symlinks_inside_the_directory(tmp_path, material):
+    model = make_model(tmp_path / "m", {"weights/real.bin": os.urandom(4000), "config.json": b"{}"})
+    (model / "current.bin").symlink_to("weights/real.bin")
+    upstream("sign", "key", model, "--private_key", material["key"], "--signature", model / "model.sig", "--allow_symlinks")
+    pol = TrustPolicy.from_toml({"sources": [str(tmp_path)], "public_keys": [str(material["pub"])]}, "t")
+    with verify_model("m", str(model), pol, None, None) as vm:
+        # The link is handed over under its signed name, with the target's verified content.
+        assert contents(vm) == on_disk(model, ["config.json", "current.bin", "weights/real.bin"])

@@ -455,3 +455,17 @@ def test_pinned_inline(tmp_path):
     bad = {"a.bin": "sha256:" + hashlib.sha256(b"abd").hexdigest()}
     msg, _ = refused(m, policy(tmp_path, require_signature=False, pinned_files=bad))
     assert msg == f"{m}/a.bin: digest: sha256 digest differs from the one in {WHERE}: pinned_files"
+
+
+def test_absurdly_deep_nesting(tmp_path, keys):
+    model = make_model(tmp_path / "m", {"a.bin": b"a"})
+    deep = model
+    for _ in range(65):
+        deep = deep / "d"
+    deep.mkdir(parents=True)
+    for p in [model, *model.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    (model / "model.sig").write_bytes(b"{}")  # storage is checked before the bundle is parsed
+    (model / "model.sig").chmod(0o644)
+    msg, _ = refused(model, policy(tmp_path, public_keys=[str(keys["good_pub"])]))
+    assert msg == f"{model}/{'/'.join(['d'] * 65)}: storage: nested more than 64 directories deep"

@@ -1,0 +1,244 @@
+"""Seccomp allowlists for workers, in two stages (Linux x86_64).
+
+Stage 1 (`stage1_bpf`) is default-deny: every syscall not listed below kills
+the whole process with SIGSYS. bubblewrap installs it (`bwrap --seccomp FD`)
+just before it execs the worker, so it must also allow that execve and what
+bwrap's own pid 1 does afterwards (wait4, write, exit_group).
+
+Stage 2 (`stage2_bpf`) kills the syscalls only needed at start: execve and
+execveat, and the confinement calls themselves (Landlock, seccomp). The
+worker loads it on itself with `load_stage2` once confined; it needs no
+libseccomp, because building a filter is done by the supervisor (pyseccomp
+finds libseccomp with ctypes.util.find_library, which forks ldconfig: stage 1
+would kill that). Pass the stage-2 bytes to the worker in an inherited fd
+(`bpf_memfd`) and load them with `load_stage2_from_fd`.
+
+Filters are for the native x86_64 ABI only: libseccomp makes them kill any
+syscall made through a foreign architecture (int 0x80 i386 entry) or the x32
+ABI, as the bad-architecture action below.
+
+The allowlist was measured with `strace -f` on a stand-in worker inside
+bubblewrap: import grpc, numpy and mlx.core, grpc.server with a
+ThreadPoolExecutor on a Unix socket, mx.import_function and
+mx.load(format="safetensors") from /proc/self/fd/N, MLX_DISABLE_COMPILE=1
+inference (MLX) or numpy matmuls (flux), concurrent calls with 9 MB
+messages, an INVALID_ARGUMENT abort, SIGTERM and shutdown. The MLX and flux
+workers used the same set; re-measure when an engine changes.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+
+# Allowed without conditions: (syscalls, why the worker needs them).
+_ALLOW = (
+    (("read", "write", "pread64", "lseek", "close", "openat", "newfstatat", "fstat", "stat",
+      "readlink", "access", "getdents64", "fcntl", "getcwd"),
+     "files: Python imports (getcwd for -m and ''), the sealed model memfds (/proc/self/fd/N), stdio"),
+    (("mmap", "munmap", "mprotect", "brk", "madvise"),
+     "memory: malloc, the dynamic loader loading extension modules"),
+    (("mbind",), "numpy's bundled OpenBLAS sets a NUMA policy on its buffers"),
+    (("futex", "set_robust_list", "rseq", "set_tid_address", "gettid", "exit", "exit_group",
+      "sched_getaffinity", "sched_getparam", "sched_getscheduler", "clock_nanosleep"),
+     "threads: glibc pthreads, gRPC's and MLX's thread pools, time.sleep"),
+    (("rt_sigaction", "rt_sigprocmask", "rt_sigreturn"), "signals: Python's SIGTERM handler"),
+    (("arch_prctl", "getrandom", "sysinfo", "uname", "getpid"),
+     "runtime start: TLS setup, hash seed, memory size, platform, getpid (abort(), logging)"),
+    (("bind", "listen", "accept4", "shutdown", "recvmsg", "sendmsg", "getsockname", "getpeername",
+      "getsockopt", "setsockopt", "unlink"),
+     "the gRPC server on its Unix socket (socket() itself is limited to AF_UNIX below)"),
+    (("epoll_create1", "epoll_ctl", "epoll_wait", "eventfd2"), "gRPC's event engine"),
+    (("wait4",), "bubblewrap's pid 1 reaps the worker and exits with its status"),
+    (("execve",), "bubblewrap execs the worker under this filter (stage 2 then forbids it)"),
+    (("landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self"),
+     "the worker confines itself with Landlock (stage 2 then forbids it)"),
+)
+
+# Syscalls that stage 2 kills: exec and the confinement calls, only needed at start.
+_START_ONLY = ("execve", "execveat", "landlock_create_ruleset", "landlock_add_rule",
+               "landlock_restrict_self", "seccomp")
+
+# Engines with a measured allowlist; anything else has no filter and is refused.
+ENGINES = ("mlx", "flux")
+
+# Constants from <linux/sched.h>, <linux/prctl.h>, <linux/seccomp.h>, <asm-generic/ioctls.h>.
+_AF_UNIX = 1
+_CLONE_THREAD = 0x00010000
+_PR_SET_NAME, _PR_SET_NO_NEW_PRIVS, _PR_SET_VMA = 15, 38, 0x53564D41
+_SECCOMP_SET_MODE_FILTER, _SECCOMP_FILTER_FLAG_TSYNC = 1, 1
+_TCGETS, _FIOCLEX = 0x5401, 0x5451
+_SIGABRT = 6
+_NR_SECCOMP_X86_64 = 317
+_BPF_INSN_SIZE = 8          # sizeof(struct sock_filter)
+_BPF_MAXINSNS = 4096
+
+
+class SeccompError(Exception):
+    """seccomp: a filter cannot be built or loaded (the message says why)."""
+
+
+def _check_host() -> None:
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        raise SeccompError(f"seccomp: allowlists exist for Linux x86_64 only, not {platform.system()} "
+                           f"{platform.machine()}")
+
+
+def _check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise SeccompError(f"seccomp: no syscall allowlist for engine {engine!r} "
+                           f"(measured: {', '.join(ENGINES)})")
+
+
+def _new_filter(default_action: int):
+    """A libseccomp filter for the native arch; other arches and x32 kill the process."""
+    import pyseccomp  # imported here: the worker, which only loads filters, must not need libseccomp
+
+    f = pyseccomp.SyscallFilter(default_action)
+    f.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
+    return f
+
+
+def _export(f) -> bytes:
+    fd = os.memfd_create("sealbox-seccomp", os.MFD_CLOEXEC)
+    try:
+        with open(fd, "w+b", closefd=False) as file:
+            f.export_bpf(file)
+        os.lseek(fd, 0, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def stage1_bpf(engine: str) -> bytes:
+    """The worker's allowlist as BPF for `bwrap --seccomp FD`: everything else kills the process."""
+    import pyseccomp as sc
+
+    _check_host()
+    _check_engine(engine)
+    f = _new_filter(sc.KILL_PROCESS)
+    for names, _why in _ALLOW:
+        for name in names:
+            f.add_rule(sc.ALLOW, name)
+    # Sockets: Unix only. gRPC probes AF_INET/AF_INET6 at start, so those fail softly.
+    f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, _AF_UNIX))
+    f.add_rule(sc.ERRNO(errno.EAFNOSUPPORT), "socket", sc.Arg(0, sc.NE, _AF_UNIX))
+    # Threads yes, processes no. clone3 hides its flags in memory where BPF cannot look:
+    # ENOSYS makes glibc fall back to clone, whose flags we check.
+    f.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, _CLONE_THREAD, _CLONE_THREAD))
+    f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+    # ioctl: isatty() on stdio and close-on-exec; nothing reaches a terminal or device.
+    for request in (_TCGETS, _FIOCLEX):
+        f.add_rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.EQ, request))
+    # prctl: thread names (gRPC), naming anonymous memory (glibc), no_new_privs before stage 2.
+    for option in (_PR_SET_NAME, _PR_SET_VMA, _PR_SET_NO_NEW_PRIVS):
+        f.add_rule(sc.ALLOW, "prctl", sc.Arg(0, sc.EQ, option))
+    # Only our own rlimits (glibc's getrlimit is prlimit64(0, ...)).
+    f.add_rule(sc.ALLOW, "prlimit64", sc.Arg(0, sc.EQ, 0))
+    # abort() signals itself with SIGABRT: an MLX crash shows as SIGABRT, not a seccomp kill.
+    f.add_rule(sc.ALLOW, "tgkill", sc.Arg(2, sc.EQ, _SIGABRT))
+    # The worker adds its stage-2 filter (more filters can only restrict further).
+    f.add_rule(sc.ALLOW, "seccomp", sc.Arg(0, sc.EQ, _SECCOMP_SET_MODE_FILTER),
+               sc.Arg(1, sc.EQ, _SECCOMP_FILTER_FLAG_TSYNC))
+    return _export(f)
+
+
+def stage2_bpf(engine: str) -> bytes:
+    """The worker's second filter: kills exec and the start-only calls; stage 1 still applies."""
+    import pyseccomp as sc
+
+    _check_host()
+    _check_engine(engine)
+    f = _new_filter(sc.ALLOW)
+    for name in _START_ONLY:
+        f.add_rule(sc.KILL_PROCESS, name)
+    return _export(f)
+
+
+def bpf_memfd(bpf: bytes) -> int:
+    """A sealed memfd holding bpf at offset 0, inheritable: for `bwrap --seccomp FD` or the worker."""
+    import fcntl
+
+    fd = os.memfd_create("sealbox-seccomp", os.MFD_ALLOW_SEALING)
+    os.write(fd, bpf)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def load_stage2(bpf: bytes) -> None:
+    """Install bpf on every thread of this process (no_new_privs first). No libseccomp needed."""
+    if platform.machine() != "x86_64":
+        raise SeccompError(f"seccomp: loading filters is implemented for x86_64, not {platform.machine()}")
+    if not bpf or len(bpf) % _BPF_INSN_SIZE or len(bpf) // _BPF_INSN_SIZE > _BPF_MAXINSNS:
+        raise SeccompError(f"seccomp: {len(bpf)} bytes is not a BPF program")
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise SeccompError(f"seccomp: prctl(PR_SET_NO_NEW_PRIVS) failed: {os.strerror(err)}")
+    program = ctypes.create_string_buffer(bpf, len(bpf))
+    prog = _SockFprog(len(bpf) // _BPF_INSN_SIZE, ctypes.addressof(program))
+    libc.syscall.restype = ctypes.c_long
+    result = libc.syscall(ctypes.c_long(_NR_SECCOMP_X86_64), ctypes.c_long(_SECCOMP_SET_MODE_FILTER),
+                          ctypes.c_long(_SECCOMP_FILTER_FLAG_TSYNC), ctypes.byref(prog))
+    if result > 0:  # TSYNC: this thread id already runs a different filter
+        raise SeccompError(f"seccomp: thread {result} cannot be synchronised to the filter")
+    if result != 0:
+        err = ctypes.get_errno()
+        raise SeccompError(f"seccomp: seccomp(SECCOMP_SET_MODE_FILTER) failed: {os.strerror(err)}")
+
+
+def load_stage2_from_fd(fd: int) -> None:
+    """Read a filter from an inherited fd (see bpf_memfd), close it, and load it."""
+    chunks = []
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    load_stage2(b"".join(chunks))
+
+
+def libseccomp_version() -> str:
+    """The libseccomp library version pyseccomp uses, e.g. "2.5.4"."""
+    import pyseccomp
+
+    class _Version(ctypes.Structure):
+        _fields_ = [("major", ctypes.c_uint), ("minor", ctypes.c_uint), ("micro", ctypes.c_uint)]
+
+    lib = pyseccomp._libseccomp  # the CDLL pyseccomp loaded: the library that builds our filters
+    lib.seccomp_version.restype = ctypes.POINTER(_Version)
+    v = lib.seccomp_version().contents
+    return f"{v.major}.{v.minor}.{v.micro}"
+
+
+def seccomp_available() -> tuple[bool, str]:
+    """Can this host build and enforce our filters? (ok, what was found or what is missing)."""
+    try:
+        _check_host()
+        with open("/proc/self/status") as f:
+            if not any(line.startswith("Seccomp:") for line in f):
+                return False, "seccomp: the kernel has no seccomp support (no Seccomp: in /proc/self/status)"
+        with open("/proc/sys/kernel/seccomp/actions_avail") as f:
+            actions = f.read().split()
+        if "kill_process" not in actions:
+            return False, f"seccomp: the kernel lacks the kill_process action (has: {' '.join(actions)})"
+        version = libseccomp_version()
+    except SeccompError as exc:
+        return False, str(exc)
+    except OSError as exc:
+        return False, f"seccomp: cannot read the kernel's seccomp state: {exc}"
+    except (ImportError, RuntimeError) as exc:  # pyseccomp raises RuntimeError without libseccomp
+        return False, f"seccomp: libseccomp unusable ({exc}); install libseccomp2 and pyseccomp"
+    return True, f"libseccomp {version}; kernel actions: {' '.join(actions)}"

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from .audit import AuditLog
 from .hashing import hash_into_memfds, ranges
-from .oms import Manifest, is_ignored, parse_bundle, parse_statement, verify_bundle
+from .oms import Manifest, check_name, is_ignored, parse_bundle, parse_statement, verify_bundle
 from .policy import TrustPolicy
 from .rollback import VersionStore, check_version, parse_release
 from .storage import Tree, VerificationError, open_tree, read_checked, resolve_symlinks
@@ -95,7 +95,6 @@ def parse_pin_manifest(data: bytes, where: str) -> dict[str, str]:
 
 
 def _pinned_manifest(policy: TrustPolicy, real: str) -> tuple[Manifest, str]:
-    from .oms import check_name
     if policy.pinned_manifest is not None:
         where = policy.pinned_manifest
         if _inside(os.path.realpath(where), real) is not None:
@@ -193,6 +192,11 @@ def verify_model(name: str, model_dir: str, policy: TrustPolicy, state_dir: str 
         if audit:
             audit.event("model.verify", **record, verdict="refused", reason=f"I/O error: {e}", check="io")
         raise VerificationError(e.filename or model_dir, "io", e.strerror or str(e)) from None
+    except Exception as e:
+        # A bug, not a verdict on the model: still audited, still a refusal.
+        if audit:
+            audit.event("model.verify", **record, verdict="refused", reason=f"internal error: {e!r}", check="internal")
+        raise
     finally:
         if tree is not None:
             tree.close()

@@ -28,6 +28,8 @@
     path = "/srv/models/NAME"
     format = "mlx"                          # mlx | flux | julia
     load = true                             # load at start
+    memory_mb = 512                         # optional per-model overrides of [workers]:
+    pids_max = 32                           #   memory_mb, pids_max, load_timeout_s, infer_timeout_s
     [models.NAME.policy]                    # overrides of the default policy
 """
 from __future__ import annotations
@@ -82,6 +84,11 @@ class ModelConfig:
     format: str
     load: bool = True
     policy: Any = None        # a sealbox.daemon.policy.TrustPolicy
+    # Per-model overrides of [workers]; None = the [workers] value.
+    memory_bytes: int | None = None
+    pids_max: int | None = None
+    load_timeout_s: float | None = None
+    infer_timeout_s: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,8 +201,15 @@ def load_config(path: str) -> Config:
         if fmt not in ENGINES:
             raise ConfigError(f"{where}: key 'format' must be one of {sorted(ENGINES)}, not {fmt!r}")
         policy = _policy(table.get("policy", dict, None), f"{where}.policy", default_policy)
-        models[name] = ModelConfig(name=name, path=os.path.join(base, model_path), format=fmt,
-                                   load=table.get("load", bool, True), policy=policy)
+        memory_mb = table.positive("memory_mb", None)
+        load_timeout = table.positive("load_timeout_s", None)
+        infer_timeout = table.positive("infer_timeout_s", None)
+        models[name] = ModelConfig(
+            name=name, path=os.path.join(base, model_path), format=fmt, load=table.get("load", bool, True),
+            policy=policy, memory_bytes=int(memory_mb * 2**20) if memory_mb else None,
+            pids_max=table.positive("pids_max", None, int),
+            load_timeout_s=float(load_timeout) if load_timeout else None,
+            infer_timeout_s=float(infer_timeout) if infer_timeout else None)
         table.finish()
     top.finish()
     return Config(path=os.path.abspath(path), server=server, workers=workers, models=models,

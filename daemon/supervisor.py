@@ -184,8 +184,10 @@ class Supervisor:
     def profile_for(self, model: ModelConfig) -> SandboxProfile:
         w = self.config.workers
         return SandboxProfile(engine=model.format, worker_user=w.user, python=w.python,
-                              memory_bytes=w.memory_bytes, pids_max=w.pids_max,
-                              load_timeout_s=w.load_timeout_s, infer_timeout_s=w.infer_timeout_s,
+                              memory_bytes=model.memory_bytes or w.memory_bytes,
+                              pids_max=model.pids_max or w.pids_max,
+                              load_timeout_s=model.load_timeout_s or w.load_timeout_s,
+                              infer_timeout_s=model.infer_timeout_s or w.infer_timeout_s,
                               seccomp=w.seccomp, landlock=w.landlock, cgroups=w.cgroups)
 
     def preflight(self) -> list[str]:

@@ -98,6 +98,8 @@ class Daemon:
             lines += [f"[models.{name}]", f'path = "{model["path"]}"', f'format = "{model.get("format", "mlx")}"']
             if model.get("load") is False:
                 lines.append("load = false")
+            if model.get("options"):
+                lines.append(model["options"])
             if model.get("policy"):
                 lines += [f"[models.{name}.policy]", model["policy"]]
         lines.append(extra)

@@ -46,6 +46,17 @@ def _file(files: Mapping[str, str], meta: dict, key: str, suffixes: tuple[str, .
     return files[name]
 
 
+def _private_copy(path: str) -> str:
+    """MLX's GGUF reader opens its file O_RDWR and maps it shared and writable, which a sealed memfd
+    refuses. Give it a copy of the verified bytes that only this worker can see."""
+    import os
+    import shutil
+    fd = os.memfd_create("gguf-copy")
+    with open(path, "rb") as src, open(fd, "wb", closefd=False) as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    return f"/proc/self/fd/{fd}"
+
+
 def _mlp(weights: dict, activation: str):
     """A multilayer perceptron over layers.N.weight / layers.N.bias, written as x @ W.T + b (no addmm)."""
     import mlx.core as mx
@@ -93,6 +104,8 @@ class MlxEngine(Engine):
         if "weights" in meta:
             path = _file(files, meta, "weights", (".safetensors", ".gguf"))
             fmt = meta["weights"].rsplit(".", 1)[1]
+            if fmt == "gguf":
+                path = _private_copy(path)
             try:
                 # The path is a sealed memfd: MLX's lazy reads see exactly the verified bytes.
                 # GGUF parsing is known to crash on crafted files: it happens only here, sandboxed.

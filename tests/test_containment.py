@@ -1,0 +1,125 @@
+"""A hostile or broken model costs only its own worker: crash, memory, hang. Everything else keeps serving."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from conftest import upstream_sign
+from test_serving import reference
+
+
+def mlx_model(directory, meta: dict, weights: dict | None = None, function=None, example=None, gguf: bytes = b""):
+    os.environ.setdefault("MLX_DISABLE_COMPILE", "1")
+    import mlx.core as mx
+    directory.mkdir(parents=True)
+    if function is not None:
+        mx.export_function(str(directory / "model.mlxfn"), function, example, shapeless=True)
+    if gguf:
+        (directory / "model.gguf").write_bytes(gguf)
+    (directory / "model.json").write_text(json.dumps(meta))
+    return directory
+
+
+def crafted_gguf(seed: int) -> bytes:
+    """A valid MLP in GGUF, then four header bytes overwritten: MLX 0.32's parser crashes on most such files."""
+    import mlx.core as mx
+    rng = np.random.default_rng(0)
+    weights = {"layers.0.weight": mx.array(rng.standard_normal((8, 4)).astype(np.float32)),
+               "layers.0.bias": mx.zeros(8), "layers.1.weight": mx.array(rng.standard_normal((3, 8)).astype(np.float32)),
+               "layers.1.bias": mx.zeros(3)}
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        mx.save_gguf(f"{tmp}/w.gguf", weights)
+        data = bytearray(open(f"{tmp}/w.gguf", "rb").read())
+    mutate = np.random.default_rng(seed)
+    for _ in range(4):
+        data[int(mutate.integers(8, 200))] = int(mutate.integers(0, 256))
+    return bytes(data)
+
+
+MLP_META = {"architecture": {"type": "mlp"}, "weights": "model.gguf",
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+            "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}]}
+CRASH_SIGNALS = ("SIGSEGV", "SIGBUS", "SIGABRT")
+
+
+def test_crafted_gguf_crash_costs_only_its_model(tmp_path, daemon_factory, demo_model, keys):
+    crashed = None
+    models = tmp_path / "models"
+    for seed in range(12):
+        model = mlx_model(models / f"gguf{seed}", MLP_META, gguf=crafted_gguf(seed))
+        upstream_sign(model, keys[0])
+    daemon = daemon_factory({"demo": {"path": demo_model},
+                             **{f"gguf{seed}": {"path": models / f"gguf{seed}", "load": False} for seed in range(12)}},
+                            keys[1]).start()
+    x = np.ones((2, 4), np.float32)
+    with daemon.client() as client:
+        import grpc
+        for seed in range(12):
+            try:
+                client.load(f"gguf{seed}")
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE
+                if any(f"worker killed by {sig} while loading" in exc.details() for sig in CRASH_SIGNALS):
+                    crashed = (seed, exc.details())
+                    break
+            # Whatever the mutant did, the demo model still answers.
+            np.testing.assert_allclose(client.infer("demo", {"x": x})["y"], reference(x), rtol=1e-5, atol=1e-5)
+        assert crashed is not None, "no mutated GGUF crashed MLX in 12 tries"
+        seed, details = crashed
+        status = client.status(f"gguf{seed}")
+        assert status.state == "UNAVAILABLE" and status.reason in details
+        assert client.model_ready(f"gguf{seed}") is False
+        np.testing.assert_allclose(client.infer("demo", {"x": x})["y"], reference(x), rtol=1e-5, atol=1e-5)
+    failed = [e for e in daemon.audit_events() if e["event"] == "model_load" and e["model"] == f"gguf{seed}"]
+    assert failed and failed[-1]["verdict"] == "failed"
+    assert daemon.proc.poll() is None
+
+
+def _hog(x):
+    import mlx.core as mx
+    big = mx.ones((16384, 16384))      # 1 GiB of float32, far past a 256 MiB limit
+    return x + mx.sum(big)
+
+
+def _slow(x):
+    import mlx.core as mx
+    a = mx.ones((2048, 2048)) * mx.sum(x)
+    for _ in range(200):                # ~3.4 TFLOP with the reference BLAS: minutes, not seconds
+        a = a @ a
+    return x + mx.sum(a)
+
+
+SIMPLE_META = {"function": "model.mlxfn",
+               "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+               "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}]}
+
+
+def test_memory_hog_and_endless_load_are_killed_and_reported(tmp_path, daemon_factory, demo_model, keys):
+    import mlx.core as mx
+    hog = mlx_model(tmp_path / "models" / "hog", SIMPLE_META, function=_hog, example=mx.zeros((1, 4)))
+    slow = mlx_model(tmp_path / "models" / "slow", SIMPLE_META, function=_slow, example=mx.zeros((1, 4)))
+    for model in (hog, slow):
+        upstream_sign(model, keys[0])
+    daemon = daemon_factory({"demo": {"path": demo_model},
+                             "hog": {"path": hog, "options": "memory_mb = 256"},
+                             "slow": {"path": slow, "options": "load_timeout_s = 4"}}, keys[1]).start()
+    x = np.ones((2, 4), np.float32)
+    with daemon.client() as client:
+        hog_status = client.status("hog")
+        assert hog_status.state == "UNAVAILABLE"
+        # The kernel's OOM killer, or MLX crashing on a failed allocation: either way, named with the limit.
+        assert (hog_status.reason.startswith("worker killed by the OOM killer while loading (memory limit 256 MiB)")
+                or any(hog_status.reason.startswith(f"worker killed by {sig} while loading (memory limit 256 MiB)")
+                       for sig in CRASH_SIGNALS)), hog_status.reason
+        slow_status = client.status("slow")
+        assert slow_status.state == "UNAVAILABLE"
+        assert slow_status.reason == "load timed out after 4 s; worker killed"
+        np.testing.assert_allclose(client.infer("demo", {"x": x})["y"], reference(x), rtol=1e-5, atol=1e-5)
+    events = {e["model"]: e for e in daemon.audit_events() if e["event"] == "model_load"}
+    assert events["hog"]["verdict"] == "failed" and events["slow"]["verdict"] == "failed"
+    assert events["demo"]["verdict"] == "ready"

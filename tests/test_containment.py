@@ -123,3 +123,32 @@ def test_memory_hog_and_endless_load_are_killed_and_reported(tmp_path, daemon_fa
     events = {e["model"]: e for e in daemon.audit_events() if e["event"] == "model_load"}
     assert events["hog"]["verdict"] == "failed" and events["slow"]["verdict"] == "failed"
     assert events["demo"]["verdict"] == "ready"
+
+
+def _quadratic(x):
+    g = x @ x.T                          # batch x batch: cheap at batch 1, minutes at batch 4096
+    for _ in range(8):
+        g = g @ g / 4
+    return g @ x
+
+
+def test_inference_over_its_timeout_kills_the_worker_which_comes_back(tmp_path, daemon_factory, keys):
+    import grpc
+    import mlx.core as mx
+    model = mlx_model(tmp_path / "models" / "quad", SIMPLE_META, function=_quadratic, example=mx.zeros((2, 4)))
+    upstream_sign(model, keys[0])
+    daemon = daemon_factory({"quad": {"path": model, "options": "infer_timeout_s = 2"}}, keys[1]).start()
+    small = np.full((1, 4), 0.5, np.float32)
+    with daemon.client() as client:
+        expected = client.infer("quad", {"x": small})["y"]
+        with pytest.raises(grpc.RpcError) as err:
+            client.infer("quad", {"x": np.ones((4096, 4), np.float32)})
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert err.value.details() == "model 'quad': inference timed out after 2 s; worker killed"
+        import time
+        deadline = time.monotonic() + 30
+        while not client.model_ready("quad") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        np.testing.assert_allclose(client.infer("quad", {"x": small})["y"], expected, rtol=1e-6)
+    events = [e["event"] for e in daemon.audit_events()]
+    assert "infer_timeout" in events and "worker_died" in events

@@ -83,6 +83,7 @@ class Bundle:
     signature: bytes        # DER ECDSA
     key_hint: str | None    # key method: hex SHA-256 of the signer's PEM
     chain: tuple[x509.Certificate, ...]  # certificate method: leaf first
+    keyless: bytes | None = None  # keyless: the whole bundle, for sigstore's verifier
 
 
 def parse_bundle(data: bytes, where: str) -> Bundle:
@@ -94,13 +95,14 @@ def parse_bundle(data: bytes, where: str) -> Bundle:
     material, env = doc.get("verificationMaterial"), doc.get("dsseEnvelope")
     if not isinstance(material, dict) or not isinstance(env, dict):
         raise VerificationError(where, "bundle", "verificationMaterial or dsseEnvelope missing")
+    key_hint, chain, keyless = None, (), None
     if "certificate" in material:
-        raise VerificationError(where, "bundle", "a keyless Sigstore bundle (Fulcio certificate): not supported; "
-                                                 "sign with a key or a certificate chain")
-    if material.get("tlogEntries") or material.get("timestampVerificationData"):
-        raise VerificationError(where, "bundle", "transparency-log or timestamp entries: not supported")
-    key_hint, chain = None, ()
-    if "publicKey" in material and "x509CertificateChain" not in material:
+        # Keyless: a Fulcio certificate plus transparency-log proof, all
+        # checked by sigstore-python against the operator's trusted root.
+        keyless = data
+    elif material.get("tlogEntries") or material.get("timestampVerificationData"):
+        raise VerificationError(where, "bundle", "transparency-log or timestamp entries with a key or certificate chain: not supported")
+    elif "publicKey" in material and "x509CertificateChain" not in material:
         pk = material["publicKey"]
         if not isinstance(pk, dict):
             raise VerificationError(where, "bundle", "publicKey is not an object")
@@ -130,13 +132,15 @@ def parse_bundle(data: bytes, where: str) -> Bundle:
     if payload_type != INTOTO_PAYLOAD_TYPE:
         raise VerificationError(where, "bundle", f"payloadType {payload_type!r} is not {INTOTO_PAYLOAD_TYPE}")
     return Bundle(where, payload_type, _b64(env.get("payload"), where, "payload"),
-                  _b64(sigs[0].get("sig"), where, "signature"), key_hint, chain)
+                  _b64(sigs[0].get("sig"), where, "signature"), key_hint, chain, keyless)
 
 
 def verify_bundle(bundle: Bundle, policy: TrustPolicy, now: datetime.datetime | None = None) -> str:
     """Checks the DSSE signature against the policy; returns the signer identity
     ("key:sha256:<fingerprint>" or the pinned certificate identity)."""
     message = pae(bundle.payload_type, bundle.payload)
+    if bundle.keyless is not None:
+        return _verify_keyless(bundle, policy)
     if bundle.chain:
         return _verify_chain(bundle, policy, message, now or datetime.datetime.now(datetime.timezone.utc))
     if not policy.public_keys:
@@ -218,6 +222,34 @@ def _verify_chain(bundle: Bundle, policy: TrustPolicy, message: bytes, now: date
             raise VerificationError(where, "signature", f"the DSSE signature does not verify with the certificate of {pinned[0]}") from None
         return pinned[0]
     raise VerificationError(where, "certificate", "the certificate chain does not lead to a trusted root: " + "; ".join(reasons))
+
+
+def _verify_keyless(bundle: Bundle, policy: TrustPolicy) -> str:
+    where = bundle.where
+    if not policy.sigstore:
+        raise VerificationError(where, "bundle", "a keyless Sigstore bundle, but the policy pins no sigstore trusted root; "
+                                                 "sign with a key or a certificate chain, or configure sigstore")
+    from sigstore.errors import Error as SigstoreError
+    from sigstore.models import Bundle as SigstoreBundle
+    from sigstore.verify import Verifier, policy as sp
+    try:
+        parsed = SigstoreBundle.from_json(bundle.keyless)
+    except Exception as e:
+        raise VerificationError(where, "bundle", f"not a valid Sigstore bundle ({e})") from None
+    reasons = []
+    for root in policy.sigstore:
+        verifier = Verifier(trusted_root=root.trusted_root)
+        for ident in root.identities:  # one at a time: sigstore's AnyOf hides the reason
+            try:
+                payload_type, payload = verifier.verify_dsse(parsed, sp.Identity(identity=ident, issuer=root.issuer))
+            except SigstoreError as e:
+                reasons.append(f"{root.path}: {e}")
+                continue
+            # Everything after this point reads bundle.payload: it must be what sigstore verified.
+            if (payload_type, payload) != (bundle.payload_type, bundle.payload):
+                raise VerificationError(where, "bundle", "the payload sigstore verified differs from the envelope's")
+            return f"sigstore:{ident} ({root.issuer})"
+    raise VerificationError(where, "signature", "keyless verification failed: " + "; ".join(reasons))
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,30 @@ class TrustedRoots:
 
 
 @dataclass(frozen=True)
+class SigstoreRoot:
+    """Keyless (Sigstore) trust: an operator-pinned trusted_root.json (Fulcio
+    CAs, Rekor and timestamp keys), checked offline, with pinned identities."""
+    path: str
+    trusted_root: object  # sigstore.models.TrustedRoot
+    identities: tuple[str, ...]  # certificate SAN values (email or URI)
+    issuer: str  # the OIDC issuer that must appear in the certificate
+
+    @classmethod
+    def load(cls, path: str, identities: tuple[str, ...], issuer: str) -> "SigstoreRoot":
+        try:
+            from sigstore.models import TrustedRoot  # optional: only for keyless bundles
+        except ImportError:
+            raise ValueError("keyless verification needs the sigstore package, which is not installed") from None
+        try:
+            root = TrustedRoot.from_file(path)
+        except OSError:
+            raise
+        except Exception as e:
+            raise ValueError(f"not a Sigstore trusted_root.json ({e})") from None
+        return cls(path, root, identities, issuer)
+
+
+@dataclass(frozen=True)
 class TrustPolicy:
     # Allowed model sources: real directory paths (compared after resolving
     # symlinks) and https:// URL prefixes (kept for a later transfer feature).
@@ -88,6 +112,7 @@ class TrustPolicy:
     source_urls: tuple[str, ...] = ()
     public_keys: tuple[TrustedKey, ...] = ()
     certificates: tuple[TrustedRoots, ...] = ()
+    sigstore: tuple[SigstoreRoot, ...] = ()
     require_signature: bool = True
     # Relative to the model directory, or absolute. Never handed to a worker.
     signature: str = "model.sig"
@@ -113,7 +138,7 @@ class TrustPolicy:
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: must be a table")
         base = defaults or cls()
-        known = {"sources", "public_keys", "certificates", "require_signature", "signature", "release",
+        known = {"sources", "public_keys", "certificates", "sigstore", "require_signature", "signature", "release",
                  "ignore_paths", "pinned_files", "pinned_manifest", "min_version", "allow_downgrade",
                  "clock_skew_seconds", "max_bytes"}
         for key in table:
@@ -175,6 +200,23 @@ class TrustPolicy:
                     raise err(k + ".roots", f"{path}: {e}") from None
                 roots.append(root)
             changes["certificates"] = tuple(roots)
+        if "sigstore" in table:
+            roots = []
+            for i, entry in enumerate(get("sigstore", list, "an array of tables {trusted_root, identities, issuer}")):
+                k = f"sigstore[{i}]"
+                if not isinstance(entry, dict) or set(entry) != {"trusted_root", "identities", "issuer"}:
+                    raise err(k, "must be a table with exactly the keys trusted_root, identities and issuer")
+                path = abspath(k + ".trusted_root", entry["trusted_root"])
+                ids, issuer = entry["identities"], entry["issuer"]
+                if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
+                    raise err(k + ".identities", "must be a non-empty list of e-mail addresses or URIs: a keyless signer is always pinned")
+                if not isinstance(issuer, str) or not issuer.startswith("https://"):
+                    raise err(k + ".issuer", f"{issuer!r} must be the https:// URL of the OIDC issuer")
+                try:
+                    roots.append(SigstoreRoot.load(path, tuple(ids), issuer))
+                except (OSError, ValueError) as e:
+                    raise err(k + ".trusted_root", f"{path}: {e}") from None
+            changes["sigstore"] = tuple(roots)
         for key in ("require_signature", "allow_downgrade"):
             if key in table:
                 changes[key] = get(key, bool, "true or false")
@@ -219,8 +261,8 @@ class TrustPolicy:
 
         policy = dataclasses.replace(base, **changes)
         # Whole-policy rules, checked on the merged result.
-        if policy.require_signature and not (policy.public_keys or policy.certificates):
-            raise err("require_signature", "is true but neither public_keys nor certificates is set")
+        if policy.require_signature and not (policy.public_keys or policy.certificates or policy.sigstore):
+            raise err("require_signature", "is true but none of public_keys, certificates or sigstore is set")
         if not policy.require_signature:
             if (policy.pinned_files is None) == (policy.pinned_manifest is None):
                 raise err("require_signature", "is false: exactly one of pinned_files or pinned_manifest must pin the digests")
@@ -233,6 +275,7 @@ class TrustPolicy:
         if self.require_signature:
             trust = [f"key:sha256:{k.fingerprint}" for k in self.public_keys]
             trust += [f"roots:{r.path}={'|'.join(r.identities)}" for r in self.certificates]
+            trust += [f"sigstore:{r.path}={'|'.join(r.identities)}@{r.issuer}" for r in self.sigstore]
             how = "signed by " + ", ".join(trust)
         else:
             how = "pinned digests from " + (self.pinned_manifest or "the config")

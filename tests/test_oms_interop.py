@@ -145,19 +145,15 @@ def test_upstream_vectors(vector_dir, name, vector):
         table["certificates"] = [{"roots": str(vector_dir / vw["certificate_chain"][0]),
                                   "identities": ["subject:CN=intermediate-ca"]}]
     else:
-        table["public_keys"] = [str(vector_dir / "keys/certificate/signing-key-pub.pem")]
+        # Keyless, verified offline against the production trust root sigstore-python embeds.
+        table["sigstore"] = [{"trusted_root": SIGSTORE_ROOT, "identities": [vw["identity"]], "issuer": vw["oidc_issuer"]}]
     if vw.get("ignore_paths"):
         # Upstream's verifier is told to skip these; ours drops them (never handed over).
         table["ignore_paths"] = [os.path.relpath(p, vector["model_path"]) for p in vw["ignore_paths"]]
     pol = TrustPolicy.from_toml(table, name)
     model = vector_dir / vector["model_path"]
     sig = vector_dir / vector["signature"]
-    if vw["method"] == "sigstore":
-        with pytest.raises(VerificationError) as info:
-            verify_model(name, str(model), pol, None, None)
-        assert str(info.value) == (f"{sig}: bundle: a keyless Sigstore bundle (Fulcio certificate): not supported; "
-                                   f"sign with a key or a certificate chain")
-    elif name.startswith("v0.2."):
+    if name.startswith("v0.2."):
         # Pre-1.0: a different, buggy DSSE encoding and predicate; refused.
         with pytest.raises(VerificationError) as info:
             verify_model(name, str(model), pol, None, None)
@@ -169,6 +165,49 @@ def test_upstream_vectors(vector_dir, name, vector):
             assert sorted(vm.files) == want
             for n, fd in vm.files.items():
                 assert os.pread(fd, 100, 0) == ((model / n) if model.is_dir() else model).read_bytes()
+            if vw["method"] == "sigstore":
+                assert vm.signer == f"sigstore:{vw['identity']} ({vw['oidc_issuer']})"
+
+
+def _sigstore_root() -> str:
+    import importlib.resources
+    return str(importlib.resources.files("sigstore") / "_store" / "https%3A%2F%2Ftuf-repo-cdn.sigstore.dev" / "trusted_root.json")
+
+
+SIGSTORE_ROOT = _sigstore_root()
+
+
+@needs_shared()
+def test_keyless_refusals(vector_dir):
+    name = "v1.1.0-sigstore"
+    model, sig = vector_dir / name, vector_dir / name / "model.sig"
+    base = {"sources": [str(vector_dir)], "ignore_paths": ["ignore-me"]}
+    issuer = "https://sigstore.verify.ibm.com/oauth2"
+    # No keyless trust configured: refused, whatever keys are trusted.
+    pol = TrustPolicy.from_toml({**base, "public_keys": [str(vector_dir / "keys/certificate/signing-key-pub.pem")]}, "t")
+    with pytest.raises(VerificationError) as info:
+        verify_model("m", str(model), pol, None, None)
+    assert str(info.value) == (f"{sig}: bundle: a keyless Sigstore bundle, but the policy pins no sigstore trusted root; "
+                               f"sign with a key or a certificate chain, or configure sigstore")
+    # Wrong pinned identity.
+    pol = TrustPolicy.from_toml({**base, "sigstore": [{"trusted_root": SIGSTORE_ROOT, "identities": ["mallory@example.com"],
+                                                       "issuer": issuer}]}, "t")
+    with pytest.raises(VerificationError) as info:
+        verify_model("m", str(model), pol, None, None)
+    assert str(info.value) == (f"{sig}: signature: keyless verification failed: {SIGSTORE_ROOT}: Certificate's SANs do "
+                               f"not match mallory@example.com; actual SANs: {{'stefanb@us.ibm.com'}}")
+    # A flipped byte in a signed file is still caught after a good keyless signature.
+    import shutil
+    copy = vector_dir / "keyless-copy"
+    shutil.copytree(model, copy)
+    for p in [copy, *copy.iterdir()]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    (copy / "signme-1").write_bytes(b"signme-X")
+    pol = TrustPolicy.from_toml({**base, "sigstore": [{"trusted_root": SIGSTORE_ROOT, "identities": ["stefanb@us.ibm.com"],
+                                                       "issuer": issuer}]}, "t")
+    with pytest.raises(VerificationError) as info:
+        verify_model("m", str(copy), pol, None, None)
+    assert str(info.value) == f"{copy}/signme-1: digest: sha256 digest differs from the one in {copy}/model.sig"
 
 
 def test_upstream_allow_symlinks_inside_the_directory(tmp_path, material):

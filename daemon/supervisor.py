@@ -205,8 +205,22 @@ class Supervisor:
                 f"runtime: the worker user {w.user!r} cannot run {w.python} with sealbox installed "
                 f"({probe.stderr.decode(errors='replace').strip().splitlines()[-1:] or ['no output']}); "
                 "use a Python outside root's home, e.g. a venv made from /usr/bin/python3")
-        return [f"sandbox layer {layer} is disabled by [workers] {layer} = false in {self.config.path}"
-                for layer in ("seccomp", "landlock", "cgroups") if not getattr(w, layer)]
+        from sealbox.sandbox import hostcheck
+        report = hostcheck.host_report()
+        details = {"namespaces": report["namespaces"].get("detail", ""),
+                   "worker_uid": f"worker user {w.user!r}",
+                   "seccomp": report["seccomp"]["detail"],
+                   "landlock": f"Landlock ABI {report['landlock']['abi']} (needs 6: TCP denial and scopes)",
+                   "cgroups": f"memory via {report['cgroups']['memory']}, pids via {report['cgroups']['pids']}"}
+        required = ["namespaces", "worker_uid"] + [layer for layer in ("seccomp", "landlock", "cgroups")
+                                                   if getattr(w, layer)]
+        for layer in required:
+            if not report["layers"][layer]:
+                raise launcher.SandboxUnavailable(
+                    f"sandbox layer {layer} is required but unavailable on this host ({details[layer]}); "
+                    f"no worker is started. To run without it, set [workers] {layer} = false in {self.config.path}")
+        return [f"sandbox layer {layer} is disabled by [workers] {layer} = false in {self.config.path}: "
+                "workers run without it" for layer in ("seccomp", "landlock", "cgroups") if not getattr(w, layer)]
 
     def get(self, name: str) -> ManagedModel:
         try:

@@ -89,7 +89,8 @@ class Daemon:
                 port = probe.getsockname()[1]
             self.tcp_target = f"127.0.0.1:{port}"
             lines.append(f'tcp = "{self.tcp_target}"')
-        lines += ["[workers]", f'python = "{PYTHON}"', "load_timeout_s = 60", "restart_backoff_s = [0.2, 2]", workers,
+        default_python = [] if "python =" in workers else [f'python = "{PYTHON}"']
+        lines += ["[workers]", *default_python, "load_timeout_s = 60", "restart_backoff_s = [0.2, 2]", workers,
                   os.environ.get("SEALBOX_DEV_WORKERS", "")]
         sources = sorted({str(pathlib.Path(m["path"]).parent) for m in models.values()})
         lines += ["[policy]", f"sources = {sources!r}".replace("'", '"'),

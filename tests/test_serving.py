@@ -165,3 +165,19 @@ def test_malformed_config_names_file_and_key(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "key 'tcp' must be a loopback address with a port, not '0.0.0.0:8001'" in result.stderr
+
+
+@pytest.mark.parametrize("workers, expected", [
+    ('user = "no-such-worker"', "uid: worker user 'no-such-worker' does not exist"),
+    ('python = "/root/.pyenv/versions/3.11.7/bin/python3"', "runtime: the worker user 'sealbox-worker' cannot run"),
+])
+def test_daemon_refuses_to_start_when_workers_cannot_be_sandboxed(tmp_path, demo_model, keys, workers, expected):
+    if "pyenv" in workers and not os.path.exists("/root/.pyenv/versions/3.11.7/bin/python3"):
+        pytest.skip("root's pyenv Python is not on this machine")
+    from conftest import Daemon
+    daemon = Daemon(tmp_path, {"demo": {"path": demo_model}}, keys[1], workers=workers)
+    result = subprocess.run([PYTHON, "-m", "sealbox.daemon.main", "--config", str(daemon.config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3
+    assert expected in result.stderr
+    assert not os.path.exists(daemon.socket)   # nothing was served

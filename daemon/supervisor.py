@@ -198,13 +198,17 @@ class Supervisor:
         profile = SandboxProfile(engine="mlx", worker_user=w.user, python=w.python)
         launcher.bwrap_path()
         uid, gid = launcher.worker_identity(profile)
-        probe = subprocess.run([w.python, "-c", "import sealbox.worker.main"], user=uid, group=gid,
-                               extra_groups=[], capture_output=True, env={"PATH": "/usr/bin:/bin"}, cwd="/")
-        if probe.returncode != 0:
+        try:
+            probe = subprocess.run([w.python, "-c", "import sealbox.worker.main"], user=uid, group=gid,
+                                   extra_groups=[], capture_output=True, env={"PATH": "/usr/bin:/bin"}, cwd="/")
+            failure = probe.stderr.decode(errors="replace").strip().splitlines()[-1:] if probe.returncode else None
+        except OSError as exc:
+            failure = [exc.strerror]
+        if failure is not None:
             raise launcher.SandboxUnavailable(
                 f"runtime: the worker user {w.user!r} cannot run {w.python} with sealbox installed "
-                f"({probe.stderr.decode(errors='replace').strip().splitlines()[-1:] or ['no output']}); "
-                "use a Python outside root's home, e.g. a venv made from /usr/bin/python3")
+                f"({(failure or ['no output'])[0]}); use a Python outside root's home, "
+                "e.g. a venv made from /usr/bin/python3")
         from sealbox.sandbox import hostcheck
         report = hostcheck.host_report()
         details = {"namespaces": report["namespaces"].get("detail", ""),

@@ -40,6 +40,8 @@ def add_commands(subparsers) -> None:
             s.add_argument("--certificate-chain", action="append", default=[], metavar="CHAIN.pem",
                            help="intermediate certificates to embed (repeatable)")
         s.add_argument("--signature", metavar="OUT", help="where to write the bundle (default MODEL_DIR/model.sig)")
+        s.add_argument("--hash", choices=("sha256", "blake3"), default="sha256",
+                       help="file digest: blake3 verifies several times faster; model_signing 1.1's API verifies it, its CLI only sha256")
         s.add_argument("--version", help="also write a signed release statement (model.release.sig beside the signature)")
         s.add_argument("--model-name", help="the model name the daemon's config uses (with --version)")
         s.set_defaults(func=cmd_sign)
@@ -79,7 +81,7 @@ def _progress(total: int, what: str):
         yield lambda n: bar.advance(task, n)
 
 
-def _model_digests(model_dir: str, exclude: set[str], ignore: tuple[str, ...]) -> dict[str, bytes]:
+def _model_digests(model_dir: str, exclude: set[str], ignore: tuple[str, ...], algorithm: str = "sha256") -> dict[str, bytes]:
     real = os.path.realpath(model_dir)
     tree = open_tree(real, exclude, strict=False)
     try:
@@ -90,7 +92,7 @@ def _model_digests(model_dir: str, exclude: set[str], ignore: tuple[str, ...]) -
         resolve_symlinks(tree, allow=False)
         files = list(tree.files.values())
         with _progress(sum(f.size for f in files), "hashing") as progress:
-            return file_digest(files, "sha256", progress)
+            return file_digest(files, algorithm, progress)
     finally:
         tree.close()
 
@@ -145,8 +147,8 @@ def cmd_sign(args) -> int:
                 with open(path, "rb") as f:
                     chain += x509.load_pem_x509_certificates(f.read())
         ignore = sorted(set(oms.DEFAULT_IGNORE) | exclude)
-        digests = _model_digests(real, exclude, tuple(ignore))
-        payload = oms.statement_payload(os.path.basename(real), digests, "sha256", ignore)
+        digests = _model_digests(real, exclude, tuple(ignore), args.hash)
+        payload = oms.statement_payload(os.path.basename(real), digests, args.hash, ignore)
         _write(sig_path, oms.sign_payload(payload, key, chain))
         if args.version is not None:
             subject = oms.parse_statement(payload, sig_path).subject_digest

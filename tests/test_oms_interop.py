@@ -218,3 +218,19 @@ def test_upstream_allow_symlinks_inside_the_directory(tmp_path, material):
     with verify_model("m", str(model), pol, None, None) as vm:
         # The link is handed over under its signed name, with the target's verified content.
         assert contents(vm) == on_disk(model, ["config.json", "current.bin", "weights/real.bin"])
+
+
+def test_sealbox_blake3_signature_verifies_upstream(tmp_path, material):
+    model = make_model(tmp_path / "m")
+    r = sealbox_cli("sign", "key", model, "--private-key", material["key"], "--hash", "blake3")
+    assert r.returncode == 0, r.stderr
+    statement = json.loads(base64.b64decode(json.loads((model / "model.sig").read_text())["dsseEnvelope"]["payload"]))
+    assert {r["algorithm"] for r in statement["predicate"]["resources"]} == {"blake3"}
+    # Upstream's CLI always hashes with sha256; its library reads the hash from the bundle.
+    code = ("import sys; from model_signing import verifying;"
+            "verifying.Config().use_elliptic_key_verifier(public_key=sys.argv[2]).verify(sys.argv[1], sys.argv[1] + '/model.sig');"
+            "print('upstream verified')")
+    assert run(sys.executable, "-c", code, model, material["pub"]).stdout == "upstream verified\n"
+    pol = TrustPolicy.from_toml({"sources": [str(tmp_path)], "public_keys": [str(material["pub"])]}, "t")
+    with verify_model("m", str(model), pol, None, None) as vm:
+        assert contents(vm) == on_disk(model, ["config.json", "weights/w0.bin", "weights/w1.bin"])

@@ -65,6 +65,19 @@ def bwrap_args(profile: SandboxProfile, socket_dir: str, seccomp_fd: int | None 
     return args
 
 
+def seatbelt_command(profile: SandboxProfile, socket_dir: str, tmp_dir: str, model_paths: list[str],
+                     spec: str) -> list[str]:
+    """macOS: the worker under sandbox-exec with a Seatbelt profile generated from the same profile value.
+
+    Never run on these Linux machines (see SECURITY.md); tests check the command and profile text.
+    """
+    from sealbox.sandbox.macos import seatbelt_profile
+    socket = os.path.join(socket_dir, SOCKET_NAME)
+    text = seatbelt_profile(read_only=[*profile.runtime_paths, *profile.extra_ro_paths, *model_paths],
+                            read_write=[socket_dir, tmp_dir], socket_path=socket, exec_once=profile.python)
+    return ["/usr/bin/sandbox-exec", "-p", text, profile.python, "-m", "sealbox.worker.main", spec]
+
+
 def worker_spec(profile: SandboxProfile, files: Mapping[str, int], run: dict | None = None,
                 seccomp_stage2_fd: int | None = None) -> str:
     """The worker's single argument: what to load and how to confine itself (JSON)."""

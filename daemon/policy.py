@@ -126,7 +126,7 @@ class TrustPolicy:
     min_version: str | None = None
     allow_downgrade: bool = False
     clock_skew_seconds: int = 300
-    max_bytes: int = 64 << 30
+    max_bytes: int = 16 << 30  # the memfd copies live in RAM (tmpfs): keep below memory
     where: str = "built-in defaults"  # for error messages and the audit log
 
     @classmethod

@@ -74,9 +74,10 @@ def _progress(total: int, what: str):
     if not sys.stderr.isatty() or total < (256 << 20):
         yield None
         return
+    from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), console=None, transient=True) as bar:
+                  TransferSpeedColumn(), console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(what, total=total)
         yield lambda n: bar.advance(task, n)
 

@@ -137,10 +137,11 @@ def parse_bundle(data: bytes, where: str) -> Bundle:
 
 def verify_bundle(bundle: Bundle, policy: TrustPolicy, now: datetime.datetime | None = None) -> str:
     """Checks the DSSE signature against the policy; returns the signer identity
-    ("key:sha256:<fingerprint>" or the pinned certificate identity)."""
-    message = pae(bundle.payload_type, bundle.payload)
+    ("key:sha256:<fingerprint>", the pinned certificate identity such as
+    "email:a@b", or "sigstore:<identity> (<issuer>)")."""
     if bundle.keyless is not None:
         return _verify_keyless(bundle, policy)
+    message = pae(bundle.payload_type, bundle.payload)
     if bundle.chain:
         return _verify_chain(bundle, policy, message, now or datetime.datetime.now(datetime.timezone.utc))
     if not policy.public_keys:

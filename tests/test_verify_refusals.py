@@ -469,3 +469,26 @@ def test_absurdly_deep_nesting(tmp_path, keys):
     (model / "model.sig").chmod(0o644)
     msg, _ = refused(model, policy(tmp_path, public_keys=[str(keys["good_pub"])]))
     assert msg == f"{model}/{'/'.join(['d'] * 65)}: storage: nested more than 64 directories deep"
+
+
+@pytest.mark.parametrize("edit, reason", [
+    (lambda d: d.update(mediaType="application/vnd.dev.sigstore.bundle+json;version=0.1"),
+     "mediaType 'application/vnd.dev.sigstore.bundle+json;version=0.1' is not application/vnd.dev.sigstore.bundle.v0.3+json"),
+    (lambda d: d["dsseEnvelope"]["signatures"].append(d["dsseEnvelope"]["signatures"][0]),
+     "the DSSE envelope must carry exactly one signature"),
+    (lambda d: d["dsseEnvelope"].update(payloadType="text/plain"),
+     "payloadType 'text/plain' is not application/vnd.in-toto+json"),
+    (lambda d: d["verificationMaterial"].update(x509CertificateChain={"certificates": []}),
+     "verificationMaterial must hold exactly one of publicKey or x509CertificateChain"),
+    (lambda d: d["dsseEnvelope"].update(payload="not base64!"), "payload is not valid base64"),
+    (lambda d: d["verificationMaterial"].update(tlogEntries=[{"logIndex": "1"}]),
+     "transparency-log or timestamp entries with a key or certificate chain: not supported"),
+])
+def test_malformed_bundles(tmp_path, model, keys, edit, reason):
+    sign(model, keys["good"])
+    sig = model / "model.sig"
+    doc = json.loads(sig.read_text())
+    edit(doc)
+    sig.write_text(json.dumps(doc))
+    msg, _ = refused(model, policy(tmp_path, public_keys=[str(keys["good_pub"])]))
+    assert msg == f"{sig}: bundle: {reason}"

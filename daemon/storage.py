@@ -6,6 +6,7 @@ be what gets hashed: the hashing reads from the very fds opened here.
 """
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import stat
@@ -74,6 +75,11 @@ def check_owner_and_mode(path: str, st: os.stat_result) -> None:
 def read_checked(path: str, strict: bool = True, limit: int = MAX_METADATA_BYTES) -> bytes:
     """Reads a small metadata file (signature, pin manifest) with the same checks."""
     try:
+        lst = os.stat(path, follow_symlinks=False)
+        if stat.S_ISLNK(lst.st_mode):
+            raise VerificationError(path, "storage", "a symlink (refused)")
+        if not stat.S_ISREG(lst.st_mode):  # never open a device or FIFO
+            raise VerificationError(path, "storage", f"{_kind(lst.st_mode)}, not a regular file")
         fd = os.open(path, _O_FILE)
     except FileNotFoundError:
         raise VerificationError(path, "storage", "missing") from None
@@ -81,8 +87,8 @@ def read_checked(path: str, strict: bool = True, limit: int = MAX_METADATA_BYTES
         raise VerificationError(path, "storage", _os_reason(e)) from None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise VerificationError(path, "storage", f"{_kind(st.st_mode)}, not a regular file")
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (lst.st_dev, lst.st_ino):
+            raise VerificationError(path, "storage", "replaced while being opened")
         if strict:
             check_owner_and_mode(path, st)
         if st.st_size > limit:
@@ -102,7 +108,6 @@ def read_checked(path: str, strict: bool = True, limit: int = MAX_METADATA_BYTES
 
 
 def _os_reason(e: OSError) -> str:
-    import errno
     if e.errno == errno.ELOOP:
         return "a symlink (refused)"
     return e.strerror or str(e)

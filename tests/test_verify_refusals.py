@@ -492,3 +492,17 @@ def test_malformed_bundles(tmp_path, model, keys, edit, reason):
     sig.write_text(json.dumps(doc))
     msg, _ = refused(model, policy(tmp_path, public_keys=[str(keys["good_pub"])]))
     assert msg == f"{sig}: bundle: {reason}"
+
+
+def test_signature_file_that_is_a_symlink_or_fifo(tmp_path, model, keys):
+    sign(model, keys["good"])
+    sig = model / "model.sig"
+    real_sig = tmp_path / "elsewhere.sig"
+    sig.rename(real_sig)
+    sig.symlink_to(real_sig)
+    msg, _ = refused(model, policy(tmp_path, public_keys=[str(keys["good_pub"])]))
+    assert msg == f"{sig}: storage: a symlink (refused)"
+    sig.unlink()
+    os.mkfifo(sig, 0o644)
+    msg, _ = refused(model, policy(tmp_path, public_keys=[str(keys["good_pub"])]))
+    assert msg == f"{sig}: storage: a FIFO, not a regular file"

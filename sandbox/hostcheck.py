@@ -65,9 +65,9 @@ def _bubblewrap() -> dict:
         return {"path": path, "version": None}
 
 
-def host_report() -> dict:
+def host_report(worker_user: str = WORKER_USER) -> dict:
     """Every layer's state on this host, and which layers a worker would get."""
-    user = _worker_user(WORKER_USER)
+    user = _worker_user(worker_user)
     namespaces = _namespaces(user)
     ok, detail = seccomp.seccomp_available()
     libseccomp = detail.split(";")[0].removeprefix("libseccomp ") if ok else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import os
 import sys
 
@@ -18,7 +19,7 @@ from .hashing import file_digest
 from .policy import ANY_IDENTITY, TrustedKey, TrustedRoots, TrustPolicy
 from .rollback import release_payload
 from .storage import VerificationError, open_tree, resolve_symlinks
-from .verify import verify_model
+from .verify import inside, verify_model
 
 DEFAULT_SIGNATURE = "model.sig"
 DEFAULT_RELEASE = "model.release.sig"
@@ -99,13 +100,9 @@ def _model_digests(model_dir: str, exclude: set[str], ignore: tuple[str, ...], a
 
 
 def _excluded(model_dir: str, *paths: str) -> set[str]:
+    """The names of those metadata files that lie inside the model directory."""
     real = os.path.realpath(model_dir)
-    out = set()
-    for p in paths:
-        rel = os.path.relpath(os.path.realpath(p), real)
-        if not rel.startswith("..") and not os.path.isabs(rel):
-            out.add(rel)
-    return out
+    return {rel for rel in (inside(os.path.realpath(p), real) for p in paths) if rel}
 
 
 def cmd_hash(args) -> int:
@@ -122,7 +119,6 @@ def cmd_hash(args) -> int:
     names = sorted(digests, key=lambda n: n.split("/"))
     for n in names:
         print(f"{digests[n].hex()}  {n}")
-    import hashlib
     print(f"# sealbox-digest sha256:{hashlib.sha256(b''.join(digests[n] for n in names)).hexdigest()}")
     return 0
 
@@ -178,8 +174,8 @@ def _as_model_names(real: str, paths: list[str]) -> list[str]:
     to the current directory) as well as names inside the model."""
     out = []
     for p in paths:
-        rel = os.path.relpath(os.path.realpath(p), real)
-        out.append(rel if os.path.lexists(p) and not rel.startswith("..") else p)
+        rel = inside(os.path.realpath(p), real)
+        out.append(rel if rel and os.path.lexists(p) else p)
     return out
 
 

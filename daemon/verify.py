@@ -22,7 +22,7 @@ from .policy import TrustPolicy
 from .rollback import VersionStore, check_version, parse_release
 from .storage import Tree, VerificationError, open_tree, read_checked, resolve_symlinks
 
-__all__ = ["VerificationError", "VerifiedModel", "verify_model", "check_source", "parse_pin_manifest"]
+__all__ = ["VerificationError", "VerifiedModel", "verify_model", "check_source", "parse_pin_manifest", "inside"]
 
 _state_lock = threading.Lock()  # one read-check-record of versions.json at a time
 
@@ -64,7 +64,7 @@ def check_source(model_dir: str, policy: TrustPolicy) -> str:
                             f"({', '.join(policy.sources) or 'none configured'})")
 
 
-def _inside(path: str, root: str) -> str | None:
+def inside(path: str, root: str) -> str | None:
     """The relative name of `path` if it lies inside the directory `root`."""
     rel = os.path.relpath(path, root)
     return None if rel == ".." or rel.startswith("../") or os.path.isabs(rel) else rel
@@ -97,7 +97,7 @@ def parse_pin_manifest(data: bytes, where: str) -> dict[str, str]:
 def _pinned_manifest(policy: TrustPolicy, real: str) -> tuple[Manifest, str]:
     if policy.pinned_manifest is not None:
         where = policy.pinned_manifest
-        if _inside(os.path.realpath(where), real) is not None:
+        if inside(os.path.realpath(where), real) is not None:
             raise VerificationError(where, "pin", "the pin manifest is inside the model directory it pins")
         pins = parse_pin_manifest(read_checked(where), where)
     else:
@@ -124,7 +124,7 @@ def verify_model(name: str, model_dir: str, policy: TrustPolicy, state_dir: str 
         sig_path = os.path.join(base, policy.signature)
         release_path = os.path.join(base, policy.release)
         # Our metadata files are never model files, whatever the bundle says.
-        exclude = {r for r in (_inside(sig_path, real), _inside(release_path, real)) if r}
+        exclude = {r for r in (inside(sig_path, real), inside(release_path, real)) if r}
 
         sig_bytes = read_checked(sig_path) if policy.require_signature else None
         release_bytes = None

@@ -506,3 +506,24 @@ def test_signature_file_that_is_a_symlink_or_fifo(tmp_path, model, keys):
     os.mkfifo(sig, 0o644)
     msg, _ = refused(model, policy(tmp_path, public_keys=[str(keys["good_pub"])]))
     assert msg == f"{sig}: storage: a FIFO, not a regular file"
+
+
+def test_clock_skew_allowance(tmp_path, model, keys):
+    import datetime
+    from cryptography import x509
+    pki = keys["pki"]
+    cert_sign(model, pki, leaf=pki.expired_leaf)
+    expiry = x509.load_pem_x509_certificate(pki.expired_leaf.read_bytes()).not_valid_after_utc
+    pol = cert_policy(tmp_path, pki)
+    # Within the 300 s allowance: accepted; the chain is built at the leaf's last valid instant.
+    with verify_model("m", str(model), pol, None, None, now=expiry + datetime.timedelta(seconds=290)) as vm:
+        assert vm.signer == f"email:{pki.email}"
+    late = expiry + datetime.timedelta(seconds=310)
+    with pytest.raises(VerificationError) as info:
+        verify_model("m", str(model), pol, None, None, now=late)
+    assert str(info.value) == (f"{model}/model.sig: certificate: the signing certificate expired at {expiry.isoformat()} "
+                               f"(now {late.replace(microsecond=0).isoformat()}, clock skew allowed 300s)")
+    early = x509.load_pem_x509_certificate(pki.expired_leaf.read_bytes()).not_valid_before_utc - datetime.timedelta(seconds=310)
+    with pytest.raises(VerificationError) as info:
+        verify_model("m", str(model), pol, None, None, now=early)
+    assert str(info.value).startswith(f"{model}/model.sig: certificate: the signing certificate is not valid before ")

@@ -22,8 +22,10 @@ bubblewrap: import grpc, numpy and mlx.core, grpc.server with a
 ThreadPoolExecutor on a Unix socket, mx.import_function and
 mx.load(format="safetensors") from /proc/self/fd/N, MLX_DISABLE_COMPILE=1
 inference (MLX) or numpy matmuls (flux), concurrent calls with 9 MB
-messages, an INVALID_ARGUMENT abort, SIGTERM and shutdown. The MLX and flux
-workers used the same set; re-measure when an engine changes.
+messages, an INVALID_ARGUMENT abort, SIGTERM and shutdown; then the real
+worker (python -m sealbox.worker.main) through the launcher with the demo
+model, 16 MB safetensors and GGUF MLP weights, and a Flux BSON model.
+Re-measure when an engine changes.
 """
 from __future__ import annotations
 
@@ -56,12 +58,19 @@ _ALLOW = (
      "the worker confines itself with Landlock (stage 2 then forbids it)"),
 )
 
+# What one engine needs beyond _ALLOW: {engine: ((syscalls, why), ...)}.
+_ENGINE_EXTRA = {
+    "mlx": ((("memfd_create",),
+             "GGUF weights: MLX maps its file shared and writable, so the worker hands it a private copy"),),
+    "flux": (),   # numpy only: nothing beyond the common list
+}
+
 # Syscalls that stage 2 kills: exec and the confinement calls, only needed at start.
 _START_ONLY = ("execve", "execveat", "landlock_create_ruleset", "landlock_add_rule",
                "landlock_restrict_self", "seccomp")
 
 # Engines with a measured allowlist; anything else has no filter and is refused.
-ENGINES = ("mlx", "flux")
+ENGINES = tuple(_ENGINE_EXTRA)
 
 # Constants from <linux/sched.h>, <linux/prctl.h>, <linux/seccomp.h>, <asm-generic/ioctls.h>.
 _AF_UNIX = 1
@@ -121,7 +130,7 @@ def stage1_bpf(engine: str) -> bytes:
     _check_host()
     _check_engine(engine)
     f = _new_filter(sc.KILL_PROCESS)
-    for names, _why in _ALLOW:
+    for names, _why in (*_ALLOW, *_ENGINE_EXTRA[engine]):
         for name in names:
             f.add_rule(sc.ALLOW, name)
     # Sockets: Unix only. gRPC probes AF_INET/AF_INET6 at start, so those fail softly.

@@ -104,6 +104,17 @@ def test_stage1_kills_what_a_worker_never_does(attempt):
     assert result.returncode == -SIGSYS
 
 
+@pytest.mark.parametrize("engine, survives", [("mlx", True), ("flux", False)])
+def test_engines_get_their_own_allowlist(engine, survives):
+    """memfd_create is MLX's (a private copy of GGUF weights); the numpy-only flux worker never needs it."""
+    result = run_filtered(seccomp.stage1_bpf(engine), """
+        os.close(os.memfd_create("copy"))
+        print("survived")
+    """)
+    assert result.stdout.split() == ["confined", "survived"] if survives else ["confined"]
+    assert result.returncode == (0 if survives else -SIGSYS)
+
+
 def test_the_x32_attempt_is_harmless_without_a_filter():
     """Control for the x32 case above: the same call alone does not kill a process."""
     result = run_child("import ctypes; ctypes.CDLL(None).syscall(0x40000000 | 39); print('survived')")

@@ -3,6 +3,8 @@ supervisor -> sandboxed worker) against the same MLX function in-process, and
 spawn-to-ready of a sandboxed worker against an unsandboxed one."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -82,35 +84,40 @@ def spawn_to_ready(daemon: DemoDaemon, rounds: int = 15) -> None:
                                        response_deserializer=lambda x: x)
         describe(b"", wait_for_ready=True, timeout=60)
         channel.close()
-        proc.kill()
-        proc.wait()
 
-    def sandboxed():
-        sock_dir = launcher.make_socket_dir(run_dir, "w", profile)
+    def sandboxed(p):
+        sock_dir = launcher.make_socket_dir(run_dir, "w", p)
         t = time.perf_counter()
-        proc = supervisor.spawner.call(lambda: launcher.launch(profile, sock_dir, verified.files,
-                                                               stderr=subprocess.DEVNULL))
-        wait(proc, os.path.join(sock_dir, "worker.sock"))
-        return time.perf_counter() - t
+        worker = supervisor.spawner.call(lambda: launcher.launch(p, sock_dir, verified.files,
+                                                                 stderr=subprocess.DEVNULL))
+        wait(worker.proc, os.path.join(sock_dir, "worker.sock"))
+        elapsed = time.perf_counter() - t
+        worker.kill()
+        worker.cleanup()
+        return elapsed
 
     def bare():
         sock_dir = launcher.make_socket_dir(run_dir, "b", profile)
-        spec = launcher.worker_spec(profile, verified.files).replace('"/run/sealbox/worker.sock"',
-                                                                     f'"{sock_dir}/worker.sock"')
-        spec = spec.replace('"landlock": true', '"landlock": false').replace('"seccomp_stage2": true',
-                                                                              '"seccomp_stage2": false')
+        spec = json.loads(launcher.worker_spec(profile, verified.files))
+        spec.update(socket=f"{sock_dir}/worker.sock", landlock=False, seccomp_stage2_fd=None)
         t = time.perf_counter()
-        proc = subprocess.Popen([profile.python, "-m", "sealbox.worker.main", spec],
+        proc = subprocess.Popen([profile.python, "-m", "sealbox.worker.main", json.dumps(spec)],
                                 pass_fds=tuple(verified.files.values()), stderr=subprocess.DEVNULL)
         wait(proc, os.path.join(sock_dir, "worker.sock"))
-        return time.perf_counter() - t
+        elapsed = time.perf_counter() - t
+        proc.kill()
+        proc.wait()
+        return elapsed
 
-    sandboxed(), bare()  # warm the page cache
-    s = stats([sandboxed() for _ in range(rounds)])
+    bwrap_only = dataclasses.replace(profile, seccomp=False, landlock=False, cgroups=False)
+    sandboxed(profile), bare()  # warm the page cache
+    full = stats([sandboxed(profile) for _ in range(rounds)])
+    plain = stats([sandboxed(bwrap_only) for _ in range(rounds)])
     b = stats([bare() for _ in range(rounds)])
     layers = ", ".join(k for k in ("seccomp", "landlock", "cgroups") if getattr(profile, k)) or "none"
-    print(f"spawn-to-ready         sandboxed (bwrap + {layers}) median {ms(s['median'])}   "
-          f"unsandboxed median {ms(b['median'])}   ratio {s['median'] / b['median']:.2f}x")
+    print(f"spawn-to-ready         every layer (bwrap + {layers}) median {ms(full['median'])}   "
+          f"bwrap alone {ms(plain['median'])}   no sandbox {ms(b['median'])}   "
+          f"ratios {full['median'] / b['median']:.2f}x / {plain['median'] / b['median']:.2f}x of no sandbox")
     verified.close()
 
 

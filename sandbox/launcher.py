@@ -160,8 +160,9 @@ def launch(profile: SandboxProfile, socket_dir: str, files: Mapping[str, int],
         if profile.cgroups:
             from sealbox.sandbox import cgroups
             try:
-                cgroup = cgroups.WorkerCgroup.create(os.path.basename(socket_dir), profile.memory_bytes,
-                                                     profile.pids_max)
+                # Unique per launching process: two daemons on one host may serve same-named models.
+                name = f"{os.getpid()}-{os.path.basename(socket_dir)}"
+                cgroup = cgroups.WorkerCgroup.create(name, profile.memory_bytes, profile.pids_max)
             except cgroups.CgroupError as exc:
                 raise SandboxUnavailable(str(exc)) from None
         command = [bwrap_path(), *bwrap_args(profile, socket_dir, stage1, extra_ro_files), "--",

@@ -37,7 +37,7 @@ import platform
 # Allowed without conditions: (syscalls, why the worker needs them).
 _ALLOW = (
     (("read", "write", "pread64", "lseek", "close", "openat", "newfstatat", "fstat", "stat",
-      "readlink", "access", "getdents64", "fcntl", "getcwd"),
+      "readlink", "access", "getdents64", "getcwd"),
      "files: Python imports (getcwd for -m and ''), the sealed model memfds (/proc/self/fd/N), stdio"),
     (("mmap", "munmap", "mprotect", "mremap", "brk", "madvise"),
      "memory: malloc/realloc (mremap when a big read buffer shrinks), the dynamic loader"),
@@ -78,6 +78,7 @@ _CLONE_THREAD = 0x00010000
 _PR_SET_NAME, _PR_SET_NO_NEW_PRIVS, _PR_SET_VMA = 15, 38, 0x53564D41
 _SECCOMP_SET_MODE_FILTER, _SECCOMP_FILTER_FLAG_TSYNC = 1, 1
 _TCGETS, _FIOCLEX = 0x5401, 0x5451
+_F_GETFD, _F_SETFD, _F_GETFL, _F_SETFL = 1, 2, 3, 4
 _SIGABRT = 6
 _NR_SECCOMP_X86_64 = 317
 _BPF_INSN_SIZE = 8          # sizeof(struct sock_filter)
@@ -143,6 +144,9 @@ def stage1_bpf(engine: str) -> bytes:
     # ioctl: isatty() on stdio and close-on-exec; nothing reaches a terminal or device.
     for request in (_TCGETS, _FIOCLEX):
         f.add_rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.EQ, request))
+    # fcntl: descriptor and status flags only (F_SETOWN/F_SETSIG would turn SIGIO into a signal channel).
+    for command in (_F_GETFD, _F_SETFD, _F_GETFL, _F_SETFL):
+        f.add_rule(sc.ALLOW, "fcntl", sc.Arg(1, sc.EQ, command))
     # prctl: thread names (gRPC), naming anonymous memory (glibc), no_new_privs before stage 2.
     for option in (_PR_SET_NAME, _PR_SET_VMA, _PR_SET_NO_NEW_PRIVS):
         f.add_rule(sc.ALLOW, "prctl", sc.Arg(0, sc.EQ, option))

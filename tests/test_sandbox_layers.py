@@ -93,6 +93,9 @@ def test_stage2_kills_landlock_after_start():
     "os.fork()",                               # clone without CLONE_THREAD
     "ctypes.CDLL(None).personality(0x0400000)",  # READ_IMPLIES_EXEC
     "ctypes.CDLL(None).syscall(0x40000000 | 39)",  # getpid through the x32 ABI
+    "import fcntl; fcntl.fcntl(1, fcntl.F_SETOWN, 1)",  # SIGIO as a signal channel
+    "ctypes.CDLL(None).ioctl(0, 0x5412, ctypes.c_char_p(b'x'))",  # TIOCSTI: type into a terminal
+    "ctypes.CDLL(None).unshare(0x10000000)",    # a new user namespace
 ])
 def test_stage1_kills_what_a_worker_never_does(attempt):
     result = run_filtered(seccomp.stage1_bpf("mlx"), f"""

@@ -287,7 +287,7 @@ def test_both_stages_in_bubblewrap_serve_grpc_and_kill_exec(run_dir, engine):
 # ---------------------------------------------------------------- Landlock
 
 LANDLOCK_CHILD = """
-import json, os, socket, sys
+import errno, json, os, socket, sys
 from sealbox.sandbox import landlock
 ro, rw, secret, port, memfd = json.loads(sys.argv[1])
 applied = landlock.restrict_self(read_only=ro, read_write=rw) if sys.argv[2] == "confine" else 0
@@ -297,7 +297,7 @@ def attempt(name, fn):
         fn()
         out[name] = "ok"
     except OSError as exc:
-        out[name] = errno_name = __import__("errno").errorcode[exc.errno]
+        out[name] = errno.errorcode[exc.errno]
 attempt("read_allowed", lambda: open(ro[-1]).read())
 attempt("read_outside", lambda: open(secret).read())
 attempt("list_root", lambda: os.listdir("/"))
@@ -460,6 +460,26 @@ def test_cgroup_kill_takes_the_whole_tree(make_cgroup):
     assert group.pids() == []
     for pid in kids:   # orphans reparented to init and reaped, or zombies: none runs
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_cgroup_kill_without_cgroup_kill_file(make_cgroup):
+    """Hosts without cgroup.kill (v1 only, kernels before 5.14): SIGKILL every member until none is left."""
+    group = make_cgroup()
+    group.v2_dir = None   # this group's unified directory stays a member list, but kill() may not use it
+    tree = subprocess.Popen(
+        [PYTHON, "-c", "import os, time\n"
+                       "for _ in range(4):\n"
+                       "    if os.fork() == 0:\n"
+                       "        break\n"
+                       "time.sleep(60)"],
+        preexec_fn=group.attach_self)
+    deadline = time.monotonic() + 10
+    while len(group.pids()) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(group.pids()) == 5
+    group.kill()
+    assert group.pids() == []
+    assert tree.wait(timeout=10) == -signal.SIGKILL
 
 
 def test_cgroup_attach_moves_a_running_process(make_cgroup):

@@ -30,7 +30,24 @@ class DemoDaemon:
         if extra_workers:
             text = open(self.config).read().replace("[workers]\n", "[workers]\n" + extra_workers + "\n")
             open(self.config, "w").write(text)
+        self._add_echo_model()
         self.target = f"unix:{self.dir}/sealbox.sock"
+
+    def _add_echo_model(self) -> None:
+        """A model that returns its input times one: large-tensor throughput is then transport, not math."""
+        import json
+        os.environ.setdefault("MLX_DISABLE_COMPILE", "1")
+        import mlx.core as mx
+        from sealbox.daemon import publisher_cli
+        echo = os.path.join(self.dir, "echo")
+        os.makedirs(echo)
+        mx.export_function(os.path.join(echo, "model.mlxfn"), lambda x: x * 1.0, mx.zeros((2, 4)), shapeless=True)
+        spec = [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
+        with open(os.path.join(echo, "model.json"), "w") as f:
+            json.dump({"function": "model.mlxfn", "inputs": spec, "outputs": [dict(spec[0], name="y")]}, f)
+        publisher_cli.main(["sign", "key", echo, "--private-key", os.path.join(self.dir, "keys", "demo-signer.key")])
+        with open(self.config, "a") as f:
+            f.write(f'\n[models.echo]\npath = "{echo}"\nformat = "mlx"\n')
 
     def __enter__(self):
         from sealbox.client import Client
@@ -40,7 +57,7 @@ class DemoDaemon:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 try:
-                    if client.ready() and client.model_ready("demo"):
+                    if client.ready() and client.model_ready("demo") and client.model_ready("echo"):
                         return self
                 except Exception:
                     pass

@@ -20,6 +20,7 @@
     seccomp = true                          # layers: turning one off is explicit and logged
     landlock = true
     cgroups = true
+    openblas = true                         # preload Debian's OpenBLAS into workers (MLX's own BLAS is slow)
 
     [policy]                                # the default trust policy (see SECURITY.md)
     ...
@@ -75,6 +76,7 @@ class WorkerConfig:
     seccomp: bool = True
     landlock: bool = True
     cgroups: bool = True
+    openblas: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +167,7 @@ def _workers(table: _Table) -> WorkerConfig:
         infer_timeout_s=float(table.positive("infer_timeout_s", d.infer_timeout_s)),
         restart_backoff_s=(float(backoff[0]), float(backoff[1])),
         seccomp=table.get("seccomp", bool, d.seccomp), landlock=table.get("landlock", bool, d.landlock),
-        cgroups=table.get("cgroups", bool, d.cgroups))
+        cgroups=table.get("cgroups", bool, d.cgroups), openblas=table.get("openblas", bool, d.openblas))
     table.finish()
     return cfg
 

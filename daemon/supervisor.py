@@ -25,7 +25,7 @@ from sealbox.daemon.audit import AuditLog
 from sealbox.daemon.config import Config, ModelConfig
 from sealbox.proto import inference_pb2 as pb
 from sealbox.sandbox import launcher
-from sealbox.sandbox.profile import SOCKET_NAME, SandboxProfile
+from sealbox.sandbox.profile import SOCKET_NAME, SandboxProfile, find_openblas
 
 log = logging.getLogger("sealboxd")
 
@@ -89,6 +89,10 @@ class Spawner:
         return future.result()
 
 
+WORKER_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 5), ("grpc.min_reconnect_backoff_ms", 5),
+                    ("grpc.max_reconnect_backoff_ms", 100)]
+
+
 def _identity(x):
     return x
 
@@ -103,7 +107,9 @@ class Worker:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
         self.stopping = False
         opts = [("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes)]
+                ("grpc.max_send_message_length", max_message_bytes),
+                # The socket appears a few ms after spawn: retry quickly instead of gRPC's 1 s backoff.
+                *WORKER_RECONNECT]
         self.channel = grpc.insecure_channel(f"unix:{os.path.join(socket_dir, SOCKET_NAME)}", options=opts)
         self.infer_raw = self.channel.unary_unary("/sealbox.worker.Worker/Infer",
                                                   request_serializer=_identity, response_deserializer=_identity)
@@ -179,6 +185,8 @@ class Supervisor:
         self.spawner = Spawner()
         self.stopped = threading.Event()
         self.initial_load_done = threading.Event()
+        openblas = find_openblas() if config.workers.openblas else None
+        self.preload = (openblas,) if openblas else ()
 
     # -- profile: the one place a model's confinement is decided
     def profile_for(self, model: ModelConfig) -> SandboxProfile:
@@ -188,7 +196,8 @@ class Supervisor:
                               pids_max=model.pids_max or w.pids_max,
                               load_timeout_s=model.load_timeout_s or w.load_timeout_s,
                               infer_timeout_s=model.infer_timeout_s or w.infer_timeout_s,
-                              seccomp=w.seccomp, landlock=w.landlock, cgroups=w.cgroups)
+                              seccomp=w.seccomp, landlock=w.landlock, cgroups=w.cgroups,
+                              preload=self.preload)
 
     def preflight(self) -> list[str]:
         """Refuse to run if workers cannot be sandboxed as configured; return warnings to log."""
@@ -223,7 +232,10 @@ class Supervisor:
                 raise launcher.SandboxUnavailable(
                     f"sandbox layer {layer} is required but unavailable on this host ({details[layer]}); "
                     f"no worker is started. To run without it, set [workers] {layer} = false in {self.config.path}")
-        return [f"sandbox layer {layer} is disabled by [workers] {layer} = false in {self.config.path}: "
+        warnings = [] if self.preload or not w.openblas else [
+            "[workers] openblas = true but Debian's OpenBLAS (libopenblas0-pthread) is not installed: "
+            "workers use MLX's bundled reference BLAS, which is much slower"]
+        return warnings + [f"sandbox layer {layer} is disabled by [workers] {layer} = false in {self.config.path}: "
                 "workers run without it" for layer in ("seccomp", "landlock", "cgroups") if not getattr(w, layer)]
 
     def get(self, name: str) -> ManagedModel:

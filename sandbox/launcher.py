@@ -90,6 +90,7 @@ def worker_spec(profile: SandboxProfile, files: Mapping[str, int], run: dict | N
         "read_only": [*profile.runtime_paths, *profile.extra_ro_paths, "/dev/urandom", "/dev/zero"],
         "read_write": [SOCKET_DIR_IN_SANDBOX, "/tmp", "/dev/null"],
         "seccomp_stage2_fd": seccomp_stage2_fd,
+        "preload": list(profile.preload),
     }
     if run is not None:
         spec["run"] = run

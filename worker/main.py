@@ -103,6 +103,10 @@ def main(argv: list[str]) -> int:
     except Exception as exc:
         print(f"sealbox worker: confinement failed: {exc}", file=sys.stderr)
         return EXIT_CONFINEMENT
+    import ctypes
+    import os
+    for library in spec.get("preload", ()):  # global symbols: MLX's BLAS calls resolve to it
+        ctypes.CDLL(library, mode=os.RTLD_GLOBAL | os.RTLD_NOW)
     from sealbox.worker.engine import ModelError, engine_class
     run = spec.get("run")  # operator tools: a script or module in place of the model loader
     if run is not None:

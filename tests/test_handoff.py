@@ -27,16 +27,19 @@ def test_swap_after_verify_is_not_seen_by_the_worker(tmp_path, daemon_factory, d
     with daemon.client() as client:
         np.testing.assert_allclose(client.infer("demo", {"x": x})["y"], expected, rtol=1e-5, atol=1e-5)
         # A restarted worker gets the same sealed copies, not the file on disk.
-        pid = _worker_python(daemon).pid
-        _worker_python(daemon).kill()
-        for _ in range(300):
+        old_worker = _worker_python(daemon)
+        old_worker.kill()
+        old_worker.wait(timeout=10)
+        import time
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:   # until a new worker serves
             try:
-                if client.model_ready("demo") and _worker_python(daemon).pid != pid:
+                if _worker_python(daemon).pid != old_worker.pid and client.model_ready("demo"):
                     break
             except AssertionError:
                 pass
-            import time
             time.sleep(0.05)
+        assert _worker_python(daemon).pid != old_worker.pid
         np.testing.assert_allclose(client.infer("demo", {"x": x})["y"], expected, rtol=1e-5, atol=1e-5)
         # An explicit reload verifies again and refuses the changed file; the old copy keeps serving.
         with pytest.raises(grpc.RpcError) as err:

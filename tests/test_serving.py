@@ -94,9 +94,12 @@ def test_unload_load_cycle(served):
 
 def _worker_python(daemon) -> psutil.Process:
     for pid in daemon.worker_pids():
-        proc = psutil.Process(pid)
-        if "sealbox.worker.main" in " ".join(proc.cmdline()) and proc.name().startswith("python"):
-            return proc
+        try:
+            proc = psutil.Process(pid)
+            if "sealbox.worker.main" in " ".join(proc.cmdline()) and proc.name().startswith("python"):
+                return proc
+        except psutil.Error:  # a worker being replaced right now
+            continue
     raise AssertionError("no worker process found")
 
 

@@ -308,6 +308,9 @@ class _Refuse(Exception):
         self.reason = Reason(place, message)
 
 
+_UNPARSED = object()   # a layer type parameter whose parse failed (see layer_struct)
+
+
 class _Recorded(Exception):
     """A Chain failed; the reasons for its layers are already recorded."""
 
@@ -337,6 +340,7 @@ class _Scan:
         self.type_cache: dict[int, JType] = {}
         self.used_entries: set[int] = set()
         self.depth = 0
+        self.type_errors: dict[str, _Refuse] = {}
 
     def refuse(self, reason: Reason) -> None:
         if len(self.reasons) < MAX_REASONS:
@@ -738,7 +742,30 @@ class _Scan:
             raise _Refuse(place, f"bias of length {bias.shape[0]}, expected {length}")
         return bias, [_array_type(bias.dtype, 1)]
 
+    def layer_struct(self, node, place: str) -> tuple[JType, list]:
+        """Like struct(), but a bad type of a known layer is reported after its data is checked.
+
+        The data names the problem better (`model.σ: function Base.#run ...` rather than the
+        same function as a type parameter); expect_param raises the type's error later.
+        """
+        if _tag(node) == "struct" and set(node) == TAG_KEYS["struct"] and isinstance(node["data"], list):
+            raw = self.peek(node["type"])
+            name = normalise(raw["name"]) if _tag(raw) == "datatype" and isinstance(raw.get("name"), list) else ()
+            if len(name) == 2 and name[0] == "Flux" and name[1] in LAYER_TYPES and set(raw) == TAG_KEYS["datatype"]:
+                try:
+                    return self.jtype(node["type"], place), node["data"]
+                except _Refuse as err:
+                    params = self.peek(raw["params"])
+                    count = len(params) if isinstance(params, list) else (
+                        params["size"][0] if _tag(params) == "array" and isinstance(params.get("size"), list)
+                        and params["size"] and isinstance(params["size"][0], int) else 0)
+                    self.type_errors[place] = err
+                    return JType(name, (_UNPARSED,) * min(count, 16)), node["data"]
+        return self.struct(node, place, "a Flux layer")
+
     def expect_param(self, place: str, index: int, got, allowed: list, what: str) -> None:
+        if got is _UNPARSED:
+            raise self.type_errors[place]
         if got not in allowed:
             want = " or ".join(_param_str(a) for a in allowed)
             raise _Refuse(place, f"type parameter {index} ({what}) is {_param_str(got)} but the data says {want}")
@@ -766,7 +793,7 @@ class _Scan:
             # a Chain's layers first: a bad layer is better named at the layer than in the type
             with self.nested(place):
                 return self.layer_chain(target["type"], target["data"], place)
-        typ, data = self.struct(node, place, "a Flux layer")
+        typ, data = self.layer_struct(target, place)
         if typ.name[0] != "Flux" or typ.name[-1] not in LAYER_TYPES or len(typ.name) != 2:
             supported = ", ".join(LAYER_TYPES)
             if typ.name[0] == "Flux":

@@ -6,6 +6,7 @@ exec'ing bwrap, because bwrap started as root keeps host uid 0 inside.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import os
@@ -15,6 +16,10 @@ import subprocess
 from typing import Mapping
 
 from sealbox.sandbox.profile import SOCKET_DIR_IN_SANDBOX, SOCKET_NAME, SandboxProfile
+
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class SandboxUnavailable(Exception):
@@ -43,7 +48,11 @@ def bwrap_args(profile: SandboxProfile, socket_dir: str, seccomp_fd: int | None 
                extra_ro_files: Mapping[str, str] | None = None) -> list[str]:
     """bubblewrap's arguments for this profile, up to (not including) the command."""
     args = [
-        "--unshare-all", "--unshare-user", "--disable-userns",  # all namespaces incl. net; no nested userns
+        # Every namespace but the network one, which the launcher makes as root before the uid drop:
+        # bwrap would bring `lo` up in its own; ours keeps it down, and the worker's user namespace
+        # holds no capability over it.
+        "--unshare-user", "--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-cgroup",
+        "--disable-userns",  # no nested user namespaces
         "--die-with-parent", "--new-session", "--clearenv",
         "--hostname", "sandbox",
         "--cap-drop", "ALL",
@@ -79,7 +88,7 @@ def seatbelt_command(profile: SandboxProfile, socket_dir: str, tmp_dir: str, mod
 
 
 def worker_spec(profile: SandboxProfile, files: Mapping[str, int], run: dict | None = None,
-                seccomp_stage2_fd: int | None = None) -> str:
+                seccomp_stage2_fd: int | None = None, extra_read_only: tuple[str, ...] = ()) -> str:
     """The worker's single argument: what to load and how to confine itself (JSON)."""
     spec = {
         "engine": profile.engine,
@@ -87,7 +96,8 @@ def worker_spec(profile: SandboxProfile, files: Mapping[str, int], run: dict | N
         "files": dict(files),
         "landlock": profile.landlock,
         # Landlock: the runtime and random sources read-only; only the socket dir and tmpfs writable.
-        "read_only": [*profile.runtime_paths, *profile.extra_ro_paths, "/dev/urandom", "/dev/zero"],
+        "read_only": [*profile.runtime_paths, *profile.extra_ro_paths, *extra_read_only,
+                      "/dev/urandom", "/dev/zero"],
         "read_write": [SOCKET_DIR_IN_SANDBOX, "/tmp", "/dev/null"],
         "seccomp_stage2_fd": seccomp_stage2_fd,
         "preload": list(profile.preload),
@@ -167,13 +177,16 @@ def launch(profile: SandboxProfile, socket_dir: str, files: Mapping[str, int],
             except cgroups.CgroupError as exc:
                 raise SandboxUnavailable(str(exc)) from None
         command = [bwrap_path(), *bwrap_args(profile, socket_dir, stage1, extra_ro_files), "--",
-                   profile.python, "-m", "sealbox.worker.main", worker_spec(profile, files, run, stage2)]
+                   profile.python, "-m", "sealbox.worker.main", worker_spec(profile, files, run, stage2, tuple((extra_ro_files or {}).values()))]
         from sealbox.sandbox.limits import apply_rlimits
 
         def preexec():
-            # As root: join the worker's cgroup (before any fork inside), then drop to the worker uid.
+            # As root: join the worker's cgroup (before any fork inside), enter a fresh network
+            # namespace (only a downed lo), then drop to the worker uid.
             if cgroup is not None:
                 cgroup.attach_self()
+            if _libc.unshare(CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET) failed")
             apply_rlimits(nofile=profile.nofile, fsize=profile.fsize_bytes, core=0)
             os.setgroups([])
             os.setresgid(gid, gid, gid)

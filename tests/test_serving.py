@@ -113,6 +113,17 @@ def test_worker_runs_as_unprivileged_uid(served):
         assert psutil.Process(pid).uids().effective != 0
 
 
+def test_worker_network_is_a_downed_loopback_only(served):
+    """Looked at from the host, inside the worker's own network namespace."""
+    worker = _worker_python(served)
+    assert os.readlink(f"/proc/{worker.pid}/ns/net") != os.readlink("/proc/self/ns/net")
+    links = subprocess.run(["nsenter", "-t", str(worker.pid), "-n", "ip", "-o", "link", "show"],
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(links) == 1, links
+    assert links[0].split(":")[1].strip() == "lo"
+    assert "state DOWN" in links[0] and "UP" not in links[0].split("<")[1].split(">")[0].split(",")
+
+
 def test_kill_9_worker_turns_unavailable_then_recovers(served):
     x = np.ones((2, 4), np.float32)
     with served.client() as client:

@@ -1,7 +1,6 @@
 """What a compromised deserializer sees from inside a real worker sandbox."""
 import json
 import pathlib
-import pwd
 import socket
 import subprocess
 
@@ -20,16 +19,14 @@ def test_inside_a_worker(tmp_path):
         result = subprocess.run([SEALBOX, "sandbox", "run-python", str(REPO / "tests" / "worker_view_probe.py"),
                                  str(config), str(port)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
-    worker_uid = pwd.getpwnam("sealbox-worker").pw_uid
-    assert report["uid"] == report["euid"] == worker_uid != 0
-    assert report["interfaces"] == ["lo"]
-    assert report["lo_up"] is False and report["lo_state"] == "down"
+    report = {k: v for line in result.stdout.splitlines() for k, v in json.loads(line).items()}
+    # (The uid the host sees is checked from outside: test_serving.test_worker_runs_as_unprivileged_uid;
+    # getuid() itself is not on the worker's syscall allowlist.)
     assert report["read_shadow"] == "FileNotFoundError:No such file or directory"   # /etc is not in the view
-    assert report["read_config"].startswith(("FileNotFoundError", "PermissionError"))
+    assert report["read_config"] == "FileNotFoundError:No such file or directory"   # nor is the config
     for key in ("write_usr", "write_venv", "write_root"):
-        assert report[key].startswith(("OSError:Read-only file system", "PermissionError")), (key, report[key])
+        assert report[key] in ("OSError:Read-only file system", "PermissionError:Permission denied"), (key, report[key])
     assert report["write_socket_dir"] == "allowed"
     assert report["write_tmp"] == "allowed"
-    assert report["tcp_connect"].startswith(("OSError:Network is unreachable", "PermissionError",
-                                             "ConnectionRefusedError"))
+    # No IPv4 socket at all: seccomp answers socket(AF_INET) with EAFNOSUPPORT.
+    assert report["tcp_connect"] == "OSError:Address family not supported by protocol"

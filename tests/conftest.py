@@ -90,8 +90,7 @@ class Daemon:
             self.tcp_target = f"127.0.0.1:{port}"
             lines.append(f'tcp = "{self.tcp_target}"')
         default_python = [] if "python =" in workers else [f'python = "{PYTHON}"']
-        lines += ["[workers]", *default_python, "load_timeout_s = 60", "restart_backoff_s = [0.2, 2]", workers,
-                  os.environ.get("SEALBOX_DEV_WORKERS", "")]
+        lines += ["[workers]", *default_python, "load_timeout_s = 60", "restart_backoff_s = [0.2, 2]", workers]
         sources = sorted({str(pathlib.Path(m["path"]).parent) for m in models.values()})
         lines += ["[policy]", f"sources = {sources!r}".replace("'", '"'),
                   f'public_keys = ["{public_key}"]']

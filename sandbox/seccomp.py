@@ -61,7 +61,8 @@ _ALLOW = (
 # What one engine needs beyond _ALLOW: {engine: ((syscalls, why), ...)}.
 _ENGINE_EXTRA = {
     "mlx": ((("memfd_create",),
-             "GGUF weights: MLX maps its file shared and writable, so the worker hands it a private copy"),),
+             "GGUF weights: MLX maps its file shared and writable, so the worker hands it a private copy"),
+            (("sched_yield",), "Debian's OpenBLAS, loaded for MLX's matmuls, yields in its thread pool")),
     "flux": (),   # numpy only: nothing beyond the common list
 }
 

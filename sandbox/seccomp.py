@@ -41,7 +41,8 @@ _ALLOW = (
      "files: Python imports (getcwd for -m and ''), the sealed model memfds (/proc/self/fd/N), stdio"),
     (("mmap", "munmap", "mprotect", "mremap", "brk", "madvise"),
      "memory: malloc/realloc (mremap when a big read buffer shrinks), the dynamic loader"),
-    (("mbind",), "numpy's bundled OpenBLAS sets a NUMA policy on its buffers"),
+    (("mbind", "sched_yield"),
+     "OpenBLAS (numpy's, and Debian's when the profile preloads it): NUMA policy, yielding threads"),
     (("futex", "set_robust_list", "rseq", "set_tid_address", "gettid", "exit", "exit_group",
       "sched_getaffinity", "sched_getparam", "sched_getscheduler", "clock_nanosleep"),
      "threads: glibc pthreads, gRPC's and MLX's thread pools, time.sleep"),
@@ -61,8 +62,7 @@ _ALLOW = (
 # What one engine needs beyond _ALLOW: {engine: ((syscalls, why), ...)}.
 _ENGINE_EXTRA = {
     "mlx": ((("memfd_create",),
-             "GGUF weights: MLX maps its file shared and writable, so the worker hands it a private copy"),
-            (("sched_yield",), "Debian's OpenBLAS, loaded for MLX's matmuls, yields in its thread pool")),
+             "GGUF weights: MLX maps its file shared and writable, so the worker hands it a private copy"),),
     "flux": (),   # numpy only: nothing beyond the common list
 }
 

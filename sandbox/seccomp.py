@@ -24,8 +24,10 @@ mx.load(format="safetensors") from /proc/self/fd/N, MLX_DISABLE_COMPILE=1
 inference (MLX) or numpy matmuls (flux), concurrent calls with 9 MB
 messages, an INVALID_ARGUMENT abort, SIGTERM and shutdown; then the real
 worker (python -m sealbox.worker.main) through the launcher with the demo
-model, 16 MB safetensors and GGUF MLP weights, and a Flux BSON model.
-Re-measure when an engine changes.
+model, 16 MB safetensors and GGUF MLP weights, and a Flux BSON model, with
+and without Debian's OpenBLAS preloaded. Re-measure when an engine changes.
+The worker must run with limits.WORKER_ENVIRONMENT (HOME and
+PYTHONDONTWRITEBYTECODE keep Python's start-up inside this list).
 """
 from __future__ import annotations
 

@@ -323,6 +323,16 @@ class ShapeError(Exception):
         self.place, self.message = place, message
 
 
+def _type_name(node) -> tuple[str, ...] | None:
+    """The normalised name of a datatype document, if it is one with a well-formed name."""
+    if _tag(node) != "datatype":
+        return None
+    name = node.get("name")
+    if isinstance(name, list) and name and all(isinstance(s, str) for s in name):
+        return normalise(name)
+    return None
+
+
 def _tag(node) -> str | None:
     if isinstance(node, dict):
         tag = node.get("tag")
@@ -486,7 +496,7 @@ class _Scan:
             if tag == "ref":
                 return Reason(where, f"module reference (ref {_path_text(item.get('path'))}): "
                                      "resolves any global by name")
-            if tag == "datatype" and isinstance(item.get("name"), list) and normalise(item["name"])[:2] == ("Core", "Ptr"):
+            if (_type_name(item) or ())[:2] == ("Core", "Ptr"):
                 return Reason(where, "raw pointer type (Core.Ptr): forged pointers are never allowed")
             stack.extend(reversed([(v, f"{where}.{k}") for k, v in item.items() if k != "tag"]))
         return None
@@ -512,11 +522,11 @@ class _Scan:
             typ = self.peek(node.get("type"))
             if _tag(typ) == "jl_anonymous":
                 return "a serialized closure"
-            if _tag(typ) == "datatype" and isinstance(typ.get("name"), list):
-                return f"a value of type {_dotted(normalise(typ['name']))}"
+            if _type_name(typ):
+                return f"a value of type {_dotted(_type_name(typ))}"
             return "a struct"
-        if tag == "datatype" and isinstance(node.get("name"), list):
-            return f"the type {_dotted(normalise(node['name']))}"
+        if _type_name(node):
+            return f"the type {_dotted(_type_name(node))}"
         if tag in TAG_KEYS:
             return f"a {tag} document"
         return f"a document with unknown tag {tag!r}"
@@ -668,7 +678,7 @@ class _Scan:
             typ, data = self.struct(target, place, expected)
         except _Refuse as err:
             if err.reason.message.startswith("type ") and "allowlist" in err.reason.message:
-                name = normalise(self.deref(target["type"])["name"])
+                name = _type_name(self.peek(target["type"])) or ("?",)
                 what = "function" if name[-1].startswith("#") else "type"
                 raise _Refuse(place, f"{what} {_dotted(name)} is not allowed; expected {expected}") from None
             raise
@@ -750,7 +760,7 @@ class _Scan:
         """
         if _tag(node) == "struct" and set(node) == TAG_KEYS["struct"] and isinstance(node["data"], list):
             raw = self.peek(node["type"])
-            name = normalise(raw["name"]) if _tag(raw) == "datatype" and isinstance(raw.get("name"), list) else ()
+            name = _type_name(raw) or ()
             if len(name) == 2 and name[0] == "Flux" and name[1] in LAYER_TYPES and set(raw) == TAG_KEYS["datatype"]:
                 try:
                     return self.jtype(node["type"], place), node["data"]
@@ -778,8 +788,8 @@ class _Scan:
             typ_node = self.deref(target.get("type"))
             if _tag(typ_node) == "jl_anonymous":
                 raise _Refuse(place, CLOSURE)
-            if _tag(typ_node) == "datatype" and isinstance(typ_node.get("name"), list):
-                name = normalise(typ_node["name"])
+            if _type_name(typ_node):
+                name = _type_name(typ_node)
                 if name in ACTIVATIONS and name not in LAYER_FUNCTIONS:
                     raise _Refuse(place, f"the activation {_dotted(name)} as a whole layer: Julia refuses "
                                          "activations on arrays (it needs broadcasting)")
@@ -1142,7 +1152,7 @@ def scan_bytes(data: bytes | memoryview, file: str = "model.bson") -> Verdict:
     for key in keys:
         target = scan.peek(top[key])
         typ = scan.peek(target.get("type")) if _tag(target) == "struct" else None
-        if _tag(typ) == "datatype" and isinstance(typ.get("name"), list) and typ["name"][:1] == ["Flux"]:
+        if (_type_name(typ) or ())[:1] == ("Flux",):
             candidates.append(key)
         else:
             scan.inert(top[key], key)

@@ -73,7 +73,8 @@ def serve(spec: dict, engine, engine_thread: futures.ThreadPoolExecutor) -> None
     server.start()
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    stopped.wait()
+    while not stopped.wait(1.0):  # polled: the signal may land on another thread (OpenBLAS's)
+        pass
     server.stop(grace=1).wait()
 
 

@@ -147,8 +147,14 @@ def test_inference_over_its_timeout_kills_the_worker_which_comes_back(tmp_path, 
         assert err.value.details() == "model 'quad': inference timed out after 2 s; worker killed"
         import time
         deadline = time.monotonic() + 30
-        while not client.model_ready("quad") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        np.testing.assert_allclose(client.infer("quad", {"x": small})["y"], expected, rtol=1e-6)
+        while True:   # UNAVAILABLE until the restarted worker serves again
+            try:
+                result = client.infer("quad", {"x": small})["y"]
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
+                assert time.monotonic() < deadline, "the model did not come back"
+                time.sleep(0.05)
+        np.testing.assert_allclose(result, expected, rtol=1e-6)
     events = [e["event"] for e in daemon.audit_events()]
     assert "infer_timeout" in events and "worker_died" in events

@@ -208,16 +208,27 @@ def launch(profile: SandboxProfile, socket_dir: str, files: Mapping[str, int],
 
 
 def run_tool(profile: SandboxProfile, run: dict, files: Mapping[str, int] | None = None,
-             extra_ro_files: Mapping[str, str] | None = None, run_dir: str = "/run/sealbox/tools") -> int:
-    """Run an operator tool in a worker's sandbox with stdout/stderr passed through; its exit status back."""
+             extra_files: Mapping[str, bytes] | None = None, run_dir: str = "/run/sealbox/tools") -> int:
+    """Run an operator tool in a worker's sandbox with stdout/stderr passed through; its exit status back.
+
+    extra_files maps a path inside the sandbox to its content: a private read-only copy is bound
+    there (the worker user need not be able to reach the operator's original).
+    """
     import tempfile
 
     os.makedirs(run_dir, mode=0o711, exist_ok=True)
     parent = tempfile.mkdtemp(prefix="tool-", dir=run_dir)
     os.chmod(parent, 0o711)
     try:
+        binds = {}
+        for index, (dest, content) in enumerate((extra_files or {}).items()):
+            copy = os.path.join(parent, f"file{index}")
+            with open(copy, "wb") as f:
+                f.write(content)
+            os.chmod(copy, 0o444)
+            binds[copy] = dest
         socket_dir = make_socket_dir(parent, "sock", profile)
-        worker = launch(profile, socket_dir, files or {}, run=run, extra_ro_files=extra_ro_files,
+        worker = launch(profile, socket_dir, files or {}, run=run, extra_ro_files=binds,
                         stdout=None, stderr=None)
         try:
             return worker.proc.wait()

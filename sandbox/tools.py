@@ -28,13 +28,15 @@ def run_python(script: str, args: list[str], engine: str = "mlx", memory: str | 
     profile = SandboxProfile(engine=engine)
     if memory:
         profile = SandboxProfile(engine=engine, memory_bytes=parse_size(memory))
-    script = os.path.realpath(script)
-    if not os.path.isfile(script):
-        print(f"sealbox sandbox run-python: {script}: not a file", file=sys.stderr)
+    try:
+        with open(script, "rb") as f:
+            source = f.read()
+    except OSError as exc:
+        print(f"sealbox sandbox run-python: {script}: {exc.strerror}", file=sys.stderr)
         return 2
     try:
         return run_tool(profile, {"kind": "script", "target": SCRIPT_IN_SANDBOX, "args": list(args)},
-                        extra_ro_files={script: SCRIPT_IN_SANDBOX})
+                        extra_files={SCRIPT_IN_SANDBOX: source})
     except SandboxUnavailable as exc:
         print(f"sealbox sandbox run-python: {exc}", file=sys.stderr)
         return 2

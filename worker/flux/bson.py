@@ -24,7 +24,7 @@ import struct
 
 MAX_FILE_BYTES = 1 << 30          # 1 GiB: bigger Flux BSON models are not expected
 MAX_DEPTH = 100                   # real closure files nest 46 levels; models about 10
-MAX_NODES = 1_000_000             # elements in the whole file
+MAX_NODES = 200_000               # elements in the whole file; real files: under 2,000
 MAX_KEY_BYTES = 1024
 MAX_STRING_BYTES = 1 << 20
 MAX_BINARY_BYTES = MAX_FILE_BYTES

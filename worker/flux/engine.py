@@ -27,17 +27,23 @@ def model_file(files: Mapping[str, str]) -> tuple[str, str]:
     return found[0]
 
 
-def scan_model(files: Mapping[str, str]) -> tuple[str, str, scanner.Model]:
-    """Find the .bson file and scan it; ModelError with every reason unless accepted."""
+def scan_model(files: Mapping[str, str]) -> tuple[str, bytes, scanner.Model]:
+    """Read the .bson file once and scan those bytes; ModelError with every reason unless accepted.
+
+    Returns the bytes too: whoever loads the model must use exactly the bytes that were scanned.
+    """
     name, path = model_file(files)
     try:
-        verdict = scanner.scan_file(path, name)
+        data = scanner.read_file(path)
     except OSError as err:
         raise ModelError(f"{name}: cannot read: {err.strerror or err}") from None
+    except scanner.bson.BsonError as err:
+        raise ModelError(f"{name}: refused by the Flux scanner: {name}: {err}") from None
+    verdict = scanner.scan_bytes(data, name)
     if not verdict.accepted:
         reasons = "; ".join(str(r) for r in verdict.reasons)
         raise ModelError(f"{name}: {verdict.status} by the Flux scanner: {reasons}")
-    return name, path, verdict.model
+    return name, data, verdict.model
 
 
 def tensor_specs(model: scanner.Model) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:

@@ -34,6 +34,8 @@ function (model, x)
 end
 """
 
+_LOAD = "bytes -> BSON.load(IOBuffer(Vector{UInt8}(bytes)))"
+
 _lock = threading.Lock()     # juliacall is not thread-safe; one Julia runtime per process
 _julia = None
 
@@ -81,12 +83,13 @@ class JuliaEngine(Engine):
 
     @classmethod
     def load(cls, files: Mapping[str, str]) -> "JuliaEngine":
-        name, path, model = native_engine.scan_model(files)     # the scanner first, always
+        name, data, model = native_engine.scan_model(files)     # the scanner first, always
         exe = find_julia()
         with _lock:
             jl = _start(exe)
             try:
-                loaded = jl.BSON.load(path)
+                # the very bytes that were scanned, not the file again (it could have changed)
+                loaded = jl.seval(_LOAD)(np.frombuffer(data, np.uint8))
                 julia_model = loaded[jl.Symbol(model.key)]
                 forward = jl.seval(_FORWARD)
             except Exception as err:

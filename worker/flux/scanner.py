@@ -30,6 +30,7 @@ too.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -39,7 +40,7 @@ import numpy as np
 
 from sealbox.worker.flux import bson
 
-MAX_EXPANDED_NODES = 2_000_000   # nodes after backref expansion; real models: a few thousand
+MAX_EXPANDED_NODES = 1_000_000   # nodes after backref expansion; real models: a few thousand
 MAX_REASONS = 50                  # enough to explain a refusal, bounded for hostile files
 MAX_RANK = 8
 MAX_ARRAY_ELEMENTS = 1 << 28
@@ -406,8 +407,10 @@ class _Scan:
                     continue
                 if nxt in on_path:
                     cycle = path[on_path[nxt]:] + [nxt]
-                    cycles.append(Reason(f"_backrefs[{nxt + 1}]", "backref cycle: " + " -> ".join(
-                        f"_backrefs[{e + 1}]" for e in cycle)))
+                    reason = Reason(f"_backrefs[{nxt + 1}]", "backref cycle: " + " -> ".join(
+                        f"_backrefs[{e + 1}]" for e in cycle))
+                    if reason not in cycles:
+                        cycles.append(reason)
                     edges[entry] = [e for e in edges[entry] if e != nxt]   # count the rest once
                     continue
                 if nxt not in size:
@@ -458,19 +461,16 @@ class _Scan:
             node = self.refs[node["ref"] - 1]
         return node
 
+    @contextlib.contextmanager
     def nested(self, place: str):
         """Bound recursion through backref chains (types in types, chains in chains)."""
-        scan = self
-
-        class _Guard:
-            def __enter__(self):
-                scan.depth += 1
-                if scan.depth > MAX_NESTING:
-                    raise _Refuse(place, f"types or layers nested deeper than {MAX_NESTING} levels")
-
-            def __exit__(self, *exc):
-                scan.depth -= 1
-        return _Guard()
+        if self.depth >= MAX_NESTING:
+            raise _Refuse(place, f"types or layers nested deeper than {MAX_NESTING} levels")
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
 
     # ---- danger sweep: name the worst thing inside a refused value
 
@@ -1203,15 +1203,23 @@ def _finish(key: str, root: Layer) -> Model:
     return Model(key, root, dtype, DATATYPE_NAMES[dtype], spec(shape_in), spec(shape), tuple(layers))
 
 
-def scan_file(path: str | os.PathLike, name: str | None = None) -> Verdict:
-    """Scan a file; raise OSError if it cannot be read (size checked before reading)."""
-    label = name or os.fspath(path)
+def read_file(path: str | os.PathLike) -> bytes:
+    """The file's bytes; OSError if unreadable, bson.BsonError if above MAX_FILE_BYTES (checked before reading)."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size > bson.MAX_FILE_BYTES:
-            return Verdict(label, REFUSED, (Reason(label, f"bson: file is {size} bytes, above the limit "
-                                                          f"of {bson.MAX_FILE_BYTES}"),))
-        data = f.read(bson.MAX_FILE_BYTES + 1)
+            raise bson.BsonError(f"bson: file is {size} bytes, above the limit of {bson.MAX_FILE_BYTES}")
+        data = f.read(bson.MAX_FILE_BYTES + 1)     # st_size can lie for special files
     if len(data) > bson.MAX_FILE_BYTES:
-        return Verdict(label, REFUSED, (Reason(label, f"bson: file is more than {bson.MAX_FILE_BYTES} bytes"),))
+        raise bson.BsonError(f"bson: file is more than {bson.MAX_FILE_BYTES} bytes")
+    return data
+
+
+def scan_file(path: str | os.PathLike, name: str | None = None) -> Verdict:
+    """Scan a file; raise OSError if it cannot be read."""
+    label = name or os.fspath(path)
+    try:
+        data = read_file(path)
+    except bson.BsonError as err:
+        return Verdict(label, REFUSED, (Reason(label, str(err)),))
     return scan_bytes(data, label)

@@ -80,7 +80,7 @@ _AF_UNIX = 1
 _CLONE_THREAD = 0x00010000
 _PR_SET_NAME, _PR_SET_NO_NEW_PRIVS, _PR_SET_VMA = 15, 38, 0x53564D41
 _SECCOMP_SET_MODE_FILTER, _SECCOMP_FILTER_FLAG_TSYNC = 1, 1
-_TCGETS, _FIOCLEX = 0x5401, 0x5451
+_TCGETS, _FIOCLEX, _TIOCGWINSZ = 0x5401, 0x5451, 0x5413
 _F_GETFD, _F_SETFD, _F_GETFL, _F_SETFL = 1, 2, 3, 4
 _SIGABRT = 6
 _NR_SECCOMP_X86_64 = 317
@@ -144,8 +144,9 @@ def stage1_bpf(engine: str) -> bytes:
     # ENOSYS makes glibc fall back to clone, whose flags we check.
     f.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, _CLONE_THREAD, _CLONE_THREAD))
     f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
-    # ioctl: isatty() on stdio and close-on-exec; nothing reaches a terminal or device.
-    for request in (_TCGETS, _FIOCLEX):
+    # ioctl: isatty() on stdio, close-on-exec, and the window size argparse asks for (measured:
+    # `sealbox scan` in the sandbox); all three only read or set fd flags, none reaches a device.
+    for request in (_TCGETS, _FIOCLEX, _TIOCGWINSZ):
         f.add_rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.EQ, request))
     # fcntl: descriptor and status flags only (F_SETOWN/F_SETSIG would turn SIGIO into a signal channel).
     for command in (_F_GETFD, _F_SETFD, _F_GETFL, _F_SETFL):

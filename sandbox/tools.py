@@ -42,16 +42,34 @@ def run_python(script: str, args: list[str], engine: str = "mlx", memory: str | 
         return 2
 
 
+def sealed_copy(path: str, max_bytes: int = 1 << 30) -> int:
+    """The file's bytes in a sealed memfd: what a worker may read (Landlock keeps it off host paths)."""
+    import fcntl
+    fd = os.memfd_create("scan", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+    try:
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW)) as src:
+            while chunk := src.read(1 << 20):
+                if os.lseek(fd, 0, os.SEEK_CUR) + len(chunk) > max_bytes:
+                    raise OSError(27, f"larger than {max_bytes} bytes")
+                os.write(fd, chunk)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def scan_file(path: str, as_json: bool = False) -> int:
     """The BSON.jl scanner, run confined: the file is hostile until scanned."""
     _require_root("scan")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = sealed_copy(path)
     except OSError as exc:
         print(f"sealbox scan: {path}: {exc.strerror}", file=sys.stderr)
         return 2
     try:
-        args = [f"/proc/self/fd/{fd}", "--name", os.path.basename(path)] + (["--json"] if as_json else [])
+        args = [f"/proc/self/fd/{fd}", "--name", path] + (["--json"] if as_json else [])
         code = run_tool(SandboxProfile(engine="flux"),
                         {"kind": "module", "target": "sealbox.worker.flux.scan_cli", "args": args},
                         files={"model.bson": fd})

@@ -18,12 +18,13 @@ def main(argv: list[str]) -> int:
         description="Check a Flux.jl model saved with BSON.jl against sealbox's allowlist, without loading it.")
     parser.add_argument("file", help="the .bson file")
     parser.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    parser.add_argument("--name", help="the name to report the file by (the sandbox sees only /proc/self/fd/N)")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:        # argparse has printed the usage or the help
         return 0 if exit_.code == 0 else 2
     try:
-        verdict = scanner.scan_file(args.file)
+        verdict = scanner.scan_file(args.file, args.name) if args.name else scanner.scan_file(args.file)
     except OSError as err:
         print(f"sealbox scan: {args.file}: {err.strerror or err}", file=sys.stderr)
         return 2

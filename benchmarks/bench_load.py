@@ -1,0 +1,70 @@
+"""Cold load of a verified, sandboxed 1 GiB safetensors model (RepositoryModelLoad: policy, storage checks,
+signature, hashing into sealed memfds, spawn, load, warm-up) against a plain in-process mx.load + mx.eval
++ one SHA-256 of the file. Size: BENCH_LOAD_MB (default 1024)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import DemoDaemon, ms  # noqa: E402
+
+SIZE_MB = int(os.environ.get("BENCH_LOAD_MB", "1024"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+
+
+def build_big_model(directory: str, key: str) -> int:
+    os.environ.setdefault("MLX_DISABLE_COMPILE", "1")
+    import mlx.core as mx
+    from sealbox.daemon import publisher_cli
+    side = int((SIZE_MB * 2**20 / 4) ** 0.5)
+    os.makedirs(directory)
+    weights = {"layers.0.weight": mx.random.normal((side, side)), "layers.0.bias": mx.zeros((side,))}
+    mx.save_safetensors(os.path.join(directory, "weights.safetensors"), weights)
+    spec = {"name": "x", "datatype": "FP32", "shape": [-1, side]}
+    with open(os.path.join(directory, "model.json"), "w") as f:
+        json.dump({"architecture": {"type": "mlp"}, "weights": "weights.safetensors",
+                   "inputs": [spec], "outputs": [dict(spec, name="y")]}, f)
+    publisher_cli.main(["sign", "key", directory, "--private-key", key])
+    return os.path.getsize(os.path.join(directory, "weights.safetensors"))
+
+
+def in_process(path: str) -> float:
+    import mlx.core as mx
+    t = time.perf_counter()
+    weights = mx.load(path)
+    mx.eval(list(weights.values()))
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            digest.update(chunk)
+    elapsed = time.perf_counter() - t
+    del weights
+    return elapsed
+
+
+if __name__ == "__main__":
+    daemon = DemoDaemon("memory_mb = 4096")
+    big = os.path.join(daemon.dir, "big")
+    size = build_big_model(big, os.path.join(daemon.dir, "keys", "demo-signer.key"))
+    with open(daemon.config, "a") as f:
+        f.write(f'\n[models.big]\npath = "{big}"\nformat = "mlx"\nload = false\n')
+    path = os.path.join(big, "weights.safetensors")
+    in_process(path)  # page cache warm for both
+    with daemon:
+        from sealbox.client import Client
+        with Client(daemon.target, timeout=300) as client:
+            sandboxed = []
+            for _ in range(ROUNDS):
+                client.unload("big")
+                t = time.perf_counter()
+                client.load("big")
+                sandboxed.append(time.perf_counter() - t)
+    plain = [in_process(path) for _ in range(ROUNDS)]
+    s, p = statistics.median(sandboxed), statistics.median(plain)
+    print(f"cold load {size / 2**30:.2f} GiB   sealbox (verify + sandboxed worker) median {ms(s)}   "
+          f"in-process mx.load+eval+sha256 median {ms(p)}   ratio {s / p:.2f}x")

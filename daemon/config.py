@@ -2,6 +2,7 @@
 
     [server]
     socket = "/run/sealbox/sealbox.sock"   # Unix socket of the public API
+    socket_mode = "0660"                   # who may call: the socket's owner (root) and group
     tcp = "127.0.0.1:8001"                 # optional, loopback only
     max_message_mb = 256                   # gRPC message limit, every hop
     state_dir = "/var/lib/sealbox"         # accepted versions (rollback protection)
@@ -56,6 +57,7 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
     socket: str = "/run/sealbox/sealbox.sock"
+    socket_mode: int = 0o660
     tcp: str | None = None
     max_message_bytes: int = 256 * 2**20
     state_dir: str = "/var/lib/sealbox"
@@ -144,8 +146,11 @@ def _server(table: _Table) -> ServerConfig:
             loopback = host == "localhost"
         if not loopback or not port.isdigit():
             raise ConfigError(f"{table.where}: key 'tcp' must be a loopback address with a port, not {tcp!r}")
+    mode = table.get("socket_mode", str, oct(d.socket_mode)[2:])
+    if not re.fullmatch(r"0?[0-7]{3}", mode):
+        raise ConfigError(f"{table.where}: key 'socket_mode' must be an octal mode such as \"0660\", not {mode!r}")
     cfg = ServerConfig(
-        socket=table.get("socket", str, d.socket), tcp=tcp,
+        socket=table.get("socket", str, d.socket), socket_mode=int(mode, 8), tcp=tcp,
         max_message_bytes=int(table.positive("max_message_mb", d.max_message_bytes / 2**20) * 2**20),
         state_dir=table.get("state_dir", str, d.state_dir), run_dir=table.get("run_dir", str, d.run_dir),
         audit_log=table.get("audit_log", str, d.audit_log), audit_stderr=table.get("audit_stderr", bool, d.audit_stderr))

@@ -62,6 +62,7 @@ def main(argv=None) -> int:
         os.unlink(socket_path)
     server, health_servicer, addresses = build_server(supervisor)
     server.start()
+    os.chmod(socket_path, config.server.socket_mode)  # anyone who can open the socket can call the API
     audit.event("daemon_start", config=config.path, listen=addresses, models=sorted(config.models))
     logging.info("listening on %s", ", ".join(addresses))
 

@@ -44,6 +44,11 @@ def test_infer_matches_in_process_mlx(served):
         np.testing.assert_allclose(tcp_client.infer("demo", {"x": x})["y"], reference(x), rtol=1e-5, atol=1e-5)
 
 
+def test_public_socket_mode(served):
+    import stat
+    assert stat.S_IMODE(os.stat(served.socket).st_mode) == 0o660
+
+
 def test_large_tensor_over_4mb(served):
     x = np.random.default_rng(4).standard_normal((300_000, 4)).astype(np.float32)  # 4.8 MB in, 3.6 MB out
     with served.client() as client:

@@ -61,9 +61,16 @@ def test_not_a_model(tmp_path, capsys):
 
 def test_usage_and_io_errors(tmp_path, capsys):
     assert main([]) == 2
-    assert "usage: sealbox scan [-h] [--json] file" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("usage: sealbox scan [-h] [--json] [--name NAME] file\n")
     assert main([str(tmp_path / "missing.bson")]) == 2
     assert capsys.readouterr().err == f"sealbox scan: {tmp_path}/missing.bson: No such file or directory\n"
     assert main([str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"sealbox scan: {tmp_path}: Is a directory\n"
     assert main(["--help"]) == 0
+
+
+def test_name_reported_instead_of_the_path(tmp_path, capsys):
+    """The sandboxed scan sees /proc/self/fd/N; --name reports the user's file name."""
+    path = write(tmp_path, gadget=True)
+    assert main([str(path), "--name", "models/m.bson"]) == 1
+    assert capsys.readouterr().out.splitlines()[0] == "models/m.bson: refused"

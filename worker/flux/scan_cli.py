@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
     except SystemExit as exit_:        # argparse has printed the usage or the help
         return 0 if exit_.code == 0 else 2
     try:
-        verdict = scanner.scan_file(args.file, args.name) if args.name else scanner.scan_file(args.file)
+        verdict = scanner.scan_file(args.file, args.name)
     except OSError as err:
         print(f"sealbox scan: {args.file}: {err.strerror or err}", file=sys.stderr)
         return 2

@@ -811,7 +811,10 @@ class _Scan:
             raise _Refuse(place, f"holds a value of type {_dotted(typ.name)}; expected a Flux layer ({supported})")
         check = getattr(self, "layer_" + typ.name[-1].lower())
         with self.nested(place):
-            return check(typ, data, place), typ
+            layer = check(typ, data, place)
+        if place in self.type_errors:     # a layer whose type did not parse is never accepted
+            raise self.type_errors[place]
+        return layer, typ
 
     def layer_chain(self, type_node, data: list, place: str) -> tuple[Chain, JType]:
         if len(data) != 1:

@@ -44,6 +44,21 @@ def test_infer_matches_in_process_mlx(served):
         np.testing.assert_allclose(tcp_client.infer("demo", {"x": x})["y"], reference(x), rtol=1e-5, atol=1e-5)
 
 
+def test_health_and_reflection(served):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    with grpc.insecure_channel(served.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "inference.GRPCInferenceService"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        answers = list(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                    timeout=10))
+        services = {s.name for s in answers[0].list_services_response.service}
+    assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= services
+
+
 def test_public_socket_mode(served):
     import stat
     assert stat.S_IMODE(os.stat(served.socket).st_mode) == 0o660

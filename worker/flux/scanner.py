@@ -528,7 +528,7 @@ class _Scan:
         if _type_name(node):
             return f"the type {_dotted(_type_name(node))}"
         if tag in TAG_KEYS:
-            return f"a {tag} document"
+            return f"{'an' if tag == 'array' else 'a'} {tag} document"
         return f"a document with unknown tag {tag!r}"
 
     def refuse_value(self, node, place: str, expected: str) -> _Refuse:
@@ -1192,13 +1192,13 @@ def scan_bytes(data: bytes | memoryview, file: str = "model.bson") -> Verdict:
 
 def _finish(key: str, root: Layer) -> Model:
     layers = leaves(root, key)
+    shape_in = input_shape(layers, key)
     dtypes = {arr.dtype for _, layer in layers for arr in (getattr(layer, f.name) for f in dataclasses.fields(layer))
               if isinstance(arr, np.ndarray)}
     if len(dtypes) != 1:
         found = ", ".join(sorted(str(d) for d in dtypes)) or "none"
         raise _Refuse(key, f"weights must share one element type, found {found}")
     dtype = next(iter(dtypes))
-    shape_in = input_shape(layers, key)
     shape = shape_in
     for place, layer in layers:
         shape = layer_shape(layer, shape, place)

@@ -22,6 +22,8 @@
     landlock = true
     cgroups = true
     openblas = true                         # preload Debian's OpenBLAS into workers (MLX's own BLAS is slow)
+    julia = "/opt/julia/bin/julia"          # only for format = "julia" (untested here: no Julia)
+    julia_depot = "/var/lib/sealbox/julia"  # with BSON, Flux and PythonCall installed; bound read-only
 
     [policy]                                # the default trust policy (see SECURITY.md)
     ...
@@ -79,6 +81,8 @@ class WorkerConfig:
     landlock: bool = True
     cgroups: bool = True
     openblas: bool = True
+    julia: str | None = None          # the Julia executable for format = "julia" (bound read-only)
+    julia_depot: str | None = None    # its depot with BSON, Flux and PythonCall installed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +176,8 @@ def _workers(table: _Table) -> WorkerConfig:
         infer_timeout_s=float(table.positive("infer_timeout_s", d.infer_timeout_s)),
         restart_backoff_s=(float(backoff[0]), float(backoff[1])),
         seccomp=table.get("seccomp", bool, d.seccomp), landlock=table.get("landlock", bool, d.landlock),
-        cgroups=table.get("cgroups", bool, d.cgroups), openblas=table.get("openblas", bool, d.openblas))
+        cgroups=table.get("cgroups", bool, d.cgroups), openblas=table.get("openblas", bool, d.openblas),
+        julia=table.get("julia", str, None), julia_depot=table.get("julia_depot", str, None))
     table.finish()
     return cfg
 

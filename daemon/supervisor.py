@@ -191,7 +191,14 @@ class Supervisor:
     # -- profile: the one place a model's confinement is decided
     def profile_for(self, model: ModelConfig) -> SandboxProfile:
         w = self.config.workers
+        extra_ro, extra_env = (), ()
+        if model.format == "julia":  # Julia's installation and depot, read-only; nothing downloaded
+            julia_root = os.path.dirname(os.path.dirname(os.path.realpath(w.julia))) if w.julia else None
+            extra_ro = tuple(p for p in (julia_root, w.julia_depot) if p)
+            extra_env = tuple((k, v) for k, v in (("PYTHON_JULIAPKG_EXE", w.julia),
+                                                 ("JULIA_DEPOT_PATH", w.julia_depot)) if v)
         return SandboxProfile(engine=model.format, worker_user=w.user, python=w.python,
+                              extra_ro_paths=extra_ro, extra_env=extra_env,
                               memory_bytes=model.memory_bytes or w.memory_bytes,
                               pids_max=model.pids_max or w.pids_max,
                               load_timeout_s=model.load_timeout_s or w.load_timeout_s,

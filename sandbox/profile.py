@@ -58,6 +58,7 @@ class SandboxProfile:
     # (OpenBLAS: MLX's bundled reference BLAS is ~30x slower). Not LD_PRELOAD: OpenBLAS starts
     # threads when loaded, and Landlock must be applied while the worker has one thread.
     preload: tuple[str, ...] = ()
+    extra_env: tuple[tuple[str, str], ...] = ()   # engine-specific, e.g. where Julia and its depot are
     # Layers beyond namespaces; each can only be turned off explicitly in the config.
     seccomp: bool = True
     landlock: bool = True
@@ -75,4 +76,5 @@ class SandboxProfile:
             "PYTHONDONTWRITEBYTECODE": "1",
             "PYTHONNOUSERSITE": "1",
             "PYTHON_JULIAPKG_OFFLINE": "yes",
+            **dict(self.extra_env),
         }

@@ -311,3 +311,14 @@ def test_infer_rejects_bad_inputs(tmp_path):
     with pytest.raises(InputError) as err:
         engine.infer({"input": np.zeros((2, 1, 6, 6), np.float64)})
     assert str(err.value) == "input 'input': datatype FP64, expected FP32"
+
+
+def test_conv_in_batch_chunks(tmp_path, monkeypatch):
+    """Big batches run in chunks to bound the im2col copy; the result must not change."""
+    from sealbox.worker.flux import native
+    e = Era("0.13")
+    w, b = rand(3, 3, 2, 4), rand(4)
+    engine = load(tmp_path, e.file(e.conv(w, b, "relu", pad=(1, 1, 1, 1))))
+    x = rand(5, 6, 2, 7)
+    monkeypatch.setattr(native, "IM2COL_BYTES", 1)      # one sample per chunk
+    close(run(engine, x), ref_conv(w, b, "relu", x, (1, 1), (1, 1, 1, 1), (1, 1)))

@@ -41,6 +41,7 @@ from sealbox.worker.flux import scanner
 SELU_LAMBDA = 1.0507009873554805
 SELU_ALPHA = 1.6732632423543772
 GELU_K = math.sqrt(2 / math.pi)
+IM2COL_BYTES = 64 << 20      # peak size of one convolution's window copy
 
 
 def _sigmoid(x):
@@ -108,6 +109,13 @@ def _conv(layer: scanner.Conv) -> Callable[[np.ndarray], np.ndarray]:
     act = ACTIVATIONS[layer.activation]
 
     def run(x: np.ndarray) -> np.ndarray:
+        # im2col copies every window: bound that copy by running the batch in chunks
+        per_sample = x.itemsize * cpg * g * math.prod(kernel) * math.prod(
+            ((size + lo + hi - (k - 1) * d - 1) // s + 1)
+            for size, k, (lo, hi), s, d in zip(x.shape[2:], kernel, layer.pad, layer.stride, layer.dilation))
+        chunk = max(1, IM2COL_BYTES // max(1, per_sample))
+        if x.shape[0] > chunk:
+            return np.concatenate([run(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)])
         batch = x.shape[0]
         cols = _windows(_pad(x, layer.pad, 0), kernel, layer.stride, layer.dilation)   # (B, C, *out, *k)
         out = cols.shape[2:2 + n]

@@ -217,6 +217,12 @@ def case_wrong_layer_function(e):
     return e.file(e.chain([dense(e), (struct_(datatype(["Main", "Base", "#exit"]), []), None)]))
 
 
+def case_bool_type_parameter(e):
+    layer = e.conv(np.ones((3, 2, 4), F32), np.zeros(4, F32))    # a 1-d Conv: N = 1
+    layer[0]["type"]["params"][0] = True      # Python's True == 1 must not pass for N
+    return e.file(layer)
+
+
 ACTS = "an allowed activation (elu, gelu, identity, leakyrelu, relu, selu, sigmoid_fast, softplus, tanh, tanh_fast, σ)"
 CASES = {
     case_bn_track_stats: "model.layers[2].track_stats: false: Flux would normalise with batch statistics, not stored ones",
@@ -265,6 +271,7 @@ CASES = {
     case_activation_with_fields: f"model.σ: holds a value of type NNlib.#relu; expected {ACTS} (a singleton, "
                                  "without fields or type parameters)",
     case_softmax_as_activation: f"model.σ: holds the function NNlib.#softmax; expected {ACTS}",
+    case_bool_type_parameter: "model (type parameter 1): boolean type parameter true is not expected",
     case_wrong_layer_function: "model.layers[2]: function Base.#exit is not allowed; expected a layer or one of "
                                "softmax, flatten, identity",
 }

@@ -581,9 +581,9 @@ class _Scan:
         for i, item in enumerate(raw):
             where = f"{base} (type parameter {'.'.join(map(str, trail + (i + 1,)))})"
             item = self.deref(item)
-            if isinstance(item, bool):
-                params.append(item)
-            elif isinstance(item, int):
+            if isinstance(item, bool):      # no allowlisted type takes one, and True == 1 in Python
+                raise _Refuse(where, f"boolean type parameter {str(item).lower()} is not expected")
+            if isinstance(item, int):
                 params.append(item)
             elif _tag(item) == "tuple" and name == ("Core", "NamedTuple") and i == 0:
                 params.append(self.symbol_tuple(item, where))

@@ -217,6 +217,10 @@ def case_wrong_layer_function(e):
     return e.file(e.chain([dense(e), (struct_(datatype(["Main", "Base", "#exit"]), []), None)]))
 
 
+def case_dropout_active_zero(e):
+    return in_chain(e, mutate(e.dropout(0.5), 2, 0))      # 0 == False in Python, not in the format
+
+
 def case_bool_type_parameter(e):
     layer = e.conv(np.ones((3, 2, 4), F32), np.zeros(4, F32))    # a 1-d Conv: N = 1
     layer[0]["type"]["params"][0] = True      # Python's True == 1 must not pass for N
@@ -271,6 +275,7 @@ CASES = {
     case_activation_with_fields: f"model.σ: holds a value of type NNlib.#relu; expected {ACTS} (a singleton, "
                                  "without fields or type parameters)",
     case_softmax_as_activation: f"model.σ: holds the function NNlib.#softmax; expected {ACTS}",
+    case_dropout_active_zero: "model.layers[2].active: holds the number 0; expected nothing or false",
     case_bool_type_parameter: "model (type parameter 1): boolean type parameter true is not expected",
     case_wrong_layer_function: "model.layers[2]: function Base.#exit is not allowed; expected a layer or one of "
                                "softmax, flatten, identity",

@@ -945,7 +945,7 @@ class _Scan:
         active = self.deref(data[9] if modern else data[7])
         if active is True:
             raise _Refuse(f"{place}.active", "true: saved in training mode, Flux would use batch statistics")
-        if active not in (None, False):
+        if active is not None and active is not False:   # identity: 0 == False in Python
             raise self.refuse_value(active, f"{place}.active", "nothing or false")
         mean = self.float_array(data[3], f"{place}.μ", rank=1)
         var = self.float_array(data[4], f"{place}.σ²", rank=1)
@@ -994,7 +994,7 @@ class _Scan:
         active = self.deref(data[1] if len(data) == 2 else data[2])
         if active is True:
             raise _Refuse(f"{place}.active", "true: saved in training mode, Flux would drop values at random")
-        if active not in (None, False):
+        if active is not None and active is not False:   # identity: 0 == False in Python
             raise self.refuse_value(active, f"{place}.active", "nothing or false")
         self.expect_param(place, 1, typ.params[0], [p_type], "p")
         if len(data) >= 3:

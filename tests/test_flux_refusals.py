@@ -217,6 +217,10 @@ def case_wrong_layer_function(e):
     return e.file(e.chain([dense(e), (struct_(datatype(["Main", "Base", "#exit"]), []), None)]))
 
 
+def case_dropout_p_nan(e):
+    return in_chain(e, mutate(e.dropout(0.5), 0, float("nan")))
+
+
 def case_dropout_active_zero(e):
     return in_chain(e, mutate(e.dropout(0.5), 2, 0))      # 0 == False in Python, not in the format
 
@@ -275,6 +279,7 @@ CASES = {
     case_activation_with_fields: f"model.σ: holds a value of type NNlib.#relu; expected {ACTS} (a singleton, "
                                  "without fields or type parameters)",
     case_softmax_as_activation: f"model.σ: holds the function NNlib.#softmax; expected {ACTS}",
+    case_dropout_p_nan: "model.layers[2].p: non-finite Core.Float64 scalar",
     case_dropout_active_zero: "model.layers[2].active: holds the number 0; expected nothing or false",
     case_bool_type_parameter: "model (type parameter 1): boolean type parameter true is not expected",
     case_wrong_layer_function: "model.layers[2]: function Base.#exit is not allowed; expected a layer or one of "

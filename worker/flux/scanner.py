@@ -696,19 +696,21 @@ class _Scan:
 
     def scalar_float(self, node, place: str) -> tuple[float, JType]:
         node = self.deref(node)
+        value = None
         if isinstance(node, float):
-            return node, JType(("Core", "Float64"))
-        if _tag(node) == "struct" and set(node) == TAG_KEYS["struct"] and isinstance(node["data"], memoryview):
+            value, typ = node, JType(("Core", "Float64"))
+        elif _tag(node) == "struct" and set(node) == TAG_KEYS["struct"] and isinstance(node["data"], memoryview):
             typ = self.jtype(node["type"], place)
             if typ.name in FLOAT_TYPES and not typ.params:
                 dtype = FLOAT_TYPES[typ.name]
                 if len(node["data"]) != dtype.itemsize:
                     raise _Refuse(place, f"{typ} scalar of {len(node['data'])} bytes, expected {dtype.itemsize}")
                 value = float(np.frombuffer(node["data"], dtype)[0])
-                if not math.isfinite(value):
-                    raise _Refuse(place, f"non-finite {typ} scalar")
-                return value, typ
-        raise self.refuse_value(node, place, "a floating-point number")
+        if value is None:
+            raise self.refuse_value(node, place, "a floating-point number")
+        if not math.isfinite(value):
+            raise _Refuse(place, f"non-finite {typ} scalar")
+        return value, typ
 
     def integer(self, node, place: str) -> int:
         node = self.deref(node)

@@ -221,6 +221,10 @@ def case_dropout_p_nan(e):
     return in_chain(e, mutate(e.dropout(0.5), 0, float("nan")))
 
 
+def case_empty_dense(e):
+    return e.file(e.chain([dense(e), e.dense(np.ones((0, 2), F32), np.zeros(0, F32))]))
+
+
 def case_dropout_active_zero(e):
     return in_chain(e, mutate(e.dropout(0.5), 2, 0))      # 0 == False in Python, not in the format
 
@@ -280,6 +284,7 @@ CASES = {
                                  "without fields or type parameters)",
     case_softmax_as_activation: f"model.σ: holds the function NNlib.#softmax; expected {ACTS}",
     case_dropout_p_nan: "model.layers[2].p: non-finite Core.Float64 scalar",
+    case_empty_dense: "model.layers[2]: Dense(2 => 0) has an empty weight array",
     case_dropout_active_zero: "model.layers[2].active: holds the number 0; expected nothing or false",
     case_bool_type_parameter: "model (type parameter 1): boolean type parameter true is not expected",
     case_wrong_layer_function: "model.layers[2]: function Base.#exit is not allowed; expected a layer or one of "

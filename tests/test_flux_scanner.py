@@ -130,6 +130,8 @@ def test_corpus_models_run(name, batch, inputs, outputs):
     assert np.isfinite(out).all()
     if "banachtech" in name:      # ends in softmax
         np.testing.assert_allclose(out.sum(axis=1), 1, rtol=1e-5)
+    empty = engine.infer({"input": np.zeros((0,) + batch[1:], np.float32)})["output"]
+    assert empty.shape == (0, outputs[1])
 
 
 # ---------------------------------------------------------------- hostile files

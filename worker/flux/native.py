@@ -167,7 +167,7 @@ def _function(layer: scanner.Function) -> Callable[[np.ndarray], np.ndarray]:
     if layer.name == "softmax":
         return softmax
     if layer.name == "flatten":
-        return lambda x: x.reshape(x.shape[0], -1)
+        return lambda x: x.reshape(x.shape[0], math.prod(x.shape[1:]))    # -1 fails on an empty batch
     return lambda x: x
 
 

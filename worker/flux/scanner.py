@@ -234,6 +234,13 @@ class Model:
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
+    """The scanner's answer for one file.
+
+    accepted: exactly one top-level value is a Flux model sealbox runs (`model`), the rest is
+    inert data. refused: something in the file is outside the allowlist or malformed; every
+    reason found (up to MAX_REASONS), each with its place. not-a-model: nothing wrong, but no
+    Flux model either (weights-only files, plain data).
+    """
     file: str
     status: str                   # ACCEPTED, REFUSED or NOT_A_MODEL
     reasons: tuple[Reason, ...]
@@ -1192,14 +1199,20 @@ def scan_bytes(data: bytes | memoryview, file: str = "model.bson") -> Verdict:
     return Verdict(file, ACCEPTED, (), model)
 
 
+def _arrays(layer: Layer) -> list[np.ndarray]:
+    return [v for v in (getattr(layer, f.name) for f in dataclasses.fields(layer)) if isinstance(v, np.ndarray)]
+
+
 def _finish(key: str, root: Layer) -> Model:
     layers = leaves(root, key)
     shape_in = input_shape(layers, key)
-    dtypes = {arr.dtype for _, layer in layers for arr in (getattr(layer, f.name) for f in dataclasses.fields(layer))
-              if isinstance(arr, np.ndarray)}
+    dtypes = {arr.dtype for _, layer in layers for arr in _arrays(layer)}
     if len(dtypes) != 1:
         found = ", ".join(sorted(str(d) for d in dtypes)) or "none"
         raise _Refuse(key, f"weights must share one element type, found {found}")
+    for place, layer in layers:
+        if any(isinstance(arr, np.ndarray) and arr.size == 0 for arr in _arrays(layer)):
+            raise _Refuse(place, f"{layer.summary} has an empty weight array")
     dtype = next(iter(dtypes))
     shape = shape_in
     for place, layer in layers:

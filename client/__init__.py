@@ -1,3 +1,3 @@
 """Python client for sealbox (Open Inference Protocol) and the `sealbox` CLI."""
 
-from sealbox.client.client import Client  # noqa: E402,F401
+from sealbox.client.client import AsyncClient, Client  # noqa: E402,F401

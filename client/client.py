@@ -12,6 +12,7 @@ import os
 from typing import Iterable, Mapping
 
 import grpc
+import grpc.aio
 import numpy as np
 
 from sealbox.proto import inference_pb2 as pb
@@ -86,3 +87,51 @@ class Client:
 
     def unload(self, name: str) -> None:
         self.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=name), timeout=self.timeout)
+
+
+class AsyncClient:
+    """The same calls for asyncio code (grpc.aio):
+
+        async with AsyncClient("unix:/run/sealbox/sealbox.sock") as c:
+            outputs = await c.infer("demo", {"x": x})
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, max_message_bytes: int = 256 * 2**20, timeout: float = 60.0):
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        self.channel = grpc.aio.insecure_channel(target, options=options)
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        self.timeout = timeout
+
+    async def close(self):
+        await self.channel.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def ready(self) -> bool:
+        return (await self.stub.ServerReady(pb.ServerReadyRequest(), timeout=self.timeout)).ready
+
+    async def model_ready(self, name: str) -> bool:
+        return (await self.stub.ModelReady(pb.ModelReadyRequest(name=name), timeout=self.timeout)).ready
+
+    async def metadata(self, name: str) -> pb.ModelMetadataResponse:
+        return await self.stub.ModelMetadata(pb.ModelMetadataRequest(name=name), timeout=self.timeout)
+
+    async def infer(self, name: str, inputs: Mapping[str, np.ndarray], outputs: Iterable[str] | None = None,
+                    timeout: float | None = None) -> dict[str, np.ndarray]:
+        request = tensors.build_request(name, dict(inputs), outputs)
+        response = await self.stub.ModelInfer(request, timeout=timeout or self.timeout)
+        return tensors.response_outputs(response)
+
+    async def models(self) -> list[pb.RepositoryIndexResponse.ModelIndex]:
+        return list((await self.stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=self.timeout)).models)
+
+    async def load(self, name: str) -> None:
+        await self.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=name), timeout=self.timeout)
+
+    async def unload(self, name: str) -> None:
+        await self.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=name), timeout=self.timeout)

@@ -64,6 +64,22 @@ def test_public_socket_mode(served):
     assert stat.S_IMODE(os.stat(served.socket).st_mode) == 0o660
 
 
+def test_async_client(served):
+    import asyncio
+    from sealbox.client import AsyncClient
+
+    async def calls():
+        async with AsyncClient(served.target) as client:
+            x = np.random.default_rng(8).standard_normal((6, 4)).astype(np.float32)
+            results = await asyncio.gather(*(client.infer("demo", {"x": x * k}) for k in range(4)))
+            names = [m.name for m in await client.models()]
+            return x, results, names, await client.model_ready("nope")
+    x, results, names, unknown_ready = asyncio.run(calls())
+    for k, out in enumerate(results):
+        np.testing.assert_allclose(out["y"], reference(x * k), rtol=1e-5, atol=1e-5)
+    assert names == ["demo"] and unknown_ready is False
+
+
 def test_large_tensor_over_4mb(served):
     x = np.random.default_rng(4).standard_normal((300_000, 4)).astype(np.float32)  # 4.8 MB in, 3.6 MB out
     with served.client() as client:

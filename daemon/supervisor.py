@@ -147,8 +147,8 @@ class Worker:
             reason = f"worker killed by the OOM killer {when} ({limit})"
         else:
             reason = f"worker {describe_exit(rc)} {when}"
-            if rc - 128 in (signal.SIGKILL, signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT):
-                reason += f" ({limit})"  # MLX segfaults rather than failing cleanly when memory runs out
+            if rc - 128 in (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT):
+                reason += f" ({limit})"  # MLX crashes rather than failing cleanly when memory runs out
         if self.sandboxed.pids_limit_hit():
             reason += f" (process limit {self.profile.pids_max} reached)"
         last = [line for line in self.stderr_tail if line.startswith("sealbox worker:")]

@@ -47,6 +47,10 @@ def main(argv=None) -> int:
     from sealbox.daemon.server import SERVICE, build_server
     from sealbox.daemon.supervisor import Supervisor
 
+    # Verification holds a descriptor per model file and one sealed memfd per file while loaded.
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     audit = AuditLog(config.server.audit_log, config.server.audit_stderr)
     supervisor = Supervisor(config, audit)
     try:

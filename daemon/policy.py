@@ -2,7 +2,7 @@
 
 Loaded once from the TOML config; every key and file it names is checked at
 load time, so a broken policy stops the daemon instead of failing open later.
-The keys are documented in daemon/SECURITY-verification.md.
+The keys are documented in SECURITY.md ("The trust policy in the daemon config").
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ def files(tmp_path_factory):
 
 
 def example(files) -> str:
-    # Kept in step with the example in daemon/SECURITY-verification.md.
+    # Kept in step with the example in SECURITY.md ("The trust policy in the daemon config").
     return f"""
 [policy]
 sources = ["{files['dir']}", "https://models.example.com/"]

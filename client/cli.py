@@ -12,6 +12,10 @@ from sealbox.client.client import DEFAULT_TARGET, Client
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
 
+class UsageError(Exception):
+    """Bad arguments or unreadable input files: exit 2."""
+
+
 def _client(args) -> Client:
     return Client(args.target)
 
@@ -32,9 +36,9 @@ def cmd_status(args) -> int:
         if m.state == "READY":
             meta = c.metadata(args.model)
             print(f"engine:  {meta.platform}")
-            for kind, tensors in (("input", meta.inputs), ("output", meta.outputs)):
+            for kind, tensors in (("input:", meta.inputs), ("output:", meta.outputs)):
                 for t in tensors:
-                    print(f"{kind}:   {t.name} {t.datatype} {list(t.shape)}")
+                    print(f"{kind:8} {t.name} {t.datatype} {list(t.shape)}")
     return EXIT_OK
 
 
@@ -43,11 +47,11 @@ def _parse_inputs(specs: list[str]) -> dict[str, np.ndarray]:
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
-            raise SystemExit(f"sealbox infer: --input must be NAME=FILE.npy, not {spec!r}")
+            raise UsageError(f"sealbox infer: --input must be NAME=FILE.npy, not {spec!r}")
         try:
             inputs[name] = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
-            raise SystemExit(f"sealbox infer: {path}: cannot read as .npy: {exc}") from None
+            raise UsageError(f"sealbox infer: {path}: cannot read as .npy: {exc}") from None
     return inputs
 
 
@@ -169,6 +173,9 @@ def main(argv=None) -> int:
     except KeyError as exc:
         print(f"sealbox: {exc.args[0]}", file=sys.stderr)
         return EXIT_REFUSED
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
     except OSError as exc:
         print(f"sealbox: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -158,3 +158,23 @@ def test_inference_over_its_timeout_kills_the_worker_which_comes_back(tmp_path, 
         np.testing.assert_allclose(result, expected, rtol=1e-6)
     events = [e["event"] for e in daemon.audit_events()]
     assert "infer_timeout" in events and "worker_died" in events
+
+
+def test_builtin_mlp_from_safetensors_serves(tmp_path, daemon_factory, keys):
+    """A safetensors-only model whose metadata names the built-in MLP (the positive twin of the GGUF crash)."""
+    import mlx.core as mx
+    rng = np.random.default_rng(4)
+    weights = {"layers.0.weight": rng.standard_normal((16, 4)).astype(np.float32),
+               "layers.0.bias": rng.standard_normal(16).astype(np.float32),
+               "layers.1.weight": rng.standard_normal((3, 16)).astype(np.float32),
+               "layers.1.bias": rng.standard_normal(3).astype(np.float32)}
+    model = mlx_model(tmp_path / "models" / "mlp", dict(MLP_META, weights="weights.safetensors",
+                                                       architecture={"type": "mlp", "activation": "tanh"}))
+    mx.save_safetensors(str(model / "weights.safetensors"), {k: mx.array(v) for k, v in weights.items()})
+    upstream_sign(model, keys[0])
+    daemon = daemon_factory({"mlp": {"path": model}}, keys[1]).start()
+    x = rng.standard_normal((7, 4)).astype(np.float32)
+    hidden = np.tanh(x @ weights["layers.0.weight"].T + weights["layers.0.bias"])
+    expected = hidden @ weights["layers.1.weight"].T + weights["layers.1.bias"]
+    with daemon.client() as client:
+        np.testing.assert_allclose(client.infer("mlp", {"x": x})["y"], expected, rtol=1e-5, atol=1e-5)

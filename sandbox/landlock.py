@@ -56,6 +56,9 @@ _FILE_RIGHTS = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | FS_TRUNCATE | FS_IOCT
 READ_ONLY = FS_READ_FILE | FS_READ_DIR
 READ_WRITE = (READ_ONLY | FS_WRITE_FILE | FS_TRUNCATE | FS_REMOVE_FILE | FS_REMOVE_DIR
               | FS_MAKE_REG | FS_MAKE_DIR | FS_MAKE_SOCK)
+# A directory on the host that holds only the worker's socket: bind it (and unlink a stale one),
+# nothing else, so a worker cannot fill the host filesystem with regular files.
+SOCKET_ONLY = FS_MAKE_SOCK | FS_REMOVE_FILE
 
 
 class LandlockError(Exception):
@@ -101,7 +104,7 @@ def _thread_count() -> int:
 
 
 def restrict_self(read_only: list[str], read_write: list[str], deny_tcp: bool = True,
-                  scope_signals_and_abstract_unix: bool = True) -> int:
+                  scope_signals_and_abstract_unix: bool = True, socket_dirs: list[str] = ()) -> int:
     """Confine this process for good; returns the Landlock ABI the ruleset was built for.
 
     deny_tcp needs ABI 4 and scope_signals_and_abstract_unix ABI 6: asking for
@@ -131,7 +134,7 @@ def restrict_self(read_only: list[str], read_write: list[str], deny_tcp: bool = 
     except OSError as exc:
         raise LandlockError(f"landlock: landlock_create_ruleset failed: {exc.strerror}") from None
     try:
-        for paths, rights in ((read_only, READ_ONLY), (read_write, READ_WRITE)):
+        for paths, rights in ((read_only, READ_ONLY), (read_write, READ_WRITE), (socket_dirs, SOCKET_ONLY)):
             for path in paths:
                 _add_path_rule(libc, ruleset_fd, path, rights & handled_fs)
         if ctypes.CDLL(None).prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:

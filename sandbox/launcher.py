@@ -95,10 +95,12 @@ def worker_spec(profile: SandboxProfile, files: Mapping[str, int], run: dict | N
         "socket": f"{SOCKET_DIR_IN_SANDBOX}/{SOCKET_NAME}",
         "files": dict(files),
         "landlock": profile.landlock,
-        # Landlock: the runtime and random sources read-only; only the socket dir and tmpfs writable.
+        # Landlock: the runtime and random sources read-only; the size-limited tmpfs writable; in the
+        # socket directory (a host directory) only the socket itself may be made.
         "read_only": [*profile.runtime_paths, *profile.extra_ro_paths, *extra_read_only,
                       "/dev/urandom", "/dev/zero"],
-        "read_write": [SOCKET_DIR_IN_SANDBOX, "/tmp", "/dev/null"],
+        "read_write": ["/tmp", "/dev/null"],
+        "socket_dirs": [SOCKET_DIR_IN_SANDBOX],
         "seccomp_stage2_fd": seccomp_stage2_fd,
         "preload": list(profile.preload),
     }

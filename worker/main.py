@@ -24,7 +24,8 @@ def confine(spec: dict) -> None:
     """The worker's self-restrictions, applied before any model byte is read."""
     if spec.get("landlock"):
         from sealbox.sandbox import landlock
-        landlock.restrict_self(read_only=spec["read_only"], read_write=spec["read_write"])
+        landlock.restrict_self(read_only=spec["read_only"], read_write=spec["read_write"],
+                               socket_dirs=spec["socket_dirs"])
     if spec.get("seccomp_stage2_fd") is not None:  # built by the supervisor: no libseccomp needed here
         from sealbox.sandbox import seccomp
         seccomp.load_stage2_from_fd(spec["seccomp_stage2_fd"])

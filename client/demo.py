@@ -109,8 +109,9 @@ def run_demo(directory: str | None, once: bool = False) -> int:
             y = client.infer("demo", {INPUT: x})[OUTPUT]
         np.save(os.path.join(directory, "x.npy"), x)
         print(f"sealbox demo: {INPUT} =\n{x}\n{OUTPUT} = demo({INPUT}) =\n{y}")
-        print(f"\nCall it again:\n  sealbox --target {target} infer demo --input {INPUT}={directory}/x.npy\n"
-              f"  sealbox --target {target} models")
+        cli = os.path.join(os.path.dirname(sys.executable), "sealbox")  # the venv's, which may not be on PATH
+        print(f"\nCall it again:\n  {cli} --target {target} infer demo --input {INPUT}={directory}/x.npy\n"
+              f"  {cli} --target {target} models")
         if not once:
             print("\nsealboxd is serving; Ctrl-C stops it.")
             daemon.wait()

@@ -20,7 +20,7 @@ def test_demo_once(tmp_path):
     printed = result.stdout.split("y = demo(x) =\n", 1)[1].split("\n\n", 1)[0]
     values = np.array([float(v) for v in printed.replace("[", " ").replace("]", " ").split()], np.float32)
     np.testing.assert_allclose(values.reshape(y.shape), y, rtol=1e-5, atol=1e-5)
-    assert f"sealbox --target unix:{directory}/sealbox.sock infer demo --input x={directory}/x.npy" in result.stdout
+    assert f"{SEALBOX} --target unix:{directory}/sealbox.sock infer demo --input x={directory}/x.npy" in result.stdout
     assert (directory / "model" / "model.sig").exists()
     # A second run reuses the signed model and the key.
     again = subprocess.run([SEALBOX, "demo", "--once", "--dir", str(directory)], capture_output=True, text=True,

@@ -14,13 +14,14 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import p99, timed  # noqa: E402
 from flux_fixtures import Era  # noqa: E402
 
 from sealbox.worker.flux import scanner  # noqa: E402
@@ -30,19 +31,6 @@ CORPUS = ROOT.parent / "shared" / "corpus" / "bsonjl"
 ACCEPTED = ["Xiaocao-Cxh+PowerModel/model.d2d83e9f.bson", "banachtech+replicator/model.6f42a183.bson",
             "sebkaz+Julia_Deploy/02_Docker_app_nn_model.3630b035.bson"]
 CALLS = int(os.environ.get("BENCH_CALLS", "2000"))
-
-
-def timed(fn, repeats: int) -> list[float]:
-    samples = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t)
-    return samples
-
-
-def p99(samples: list[float]) -> float:
-    return sorted(samples)[min(len(samples) - 1, int(len(samples) * 0.99))]
 
 
 def bench_scan(label: str, path: Path, repeats: int) -> None:

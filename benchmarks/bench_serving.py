@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import DemoDaemon, ms, stats  # noqa: E402
+from common import DemoDaemon, ms, stats, timed  # noqa: E402
 
 CALLS = int(os.environ.get("BENCH_CALLS", "500"))
 
@@ -30,15 +30,6 @@ def in_process_fn(model_dir: str):
     return call
 
 
-def time_calls(fn, n: int) -> list[float]:
-    samples = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t)
-    return samples
-
-
 def latency_and_throughput(daemon: DemoDaemon) -> None:
     from sealbox.client import Client
     local = in_process_fn(os.path.join(daemon.dir, "model"))
@@ -48,8 +39,8 @@ def latency_and_throughput(daemon: DemoDaemon) -> None:
         for _ in range(50):
             client.infer("demo", {"x": small})
             local(small)
-        remote = stats(time_calls(lambda: client.infer("demo", {"x": small}), CALLS))
-        base = stats(time_calls(lambda: local(small), CALLS))
+        remote = stats(timed(lambda: client.infer("demo", {"x": small}), CALLS))
+        base = stats(timed(lambda: local(small), CALLS))
         print(f"small call (batch 1)   sealbox median {ms(remote['median'])} p99 {ms(remote['p99'])}   "
               f"in-process median {ms(base['median'])} p99 {ms(base['p99'])}   "
               f"ratio {remote['median'] / base['median']:.1f}x  (+{ms(remote['median'] - base['median'])})")
@@ -62,8 +53,8 @@ def latency_and_throughput(daemon: DemoDaemon) -> None:
             mx.eval(out)
             return np.array(out, copy=False)
         client.infer("echo", {"x": big})
-        remote = stats(time_calls(lambda: client.infer("echo", {"x": big}), 9))
-        base = stats(time_calls(lambda: local_echo(big), 9))
+        remote = stats(timed(lambda: client.infer("echo", {"x": big}), 9))
+        base = stats(timed(lambda: local_echo(big), 9))
         gb = big.nbytes / 1e9
         print(f"64 MiB input (echo)    sealbox median {ms(remote['median'])} = {gb / remote['median']:.2f} GB/s   "
               f"in-process {ms(base['median'])} = {gb / base['median']:.2f} GB/s   "

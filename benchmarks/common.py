@@ -10,9 +10,22 @@ import tempfile
 import time
 
 
+def timed(fn, repeats: int) -> list[float]:
+    """Wall-clock seconds of each of `repeats` calls of fn."""
+    samples = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t)
+    return samples
+
+
+def p99(samples: list[float]) -> float:
+    return sorted(samples)[min(len(samples) - 1, int(len(samples) * 0.99))]
+
+
 def stats(samples: list[float]) -> dict:
-    ordered = sorted(samples)
-    return {"median": statistics.median(ordered), "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]}
+    return {"median": statistics.median(samples), "p99": p99(samples)}
 
 
 def ms(seconds: float) -> str:

@@ -1,3 +1,4 @@
 """Python client for sealbox (Open Inference Protocol) and the `sealbox` CLI."""
+from sealbox.client.client import AsyncClient, Client
 
-from sealbox.client.client import AsyncClient, Client  # noqa: E402,F401
+__all__ = ["AsyncClient", "Client"]

@@ -7,7 +7,6 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import upstream_sign
 from test_serving import _worker_python, reference
 
 

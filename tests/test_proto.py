@@ -1,6 +1,5 @@
 """The committed gRPC stubs are exactly what proto/generate.py makes from proto/*.proto."""
 import importlib.util
-import pathlib
 
 import pytest
 

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 
 from sealbox.client.client import DEFAULT_TARGET, Client
+from sealbox.proto import tensors
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
@@ -36,8 +37,8 @@ def cmd_status(args) -> int:
         if m.state == "READY":
             meta = c.metadata(args.model)
             print(f"engine:  {meta.platform}")
-            for kind, tensors in (("input:", meta.inputs), ("output:", meta.outputs)):
-                for t in tensors:
+            for kind, specs in (("input:", meta.inputs), ("output:", meta.outputs)):
+                for t in specs:
                     print(f"{kind:8} {t.name} {t.datatype} {list(t.shape)}")
     return EXIT_OK
 
@@ -152,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sandbox.add_parser("check", help="which sandbox layers this host supports and which workers would get")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sandbox_check)
-    p = sandbox.add_parser("run-python", help="run a Python script inside exactly the sandbox a worker gets, "
-                           "after the worker's own self-restrictions, in place of the model loader (run as root)")
+    p = sandbox.add_parser("run-python", help="run a Python script inside exactly the sandbox a worker gets "
+                           "with the default [workers] settings, after the worker's own self-restrictions, "
+                           "in place of the model loader (run as root)")
     p.add_argument("--engine", choices=["mlx", "flux"], default="mlx")
     p.add_argument("--memory", default=None, metavar="SIZE", help="memory limit, e.g. 512M or 2G")
     p.add_argument("script")
@@ -176,6 +178,9 @@ def main(argv=None) -> int:
     except UsageError as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
+    except tensors.TensorError as exc:  # an input the protocol cannot carry, or a malformed response
+        print(f"sealbox: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     except OSError as exc:
         print(f"sealbox: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -17,16 +17,14 @@ import numpy as np
 
 from sealbox.proto import inference_pb2 as pb
 from sealbox.proto import inference_pb2_grpc as pb_grpc
-from sealbox.proto import tensors
+from sealbox.proto import message_options, tensors
 
 DEFAULT_TARGET = os.environ.get("SEALBOX_TARGET", "unix:/run/sealbox/sealbox.sock")
 
 
 class Client:
     def __init__(self, target: str = DEFAULT_TARGET, max_message_bytes: int = 256 * 2**20, timeout: float = 60.0):
-        options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes)]
-        self.channel = grpc.insecure_channel(target, options=options)
+        self.channel = grpc.insecure_channel(target, options=message_options(max_message_bytes))
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.timeout = timeout
 
@@ -97,9 +95,7 @@ class AsyncClient:
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, max_message_bytes: int = 256 * 2**20, timeout: float = 60.0):
-        options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes)]
-        self.channel = grpc.aio.insecure_channel(target, options=options)
+        self.channel = grpc.aio.insecure_channel(target, options=message_options(max_message_bytes))
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.timeout = timeout
 

@@ -6,6 +6,7 @@ key, the daemon's config and its state. Worker socket directories live under
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -50,24 +51,25 @@ def prepare(directory: str) -> str:
         if code != 0:
             raise SystemExit(f"sealbox demo: signing the demo model failed (exit {code})")
     config = os.path.join(directory, "sealboxd.toml")
+    q = json.dumps  # a JSON string is a valid TOML basic string: paths with quotes stay paths
     with open(config, "w") as f:
         f.write(f"""# Written by `sealbox demo`.
 [server]
-socket = "{directory}/sealbox.sock"
-state_dir = "{directory}/state"
+socket = {q(directory + "/sealbox.sock")}
+state_dir = {q(directory + "/state")}
 run_dir = "/run/sealbox/demo-workers"
-audit_log = "{directory}/audit.jsonl"
+audit_log = {q(directory + "/audit.jsonl")}
 audit_stderr = false
 
 [workers]
-python = "{sys.executable}"
+python = {q(sys.executable)}
 
 [policy]
-sources = ["{directory}"]
-public_keys = ["{public}"]
+sources = [{q(directory)}]
+public_keys = [{q(public)}]
 
 [models.demo]
-path = "{model}"
+path = {q(model)}
 format = "mlx"
 """)
     return config
@@ -121,4 +123,8 @@ def run_demo(directory: str | None, once: bool = False) -> int:
     finally:
         if daemon.poll() is None:
             daemon.send_signal(signal.SIGTERM)
-            daemon.wait(timeout=30)
+            try:
+                daemon.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()

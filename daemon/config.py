@@ -153,9 +153,12 @@ def _server(table: _Table) -> ServerConfig:
     mode = table.get("socket_mode", str, oct(d.socket_mode)[2:])
     if not re.fullmatch(r"0?[0-7]{3}", mode):
         raise ConfigError(f"{table.where}: key 'socket_mode' must be an octal mode such as \"0660\", not {mode!r}")
+    max_mb = table.positive("max_message_mb", d.max_message_bytes / 2**20)
+    if max_mb >= 2048:
+        raise ConfigError(f"{table.where}: key 'max_message_mb' must be below 2048 (gRPC's limit), not {max_mb}")
     cfg = ServerConfig(
         socket=table.get("socket", str, d.socket), socket_mode=int(mode, 8), tcp=tcp,
-        max_message_bytes=int(table.positive("max_message_mb", d.max_message_bytes / 2**20) * 2**20),
+        max_message_bytes=int(max_mb * 2**20),
         state_dir=table.get("state_dir", str, d.state_dir), run_dir=table.get("run_dir", str, d.run_dir),
         audit_log=table.get("audit_log", str, d.audit_log), audit_stderr=table.get("audit_stderr", bool, d.audit_stderr))
     table.finish()
@@ -203,7 +206,7 @@ def load_config(path: str) -> Config:
     models = {}
     for name, raw in top.get("models", dict, {}).items():
         where = f"{path}: [models.{name}]"
-        if not MODEL_NAME.match(name):
+        if not MODEL_NAME.fullmatch(name):
             raise ConfigError(f"{where}: model name must match {MODEL_NAME.pattern}")
         table = _Table(raw, where)
         model_path = table.get("path", str, None)

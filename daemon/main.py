@@ -27,7 +27,8 @@ def parse_args(argv):
                "Stop with SIGTERM or Ctrl-C: every worker is stopped with it.")
     parser.add_argument("--config", required=True, metavar="FILE", help="TOML config (see README: Configuration)")
     parser.add_argument("--check-config", action="store_true", help="parse and check the config, then exit")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log worker output and debug details")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also log what workers print on stderr (always kept for death reasons)")
     return parser.parse_args(argv)
 
 
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
     stop.wait()
     logging.info("stopping")
     health_servicer.enter_graceful_shutdown()
-    server.stop(grace=2)
+    server.stop(grace=2).wait()  # no RPC (a load, say) runs on after this
     supervisor.shutdown()
     audit.event("daemon_stop")
     audit.close()

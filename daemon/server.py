@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 import sealbox
 from sealbox.daemon.supervisor import LoadRefused, ModelUnavailable, State, Supervisor
 from sealbox.proto import inference_pb2 as pb
+from sealbox.proto import message_options
 
 SERVICE = "inference.GRPCInferenceService"
 
@@ -120,8 +121,10 @@ class InferenceService:
         model = self._model(request.name, context)
         metadata = model.metadata
         if model.state != State.READY or metadata is None:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"model '{request.name}' is {model.state.value.lower()}"
-                          + (f": {model.reason}" if model.reason else ""))
+            context.abort(grpc.StatusCode.UNAVAILABLE, model.describe_state())
+        if request.version and request.version != model.version:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"model '{request.name}' has no version '{request.version}'"
+                          f" (loaded: '{model.version}')")
         response = pb.ModelMetadataResponse()
         response.CopyFrom(metadata)
         response.name = request.name
@@ -203,9 +206,7 @@ def _handlers(service: InferenceService) -> grpc.GenericRpcHandler:
 
 def build_server(supervisor: Supervisor) -> tuple[grpc.Server, health.HealthServicer, list[str]]:
     cfg = supervisor.config.server
-    options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
-               ("grpc.max_send_message_length", cfg.max_message_bytes)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=options)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=message_options(cfg.max_message_bytes))
     server.add_generic_rpc_handlers((_handlers(InferenceService(supervisor)),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -24,6 +24,7 @@ import grpc
 from sealbox.daemon.audit import AuditLog
 from sealbox.daemon.config import Config, ModelConfig
 from sealbox.proto import inference_pb2 as pb
+from sealbox.proto import message_options
 from sealbox.sandbox import launcher
 from sealbox.sandbox.profile import SOCKET_NAME, SandboxProfile, find_openblas
 
@@ -47,19 +48,22 @@ class LoadRefused(Exception):
     """Verification refused the model: gRPC PERMISSION_DENIED. Nothing was handed to a worker."""
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def describe_exit(returncode: int) -> str:
     """bwrap exits 128+N when the worker died of signal N."""
     if returncode > 128:
-        try:
-            name = signal.Signals(returncode - 128).name
-        except ValueError:
-            name = f"signal {returncode - 128}"
-        text = f"killed by {name}"
+        text = f"killed by {_signal_name(returncode - 128)}"
         if returncode - 128 == signal.SIGSYS:
             text += " (seccomp violation)"
         return text
     if returncode < 0:
-        return f"killed by {signal.Signals(-returncode).name}"
+        return f"killed by {_signal_name(-returncode)}"
     return f"exited with code {returncode}" + (f" ({EXIT_REASONS[returncode]})" if returncode in EXIT_REASONS else "")
 
 
@@ -106,10 +110,12 @@ class Worker:
         self.sandboxed, self.proc = sandboxed, sandboxed.proc
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
         self.stopping = False
-        opts = [("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-                # The socket appears a few ms after spawn: retry quickly instead of gRPC's 1 s backoff.
-                *WORKER_RECONNECT]
+        self.ready_at: float | None = None
+        # One call at a time reaches the worker (it has one engine thread): the inference
+        # deadline then measures the model, not the queue in front of it.
+        self.busy = threading.Semaphore(1)
+        # The socket appears a few ms after spawn: retry quickly instead of gRPC's 1 s backoff.
+        opts = [*message_options(max_message_bytes), *WORKER_RECONNECT]
         self.channel = grpc.insecure_channel(f"unix:{os.path.join(socket_dir, SOCKET_NAME)}", options=opts)
         self.infer_raw = self.channel.unary_unary("/sealbox.worker.Worker/Infer",
                                                   request_serializer=_identity, response_deserializer=_identity)
@@ -120,10 +126,11 @@ class Worker:
         self._stderr_reader.start()
 
     def _drain_stderr(self):
-        for line in iter(self.proc.stderr.readline, b""):
-            text = line.decode("utf-8", "replace").rstrip()[:2000]
+        # Bounded reads: a hostile worker writing without newlines must not grow the supervisor.
+        for line in iter(lambda: self.proc.stderr.readline(4096), b""):
+            text = line.decode("utf-8", "replace").rstrip()
             self.stderr_tail.append(text)
-            log.info("worker %s: %s", self.name, text)
+            log.debug("worker %s: %s", self.name, text)
 
     def wait_ready(self, timeout: float) -> pb.ModelMetadataResponse:
         deadline = time.monotonic() + timeout
@@ -177,6 +184,10 @@ class ManagedModel:
     lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
     generation: int = 0
 
+    def describe_state(self) -> str:
+        """The state as clients see it: model 'x' is unavailable: reason."""
+        return f"model '{self.config.name}' is {self.state.value.lower()}" + (f": {self.reason}" if self.reason else "")
+
 
 class Supervisor:
     def __init__(self, config: Config, audit: AuditLog):
@@ -204,7 +215,7 @@ class Supervisor:
                               load_timeout_s=model.load_timeout_s or w.load_timeout_s,
                               infer_timeout_s=model.infer_timeout_s or w.infer_timeout_s,
                               seccomp=w.seccomp, landlock=w.landlock, cgroups=w.cgroups,
-                              preload=self.preload)
+                              preload=self.preload, max_message_bytes=self.config.server.max_message_bytes)
 
     def preflight(self) -> list[str]:
         """Refuse to run if workers cannot be sandboxed as configured; return warnings to log."""
@@ -276,6 +287,8 @@ class Supervisor:
 
         model = self.get(name)
         with model.lock:
+            if self.stopped.is_set():
+                raise ModelUnavailable("the daemon is stopping")
             cfg = model.config
             try:
                 verified = verify_model(name, cfg.path, cfg.policy, self.config.server.state_dir, self.audit)
@@ -286,18 +299,31 @@ class Supervisor:
                 raise LoadRefused(reason) from None
             self._stop_worker(model, State.LOADING, "loading")
             model.verified, model.version, model.failures = verified, verified.version or "", 0
-            self._start_worker(model)
+            try:
+                self._start_worker(model)
+            except ModelUnavailable:
+                model.verified.close()  # never served: free the sealed copies now
+                model.verified = None
+                raise
 
     def _start_worker(self, model: ManagedModel) -> None:
+        """Launch a worker on model.verified and wait until it serves (caller holds model.lock)."""
+        if self.stopped.is_set():
+            raise ModelUnavailable("the daemon is stopping")
         profile = self.profile_for(model.config)
         name = model.config.name
         model.generation += 1
         generation = model.generation
+        socket_dir = None
         try:
-            socket_dir = launcher.make_socket_dir(self.config.server.run_dir, f"{name}-{generation}", profile)
+            # The pid keeps two daemons sharing a run_dir out of each other's way.
+            socket_dir = launcher.make_socket_dir(self.config.server.run_dir,
+                                                  f"{os.getpid()}-{name}-{generation}", profile)
             sandboxed = self.spawner.call(lambda: launcher.launch(profile, socket_dir, model.verified.files))
-        except (launcher.SandboxUnavailable, OSError) as exc:
-            model.state, model.reason = State.UNAVAILABLE, f"sandbox unavailable: {exc}"
+        except Exception as exc:  # SandboxUnavailable, OSError, SubprocessError from a failed preexec
+            if socket_dir:
+                shutil.rmtree(socket_dir, ignore_errors=True)
+            model.worker, model.state, model.reason = None, State.UNAVAILABLE, f"sandbox unavailable: {exc}"
             self.audit.event("worker_start", model=name, verdict="refused", reason=model.reason)
             raise ModelUnavailable(model.reason) from None
         worker = Worker(name, profile, socket_dir, sandboxed, self.config.server.max_message_bytes)
@@ -309,29 +335,44 @@ class Supervisor:
             model.worker, model.state, model.reason = None, State.UNAVAILABLE, str(exc)
             self.audit.event("model_load", model=name, verdict="failed", reason=model.reason)
             raise
-        model.state, model.reason = State.READY, ""
+        model.state, model.reason, worker.ready_at = State.READY, "", time.monotonic()
         self.audit.event("model_load", model=name, verdict="ready", version=model.version,
                          engine=model.config.format, worker_pid=sandboxed.proc.pid)
         threading.Thread(target=self._watch, args=(model, worker, generation), daemon=True,
                          name=f"watch-{name}").start()
 
+    STABLE_S = 60.0  # a worker that served this long before dying starts the backoff afresh
+
     def _watch(self, model: ManagedModel, worker: Worker, generation: int) -> None:
         worker.proc.wait()
         if worker.stopping or self.stopped.is_set():
             return
-        reason = worker.death_reason("while serving")
-        with model.lock:
-            if model.generation != generation:
-                return
-            worker.kill()
-            model.worker, model.state, model.reason = None, State.UNAVAILABLE, reason
-            model.failures += 1
-            first, longest = self.config.workers.restart_backoff_s
-            delay = min(first * 2 ** (model.failures - 1), longest)
-        self.audit.event("worker_died", model=model.config.name, reason=reason, restart_in_s=delay)
-        timer = threading.Timer(delay, self._restart, args=(model, generation))
+        try:
+            reason = worker.death_reason("while serving")
+            with model.lock:
+                if model.generation != generation:
+                    return
+                worker.kill()
+                model.worker, model.state, model.reason = None, State.UNAVAILABLE, reason
+                if worker.ready_at is not None and time.monotonic() - worker.ready_at > self.STABLE_S:
+                    model.failures = 0
+                delay = self._schedule_restart(model)
+            self.audit.event("worker_died", model=model.config.name, reason=reason, restart_in_s=delay)
+        except Exception:  # the watcher must not die silently and leave a dead worker looking READY
+            log.exception("model %s: handling the worker's death failed", model.config.name)
+            with model.lock:
+                if model.generation == generation:
+                    model.state, model.reason = State.UNAVAILABLE, "worker died; see the daemon log"
+
+    def _schedule_restart(self, model: ManagedModel) -> float:
+        """Restart from the same sealed copies after an exponential backoff (caller holds model.lock)."""
+        model.failures += 1
+        first, longest = self.config.workers.restart_backoff_s
+        delay = min(first * 2 ** (model.failures - 1), longest)
+        timer = threading.Timer(delay, self._restart, args=(model, model.generation))
         timer.daemon = True
         timer.start()
+        return delay
 
     def _restart(self, model: ManagedModel, generation: int) -> None:
         with model.lock:
@@ -341,7 +382,8 @@ class Supervisor:
             try:
                 self._start_worker(model)
             except ModelUnavailable as exc:
-                log.warning("restart of %s failed: %s", model.config.name, exc)
+                delay = self._schedule_restart(model)
+                log.warning("restart of %s failed: %s; next try in %g s", model.config.name, exc, delay)
 
     def _stop_worker(self, model: ManagedModel, state: State, reason: str) -> None:
         model.generation += 1
@@ -359,14 +401,16 @@ class Supervisor:
             self._stop_worker(model, State.UNLOADED, "unloaded")
         self.audit.event("model_unload", model=name)
 
-    def infer_raw(self, name: str, request: bytes, stream: bool = False) -> bytes:
+    def infer_raw(self, name: str, request: bytes) -> bytes:
         model = self.get(name)
         worker = model.worker
         if model.state != State.READY or worker is None:
-            raise ModelUnavailable(f"model '{name}' is {model.state.value.lower()}"
-                                   + (f": {model.reason}" if model.reason else ""))
+            raise ModelUnavailable(model.describe_state())
+        timeout = worker.profile.infer_timeout_s
+        if not worker.busy.acquire(timeout=timeout):
+            raise ModelUnavailable(f"model '{name}' is busy: no turn within {timeout:g} s")
         try:
-            return worker.infer_raw(request, timeout=worker.profile.infer_timeout_s)
+            return worker.infer_raw(request, timeout=timeout)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 reason = f"inference timed out after {worker.profile.infer_timeout_s:g} s; worker killed"
@@ -379,9 +423,14 @@ class Supervisor:
             raise
         except ValueError:  # grpc: the channel was closed under us while the worker is replaced
             raise ModelUnavailable(f"model '{name}': worker {model.reason or 'stopped'}") from None
+        finally:
+            worker.busy.release()
 
     def shutdown(self) -> None:
         self.stopped.set()
         for model in self.models.values():
             with model.lock:
-                self._stop_worker(model, State.UNLOADED, "daemon stopped")
+                try:
+                    self._stop_worker(model, State.UNLOADED, "daemon stopped")
+                except Exception:  # stop every other model regardless
+                    log.exception("model %s: stopping its worker failed", model.config.name)

@@ -23,6 +23,7 @@ TYPED_FIELD = {
     "FP32": "fp32_contents", "FP64": "fp64_contents",
 }
 MAX_DIMS = 16
+MAX_TENSOR_BYTES = 2**31  # above gRPC's own message limit: no valid request carries more
 
 
 class TensorError(ValueError):
@@ -59,7 +60,12 @@ def request_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
             raise TensorError(f"input '{name}': datatype {tensor.datatype!r} is not supported "
                               f"(supported: {', '.join(DATATYPES)})")
         shape = _shape(name, tensor.shape)
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = 1
+        for dim in shape:  # Python ints: no int64 wrap-around to a small count
+            count *= dim
+        if count * dtype.itemsize > MAX_TENSOR_BYTES:
+            raise TensorError(f"input '{name}': shape {list(shape)} of {tensor.datatype} is larger than "
+                              f"{MAX_TENSOR_BYTES} bytes")
         if raw:
             if tensor.HasField("contents"):
                 raise TensorError(f"input '{name}': both raw and typed contents given")
@@ -94,13 +100,17 @@ def response_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
     raw = response.raw_output_contents
     arrays = {}
     for index, tensor in enumerate(response.outputs):
-        dtype = DATATYPES[tensor.datatype]
-        shape = tuple(tensor.shape)
-        if raw:
-            arrays[tensor.name] = np.frombuffer(raw[index], dtype=dtype).reshape(shape)
-        else:
-            arrays[tensor.name] = np.asarray(getattr(tensor.contents, TYPED_FIELD[tensor.datatype]),
-                                             dtype=dtype).reshape(shape)
+        try:
+            dtype = DATATYPES[tensor.datatype]
+            shape = tuple(tensor.shape)
+            if raw:
+                arrays[tensor.name] = np.frombuffer(raw[index], dtype=dtype).reshape(shape)
+            else:
+                arrays[tensor.name] = np.asarray(getattr(tensor.contents, TYPED_FIELD[tensor.datatype]),
+                                                 dtype=dtype).reshape(shape)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise TensorError(f"malformed output '{tensor.name}' ({tensor.datatype} {list(tensor.shape)}) "
+                              f"in the response: {exc}") from None
     return arrays
 
 

@@ -103,6 +103,7 @@ def worker_spec(profile: SandboxProfile, files: Mapping[str, int], run: dict | N
         "socket_dirs": [SOCKET_DIR_IN_SANDBOX],
         "seccomp_stage2_fd": seccomp_stage2_fd,
         "preload": list(profile.preload),
+        "max_message_bytes": profile.max_message_bytes,
     }
     if run is not None:
         spec["run"] = run

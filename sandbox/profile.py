@@ -18,9 +18,11 @@ SOCKET_DIR_IN_SANDBOX = "/run/sealbox"
 SOCKET_NAME = "worker.sock"
 
 
-def _runtime_paths() -> tuple[str, ...]:
-    """Host paths the worker's Python needs read-only: /usr, the venv, and sealbox's code."""
-    paths = ["/usr", sys.prefix]
+def runtime_paths_for(python: str) -> tuple[str, ...]:
+    """Host paths the worker's Python needs read-only: /usr, its virtualenv, and sealbox's code."""
+    python = os.path.abspath(python)
+    venv = os.path.dirname(os.path.dirname(python))
+    paths = ["/usr"] + ([venv] if os.path.exists(os.path.join(venv, "pyvenv.cfg")) else [])
     # An editable install maps sealbox to a source tree outside the venv.
     paths.extend(os.path.realpath(p) for p in sealbox.__path__)
     purelib = os.path.realpath(sysconfig.get_paths()["purelib"])
@@ -45,13 +47,14 @@ class SandboxProfile:
     engine: str                       # "mlx", "flux", "julia": selects engine and syscall allowlist
     worker_user: str = "sealbox-worker"
     python: str = sys.executable      # must be executable by worker_user (not root's pyenv)
-    runtime_paths: tuple[str, ...] = dataclasses.field(default_factory=_runtime_paths)
+    runtime_paths: tuple[str, ...] = ()   # default: runtime_paths_for(python)
     extra_ro_paths: tuple[str, ...] = ()   # e.g. a Julia installation and depot
     tmpfs_size: int = 64 * 2**20
     memory_bytes: int = 2 * 2**30
     pids_max: int = 64
     nofile: int = 256
     fsize_bytes: int = 64 * 2**20
+    max_message_bytes: int = 256 * 2**20   # the worker's gRPC message limit (the supervisor's, passed on)
     load_timeout_s: float = 60.0
     infer_timeout_s: float = 30.0
     # Shared libraries the worker loads globally after confining itself, before the engine
@@ -64,17 +67,17 @@ class SandboxProfile:
     landlock: bool = True
     cgroups: bool = True
 
+    def __post_init__(self):
+        if not self.runtime_paths:
+            object.__setattr__(self, "runtime_paths", runtime_paths_for(self.python))
+
     def worker_environment(self) -> dict[str, str]:
         """The worker's whole environment (bubblewrap starts it with --clearenv)."""
+        from sealbox.sandbox.limits import WORKER_ENVIRONMENT  # what seccomp's allowlist assumes
         return {
+            **WORKER_ENVIRONMENT,
             "PATH": "/usr/bin:/bin",
-            "HOME": "/tmp",
             "TMPDIR": "/tmp",               # private tmpfs: MLX's kernel cache can't be poisoned across workers
-            "MLX_DISABLE_COMPILE": "1",     # no g++ at run time (and seccomp would kill it)
-            "GRPC_ENABLE_FORK_SUPPORT": "0",  # a failed fork must not hang the server
-            "MALLOC_ARENA_MAX": "2",
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "PYTHONNOUSERSITE": "1",
             "PYTHON_JULIAPKG_OFFLINE": "yes",
             **dict(self.extra_env),
         }

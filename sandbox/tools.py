@@ -1,12 +1,14 @@
 """Operator tools that run inside exactly a worker's sandbox: `sealbox scan` and `sealbox sandbox run-python`."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import stat
 import sys
 
 from sealbox.sandbox.launcher import SandboxUnavailable, run_tool
-from sealbox.sandbox.profile import SandboxProfile
+from sealbox.sandbox.profile import SandboxProfile, find_openblas
 
 SCRIPT_IN_SANDBOX = "/run/sealbox-tool/script.py"
 
@@ -25,9 +27,10 @@ def _require_root(tool: str) -> None:
 
 def run_python(script: str, args: list[str], engine: str = "mlx", memory: str | None = None) -> int:
     _require_root("sandbox run-python")
-    profile = SandboxProfile(engine=engine)
+    openblas = find_openblas()
+    profile = SandboxProfile(engine=engine, preload=(openblas,) if openblas else ())
     if memory:
-        profile = SandboxProfile(engine=engine, memory_bytes=parse_size(memory))
+        profile = dataclasses.replace(profile, memory_bytes=parse_size(memory))
     try:
         with open(script, "rb") as f:
             source = f.read()
@@ -47,7 +50,9 @@ def sealed_copy(path: str, max_bytes: int = 1 << 30) -> int:
     import fcntl
     fd = os.memfd_create("scan", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
     try:
-        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW)) as src:
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW | os.O_NONBLOCK)) as src:
+            if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):  # never block on a FIFO or read a device
+                raise OSError(22, "not a regular file")
             while chunk := src.read(1 << 20):
                 if os.lseek(fd, 0, os.SEEK_CUR) + len(chunk) > max_bytes:
                     raise OSError(27, f"larger than {max_bytes} bytes")

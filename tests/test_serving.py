@@ -101,6 +101,33 @@ def test_bad_inputs_are_invalid_argument(served, inputs, code, message):
     assert err.value.details() == message
 
 
+def test_malformed_requests_are_invalid_argument(served):
+    from sealbox.proto import inference_pb2 as pb
+    huge = pb.ModelInferRequest(model_name="demo")
+    huge.inputs.add(name="x", datatype="FP32", shape=[2**32, 2**32])   # int64 product wraps to 0
+    huge.raw_input_contents.append(b"")
+    # Parses as far as the model name, then is garbage (a truncated field 5).
+    garbage = pb.ModelInferRequest(model_name="demo").SerializeToString() + b"\x2a\x05\x0a\x01"
+    with grpc.insecure_channel(served.target) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as err:
+            infer(huge.SerializeToString(), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details() == ("input 'x': shape [4294967296, 4294967296] of FP32 is larger than "
+                                       "2147483648 bytes")
+        with pytest.raises(grpc.RpcError) as err:
+            infer(garbage, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith("malformed ModelInferRequest")
+    with served.client() as client:  # the worker survived both
+        np.testing.assert_allclose(client.infer("demo", {"x": np.ones((1, 4), np.float32)})["y"],
+                                   reference(np.ones((1, 4), np.float32)), rtol=1e-5, atol=1e-5)
+        with pytest.raises(grpc.RpcError) as err:
+            client.stub.ModelMetadata(pb.ModelMetadataRequest(name="demo", version="7"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert err.value.details() == "model 'demo' has no version '7' (loaded: '')"
+
+
 def test_unknown_model(served):
     with served.client() as client:
         with pytest.raises(grpc.RpcError) as err:
@@ -210,6 +237,11 @@ def test_malformed_config_names_file_and_key(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "[models.m]: key 'format' must be one of ['flux', 'julia', 'mlx'], not 'onnx'" in result.stderr
+    config.write_text('[server]\nmax_message_mb = 4096\n')
+    result = subprocess.run([PYTHON, "-m", "sealbox.daemon.main", "--config", str(config)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "[server]: key 'max_message_mb' must be below 2048 (gRPC's limit), not 4096" in result.stderr
     config.write_text('[server]\ntcp = "0.0.0.0:8001"\n')
     result = subprocess.run([PYTHON, "-m", "sealbox.daemon.main", "--config", str(config)],
                             capture_output=True, text=True)

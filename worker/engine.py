@@ -67,7 +67,7 @@ class TensorSpec:
 
 
 class Engine(abc.ABC):
-    """A loaded model. Built once per worker by `load`; `infer` may be called from several threads."""
+    """A loaded model. Built once per worker by `load`; the worker calls `load` and `infer` from one thread."""
 
     #: reported as ModelMetadataResponse.platform
     platform: str = ""

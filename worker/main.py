@@ -34,12 +34,13 @@ def confine(spec: dict) -> None:
 def serve(spec: dict, engine, engine_thread: futures.ThreadPoolExecutor) -> None:
     import grpc
 
+    from google.protobuf.message import DecodeError
+
     from sealbox.proto import inference_pb2 as pb
-    from sealbox.proto import tensors
-    from sealbox.proto import worker_pb2_grpc
+    from sealbox.proto import message_options, tensors
     from sealbox.worker.engine import InputError
 
-    class Worker(worker_pb2_grpc.WorkerServicer):
+    class Worker:
         def Describe(self, request, context):
             response = pb.ModelMetadataResponse(platform=engine.platform)
             for spec_list, field in ((engine.inputs, response.inputs), (engine.outputs, response.outputs)):
@@ -47,7 +48,12 @@ def serve(spec: dict, engine, engine_thread: futures.ThreadPoolExecutor) -> None
                     field.add(name=t.name, datatype=t.datatype, shape=t.shape)
             return response
 
-        def Infer(self, request, context):
+        def Infer(self, raw: bytes, context):
+            # Parsed here, not by gRPC: a malformed request is the client's error, not INTERNAL.
+            try:
+                request = pb.ModelInferRequest.FromString(raw)
+            except DecodeError as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed ModelInferRequest: {exc}")
             try:
                 inputs = tensors.request_inputs(request)
                 engine.check_inputs(inputs)
@@ -65,11 +71,16 @@ def serve(spec: dict, engine, engine_thread: futures.ThreadPoolExecutor) -> None
                 tensors.add_output(response, name, results[name])
             return response
 
-    limit = spec.get("max_message_bytes", 256 * 2**20)
-    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
     # The server runs every call on the engine's own thread: no hand-off per request.
-    server = grpc.server(engine_thread, options=options)
-    worker_pb2_grpc.add_WorkerServicer_to_server(Worker(), server)
+    server = grpc.server(engine_thread, options=message_options(spec["max_message_bytes"]))
+    worker = Worker()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("sealbox.worker.Worker", {
+        "Describe": grpc.unary_unary_rpc_method_handler(
+            worker.Describe, request_deserializer=lambda raw: raw,
+            response_serializer=pb.ModelMetadataResponse.SerializeToString),
+        "Infer": grpc.unary_unary_rpc_method_handler(
+            worker.Infer, request_deserializer=None, response_serializer=pb.ModelInferResponse.SerializeToString),
+    }),))
     server.add_insecure_port("unix:" + spec["socket"])
     server.start()
     stopped = threading.Event()

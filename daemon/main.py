@@ -32,6 +32,16 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def _answers(socket_path: str) -> bool:
+    import socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(socket_path)
+            return True
+        except OSError:
+            return False
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -64,9 +74,16 @@ def main(argv=None) -> int:
     socket_path = config.server.socket
     os.makedirs(os.path.dirname(socket_path) or ".", mode=0o755, exist_ok=True)
     if os.path.exists(socket_path):
-        os.unlink(socket_path)
-    server, health_servicer, addresses = build_server(supervisor)
-    server.start()
+        if _answers(socket_path):
+            print(f"sealboxd: {socket_path}: another daemon is listening there", file=sys.stderr)
+            return 2
+        os.unlink(socket_path)  # a stale socket from a daemon that is gone
+    old_umask = os.umask(0o177)  # the socket is born private, then opened up to socket_mode
+    try:
+        server, health_servicer, addresses = build_server(supervisor)
+        server.start()
+    finally:
+        os.umask(old_umask)
     os.chmod(socket_path, config.server.socket_mode)  # anyone who can open the socket can call the API
     audit.event("daemon_start", config=config.path, listen=addresses, models=sorted(config.models))
     logging.info("listening on %s", ", ".join(addresses))

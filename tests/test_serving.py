@@ -59,9 +59,16 @@ def test_health_and_reflection(served):
     assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= services
 
 
-def test_public_socket_mode(served):
+def test_public_socket_mode_and_no_takeover(served):
     import stat
     assert stat.S_IMODE(os.stat(served.socket).st_mode) == 0o660
+    # A second daemon on the same socket refuses instead of taking it over.
+    second = subprocess.run([PYTHON, "-m", "sealbox.daemon.main", "--config", str(served.config)],
+                            capture_output=True, text=True, timeout=60)
+    assert second.returncode == 2
+    assert second.stderr.strip().endswith(f"sealboxd: {served.socket}: another daemon is listening there")
+    with served.client() as client:
+        assert client.model_ready("demo")
 
 
 def test_async_client(served):

@@ -91,8 +91,7 @@ def spawn_to_ready(daemon: DemoDaemon, rounds: int = 15) -> None:
                                                                  stderr=subprocess.DEVNULL))
         wait(worker.proc, os.path.join(sock_dir, "worker.sock"))
         elapsed = time.perf_counter() - t
-        worker.kill()
-        worker.cleanup()
+        worker.stop()
         return elapsed
 
     def bare():

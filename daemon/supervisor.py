@@ -165,9 +165,8 @@ class Worker:
 
     def kill(self):
         self.stopping = True
-        self.sandboxed.kill()
+        self.sandboxed.stop()
         self.channel.close()
-        self.sandboxed.cleanup()
         shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 

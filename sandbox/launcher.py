@@ -148,6 +148,11 @@ class SandboxedWorker:
             self.cgroup.remove()
             self.cgroup = None
 
+    def stop(self) -> None:
+        """Kill the worker tree and remove its cgroup."""
+        self.kill()
+        self.cleanup()
+
 
 def launch(profile: SandboxProfile, socket_dir: str, files: Mapping[str, int],
            run: dict | None = None, extra_ro_files: Mapping[str, str] | None = None,
@@ -236,7 +241,6 @@ def run_tool(profile: SandboxProfile, run: dict, files: Mapping[str, int] | None
         try:
             return worker.proc.wait()
         finally:
-            worker.kill()
-            worker.cleanup()
+            worker.stop()
     finally:
         shutil.rmtree(parent, ignore_errors=True)

@@ -1,7 +1,6 @@
 """Operator tools that run inside exactly a worker's sandbox: `sealbox scan` and `sealbox sandbox run-python`."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import stat
@@ -20,6 +19,12 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[match.group(2).upper()]
 
 
+def tool_profile(engine: str, **overrides) -> SandboxProfile:
+    """The profile a worker of this engine gets with the default [workers] settings (OpenBLAS included)."""
+    openblas = find_openblas()
+    return SandboxProfile(engine=engine, preload=(openblas,) if openblas else (), **overrides)
+
+
 def _require_root(tool: str) -> None:
     if os.geteuid() != 0:
         raise SystemExit(f"sealbox {tool}: must run as root (it drops to the worker user inside the sandbox)")
@@ -27,10 +32,7 @@ def _require_root(tool: str) -> None:
 
 def run_python(script: str, args: list[str], engine: str = "mlx", memory: str | None = None) -> int:
     _require_root("sandbox run-python")
-    openblas = find_openblas()
-    profile = SandboxProfile(engine=engine, preload=(openblas,) if openblas else ())
-    if memory:
-        profile = dataclasses.replace(profile, memory_bytes=parse_size(memory))
+    profile = tool_profile(engine, **({"memory_bytes": parse_size(memory)} if memory else {}))
     try:
         with open(script, "rb") as f:
             source = f.read()
@@ -75,7 +77,7 @@ def scan_file(path: str, as_json: bool = False) -> int:
         return 2
     try:
         args = [f"/proc/self/fd/{fd}", "--name", path] + (["--json"] if as_json else [])
-        code = run_tool(SandboxProfile(engine="flux"),
+        code = run_tool(tool_profile("flux"),
                         {"kind": "module", "target": "sealbox.worker.flux.scan_cli", "args": args},
                         files={"model.bson": fd})
     except SandboxUnavailable as exc:

@@ -26,6 +26,9 @@ class Client:
     def __init__(self, target: str = DEFAULT_TARGET, max_message_bytes: int = 256 * 2**20, timeout: float = 60.0):
         self.channel = grpc.insecure_channel(target, options=message_options(max_message_bytes))
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        self._infer_raw = self.channel.unary_unary(  # request bytes encoded by tensors.encode_request
+            "/inference.GRPCInferenceService/ModelInfer", request_serializer=None,
+            response_deserializer=pb.ModelInferResponse.FromString)
         self.timeout = timeout
 
     def close(self):
@@ -66,8 +69,8 @@ class Client:
     # -- inference
     def infer(self, name: str, inputs: Mapping[str, np.ndarray], outputs: Iterable[str] | None = None,
               timeout: float | None = None) -> dict[str, np.ndarray]:
-        request = tensors.build_request(name, dict(inputs), outputs)
-        response = self.stub.ModelInfer(request, timeout=timeout or self.timeout)
+        request = tensors.encode_request(name, dict(inputs), outputs)
+        response = self._infer_raw(request, timeout=timeout or self.timeout)
         return tensors.response_outputs(response)
 
     # -- admin
@@ -97,6 +100,9 @@ class AsyncClient:
     def __init__(self, target: str = DEFAULT_TARGET, max_message_bytes: int = 256 * 2**20, timeout: float = 60.0):
         self.channel = grpc.aio.insecure_channel(target, options=message_options(max_message_bytes))
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        self._infer_raw = self.channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer", request_serializer=None,
+            response_deserializer=pb.ModelInferResponse.FromString)
         self.timeout = timeout
 
     async def close(self):
@@ -119,8 +125,8 @@ class AsyncClient:
 
     async def infer(self, name: str, inputs: Mapping[str, np.ndarray], outputs: Iterable[str] | None = None,
                     timeout: float | None = None) -> dict[str, np.ndarray]:
-        request = tensors.build_request(name, dict(inputs), outputs)
-        response = await self.stub.ModelInfer(request, timeout=timeout or self.timeout)
+        request = tensors.encode_request(name, dict(inputs), outputs)
+        response = await self._infer_raw(request, timeout=timeout or self.timeout)
         return tensors.response_outputs(response)
 
     async def models(self) -> list[pb.RepositoryIndexResponse.ModelIndex]:

@@ -87,12 +87,37 @@ def request_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     return arrays
 
 
-def add_output(response: pb.ModelInferResponse, name: str, array: np.ndarray) -> None:
-    array = np.ascontiguousarray(array)
+RAW_OUTPUT_FIELD, RAW_INPUT_FIELD = 6, 7   # ModelInferResponse.raw_output_contents, ModelInferRequest.raw_input_contents
+
+
+def _raw_field(number: int, array: np.ndarray) -> list:
+    """One length-delimited protobuf field holding the array's bytes, as [header, buffer]."""
+    data = memoryview(np.require(array, requirements="C").reshape(-1).view(np.uint8))
+    header, n = bytearray([(number << 3) | 2]), data.nbytes
+    while n > 0x7F:
+        header.append((n & 0x7F) | 0x80)
+        n >>= 7
+    header.append(n)
+    return [bytes(header), data]
+
+
+def _wire_array(array: np.ndarray) -> tuple[str, np.ndarray]:
     datatype = datatype_of(array)
-    out = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
-    del out  # only metadata lives in outputs; the bytes go raw
-    response.raw_output_contents.append(array.astype(DATATYPES[datatype], copy=False).tobytes())
+    # np.require keeps 0-d arrays 0-d (np.ascontiguousarray would make them 1-d).
+    return datatype, np.require(array.astype(DATATYPES[datatype], copy=False), requirements="C")
+
+
+def encode_response(response: pb.ModelInferResponse, outputs: dict[str, np.ndarray]) -> bytes:
+    """response (metadata only) plus raw output contents, serialized with one copy of the tensor bytes.
+
+    Protobuf's own serializer copies large bytes fields slowly; fields may come in any order on the wire.
+    """
+    parts = []
+    for name, array in outputs.items():
+        datatype, array = _wire_array(array)
+        response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        parts += _raw_field(RAW_OUTPUT_FIELD, array)
+    return b"".join([response.SerializeToString(), *parts])
 
 
 def response_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
@@ -114,13 +139,14 @@ def response_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
     return arrays
 
 
-def build_request(model: str, inputs: dict[str, np.ndarray], outputs=None, version: str = "") -> pb.ModelInferRequest:
+def encode_request(model: str, inputs: dict[str, np.ndarray], outputs=None, version: str = "") -> bytes:
+    """A serialized ModelInferRequest with raw input contents (one copy of the tensor bytes)."""
     request = pb.ModelInferRequest(model_name=model, model_version=version)
+    parts = []
     for name, array in inputs.items():
-        array = np.ascontiguousarray(array)
-        datatype = datatype_of(array)
+        datatype, array = _wire_array(array)
         request.inputs.add(name=name, datatype=datatype, shape=array.shape)
-        request.raw_input_contents.append(array.astype(DATATYPES[datatype], copy=False).tobytes())
+        parts += _raw_field(RAW_INPUT_FIELD, array)
     for name in outputs or ():
         request.outputs.add(name=name)
-    return request
+    return b"".join([request.SerializeToString(), *parts])

@@ -67,9 +67,7 @@ def serve(spec: dict, engine, engine_thread: futures.ThreadPoolExecutor) -> None
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             response = pb.ModelInferResponse(model_name=request.model_name,
                                              model_version=request.model_version, id=request.id)
-            for name in wanted or known:
-                tensors.add_output(response, name, results[name])
-            return response
+            return tensors.encode_response(response, {name: results[name] for name in wanted or known})
 
     # The server runs every call on the engine's own thread: no hand-off per request.
     server = grpc.server(engine_thread, options=message_options(spec["max_message_bytes"]))
@@ -79,7 +77,7 @@ def serve(spec: dict, engine, engine_thread: futures.ThreadPoolExecutor) -> None
             worker.Describe, request_deserializer=lambda raw: raw,
             response_serializer=pb.ModelMetadataResponse.SerializeToString),
         "Infer": grpc.unary_unary_rpc_method_handler(
-            worker.Infer, request_deserializer=None, response_serializer=pb.ModelInferResponse.SerializeToString),
+            worker.Infer, request_deserializer=None, response_serializer=None),  # bytes both ways
     }),))
     server.add_insecure_port("unix:" + spec["socket"])
     server.start()

@@ -75,8 +75,13 @@ class DemoDaemon:
                 except Exception:
                     pass
                 time.sleep(0.1)
-        raise RuntimeError("sealboxd did not become ready")
+        self.__exit__()  # never leave a daemon behind
+        raise RuntimeError(f"sealboxd did not become ready; see {self.dir}/audit.jsonl")
 
     def __exit__(self, *exc):
         self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=30)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

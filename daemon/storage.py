@@ -86,11 +86,7 @@ def read_checked(path: str, strict: bool = True, limit: int = MAX_METADATA_BYTES
     except OSError as e:
         raise VerificationError(path, "storage", _os_reason(e)) from None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (lst.st_dev, lst.st_ino):
-            raise VerificationError(path, "storage", "replaced while being opened")
-        if strict:
-            check_owner_and_mode(path, st)
+        st = _opened_as_checked(path, fd, lst, strict)  # same inode, so still a regular file
         if st.st_size > limit:
             raise VerificationError(path, "size", f"{st.st_size} bytes, more than the {limit} allowed for metadata")
         chunks, total = [], 0
@@ -105,6 +101,16 @@ def read_checked(path: str, strict: bool = True, limit: int = MAX_METADATA_BYTES
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def _opened_as_checked(path: str, fd: int, checked: os.stat_result, strict: bool) -> os.stat_result:
+    """fstat of what was opened: the same inode as the one checked by name, and (strict) safely owned."""
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != (checked.st_dev, checked.st_ino):
+        raise VerificationError(path, "storage", "replaced while being opened")
+    if strict:
+        check_owner_and_mode(path, st)
+    return st
 
 
 def _os_reason(e: OSError) -> str:
@@ -148,11 +154,7 @@ def open_tree(model_path: str, exclude: set[str], strict: bool = True) -> Tree:
     except OSError as e:
         raise VerificationError(model_path, "storage", _os_reason(e)) from None
     try:
-        dst = os.fstat(fd)
-        if (dst.st_dev, dst.st_ino) != (st.st_dev, st.st_ino):
-            raise VerificationError(model_path, "storage", "replaced while being opened")
-        if strict:
-            check_owner_and_mode(model_path, dst)
+        _opened_as_checked(model_path, fd, st, strict)
         _walk(tree, fd, "", exclude, strict)
         _check_hardlinks(tree, strict)
     except BaseException:
@@ -164,13 +166,9 @@ def open_tree(model_path: str, exclude: set[str], strict: bool = True) -> Tree:
 
 
 def _add_file(tree: Tree, name: str, path: str, fd: int, lst: os.stat_result, strict: bool) -> None:
-    st = os.fstat(fd)
-    if (st.st_dev, st.st_ino) != (lst.st_dev, lst.st_ino):
-        raise VerificationError(path, "storage", "replaced while being opened")
-    if not stat.S_ISREG(st.st_mode):
-        raise VerificationError(path, "storage", f"{_kind(st.st_mode)}, not a regular file")
-    if strict:
-        check_owner_and_mode(path, st)
+    if not stat.S_ISREG(lst.st_mode):
+        raise VerificationError(path, "storage", f"{_kind(lst.st_mode)}, not a regular file")
+    st = _opened_as_checked(path, fd, lst, strict)
     tree.files[name] = OpenFile(name, path, fd, st.st_size, (st.st_dev, st.st_ino))
 
 
@@ -201,11 +199,7 @@ def _walk(tree: Tree, dir_fd: int, rel_dir: str, exclude: set[str], strict: bool
             except OSError as e:
                 raise VerificationError(path, "storage", _os_reason(e)) from None
             try:
-                st = os.fstat(fd)
-                if (st.st_dev, st.st_ino) != (lst.st_dev, lst.st_ino):
-                    raise VerificationError(path, "storage", "replaced while being opened")
-                if strict:
-                    check_owner_and_mode(path, st)
+                _opened_as_checked(path, fd, lst, strict)
                 _walk(tree, fd, name, exclude, strict)
             finally:
                 os.close(fd)

@@ -294,14 +294,14 @@ def memory_bomb(p):
     return f"ok:holding {16 * len(chunks)} MiB"
 
 
-def disk_fill(p):
-    """Fill /tmp (64 MiB tmpfs) with 40 MiB files, at most 3 (120 MiB): ENOSPC expected."""
+def _fill(directory: str) -> str:
+    """Write up to 3 files of 40 MiB (120 MiB) into directory; report how far it got, then clean up."""
     written = 0
     chunk = b"\xa5" * (1 << 20)
     paths = []
     try:
         for n in range(3):
-            path = f"{p.get('fill_dir', '/tmp')}/fill{n}"
+            path = f"{directory}/fill{n}"
             paths.append(path)
             with open(path, "wb", buffering=0) as f:
                 for _ in range(40):
@@ -315,29 +315,16 @@ def disk_fill(p):
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+
+
+def disk_fill(p):
+    """Fill /tmp (64 MiB tmpfs): ENOSPC expected."""
+    return _fill(p.get("fill_dir", "/tmp"))
 
 
 def socket_dir_fill(p):
-    """Fill the socket dir, the one writable bind (a host directory), with 40 MiB files, at most 3."""
-    written = 0
-    chunk = b"\xa5" * (1 << 20)
-    paths = []
-    try:
-        for n in range(3):
-            path = f"{p.get('sock_dir', '/run/sealbox')}/fill{n}"
-            paths.append(path)
-            with open(path, "wb", buffering=0) as f:
-                for _ in range(40):
-                    written += f.write(chunk)
-        return f"ok:wrote {written >> 20} MiB"
-    except OSError as exc:
-        return f"{type(exc).__name__}:{errno.errorcode[exc.errno]} after {written >> 20} MiB"
-    finally:
-        for path in paths:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+    """Fill the socket dir, the one writable bind (a host directory)."""
+    return _fill(p.get("sock_dir", "/run/sealbox"))
 
 
 def file_size(p):

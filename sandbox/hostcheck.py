@@ -112,7 +112,7 @@ def format_report(report: dict) -> str:
         f"worker uid:  {user['name']}: " + (f"uid {user['uid']}, gid {user['gid']}" if user["exists"] else
                                             "does not exist (useradd --system --no-create-home sealbox-worker)"),
         f"seccomp:     {sc['detail']}",
-        f"landlock:    " + (f"ABI {abi}" if abi else "not available"),
+        "landlock:    " + (f"ABI {abi}" if abi else "not available"),
         f"cgroups:     {cg['version']}; memory limit via {cg['memory'] or 'nothing'}, "
         f"pids limit via {cg['pids'] or 'nothing'}; memory+swap limit {'yes' if cg['memsw'] else 'no'}; "
         f"cgroup.kill {'yes' if cg['cgroup_kill'] else 'no'}",

@@ -269,7 +269,7 @@ CASES = {
     case_array_negative_size: "model.weight: array size must be a list of 1 to 8 non-negative integers",
     case_array_list_data: "model.weight: array data must be raw bytes for a float element type",
     case_pool_params_size: "model.layers[2] (type parameters): integer array of 2 elements needs 16 bytes of data",
-    case_datatype_name: f"model.σ: datatype name must be a list of 1 to 8 non-empty strings",
+    case_datatype_name: "model.σ: datatype name must be a list of 1 to 8 non-empty strings",
     case_datatype_extra_key: "model.σ: datatype with keys ['extra', 'name', 'params', 'tag'], expected "
                              "['name', 'params', 'tag']",
     case_unknown_tag: "model.weight: holds a document with unknown tag 'objectid'; expected a float array",

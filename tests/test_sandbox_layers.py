@@ -6,7 +6,6 @@ cgroups really OOM-kill and stop fork bombs.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os

@@ -25,6 +25,7 @@ import psutil
 import pytest
 
 from sealbox.sandbox import cgroups, landlock, limits, seccomp
+from sealbox.sandbox.profile import runtime_paths_for
 
 PYTHON = sys.executable
 REPO = str(pathlib.Path(__file__).resolve().parents[1])
@@ -236,12 +237,13 @@ def run_dir():
 
 def bwrap_worker(run_dir: pathlib.Path, engine: str, stage1_fd: int, stage2_fd: int) -> subprocess.Popen:
     entry = pwd.getpwnam(WORKER_USER)
-    venv = os.path.realpath(sys.prefix)
+    # The runtime the launcher would bind: /usr, the venv and sealbox's code (the checkout only when
+    # installed editable; a CI clone may sit in a directory the worker user cannot enter).
+    binds = [a for path in runtime_paths_for(PYTHON) for a in ("--ro-bind", path, path)]
     args = ["/usr/bin/bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
             "--new-session", "--clearenv", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
             "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/bin", "/bin",
-            "--ro-bind", "/usr", "/usr", "--ro-bind", venv, venv, "--ro-bind", REPO, REPO,
-            "--ro-bind", str(run_dir / "worker.py"), "/worker.py",
+            *binds, "--ro-bind", str(run_dir / "worker.py"), "/worker.py",
             "--bind", str(run_dir / "sock"), "/run/w", "--seccomp", str(stage1_fd)]
     for key, value in limits.WORKER_ENVIRONMENT.items():
         args += ["--setenv", key, value]

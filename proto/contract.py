@@ -1,0 +1,123 @@
+"""The supervisor <-> worker contract: every name and number both sides must agree on.
+
+The launcher writes a `WorkerSpec` as the worker's single argument; the
+worker reads it back; the supervisor decodes the worker's exit code with
+`EXIT_REASONS`; the config checks a model's format against `ENGINE_NAMES`.
+None of them spells these values out on its own.
+
+A spec has two parts, the way nsjail has one declarative config rendered
+into every layer:
+- `SandboxSpec`: what is known when a worker is spawned (its engine, its
+  Landlock view, its seccomp second stage, libraries to preload);
+- `ModelHandoff`: what arrives with the model (the sealed file descriptors
+  of the verified bytes, per-model limits).
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+from typing import Any, Mapping
+
+# The model formats a worker can load (a model's `format` in the daemon config).
+# Which module implements each is the worker's business (sealbox.worker.engine).
+ENGINE_NAMES = ("mlx", "flux", "julia")
+
+# Worker exit codes and what the supervisor reports for each.
+EXIT_STOPPED = 0            # stopped by SIGTERM
+EXIT_BAD_SPEC = 2
+EXIT_MODEL_REFUSED = 3      # the engine refused the model (reason on stderr)
+EXIT_CONFINEMENT = 4        # a confinement step failed: nothing was read unconfined
+EXIT_REASONS = {
+    EXIT_BAD_SPEC: "bad worker spec",
+    EXIT_MODEL_REFUSED: "model refused by the engine",
+    EXIT_CONFINEMENT: "sandbox confinement failed",
+}
+
+# The worker prefixes the lines it means for the supervisor with this; the last one is quoted in a death reason.
+STDERR_PREFIX = "sealbox worker: "
+
+# Where things appear inside the sandbox.
+SOCKET_DIR_IN_SANDBOX = "/run/sealbox"
+SOCKET_NAME = "worker.sock"
+
+# The worker's internal service (proto/worker.proto): full RPC paths.
+WORKER_SERVICE = "sealbox.worker.Worker"
+WORKER_DESCRIBE = f"/{WORKER_SERVICE}/Describe"
+WORKER_INFER = f"/{WORKER_SERVICE}/Infer"
+
+# Seals on every memfd handed to a worker: its bytes can never change after verification.
+MEMFD_SEALS = (fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+               if hasattr(fcntl, "F_SEAL_SEAL") else 0)  # memfds are Linux-only
+
+
+class SpecError(ValueError):
+    """The worker's argument is not a well-formed spec (exit EXIT_BAD_SPEC)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxSpec:
+    """What a worker knows when it is spawned: how to confine itself, and its engine."""
+    engine: str
+    landlock: bool = True
+    read_only: tuple[str, ...] = ()       # Landlock: readable paths
+    read_write: tuple[str, ...] = ()      # Landlock: writable paths
+    socket_dirs: tuple[str, ...] = ()     # Landlock: only a socket may be made here
+    seccomp_stage2_fd: int | None = None  # the second seccomp stage, built by the supervisor
+    preload: tuple[str, ...] = ()         # shared libraries loaded globally after confinement
+    socket: str = f"{SOCKET_DIR_IN_SANDBOX}/{SOCKET_NAME}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelHandoff:
+    """What arrives with the model: its verified bytes as sealed fds, and per-model limits."""
+    files: Mapping[str, int] = dataclasses.field(default_factory=dict)   # signed name -> inherited fd
+    max_message_bytes: int = 256 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolRun:
+    """An operator tool run in place of the model loader: a script path or a module's main()."""
+    kind: str                  # "script" | "module"
+    target: str
+    args: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    sandbox: SandboxSpec
+    model: ModelHandoff = dataclasses.field(default_factory=ModelHandoff)
+    run: ToolRun | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "WorkerSpec":
+        try:
+            data = json.loads(text)
+            sandbox = _build(SandboxSpec, data["sandbox"])
+            model = _build(ModelHandoff, data["model"])
+            run = None if data.get("run") is None else _build(ToolRun, data["run"])
+            if set(data) - {"sandbox", "model", "run"}:
+                raise SpecError(f"unknown keys {sorted(set(data) - {'sandbox', 'model', 'run'})}")
+        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise SpecError(f"malformed worker spec: {exc!r}") from None
+        if sandbox.engine not in ENGINE_NAMES:
+            raise SpecError(f"unknown engine {sandbox.engine!r}")
+        if not all(isinstance(k, str) and isinstance(v, int) for k, v in model.files.items()):
+            raise SpecError("files must map names to file descriptors")
+        if run is not None and run.kind not in ("script", "module"):
+            raise SpecError(f"unknown run kind {run.kind!r}")
+        return cls(sandbox, model, run)
+
+
+def _build(kind, data: Any):
+    """A frozen dataclass from a JSON object: unknown keys refused, lists made tuples."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{kind.__name__}: not an object")
+    names = {f.name for f in dataclasses.fields(kind)}
+    unknown = set(data) - names
+    if unknown:
+        raise SpecError(f"{kind.__name__}: unknown keys {sorted(unknown)}")
+    return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})

@@ -1,6 +1,14 @@
-"""Generated gRPC stubs: the public Open Inference Protocol and the internal worker service."""
+"""Every contract between sealbox's processes, in one package.
 
+| module | what it holds |
+|---|---|
+| inference.proto, inference_pb2*.py | the public Open Inference Protocol (KServe v2 / Triton), generated stubs |
+| worker.proto, worker_pb2*.py | the internal supervisor <-> worker service, generated stubs |
+| generate.py | regenerates the stubs (the tests check they are current) |
+| wire.py | hand-written protobuf wire helpers: varints, routing-field peek, stream framing |
+| tensors.py | tensors <-> numpy arrays, raw contents appended by hand |
+| contract.py | the worker contract: WorkerSpec, exit codes, engine names, RPC paths, memfd seals |
+"""
+from .wire import message_options
 
-def message_options(limit: int) -> list[tuple[str, int]]:
-    """gRPC channel/server options raising the 4 MB default message size to `limit` (every hop uses this)."""
-    return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+__all__ = ["message_options"]

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from sealbox.proto import inference_pb2 as pb
+from . import inference_pb2 as pb
+from .wire import RAW_INPUT_FIELD, RAW_OUTPUT_FIELD, length_delimited_header
 
 DATATYPES = {
     "BOOL": np.dtype("?"), "UINT8": np.dtype("u1"), "UINT16": np.dtype("<u2"),
@@ -87,18 +88,10 @@ def request_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     return arrays
 
 
-RAW_OUTPUT_FIELD, RAW_INPUT_FIELD = 6, 7   # ModelInferResponse.raw_output_contents, ModelInferRequest.raw_input_contents
-
-
 def _raw_field(number: int, array: np.ndarray) -> list:
     """One length-delimited protobuf field holding the array's bytes, as [header, buffer]."""
     data = memoryview(np.require(array, requirements="C").reshape(-1).view(np.uint8))
-    header, n = bytearray([(number << 3) | 2]), data.nbytes
-    while n > 0x7F:
-        header.append((n & 0x7F) | 0x80)
-        n >>= 7
-    header.append(n)
-    return [bytes(header), data]
+    return [length_delimited_header(number, data.nbytes), data]
 
 
 def _wire_array(array: np.ndarray) -> tuple[str, np.ndarray]:

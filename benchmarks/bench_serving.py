@@ -4,7 +4,6 @@ spawn-to-ready of a sandboxed worker against an unsandboxed one."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -96,10 +95,11 @@ def spawn_to_ready(daemon: DemoDaemon, rounds: int = 15) -> None:
 
     def bare():
         sock_dir = launcher.make_socket_dir(run_dir, "b", profile)
-        spec = json.loads(launcher.worker_spec(profile, verified.files))
-        spec.update(socket=f"{sock_dir}/worker.sock", landlock=False, seccomp_stage2_fd=None)
+        spec = launcher.worker_spec(profile, verified.files)
+        spec = dataclasses.replace(spec, sandbox=dataclasses.replace(
+            spec.sandbox, socket=f"{sock_dir}/worker.sock", landlock=False, seccomp_stage2_fd=None))
         t = time.perf_counter()
-        proc = subprocess.Popen([profile.python, "-m", "sealbox.worker.main", json.dumps(spec)],
+        proc = subprocess.Popen([profile.python, "-m", "sealbox.worker.main", spec.to_json()],
                                 pass_fds=tuple(verified.files.values()), stderr=subprocess.DEVNULL)
         wait(proc, os.path.join(sock_dir, "worker.sock"))
         elapsed = time.perf_counter() - t

@@ -16,59 +16,9 @@ import sealbox
 from sealbox.daemon.supervisor import LoadRefused, ModelUnavailable, State, Supervisor
 from sealbox.proto import inference_pb2 as pb
 from sealbox.proto import message_options
+from sealbox.proto.wire import peek_model, stream_wrap
 
 SERVICE = "inference.GRPCInferenceService"
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(data) or shift > 63:
-            raise ValueError("truncated varint")
-        byte = data[pos]
-        value |= (byte & 0x7F) << shift
-        pos += 1
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-
-
-def peek_model(request: bytes) -> tuple[str, str]:
-    """model_name (field 1) and model_version (field 2) of a serialized ModelInferRequest."""
-    name = version = ""
-    pos = 0
-    while pos < len(request):
-        key, pos = _varint(request, pos)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            _, pos = _varint(request, pos)
-        elif wire == 2:
-            length, pos = _varint(request, pos)
-            if pos + length > len(request):
-                raise ValueError("truncated field")
-            if field in (1, 2):
-                text = request[pos:pos + length].decode("utf-8")
-                name, version = (text, version) if field == 1 else (name, text)
-            pos += length
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-    if pos != len(request):
-        raise ValueError("truncated message")
-    return name, version
-
-
-def _stream_wrap(infer_response: bytes) -> bytes:
-    """ModelStreamInferResponse{infer_response = <bytes>} built without decoding them (field 2, length-delimited)."""
-    out, n = bytearray(b"\x12"), len(infer_response)
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out) + infer_response
 
 
 class InferenceService:
@@ -76,9 +26,9 @@ class InferenceService:
         self.sup = supervisor
 
     # -- helpers
-    def _model(self, name: str, context):
+    def _status(self, name: str, context):
         try:
-            return self.sup.get(name)
+            return self.sup.status(name)
         except KeyError:
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model '{name}'")
 
@@ -88,12 +38,13 @@ class InferenceService:
             name, version = peek_model(request)
         except (ValueError, UnicodeDecodeError) as exc:
             raise _Failure(grpc.StatusCode.INVALID_ARGUMENT, f"malformed ModelInferRequest: {exc}")
-        if name not in self.sup.models:
-            raise _Failure(grpc.StatusCode.NOT_FOUND, f"unknown model '{name}'")
-        model = self.sup.models[name]
-        if version and version != model.version:
+        try:
+            status = self.sup.status(name)
+        except KeyError:
+            raise _Failure(grpc.StatusCode.NOT_FOUND, f"unknown model '{name}'") from None
+        if version and version != status.version:
             raise _Failure(grpc.StatusCode.NOT_FOUND, f"model '{name}' has no version '{version}'"
-                           f" (loaded: '{model.version}')")
+                           f" (loaded: '{status.version}')")
         try:
             return self.sup.infer_raw(name, request)
         except ModelUnavailable as exc:
@@ -106,29 +57,32 @@ class InferenceService:
         return pb.ServerLiveResponse(live=True)
 
     def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.sup.initial_load_done.is_set() and not self.sup.stopped.is_set())
+        return pb.ServerReadyResponse(ready=self.sup.ready())
 
     def ModelReady(self, request, context):
-        model = self.sup.models.get(request.name)
-        ready = model is not None and model.state == State.READY and request.version in ("", model.version)
-        return pb.ModelReadyResponse(ready=ready)
+        try:
+            status = self.sup.status(request.name)
+        except KeyError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=status.state == State.READY and request.version in ("", status.version))
 
     def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name="sealbox", version=sealbox.__version__,
                                          extensions=["model_repository", "health", "sandboxed_workers"])
 
     def ModelMetadata(self, request, context):
-        model = self._model(request.name, context)
-        metadata = model.metadata
-        if model.state != State.READY or metadata is None:
-            context.abort(grpc.StatusCode.UNAVAILABLE, model.describe_state())
-        if request.version and request.version != model.version:
+        self._status(request.name, context)
+        try:
+            status, metadata = self.sup.metadata(request.name)
+        except ModelUnavailable as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        if request.version and request.version != status.version:
             context.abort(grpc.StatusCode.NOT_FOUND, f"model '{request.name}' has no version '{request.version}'"
-                          f" (loaded: '{model.version}')")
+                          f" (loaded: '{status.version}')")
         response = pb.ModelMetadataResponse()
         response.CopyFrom(metadata)
         response.name = request.name
-        response.versions[:] = [model.version] if model.version else []
+        response.versions[:] = [status.version] if status.version else []
         return response
 
     def ModelInfer(self, request: bytes, context):
@@ -140,20 +94,21 @@ class InferenceService:
     def ModelStreamInfer(self, request_iterator, context):
         for request in request_iterator:
             try:
-                yield _stream_wrap(self._forward(request))
+                yield stream_wrap(self._forward(request))
             except _Failure as failure:
                 yield pb.ModelStreamInferResponse(error_message=failure.message).SerializeToString()
 
     def RepositoryIndex(self, request, context):
         response = pb.RepositoryIndexResponse()
-        for name, model in sorted(self.sup.models.items()):
-            if request.ready and model.state != State.READY:
+        for name in self.sup.names():
+            status = self.sup.status(name)
+            if request.ready and status.state != State.READY:
                 continue
-            response.models.add(name=name, version=model.version, state=model.state.value, reason=model.reason)
+            response.models.add(name=name, version=status.version, state=status.state.value, reason=status.reason)
         return response
 
     def RepositoryModelLoad(self, request, context):
-        self._model(request.model_name, context)
+        self._status(request.model_name, context)
         try:
             self.sup.load(request.model_name)
         except LoadRefused as exc:
@@ -163,7 +118,7 @@ class InferenceService:
         return pb.RepositoryModelLoadResponse()
 
     def RepositoryModelUnload(self, request, context):
-        self._model(request.model_name, context)
+        self._status(request.model_name, context)
         self.sup.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import json
 import os
 import pwd
 import shutil
 import subprocess
 from typing import Mapping
 
-from sealbox.sandbox.profile import SOCKET_DIR_IN_SANDBOX, SOCKET_NAME, SandboxProfile
+from sealbox.proto.contract import (SOCKET_DIR_IN_SANDBOX, SOCKET_NAME, ModelHandoff, SandboxSpec, ToolRun,
+                                     WorkerSpec)
+from sealbox.sandbox.profile import SandboxProfile
 
 
 CLONE_NEWNET = 0x40000000
@@ -75,7 +76,7 @@ def bwrap_args(profile: SandboxProfile, socket_dir: str, seccomp_fd: int | None 
 
 
 def seatbelt_command(profile: SandboxProfile, socket_dir: str, tmp_dir: str, model_paths: list[str],
-                     spec: str) -> list[str]:
+                     spec: WorkerSpec) -> list[str]:
     """macOS: the worker under sandbox-exec with a Seatbelt profile generated from the same profile value.
 
     Never run on these Linux machines (see SECURITY.md); tests check the command and profile text.
@@ -84,30 +85,23 @@ def seatbelt_command(profile: SandboxProfile, socket_dir: str, tmp_dir: str, mod
     socket = os.path.join(socket_dir, SOCKET_NAME)
     text = seatbelt_profile(read_only=[*profile.runtime_paths, *profile.extra_ro_paths, *model_paths],
                             read_write=[socket_dir, tmp_dir], socket_path=socket, exec_once=profile.python)
-    return ["/usr/bin/sandbox-exec", "-p", text, profile.python, "-m", "sealbox.worker.main", spec]
+    return ["/usr/bin/sandbox-exec", "-p", text, profile.python, "-m", "sealbox.worker.main", spec.to_json()]
 
 
-def worker_spec(profile: SandboxProfile, files: Mapping[str, int], run: dict | None = None,
-                seccomp_stage2_fd: int | None = None, extra_read_only: tuple[str, ...] = ()) -> str:
-    """The worker's single argument: what to load and how to confine itself (JSON)."""
-    spec = {
-        "engine": profile.engine,
-        "socket": f"{SOCKET_DIR_IN_SANDBOX}/{SOCKET_NAME}",
-        "files": dict(files),
-        "landlock": profile.landlock,
+def worker_spec(profile: SandboxProfile, files: Mapping[str, int], run: ToolRun | None = None,
+                seccomp_stage2_fd: int | None = None, extra_read_only: tuple[str, ...] = ()) -> WorkerSpec:
+    """The worker's single argument: how to confine itself, and what to load."""
+    sandbox = SandboxSpec(
+        engine=profile.engine,
+        landlock=profile.landlock,
         # Landlock: the runtime and random sources read-only; the size-limited tmpfs writable; in the
         # socket directory (a host directory) only the socket itself may be made.
-        "read_only": [*profile.runtime_paths, *profile.extra_ro_paths, *extra_read_only,
-                      "/dev/urandom", "/dev/zero"],
-        "read_write": ["/tmp", "/dev/null"],
-        "socket_dirs": [SOCKET_DIR_IN_SANDBOX],
-        "seccomp_stage2_fd": seccomp_stage2_fd,
-        "preload": list(profile.preload),
-        "max_message_bytes": profile.max_message_bytes,
-    }
-    if run is not None:
-        spec["run"] = run
-    return json.dumps(spec)
+        read_only=(*profile.runtime_paths, *profile.extra_ro_paths, *extra_read_only, "/dev/urandom", "/dev/zero"),
+        read_write=("/tmp", "/dev/null"),
+        socket_dirs=(SOCKET_DIR_IN_SANDBOX,),
+        seccomp_stage2_fd=seccomp_stage2_fd,
+        preload=profile.preload)
+    return WorkerSpec(sandbox, ModelHandoff(files=dict(files), max_message_bytes=profile.max_message_bytes), run)
 
 
 def make_socket_dir(parent: str, name: str, profile: SandboxProfile) -> str:
@@ -155,12 +149,11 @@ class SandboxedWorker:
 
 
 def launch(profile: SandboxProfile, socket_dir: str, files: Mapping[str, int],
-           run: dict | None = None, extra_ro_files: Mapping[str, str] | None = None,
+           run: ToolRun | None = None, extra_ro_files: Mapping[str, str] | None = None,
            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) -> SandboxedWorker:
     """Start one sandboxed worker with every layer the profile asks for; fail closed if one is unavailable.
 
-    `run` replaces the model loader with {"kind": "script"|"module", "target", "args"}
-    (operator tools); everything else about the sandbox stays the same.
+    `run` replaces the model loader with a script or a module's main (operator tools); everything else about the sandbox stays the same.
     """
     uid, gid = worker_identity(profile)
     owned_fds: list[int] = []
@@ -185,7 +178,8 @@ def launch(profile: SandboxProfile, socket_dir: str, files: Mapping[str, int],
             except cgroups.CgroupError as exc:
                 raise SandboxUnavailable(str(exc)) from None
         command = [bwrap_path(), *bwrap_args(profile, socket_dir, stage1, extra_ro_files), "--",
-                   profile.python, "-m", "sealbox.worker.main", worker_spec(profile, files, run, stage2, tuple((extra_ro_files or {}).values()))]
+                   profile.python, "-m", "sealbox.worker.main",
+                   worker_spec(profile, files, run, stage2, tuple((extra_ro_files or {}).values())).to_json()]
         from sealbox.sandbox.limits import apply_rlimits
 
         def preexec():
@@ -215,7 +209,7 @@ def launch(profile: SandboxProfile, socket_dir: str, files: Mapping[str, int],
     return SandboxedWorker(proc, cgroup)
 
 
-def run_tool(profile: SandboxProfile, run: dict, files: Mapping[str, int] | None = None,
+def run_tool(profile: SandboxProfile, run: ToolRun, files: Mapping[str, int] | None = None,
              extra_files: Mapping[str, bytes] | None = None, run_dir: str = "/run/sealbox/tools") -> int:
     """Run an operator tool in a worker's sandbox with stdout/stderr passed through; its exit status back.
 

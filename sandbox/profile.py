@@ -1,8 +1,11 @@
 """The sandbox profile: the one value that decides how a worker is confined.
 
-Everything about a worker's confinement is a field here; the launcher only
-renders it (bubblewrap arguments, rlimits, cgroup limits, the worker's own
-self-restrictions). Changing confinement means changing this value.
+Everything about a worker's confinement is a field here, and
+`SandboxProfile.for_model` is the one place that fills it in, for the
+daemon's workers and the operator tools alike; the launcher only renders it
+(bubblewrap arguments, rlimits, cgroup limits, the worker's own
+self-restrictions). Changing confinement means changing this value. The
+order in which its layers are applied is in sandbox/__init__.py.
 """
 from __future__ import annotations
 
@@ -13,9 +16,7 @@ import sysconfig
 
 import sealbox
 
-# Where things appear inside the sandbox.
-SOCKET_DIR_IN_SANDBOX = "/run/sealbox"
-SOCKET_NAME = "worker.sock"
+from ..proto.contract import SOCKET_DIR_IN_SANDBOX, SOCKET_NAME  # noqa: F401 (where things appear inside)
 
 
 def runtime_paths_for(python: str) -> tuple[str, ...]:
@@ -66,6 +67,30 @@ class SandboxProfile:
     seccomp: bool = True
     landlock: bool = True
     cgroups: bool = True
+
+    @classmethod
+    def for_model(cls, engine: str, *, user: str = "sealbox-worker", python: str = sys.executable,
+                  memory_bytes: int = 2 * 2**30, pids_max: int = 64, load_timeout_s: float = 60.0,
+                  infer_timeout_s: float = 30.0, seccomp: bool = True, landlock: bool = True,
+                  cgroups: bool = True, openblas: bool = True, julia: str | None = None,
+                  julia_depot: str | None = None, max_message_bytes: int = 256 * 2**20) -> "SandboxProfile":
+        """The profile of a worker for `engine`: the one place a worker's confinement is decided.
+
+        The daemon passes its [workers] settings and a model's overrides; operator tools
+        (`sealbox scan`, `sealbox sandbox run-python`) take the defaults, which are [workers]'s.
+        """
+        extra_ro: tuple[str, ...] = ()
+        extra_env: tuple[tuple[str, str], ...] = ()
+        if engine == "julia":  # Julia's installation and depot, read-only; nothing downloaded
+            julia_root = os.path.dirname(os.path.dirname(os.path.realpath(julia))) if julia else None
+            extra_ro = tuple(p for p in (julia_root, julia_depot) if p)
+            extra_env = tuple((k, v) for k, v in (("PYTHON_JULIAPKG_EXE", julia),
+                                                 ("JULIA_DEPOT_PATH", julia_depot)) if v)
+        blas = find_openblas() if openblas else None
+        return cls(engine=engine, worker_user=user, python=python, extra_ro_paths=extra_ro, extra_env=extra_env,
+                   memory_bytes=memory_bytes, pids_max=pids_max, load_timeout_s=load_timeout_s,
+                   infer_timeout_s=infer_timeout_s, seccomp=seccomp, landlock=landlock, cgroups=cgroups,
+                   preload=(blas,) if blas else (), max_message_bytes=max_message_bytes)
 
     def __post_init__(self):
         if not self.runtime_paths:

@@ -17,15 +17,7 @@ Filters are for the native x86_64 ABI only: libseccomp makes them kill any
 syscall made through a foreign architecture (int 0x80 i386 entry) or the x32
 ABI, as the bad-architecture action below.
 
-The allowlist was measured with `strace -f` on a stand-in worker inside
-bubblewrap: import grpc, numpy and mlx.core, grpc.server with a
-ThreadPoolExecutor on a Unix socket, mx.import_function and
-mx.load(format="safetensors") from /proc/self/fd/N, MLX_DISABLE_COMPILE=1
-inference (MLX) or numpy matmuls (flux), concurrent calls with 9 MB
-messages, an INVALID_ARGUMENT abort, SIGTERM and shutdown; then the real
-worker (python -m sealbox.worker.main) through the launcher with the demo
-model, 16 MB safetensors and GGUF MLP weights, and a Flux BSON model, with
-and without Debian's OpenBLAS preloaded. Re-measure when an engine changes.
+How the allowlist was measured: SECURITY.md ("How the seccomp allowlists were measured").
 The worker must run with limits.WORKER_ENVIRONMENT (HOME and
 PYTHONDONTWRITEBYTECODE keep Python's start-up inside this list).
 """
@@ -35,6 +27,8 @@ import ctypes
 import errno
 import os
 import platform
+
+from ..proto.contract import MEMFD_SEALS
 
 # Allowed without conditions: (syscalls, why the worker needs them).
 _ALLOW = (
@@ -182,8 +176,7 @@ def bpf_memfd(bpf: bytes) -> int:
 
     fd = os.memfd_create("sealbox-seccomp", os.MFD_ALLOW_SEALING)
     os.write(fd, bpf)
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
-                fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, MEMFD_SEALS)
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
 

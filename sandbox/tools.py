@@ -6,8 +6,9 @@ import re
 import stat
 import sys
 
+from sealbox.proto.contract import MEMFD_SEALS, ToolRun
 from sealbox.sandbox.launcher import SandboxUnavailable, run_tool
-from sealbox.sandbox.profile import SandboxProfile, find_openblas
+from sealbox.sandbox.profile import SandboxProfile
 
 SCRIPT_IN_SANDBOX = "/run/sealbox-tool/script.py"
 
@@ -19,12 +20,6 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[match.group(2).upper()]
 
 
-def tool_profile(engine: str, **overrides) -> SandboxProfile:
-    """The profile a worker of this engine gets with the default [workers] settings (OpenBLAS included)."""
-    openblas = find_openblas()
-    return SandboxProfile(engine=engine, preload=(openblas,) if openblas else (), **overrides)
-
-
 def _require_root(tool: str) -> None:
     if os.geteuid() != 0:
         raise SystemExit(f"sealbox {tool}: must run as root (it drops to the worker user inside the sandbox)")
@@ -32,7 +27,7 @@ def _require_root(tool: str) -> None:
 
 def run_python(script: str, args: list[str], engine: str = "mlx", memory: str | None = None) -> int:
     _require_root("sandbox run-python")
-    profile = tool_profile(engine, **({"memory_bytes": parse_size(memory)} if memory else {}))
+    profile = SandboxProfile.for_model(engine, **({"memory_bytes": parse_size(memory)} if memory else {}))
     try:
         with open(script, "rb") as f:
             source = f.read()
@@ -40,7 +35,7 @@ def run_python(script: str, args: list[str], engine: str = "mlx", memory: str | 
         print(f"sealbox sandbox run-python: {script}: {exc.strerror}", file=sys.stderr)
         return 2
     try:
-        return run_tool(profile, {"kind": "script", "target": SCRIPT_IN_SANDBOX, "args": list(args)},
+        return run_tool(profile, ToolRun("script", SCRIPT_IN_SANDBOX, tuple(args)),
                         extra_files={SCRIPT_IN_SANDBOX: source})
     except SandboxUnavailable as exc:
         print(f"sealbox sandbox run-python: {exc}", file=sys.stderr)
@@ -59,8 +54,7 @@ def sealed_copy(path: str, max_bytes: int = 1 << 30) -> int:
                 if os.lseek(fd, 0, os.SEEK_CUR) + len(chunk) > max_bytes:
                     raise OSError(27, f"larger than {max_bytes} bytes")
                 os.write(fd, chunk)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
-                    fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, MEMFD_SEALS)
         return fd
     except BaseException:
         os.close(fd)
@@ -77,8 +71,8 @@ def scan_file(path: str, as_json: bool = False) -> int:
         return 2
     try:
         args = [f"/proc/self/fd/{fd}", "--name", path] + (["--json"] if as_json else [])
-        code = run_tool(tool_profile("flux"),
-                        {"kind": "module", "target": "sealbox.worker.flux.scan_cli", "args": args},
+        code = run_tool(SandboxProfile.for_model("flux"),
+                        ToolRun("module", "sealbox.worker.flux.scan_cli", tuple(args)),
                         files={"model.bson": fd})
     except SandboxUnavailable as exc:
         print(f"sealbox scan: {exc}", file=sys.stderr)

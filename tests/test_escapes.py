@@ -252,14 +252,16 @@ def run_sandboxed(params: dict, attempts: list[str], memory: str | None = None) 
 
 
 RUN_TOOL = """
-import json, sys
+import dataclasses, json, sys
+from sealbox.proto.contract import ToolRun
 from sealbox.sandbox.launcher import run_tool
-from sealbox.sandbox.tools import SCRIPT_IN_SANDBOX, tool_profile
+from sealbox.sandbox.profile import SandboxProfile
+from sealbox.sandbox.tools import SCRIPT_IN_SANDBOX
 overrides, script, args = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3:]
 with open(script, "rb") as f:
     source = f.read()
-sys.exit(run_tool(tool_profile("mlx", **overrides),
-                  {"kind": "script", "target": SCRIPT_IN_SANDBOX, "args": args},
+profile = dataclasses.replace(SandboxProfile.for_model("mlx"), **overrides)
+sys.exit(run_tool(profile, ToolRun("script", SCRIPT_IN_SANDBOX, tuple(args)),
                   extra_files={SCRIPT_IN_SANDBOX: source}))
 """
 

@@ -12,15 +12,17 @@ from sealbox.daemon.supervisor import ModelUnavailable, Supervisor
 
 def test_launcher_renders_the_worker_profile_into_a_sandbox_exec_command(tmp_path):
     """The same SandboxProfile value that drives bubblewrap on Linux drives sandbox-exec on macOS."""
+    from sealbox.proto.contract import SandboxSpec, WorkerSpec
     from sealbox.sandbox.launcher import seatbelt_command
     from sealbox.sandbox.profile import SandboxProfile
 
     profile = SandboxProfile(engine="mlx", python="/opt/sealbox/venv/bin/python",
                              runtime_paths=("/opt/sealbox/venv", "/opt/sealbox/code"))
     sock_dir, tmp_dir = tmp_path / "sock", tmp_path / "tmp"
-    command = seatbelt_command(profile, str(sock_dir), str(tmp_dir), [str(tmp_path / "model")], '{"engine": "mlx"}')
+    spec = WorkerSpec(SandboxSpec(engine="mlx"))
+    command = seatbelt_command(profile, str(sock_dir), str(tmp_dir), [str(tmp_path / "model")], spec)
     assert command[:2] == ["/usr/bin/sandbox-exec", "-p"]
-    assert command[3:] == ["/opt/sealbox/venv/bin/python", "-m", "sealbox.worker.main", '{"engine": "mlx"}']
+    assert command[3:] == ["/opt/sealbox/venv/bin/python", "-m", "sealbox.worker.main", spec.to_json()]
     text = command[2]
     assert text.startswith("(version 1)\n(deny default)\n")
     for path in ("/opt/sealbox/venv", "/opt/sealbox/code", str(tmp_path / "model")):

@@ -1,37 +1,36 @@
 """The worker: runs inside the sandbox, the only process that parses a model.
 
-Started by the launcher as `python -m sealbox.worker.main SPEC_JSON`. It
-confines itself further (Landlock, the exec ban), loads the model from the
-inherited sealed file descriptors, and serves the internal Worker gRPC
-service on a Unix socket in its socket directory.
-
-Exit codes: 0 stopped by SIGTERM; 2 bad spec; 3 the model was refused
-(reason on stderr); 4 confinement could not be applied.
+Started by the launcher as `python -m sealbox.worker.main SPEC_JSON` (a
+`WorkerSpec`, proto/contract.py). It confines itself further (Landlock, the
+exec ban), loads the model from the inherited sealed file descriptors, and
+serves the internal Worker gRPC service on a Unix socket in its socket
+directory. Its exit codes and their meaning are in proto/contract.py.
 """
 from __future__ import annotations
 
-import json
 import runpy
 import signal
 import sys
 import threading
 from concurrent import futures
 
-EXIT_BAD_SPEC, EXIT_MODEL_REFUSED, EXIT_CONFINEMENT = 2, 3, 4
+from sealbox.proto.contract import (EXIT_BAD_SPEC, EXIT_CONFINEMENT, EXIT_MODEL_REFUSED, STDERR_PREFIX,
+                                    WORKER_SERVICE, SandboxSpec, SpecError, ToolRun, WorkerSpec)
 
 
-def confine(spec: dict) -> None:
-    """The worker's self-restrictions, applied before any model byte is read."""
-    if spec.get("landlock"):
+def confine(spec: SandboxSpec) -> None:
+    """The worker's self-restrictions, applied before any model byte is read (steps 5-6 of the
+    confinement order in sandbox/__init__.py)."""
+    if spec.landlock:
         from sealbox.sandbox import landlock
-        landlock.restrict_self(read_only=spec["read_only"], read_write=spec["read_write"],
-                               socket_dirs=spec["socket_dirs"])
-    if spec.get("seccomp_stage2_fd") is not None:  # built by the supervisor: no libseccomp needed here
+        landlock.restrict_self(read_only=list(spec.read_only), read_write=list(spec.read_write),
+                               socket_dirs=list(spec.socket_dirs))
+    if spec.seccomp_stage2_fd is not None:  # built by the supervisor: no libseccomp needed here
         from sealbox.sandbox import seccomp
-        seccomp.load_stage2_from_fd(spec["seccomp_stage2_fd"])
+        seccomp.load_stage2_from_fd(spec.seccomp_stage2_fd)
 
 
-def serve(spec: dict, engine, engine_thread: futures.ThreadPoolExecutor) -> None:
+def serve(spec: WorkerSpec, engine, engine_thread: futures.ThreadPoolExecutor) -> None:
     import grpc
 
     from google.protobuf.message import DecodeError
@@ -70,16 +69,16 @@ def serve(spec: dict, engine, engine_thread: futures.ThreadPoolExecutor) -> None
             return tensors.encode_response(response, {name: results[name] for name in wanted or known})
 
     # The server runs every call on the engine's own thread: no hand-off per request.
-    server = grpc.server(engine_thread, options=message_options(spec["max_message_bytes"]))
+    server = grpc.server(engine_thread, options=message_options(spec.model.max_message_bytes))
     worker = Worker()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("sealbox.worker.Worker", {
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(WORKER_SERVICE, {
         "Describe": grpc.unary_unary_rpc_method_handler(
             worker.Describe, request_deserializer=lambda raw: raw,
             response_serializer=pb.ModelMetadataResponse.SerializeToString),
         "Infer": grpc.unary_unary_rpc_method_handler(
             worker.Infer, request_deserializer=None, response_serializer=None),  # bytes both ways
     }),))
-    server.add_insecure_port("unix:" + spec["socket"])
+    server.add_insecure_port("unix:" + spec.sandbox.socket)
     server.start()
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
@@ -88,47 +87,47 @@ def serve(spec: dict, engine, engine_thread: futures.ThreadPoolExecutor) -> None
     server.stop(grace=1).wait()
 
 
-def run_instead_of_loader(kind: str, target: str, args: list[str]) -> int:
+def run_instead_of_loader(run: ToolRun) -> int:
     """`sealbox sandbox run-python` (a script) and `sealbox scan` (a module's main) run here, confined."""
-    if kind == "script":
-        sys.argv = [target, *args]
-        runpy.run_path(target, run_name="__main__")
+    if run.kind == "script":
+        sys.argv = [run.target, *run.args]
+        runpy.run_path(run.target, run_name="__main__")
         return 0
-    if kind == "module":
-        import importlib
-        return importlib.import_module(target).main(args)
-    print(f"sealbox worker: unknown run kind {kind!r}", file=sys.stderr)
-    return EXIT_BAD_SPEC
+    import importlib
+    return importlib.import_module(run.target).main(list(run.args))
 
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m sealbox.worker.main SPEC_JSON (started by sealboxd, not by hand)", file=sys.stderr)
         return EXIT_BAD_SPEC
-    spec = json.loads(argv[0])
-    files = {name: f"/proc/self/fd/{int(fd)}" for name, fd in spec["files"].items()}
+    try:
+        spec = WorkerSpec.from_json(argv[0])
+    except SpecError as exc:
+        print(f"{STDERR_PREFIX}{exc}", file=sys.stderr)
+        return EXIT_BAD_SPEC
+    files = {name: f"/proc/self/fd/{fd}" for name, fd in spec.model.files.items()}
     # Confine first, while the process has one thread (Landlock confines only the calling
     # thread; numpy and grpc start threads on import). Fail closed: nothing is read unconfined.
     try:
-        confine(spec)
+        confine(spec.sandbox)
     except Exception as exc:
-        print(f"sealbox worker: confinement failed: {exc}", file=sys.stderr)
+        print(f"{STDERR_PREFIX}confinement failed: {exc}", file=sys.stderr)
         return EXIT_CONFINEMENT
     import ctypes
     import os
-    for library in spec.get("preload", ()):  # global symbols: MLX's BLAS calls resolve to it
+    for library in spec.sandbox.preload:  # global symbols: MLX's BLAS calls resolve to it
         ctypes.CDLL(library, mode=os.RTLD_GLOBAL | os.RTLD_NOW)
     from sealbox.worker.engine import ModelError, engine_class
-    run = spec.get("run")  # operator tools: a script or module in place of the model loader
-    if run is not None:
-        return run_instead_of_loader(run["kind"], run["target"], run["args"])
-    engine_cls = engine_class(spec["engine"])
+    if spec.run is not None:  # operator tools: a script or module in place of the model loader
+        return run_instead_of_loader(spec.run)
+    engine_cls = engine_class(spec.sandbox.engine)
     # One thread owns the engine: MLX streams are per thread, and engines need not be thread-safe.
     engine_thread = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
     try:
         engine = engine_thread.submit(engine_cls.load, files).result()
     except ModelError as exc:
-        print(f"sealbox worker: model refused: {exc}", file=sys.stderr)
+        print(f"{STDERR_PREFIX}model refused: {exc}", file=sys.stderr)
         return EXIT_MODEL_REFUSED
     serve(spec, engine, engine_thread)
     return 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import resource
 
-# Environment every worker needs, whatever its profile (measured reasons in shared/notes).
+# Environment every worker needs, whatever its profile; each line says why (SECURITY.md, "environment").
 WORKER_ENVIRONMENT = {
     "GRPC_ENABLE_FORK_SUPPORT": "0",  # with fork support a failed fork() (pids limit) hangs the gRPC server
     "MALLOC_ARENA_MAX": "2",          # one 64 MiB malloc arena per thread otherwise: address space balloons

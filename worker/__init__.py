@@ -1,1 +1,12 @@
-"""The code that runs inside a worker sandbox: the worker server and its engines."""
+"""The code that runs inside a worker sandbox: the only code that parses a model.
+
+| module | what it holds |
+|---|---|
+| main.py | the worker process: reads its WorkerSpec, confines itself, loads, serves |
+| engine.py | the engine interface (`Engine`, `TensorSpec`, errors) and the engine registry |
+| mlx_engine.py | MLX models: an exported function (.mlxfn) or a built-in MLP over weights |
+| flux/ | Flux.jl models saved with BSON.jl: strict reader, allowlist scanner, evaluators |
+
+The worker imports only the wire protocol and contract (sealbox.proto) and the
+sandbox layers it applies to itself (sealbox.sandbox).
+"""

@@ -1,0 +1,151 @@
+"""One sandboxed worker process as the supervisor sees it: spawning, the channel to it, its death.
+
+The supervisor (daemon/supervisor.py) decides *when* a worker runs; this
+module knows *how* to talk to one and how to explain its end.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import os
+import queue
+import shutil
+import signal
+import threading
+import time
+
+import grpc
+
+from ..proto import inference_pb2 as pb
+from ..proto import message_options
+from ..proto.contract import EXIT_REASONS, SOCKET_NAME, STDERR_PREFIX, WORKER_DESCRIBE, WORKER_INFER
+from ..sandbox import launcher
+from ..sandbox.profile import SandboxProfile
+
+log = logging.getLogger("sealboxd")
+
+
+class ModelUnavailable(Exception):
+    """The model cannot answer now (loading, crashed, unloaded): gRPC UNAVAILABLE."""
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def describe_exit(returncode: int) -> str:
+    """bwrap exits 128+N when the worker died of signal N."""
+    if returncode > 128:
+        text = f"killed by {_signal_name(returncode - 128)}"
+        if returncode - 128 == signal.SIGSYS:
+            text += " (seccomp violation)"
+        return text
+    if returncode < 0:
+        return f"killed by {_signal_name(-returncode)}"
+    return f"exited with code {returncode}" + (f" ({EXIT_REASONS[returncode]})" if returncode in EXIT_REASONS else "")
+
+
+class Spawner:
+    """Starts every worker from one long-lived thread.
+
+    bwrap's --die-with-parent (PR_SET_PDEATHSIG) fires when the *thread* that
+    forked it exits, so workers must not be forked from short-lived threads.
+    """
+
+    def __init__(self):
+        self._jobs: queue.Queue = queue.Queue()
+        threading.Thread(target=self._run, name="spawner", daemon=True).start()
+
+    def _run(self):
+        while True:
+            fn, future = self._jobs.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # handed back to the caller
+                    future.set_exception(exc)
+
+    def call(self, fn):
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._jobs.put((fn, future))
+        return future.result()
+
+
+# The socket appears a few ms after spawn: retry quickly instead of gRPC's 1 s backoff.
+WORKER_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 5), ("grpc.min_reconnect_backoff_ms", 5),
+                    ("grpc.max_reconnect_backoff_ms", 100)]
+
+
+def _identity(x):
+    return x
+
+
+class WorkerProcess:
+    """One running sandboxed worker process and the channel to it."""
+
+    def __init__(self, name: str, profile: SandboxProfile, socket_dir: str, sandboxed: launcher.SandboxedWorker,
+                 max_message_bytes: int):
+        self.name, self.profile, self.socket_dir = name, profile, socket_dir
+        self.sandboxed, self.proc = sandboxed, sandboxed.proc
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
+        self.stopping = False
+        self.ready_at: float | None = None
+        # One call at a time reaches the worker (it has one engine thread): the inference
+        # deadline then measures the model, not the queue in front of it.
+        self.busy = threading.Semaphore(1)
+        opts = [*message_options(max_message_bytes), *WORKER_RECONNECT]
+        self.channel = grpc.insecure_channel(f"unix:{os.path.join(socket_dir, SOCKET_NAME)}", options=opts)
+        self.infer_raw = self.channel.unary_unary(WORKER_INFER, request_serializer=_identity,
+                                                  response_deserializer=_identity)
+        self.describe = self.channel.unary_unary(WORKER_DESCRIBE, request_serializer=_identity,
+                                                 response_deserializer=pb.ModelMetadataResponse.FromString)
+        self._stderr_reader = threading.Thread(target=self._drain_stderr, name=f"stderr-{name}", daemon=True)
+        self._stderr_reader.start()
+
+    def _drain_stderr(self):
+        # Bounded reads: a hostile worker writing without newlines must not grow the supervisor.
+        for line in iter(lambda: self.proc.stderr.readline(4096), b""):
+            text = line.decode("utf-8", "replace").rstrip()
+            self.stderr_tail.append(text)
+            log.debug("worker %s: %s", self.name, text)
+
+    def wait_ready(self, timeout: float) -> pb.ModelMetadataResponse:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise ModelUnavailable(self.death_reason("while loading"))
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.kill()
+                raise ModelUnavailable(f"load timed out after {timeout:g} s; worker killed")
+            try:
+                return self.describe(b"", timeout=min(left, 0.25), wait_for_ready=True)
+            except grpc.RpcError:
+                continue
+
+    def death_reason(self, when: str) -> str:
+        rc = self.proc.wait()
+        self._stderr_reader.join(timeout=1.0)  # the worker's last words, before they are quoted
+        limit = f"memory limit {self.profile.memory_bytes // 2**20} MiB"
+        if self.sandboxed.oom_killed():
+            reason = f"worker killed by the OOM killer {when} ({limit})"
+        else:
+            reason = f"worker {describe_exit(rc)} {when}"
+            if rc - 128 in (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT):
+                reason += f" ({limit})"  # MLX crashes rather than failing cleanly when memory runs out
+        if self.sandboxed.pids_limit_hit():
+            reason += f" (process limit {self.profile.pids_max} reached)"
+        last = [line for line in self.stderr_tail if line.startswith(STDERR_PREFIX)]
+        if last:
+            reason += ": " + last[-1].removeprefix(STDERR_PREFIX)
+        return reason
+
+    def kill(self):
+        self.stopping = True
+        self.sandboxed.stop()
+        self.channel.close()
+        shutil.rmtree(self.socket_dir, ignore_errors=True)

@@ -2,8 +2,8 @@
 
 No Julia runs: the allowlist scanner (scanner.py) reads the file with a strict
 BSON reader and turns an accepted model into plain layer records, which
-native.py evaluates. Tensors are in numpy layout, the reverse of Julia's
-dimension order (see native.py): Dense models take (batch, features), 2-d
+evaluator.py evaluates. Tensors are in numpy layout, the reverse of Julia's
+dimension order (see evaluator.py): Dense models take (batch, features), 2-d
 conv models (batch, channels, height, width).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Mapping
 import numpy as np
 
 from sealbox.worker.engine import Engine, InputError, ModelError, TensorSpec
-from sealbox.worker.flux import native, scanner
+from sealbox.worker.flux import evaluator, scanner
 
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 
@@ -58,7 +58,7 @@ class FluxNativeEngine(Engine):
         self.name = name
         self.model = model
         self.inputs, self.outputs = tensor_specs(model)
-        self._evaluate = native.Evaluator(model)
+        self._evaluate = evaluator.Evaluator(model)
 
     @classmethod
     def load(cls, files: Mapping[str, str]) -> "FluxNativeEngine":

@@ -15,7 +15,7 @@ import pytest
 
 from flux_fixtures import Era
 from sealbox.worker.engine import InputError, ModelError, TensorSpec
-from sealbox.worker.flux.engine import FluxNativeEngine
+from sealbox.worker.flux.native_engine import FluxNativeEngine
 
 ERAS = ["0.10", "0.12", "0.13"]
 RNG = np.random.default_rng(20240611)

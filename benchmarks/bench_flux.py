@@ -25,7 +25,7 @@ from common import p99, timed  # noqa: E402
 from flux_fixtures import Era  # noqa: E402
 
 from sealbox.worker.flux import scanner  # noqa: E402
-from sealbox.worker.flux.engine import FluxNativeEngine  # noqa: E402
+from sealbox.worker.flux.native_engine import FluxNativeEngine  # noqa: E402
 
 CORPUS = ROOT.parent / "shared" / "corpus" / "bsonjl"
 ACCEPTED = ["Xiaocao-Cxh+PowerModel/model.d2d83e9f.bson", "banachtech+replicator/model.6f42a183.bson",

@@ -11,7 +11,7 @@ import pytest
 from flux_fixtures import Era, datatype, struct_
 from sealbox.worker.engine import ModelError
 from sealbox.worker.flux import julia_engine
-from sealbox.worker.flux.engine import FluxNativeEngine
+from sealbox.worker.flux.native_engine import FluxNativeEngine
 from sealbox.worker.flux.julia_engine import JuliaEngine
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "bsonjl"

@@ -3,7 +3,7 @@
 The files are written in BSON.jl's encoding for three Flux eras (tests/flux_fixtures.py).
 The reference below is a separate, loop-based transcription of Flux/NNlib's formulas
 in Julia index space (column-major arrays, Julia dimension order, 0-based loops),
-in float64; it shares no code with sealbox.worker.flux.native.
+in float64; it shares no code with sealbox.worker.flux.evaluator.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 from flux_fixtures import Era
 from sealbox.worker.engine import InputError, ModelError, TensorSpec
-from sealbox.worker.flux.engine import FluxNativeEngine
+from sealbox.worker.flux.native_engine import FluxNativeEngine
 
 ERAS = ["0.10", "0.12", "0.13"]
 RNG = np.random.default_rng(20240611)
@@ -315,10 +315,10 @@ def test_infer_rejects_bad_inputs(tmp_path):
 
 def test_conv_in_batch_chunks(tmp_path, monkeypatch):
     """Big batches run in chunks to bound the im2col copy; the result must not change."""
-    from sealbox.worker.flux import native
+    from sealbox.worker.flux import evaluator
     e = Era("0.13")
     w, b = rand(3, 3, 2, 4), rand(4)
     engine = load(tmp_path, e.file(e.conv(w, b, "relu", pad=(1, 1, 1, 1))))
     x = rand(5, 6, 2, 7)
-    monkeypatch.setattr(native, "IM2COL_BYTES", 1)      # one sample per chunk
+    monkeypatch.setattr(evaluator, "IM2COL_BYTES", 1)      # one sample per chunk
     close(run(engine, x), ref_conv(w, b, "relu", x, (1, 1), (1, 1, 1, 1), (1, 1)))

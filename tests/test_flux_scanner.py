@@ -10,7 +10,7 @@ import pytest
 from flux_fixtures import Era, Pairs, backref, datatype, encode, struct_, tuple_
 from sealbox.worker.engine import TensorSpec
 from sealbox.worker.flux import bson, scanner
-from sealbox.worker.flux.engine import FluxNativeEngine
+from sealbox.worker.flux.native_engine import FluxNativeEngine
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "bsonjl"
 needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason=f"corpus of real BSON.jl files not found at {CORPUS}")

@@ -36,7 +36,7 @@ def test_corpus_flux_model_through_tritonclient(tmp_path, daemon_factory, keys, 
     assert out["model_inputs"] == [["input", "FP32", [-1, 13]]]
     assert out["model_outputs"] == [["output", "FP32", [-1, 1]]]
     # The same file evaluated in-process by the native evaluator (the worker's answer must match it).
-    from sealbox.worker.flux.engine import FluxNativeEngine
+    from sealbox.worker.flux.native_engine import FluxNativeEngine
     engine = FluxNativeEngine.load({"model.bson": str(good / "model.bson")})
     for key in ("batch1", "batch64", "typed"):
         x = np.array(out[key]["x"], np.float32)

@@ -95,7 +95,7 @@ class Engine(abc.ABC):
 # Engine name (the model's `format` in the daemon config) -> "module:class".
 ENGINES = {
     "mlx": "sealbox.worker.mlx_engine:MlxEngine",
-    "flux": "sealbox.worker.flux.engine:FluxNativeEngine",
+    "flux": "sealbox.worker.flux.native_engine:FluxNativeEngine",
     "julia": "sealbox.worker.flux.julia_engine:JuliaEngine",
 }
 

@@ -19,9 +19,10 @@ from typing import Mapping
 
 import numpy as np
 
-from sealbox.worker.engine import Engine, InputError, ModelError
-from sealbox.worker.flux import engine as native_engine
-from sealbox.worker.flux import scanner
+from ..engine import Engine, InputError, ModelError
+from .loading import INPUT_NAME, OUTPUT_NAME, scan_model, tensor_specs
+from .records import Model
+from .shapes import ShapeError, layer_shape
 
 EXE_VARIABLE = "PYTHON_JULIAPKG_EXE"
 
@@ -74,16 +75,16 @@ def _start(exe: str):
 class JuliaEngine(Engine):
     platform = "flux-julia"
 
-    def __init__(self, name: str, model: scanner.Model, julia_model, forward):
+    def __init__(self, name: str, model: Model, julia_model, forward):
         self.name = name
         self.model = model
-        self.inputs, self.outputs = native_engine.tensor_specs(model)
+        self.inputs, self.outputs = tensor_specs(model)
         self._julia_model = julia_model
         self._forward = forward
 
     @classmethod
     def load(cls, files: Mapping[str, str]) -> "JuliaEngine":
-        name, data, model = native_engine.scan_model(files)     # the scanner first, always
+        name, data, model = scan_model(files)     # the scanner first, always
         exe = find_julia()
         with _lock:
             jl = _start(exe)
@@ -98,17 +99,17 @@ class JuliaEngine(Engine):
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.check_inputs(inputs)
-        x = np.ascontiguousarray(inputs[native_engine.INPUT_NAME])
+        x = np.ascontiguousarray(inputs[INPUT_NAME])
         # shape errors are found by the same rules as the native engine, before Julia sees them
         shape = x.shape
         try:
             for place, layer in self.model.layers:
-                shape = scanner.layer_shape(layer, shape, place)
-        except scanner.ShapeError as err:
-            raise InputError(f"input '{native_engine.INPUT_NAME}' of shape {list(x.shape)} does not fit "
+                shape = layer_shape(layer, shape, place)
+        except ShapeError as err:
+            raise InputError(f"input '{INPUT_NAME}' of shape {list(x.shape)} does not fit "
                              f"the model: {err}") from None
         with _lock:
             y = np.array(self._forward(self._julia_model, x), dtype=self.model.dtype)
         if y.shape != shape:
             raise RuntimeError(f"{self.name}: Julia returned shape {y.shape}, expected {shape}")
-        return {native_engine.OUTPUT_NAME: y}
+        return {OUTPUT_NAME: y}

@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from sealbox.worker.flux import scanner
+from . import scanner
 
 
 def main(argv: list[str]) -> int:

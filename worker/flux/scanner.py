@@ -2,8 +2,8 @@
 
 It decides before BSON.jl or any evaluator touches the file. `BSON.load` can run
 code (serialized closures), resolve any global, forge any struct or pointer and
-call whatever sits in a callable slot (see the bsonjl-format note, section 6),
-so the scanner accepts only a closed set of shapes:
+call whatever sits in a callable slot, so the scanner accepts only a closed set
+of shapes:
 
 * the strict BSON layer (bson.py), then backrefs resolved with cycle and
   expansion-size (billion-laughs) checks;
@@ -22,7 +22,7 @@ so the scanner accepts only a closed set of shapes:
 Places are written the way a Julia user would reach the value
 (`model.layers[7].σ`, 1-based), or `_backrefs[i]` with BSON.jl's 1-based ref.
 
-The accepted model comes back as plain layer records (below) holding numpy
+The accepted model comes back as plain layer records (records.py) holding numpy
 views of the weights in numpy layout: a Julia array of size (d1, ..., dn) is
 the row-major numpy array of shape (dn, ..., d1) over the same bytes, so every
 per-dimension tuple (stride, pad, dilation, pooling window) is stored reversed
@@ -34,19 +34,21 @@ import contextlib
 import dataclasses
 import math
 import os
-from typing import Any, Union
 
 import numpy as np
 
-from sealbox.worker.flux import bson
+from . import bson
+from .julia_types import (FLOAT_TYPES, INT_TYPES, JType, _array_type, _dotted, _param_str, _tag, _type_name,
+                          normalise)
+from .records import (ACCEPTED, NOT_A_MODEL, REFUSED, BatchNorm, Chain, Conv, Dense, Dropout, Function, Layer,
+                      Model, Pool, Reason, Verdict, _act_name, _jl_tuple)
+from .shapes import ShapeError, input_shape, layer_shape, leaves
 
 MAX_EXPANDED_NODES = 1_000_000   # nodes after backref expansion; real models: a few thousand
 MAX_REASONS = 50                  # enough to explain a refusal, bounded for hostile files
 MAX_RANK = 8
 MAX_ARRAY_ELEMENTS = 1 << 28
 MAX_NESTING = 64                  # types inside types, Chains inside Chains
-
-ACCEPTED, REFUSED, NOT_A_MODEL = "accepted", "refused", "not-a-model"
 
 CLOSURE = "serialized closure (jl_anonymous): code in the model file"
 
@@ -74,9 +76,6 @@ LAYER_FUNCTIONS = {
     ("Base", "#identity"): "identity",
 }
 LAYER_TYPES = ("Chain", "Dense", "Conv", "MaxPool", "MeanPool", "BatchNorm", "Dropout")
-FLOAT_TYPES = {("Core", "Float32"): np.dtype("<f4"), ("Core", "Float64"): np.dtype("<f8"),
-               ("Core", "Float16"): np.dtype("<f2")}
-INT_TYPES = {("Core", "Int64"): np.dtype("<i8"), ("Core", "Int32"): np.dtype("<i4")}
 DATATYPE_NAMES = {np.dtype("<f4"): "FP32", np.dtype("<f8"): "FP64", np.dtype("<f2"): "FP16"}
 RNG_SINGLETONS = {("Random", "TaskLocalRNG"), ("Random", "_GLOBAL_RNG")}
 # Names that may appear in types (never instantiated from the file unless listed above).
@@ -95,221 +94,6 @@ TAG_KEYS = {
 }
 
 
-# ---------------------------------------------------------------- results
-
-@dataclasses.dataclass(frozen=True)
-class Reason:
-    place: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.place}: {self.message}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Dense:
-    weight: np.ndarray            # numpy layout (in, out) == Julia (out, in)
-    bias: np.ndarray | None       # (out,), None for bias=false / Flux.Zeros
-    activation: str
-
-    @property
-    def summary(self) -> str:
-        out, inp = self.weight.shape[1], self.weight.shape[0]
-        extra = "" if self.activation == "identity" else f", {_act_name(self.activation)}"
-        return f"Dense({inp} => {out}{extra}{'' if self.bias is not None else '; bias=false'})"
-
-
-@dataclasses.dataclass(frozen=True)
-class Conv:
-    weight: np.ndarray            # numpy (Cout, Cin/groups, k...) == Julia (k..., Cin/groups, Cout)
-    bias: np.ndarray | None
-    activation: str
-    stride: tuple[int, ...]       # numpy order (last Julia dim first)
-    pad: tuple[tuple[int, int], ...]  # per numpy spatial axis: (low, high)
-    dilation: tuple[int, ...]
-    groups: int
-
-    @property
-    def summary(self) -> str:
-        kernel = tuple(reversed(self.weight.shape[2:]))
-        cin, cout = self.weight.shape[1] * self.groups, self.weight.shape[0]
-        parts = [f"{_jl_tuple(kernel)}", f"{cin} => {cout}"]
-        if self.activation != "identity":
-            parts.append(_act_name(self.activation))
-        jpad = tuple(v for pair in reversed(self.pad) for v in pair)
-        if any(jpad):
-            parts.append(f"pad={_jl_tuple(jpad)}")
-        if any(s != 1 for s in self.stride):
-            parts.append(f"stride={_jl_tuple(tuple(reversed(self.stride)))}")
-        if any(d != 1 for d in self.dilation):
-            parts.append(f"dilation={_jl_tuple(tuple(reversed(self.dilation)))}")
-        if self.groups != 1:
-            parts.append(f"groups={self.groups}")
-        if self.bias is None:
-            parts.append("bias=false")
-        return f"Conv({', '.join(parts)})"
-
-
-@dataclasses.dataclass(frozen=True)
-class Pool:
-    mode: str                     # "max" or "mean"
-    window: tuple[int, ...]       # numpy order
-    pad: tuple[tuple[int, int], ...]
-    stride: tuple[int, ...]
-
-    @property
-    def summary(self) -> str:
-        name = "MaxPool" if self.mode == "max" else "MeanPool"
-        window = tuple(reversed(self.window))
-        parts = [_jl_tuple(window)]
-        jpad = tuple(v for pair in reversed(self.pad) for v in pair)
-        if any(jpad):
-            parts.append(f"pad={_jl_tuple(jpad)}")
-        if tuple(reversed(self.stride)) != window:
-            parts.append(f"stride={_jl_tuple(tuple(reversed(self.stride)))}")
-        return f"{name}({', '.join(parts)})"
-
-
-@dataclasses.dataclass(frozen=True)
-class BatchNorm:
-    activation: str
-    beta: np.ndarray | None       # None when affine=false
-    gamma: np.ndarray | None
-    mean: np.ndarray
-    var: np.ndarray
-    eps: float
-
-    @property
-    def summary(self) -> str:
-        extra = "" if self.activation == "identity" else f", {_act_name(self.activation)}"
-        return f"BatchNorm({self.mean.shape[0]}{extra}{'' if self.beta is not None else ', affine=false'})"
-
-
-@dataclasses.dataclass(frozen=True)
-class Dropout:
-    p: float
-
-    @property
-    def summary(self) -> str:
-        return f"Dropout({self.p:g})"
-
-
-@dataclasses.dataclass(frozen=True)
-class Function:
-    name: str                     # "softmax", "flatten" or "identity"
-
-    @property
-    def summary(self) -> str:
-        return self.name
-
-
-@dataclasses.dataclass(frozen=True)
-class Chain:
-    layers: tuple
-    names: tuple[str, ...] | None  # NamedTuple chains
-
-    @property
-    def summary(self) -> str:
-        return f"Chain({len(self.layers)} layers)"
-
-
-Layer = Union[Dense, Conv, Pool, BatchNorm, Dropout, Function, Chain]
-
-
-@dataclasses.dataclass(frozen=True)
-class Model:
-    key: str                      # top-level key holding the model
-    root: Layer
-    dtype: np.dtype               # element type of every weight array
-    datatype: str                 # its Open Inference Protocol name
-    input_shape: tuple[int, ...]  # numpy layout, -1 = any size
-    output_shape: tuple[int, ...]
-    layers: tuple[tuple[str, Layer], ...]  # (place, leaf layer) in evaluation order
-
-    def describe(self) -> list[str]:
-        lines = [f"{place}: {layer.summary}" for place, layer in self.layers]
-        lines.append(f"input {list(self.input_shape)} {self.datatype} -> output {list(self.output_shape)} {self.datatype}")
-        return lines
-
-
-@dataclasses.dataclass(frozen=True)
-class Verdict:
-    """The scanner's answer for one file.
-
-    accepted: exactly one top-level value is a Flux model sealbox runs (`model`), the rest is
-    inert data. refused: something in the file is outside the allowlist or malformed; every
-    reason found (up to MAX_REASONS), each with its place. not-a-model: nothing wrong, but no
-    Flux model either (weights-only files, plain data).
-    """
-    file: str
-    status: str                   # ACCEPTED, REFUSED or NOT_A_MODEL
-    reasons: tuple[Reason, ...]
-    model: Model | None = None
-
-    @property
-    def accepted(self) -> bool:
-        return self.status == ACCEPTED
-
-    def to_json(self) -> dict:
-        out: dict[str, Any] = {"file": self.file, "status": self.status,
-                               "reasons": [{"place": r.place, "message": r.message} for r in self.reasons]}
-        if self.model is not None:
-            m = self.model
-            out["model"] = {
-                "key": m.key,
-                "layers": [{"place": p, "layer": type(l).__name__ if not isinstance(l, Function) else l.name,
-                            "summary": l.summary} for p, l in m.layers],
-                "input": {"name": "input", "datatype": m.datatype, "shape": list(m.input_shape)},
-                "output": {"name": "output", "datatype": m.datatype, "shape": list(m.output_shape)},
-            }
-        return out
-
-
-def _act_name(act: str) -> str:
-    return "σ" if act == "sigmoid" else act
-
-
-def _jl_tuple(values: tuple) -> str:
-    return f"({values[0]},)" if len(values) == 1 else "(" + ", ".join(str(v) for v in values) + ")"
-
-
-def _dotted(name: tuple[str, ...]) -> str:
-    return ".".join(name)
-
-
-# ---------------------------------------------------------------- types
-
-@dataclasses.dataclass(frozen=True)
-class JType:
-    """A parsed BSON.jl datatype: normalised name path and parameters."""
-    name: tuple[str, ...]
-    params: tuple = ()
-
-    def __str__(self) -> str:
-        if not self.params:
-            return _dotted(self.name)
-        return f"{_dotted(self.name)}{{{', '.join(_param_str(p) for p in self.params)}}}"
-
-
-def _param_str(p) -> str:
-    if isinstance(p, tuple):
-        return "(" + ", ".join(":" + s for s in p) + ("," if len(p) == 1 else "") + ")"
-    return str(p).lower() if isinstance(p, bool) else str(p)
-
-
-def _array_type(dtype: np.dtype, rank: int) -> JType:
-    elt = next(name for name, dt in FLOAT_TYPES.items() if dt == dtype)
-    return JType(("Core", "Array"), (JType(elt), rank))
-
-
-def normalise(path: list) -> tuple[str, ...]:
-    """BSON.jl names Base and Core as Main.Base / Main.Core (Julia <= 1.3) or Base / Core."""
-    name = tuple(path)
-    if len(name) >= 2 and name[0] == "Main" and name[1] in ("Base", "Core"):
-        name = name[1:]
-    return name
-
-
 class _Refuse(Exception):
     def __init__(self, place: str, message: str):
         super().__init__(f"{place}: {message}")
@@ -321,31 +105,6 @@ _UNPARSED = object()   # a layer type parameter whose parse failed (see layer_st
 
 class _Recorded(Exception):
     """A Chain failed; the reasons for its layers are already recorded."""
-
-
-class ShapeError(Exception):
-    """An input shape does not fit a layer; `place` names the layer."""
-
-    def __init__(self, place: str, message: str):
-        super().__init__(f"{place}: {message}")
-        self.place, self.message = place, message
-
-
-def _type_name(node) -> tuple[str, ...] | None:
-    """The normalised name of a datatype document, if it is one with a well-formed name."""
-    if _tag(node) != "datatype":
-        return None
-    name = node.get("name")
-    if isinstance(name, list) and name and all(isinstance(s, str) for s in name):
-        return normalise(name)
-    return None
-
-
-def _tag(node) -> str | None:
-    if isinstance(node, dict):
-        tag = node.get("tag")
-        return tag if isinstance(tag, str) else None
-    return None
 
 
 # ---------------------------------------------------------------- scan
@@ -1065,82 +824,6 @@ def _numpy_pad(pad: tuple[int, ...], n: int) -> tuple[tuple[int, int], ...]:
     """Julia pad (lo1, hi1, lo2, hi2, ...) or symmetric (p1, p2, ...) -> numpy-ordered (lo, hi) pairs."""
     pairs = [(p, p) for p in pad] if len(pad) == n else [(pad[2 * i], pad[2 * i + 1]) for i in range(n)]
     return tuple(reversed(pairs))
-
-
-# ---------------------------------------------------------------- shapes
-
-def leaves(layer: Layer, place: str) -> list[tuple[str, Layer]]:
-    if isinstance(layer, Chain):
-        out = []
-        for i, sub in enumerate(layer.layers):
-            where = f"{place}.layers.{layer.names[i]}" if layer.names else f"{place}.layers[{i + 1}]"
-            out.extend(leaves(sub, where))
-        return out
-    return [(place, layer)]
-
-
-def input_shape(layers: list[tuple[str, Layer]], place: str) -> tuple[int | None, ...]:
-    """The numpy-layout input shape (None = any) fixed by the first Dense, Conv or pooling layer."""
-    for _, layer in layers:
-        if isinstance(layer, Dense):
-            return (None, layer.weight.shape[0])
-        if isinstance(layer, Conv):
-            return (None, layer.weight.shape[1] * layer.groups) + (None,) * (layer.weight.ndim - 2)
-        if isinstance(layer, Pool):
-            return (None, None) + (None,) * len(layer.window)
-        if isinstance(layer, Function) and layer.name == "flatten":
-            break
-    raise ShapeError(place, "cannot tell the input shape: no Dense, Conv or pooling layer before any flatten")
-
-
-def layer_shape(layer: Layer, shape: tuple, place: str) -> tuple:
-    """Output shape of one leaf layer for an input shape (None = unknown); raise _Refuse on a mismatch.
-
-    Used both statically (with unknown dims) and at inference time (all dims known).
-    """
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise ShapeError(place, message)
-
-    def shown(s) -> str:
-        return "[" + ", ".join("?" if d is None else str(d) for d in s) + "]"
-
-    if isinstance(layer, Dense):
-        inp, out = layer.weight.shape
-        need(len(shape) == 2, f"{layer.summary} needs a (batch, features) input, got shape {shown(shape)}")
-        need(shape[1] in (None, inp), f"{layer.summary} needs {inp} input features, got {shape[1]} (shape {shown(shape)})")
-        return (shape[0], out)
-    if isinstance(layer, (Conv, Pool)):
-        if isinstance(layer, Conv):
-            n = layer.weight.ndim - 2
-            cin = layer.weight.shape[1] * layer.groups
-            window = tuple((k - 1) * d + 1 for k, d in zip(layer.weight.shape[2:], layer.dilation))
-            channels = layer.weight.shape[0]
-        else:
-            n, cin, window, channels = len(layer.window), None, layer.window, shape[1] if len(shape) > 1 else None
-        need(len(shape) == n + 2, f"{layer.summary} needs a rank-{n + 2} input (batch, channels, {n} spatial), "
-                                  f"got shape {shown(shape)}")
-        need(cin is None or shape[1] in (None, cin), f"{layer.summary} needs {cin} input channels, got {shape[1]}")
-        spatial = []
-        for size, w, (lo, hi), s in zip(shape[2:], window, layer.pad, layer.stride):
-            if size is None:
-                spatial.append(None)
-                continue
-            out = (size + lo + hi - w) // s + 1
-            need(size + lo + hi >= w, f"{layer.summary}: spatial size {size} is smaller than the window {w}")
-            spatial.append(out)
-        return (shape[0], channels) + tuple(spatial)
-    if isinstance(layer, BatchNorm):
-        chs = layer.mean.shape[0]
-        need(len(shape) >= 2 and shape[1] in (None, chs),
-             f"{layer.summary} needs {chs} channels on axis 1, got shape {shown(shape)}")
-        return shape
-    if isinstance(layer, Function) and layer.name == "flatten":
-        need(len(shape) >= 2, f"flatten needs at least 2 dimensions, got {shown(shape)}")
-        rest = shape[1:]
-        return (shape[0], None if None in rest else math.prod(rest))
-    return shape          # Dropout, softmax, identity
-
 
 # ---------------------------------------------------------------- entry points
 

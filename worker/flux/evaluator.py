@@ -36,7 +36,8 @@ from typing import Callable
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from sealbox.worker.flux import scanner
+from .records import BatchNorm, Conv, Dense, Dropout, Function, Model, Pool
+from .shapes import layer_shape
 
 SELU_LAMBDA = 1.0507009873554805
 SELU_ALPHA = 1.6732632423543772
@@ -96,7 +97,7 @@ def _pad(x: np.ndarray, pad: tuple[tuple[int, int], ...], value: float) -> np.nd
     return np.pad(x, ((0, 0), (0, 0)) + tuple(pad), constant_values=value)
 
 
-def _conv(layer: scanner.Conv) -> Callable[[np.ndarray], np.ndarray]:
+def _conv(layer: Conv) -> Callable[[np.ndarray], np.ndarray]:
     n = layer.weight.ndim - 2
     g = layer.groups
     cout, cpg = layer.weight.shape[:2]
@@ -132,7 +133,7 @@ def _conv(layer: scanner.Conv) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
-def _pool(layer: scanner.Pool) -> Callable[[np.ndarray], np.ndarray]:
+def _pool(layer: Pool) -> Callable[[np.ndarray], np.ndarray]:
     n = len(layer.window)
     axes = tuple(range(-n, 0))
     ones = (1,) * n
@@ -143,7 +144,7 @@ def _pool(layer: scanner.Pool) -> Callable[[np.ndarray], np.ndarray]:
                       / x.dtype.type(size)).astype(x.dtype, copy=False)
 
 
-def _batchnorm(layer: scanner.BatchNorm) -> Callable[[np.ndarray], np.ndarray]:
+def _batchnorm(layer: BatchNorm) -> Callable[[np.ndarray], np.ndarray]:
     act = ACTIVATIONS[layer.activation]
     dtype = layer.mean.dtype
 
@@ -156,14 +157,14 @@ def _batchnorm(layer: scanner.BatchNorm) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
-def _dense(layer: scanner.Dense) -> Callable[[np.ndarray], np.ndarray]:
+def _dense(layer: Dense) -> Callable[[np.ndarray], np.ndarray]:
     act = ACTIVATIONS[layer.activation]
     if layer.bias is None:
         return lambda x: act(x @ layer.weight)
     return lambda x: act(x @ layer.weight + layer.bias)
 
 
-def _function(layer: scanner.Function) -> Callable[[np.ndarray], np.ndarray]:
+def _function(layer: Function) -> Callable[[np.ndarray], np.ndarray]:
     if layer.name == "softmax":
         return softmax
     if layer.name == "flatten":
@@ -172,23 +173,23 @@ def _function(layer: scanner.Function) -> Callable[[np.ndarray], np.ndarray]:
 
 
 _BUILDERS = {
-    scanner.Dense: _dense, scanner.Conv: _conv, scanner.Pool: _pool, scanner.BatchNorm: _batchnorm,
-    scanner.Dropout: lambda layer: (lambda x: x), scanner.Function: _function,
+    Dense: _dense, Conv: _conv, Pool: _pool, BatchNorm: _batchnorm,
+    Dropout: lambda layer: (lambda x: x), Function: _function,
 }
 
 
 class Evaluator:
     """Runs an accepted model: call it with a numpy-layout batch, get the numpy-layout output."""
 
-    def __init__(self, model: scanner.Model):
+    def __init__(self, model: Model):
         self.model = model
         self.steps = [(place, layer, _BUILDERS[type(layer)](layer)) for place, layer in model.layers]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Raise scanner.ShapeError (naming the layer) if x does not fit the model."""
+        """Raise shapes.ShapeError (naming the layer) if x does not fit the model."""
         with np.errstate(over="ignore", under="ignore"):
             for place, layer, run in self.steps:
-                expected = scanner.layer_shape(layer, x.shape, place)
+                expected = layer_shape(layer, x.shape, place)
                 x = run(x)
                 if x.shape != expected:   # the shape rules and the evaluator disagree: a bug, not a bad input
                     raise RuntimeError(f"{place}: evaluated shape {x.shape}, expected {expected}")

@@ -43,6 +43,8 @@ _ALLOW = (
       "sched_getaffinity", "sched_getparam", "sched_getscheduler", "clock_nanosleep"),
      "threads: glibc pthreads, gRPC's and MLX's thread pools, time.sleep"),
     (("rt_sigaction", "rt_sigprocmask", "rt_sigreturn"), "signals: Python's SIGTERM handler"),
+    (("restart_syscall",),
+     "SIGSTOP then SIGCONT (a debugger, job control, a cgroup freezer) resumes an interrupted sleep with it"),
     (("arch_prctl", "getrandom", "sysinfo", "uname", "getpid"),
      "runtime start: TLS setup, hash seed, memory size, platform, getpid (abort(), logging)"),
     (("bind", "listen", "accept4", "shutdown", "recvmsg", "sendmsg", "getsockname", "getpeername",

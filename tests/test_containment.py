@@ -177,3 +177,31 @@ def test_builtin_mlp_from_safetensors_serves(tmp_path, daemon_factory, keys):
     expected = hidden @ weights["layers.1.weight"].T + weights["layers.1.bias"]
     with daemon.client() as client:
         np.testing.assert_allclose(client.infer("mlp", {"x": x})["y"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_stopped_then_continued_worker_serves_on(tmp_path, daemon_factory, demo_model, keys):
+    """SIGSTOP/SIGCONT (a debugger, a job-control stop, a freezer) resumes sleeping syscalls through
+    restart_syscall: the seccomp allowlist must let the worker live through it."""
+    import signal
+    import time
+
+    import psutil
+    daemon = daemon_factory({"demo": {"path": demo_model}}, keys[1]).start()
+    x = np.full((1, 4), 0.25, np.float32)
+    with daemon.client() as client:
+        expected = client.infer("demo", {"x": x})
+        workers = [psutil.Process(pid) for pid in daemon.worker_pids()]
+        assert workers
+        for _ in range(3):
+            for p in workers:
+                p.send_signal(signal.SIGSTOP)
+            time.sleep(0.5)
+            for p in workers:
+                p.send_signal(signal.SIGCONT)
+            time.sleep(0.5)
+        assert all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
+        got = client.infer("demo", {"x": x})
+        for name in expected:
+            np.testing.assert_array_equal(got[name], expected[name])
+    assert sorted(daemon.worker_pids()) == sorted(p.pid for p in workers)
+    assert "worker_died" not in [e["event"] for e in daemon.audit_events()]

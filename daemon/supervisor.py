@@ -200,7 +200,7 @@ class Supervisor:
         threading.Thread(target=self._watch, args=(model, worker, generation), daemon=True,
                          name=f"watch-{name}").start()
 
-    STABLE_S = 60.0  # a worker that served this long before dying starts the backoff afresh
+    STABLE_S = 60.0  # a worker that lived this long (or served a call) before dying starts the backoff afresh
 
     def _watch(self, model: ManagedModel, worker: WorkerProcess, generation: int) -> None:
         worker.proc.wait()
@@ -271,7 +271,9 @@ class Supervisor:
         if not worker.busy.acquire(timeout=timeout):
             raise ModelUnavailable(f"model '{name}' is busy: no turn within {timeout:g} s")
         try:
-            return worker.infer_raw(request, timeout=timeout)
+            response = worker.infer_raw(request, timeout=timeout)
+            model.failures = 0  # it served: the next death starts the backoff afresh
+            return response
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 reason = f"inference timed out after {worker.profile.infer_timeout_s:g} s; worker killed"

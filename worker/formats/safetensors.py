@@ -153,7 +153,8 @@ def _read(f: BinaryIO) -> Header:
         if not rest.strip("\x00 "):
             raise _Refused(f"header is padded with NUL bytes ({len(rest)} bytes after the JSON object; "
                            "only spaces may pad it)")
-        raise _Refused(f"header has {len(rest.strip(' '))} bytes after the JSON object that are not spaces")
+        raise _Refused(f"header goes on after its JSON object with {rest.strip(' ')[:16]!r} "
+                       "(only spaces may pad it)")
     if not isinstance(obj, dict):
         raise _Refused("header is not a JSON object")
     data_start, data_size = 8 + length, size - 8 - length

@@ -72,6 +72,14 @@ def test_space_padding_empty_header_and_zero_sized_tensors_are_well_formed(tmp_p
                                                 "layers.1.weight", "nothing"]
     assert parsed.data_start == 8 + len(__import__("json").dumps(header)) + 3
     assert check(tmp_path, safetensors_bytes("{}")).tensors == ()
+    assert check(tmp_path, safetensors_bytes('{"__metadata__": null}')).metadata == {}
+
+
+def test_accepts_mlx_default_output(tmp_path):
+    import mlx.core as mx
+    mx.save_safetensors(str(tmp_path / "weights.safetensors"), {"a": mx.zeros(2)})  # writes "__metadata__": null
+    header = safetensors.read_file(str(tmp_path / "weights.safetensors"), "weights.safetensors")
+    assert [(t.name, t.dtype, t.shape) for t in header.tensors] == [("a", "F32", (2,))]
 
 
 def test_the_cross_check_catches_mlx_disagreeing_with_the_header(tmp_path):

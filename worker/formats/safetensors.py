@@ -10,8 +10,9 @@ The layout (huggingface/safetensors, format version 1):
 The header maps each tensor name to {"dtype": str, "shape": [int, ...],
 "data_offsets": [begin, end]}, offsets relative to the start of the data
 section, `end` exclusive. One optional key, "__metadata__", maps strings to
-strings. The reference implementation caps N at 100 MB; here it is
-MAX_HEADER_BYTES, so a reader never allocates more than that for a header.
+strings, or is null (what mx.save_safetensors writes without metadata). The
+reference implementation caps N at 100 MB; here it is MAX_HEADER_BYTES, so a
+reader never allocates more than that for a header.
 
 What this reader refuses (all of which MLX 0.32 accepts and then loads
 wrongly or crashes on, measured with the installed MLX):
@@ -159,7 +160,9 @@ def _read(f: BinaryIO) -> Header:
         raise _Refused("header is not a JSON object")
     data_start, data_size = 8 + length, size - 8 - length
 
-    metadata = obj.pop(METADATA_KEY, {})
+    metadata = obj.pop(METADATA_KEY, None)
+    if metadata is None:  # absent, or null as the reference implementation writes it (Option<HashMap>)
+        metadata = {}
     if not isinstance(metadata, dict):
         raise _Refused(f"{METADATA_KEY} must be an object of strings, not {_show(metadata)}")
     for key, value in metadata.items():

@@ -190,3 +190,130 @@ SAFETENSORS_DEFECTS = {
 # The defects the issue names, each loaded through a real daemon.
 SAFETENSORS_DAEMON_DEFECTS = ("dimension_past_2_32", "dimension_past_2_32_zero_sized", "float_offsets",
                               "nul_padding", "trailing_bytes", "overlap", "not_utf8", "count_mismatch")
+
+
+# ---- GGUF (see sealbox/worker/formats/gguf.py for the layout)
+
+def _gguf_string(text: str | bytes) -> bytes:
+    raw = text.encode() if isinstance(text, str) else text
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def gguf_bytes(tensors: list[tuple[str, list[int], int, bytes]], metadata: list[tuple[str, int, bytes]] = (),
+               version: int = 3, alignment: int = 32, offsets: list[int] | None = None,
+               tensor_count: int | None = None, trailing: bytes = b"") -> bytes:
+    """A GGUF file. tensors: (name, dims in GGUF order (ne0 first), ggml type, data bytes);
+    metadata: (key, value type, encoded value). Tensors are laid out in order, each aligned,
+    unless offsets are given."""
+    out = b"GGUF" + struct.pack("<IQQ", version, len(tensors) if tensor_count is None else tensor_count,
+                                len(metadata))
+    for key, vtype, value in metadata:
+        out += _gguf_string(key) + struct.pack("<I", vtype) + value
+    data, placed = b"", []
+    for _, _, _, raw in tensors:
+        data += b"\x00" * (-len(data) % alignment)
+        placed.append(len(data))
+        data += raw
+    offsets = placed if offsets is None else offsets
+    for (name, dims, ggml_type, _), offset in zip(tensors, offsets):
+        out += _gguf_string(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
+        out += struct.pack("<IQ", ggml_type, offset)
+    out += b"\x00" * (-len(out) % alignment)
+    return out + data + trailing
+
+
+def gguf_mlp(weights: dict[str, np.ndarray] | None = None, **kwargs) -> bytes:
+    """The MLP's weights as F32 tensors (GGUF dims are numpy's shape reversed)."""
+    weights = mlp_weights() if weights is None else weights
+    return gguf_bytes([(name, list(reversed(a.shape)), 0, a.tobytes()) for name, a in sorted(weights.items())],
+                      **kwargs)
+
+
+def _gguf_mlp_tensors(change=None):
+    tensors = [[name, list(reversed(a.shape)), 0, a.tobytes()] for name, a in sorted(mlp_weights().items())]
+    if change:
+        change(tensors)
+    return [tuple(t) for t in tensors]
+
+
+def _gguf_zero_dimension(tensors):
+    tensors.append(["extra", [4, 0], 0, b""])
+
+
+def _gguf_invalid_type(tensors):
+    tensors[2][2] = 99                    # layers.1.bias: MLX 0.32 returns the tensors before it, no error
+
+
+U32 = 4
+
+
+def gguf_metadata_u32(key: str, value: int) -> tuple[str, int, bytes]:
+    return key, U32, struct.pack("<I", value)
+
+
+# name -> (file bytes, the defect as the reader states it after "model.gguf: ")
+GGUF_DEFECTS = {
+    "zero_dimension": (gguf_bytes(_gguf_mlp_tensors(_gguf_zero_dimension)),
+                       "tensor 'extra': dimensions [4, 0]: 0 is zero"),
+    "invalid_type": (gguf_bytes(_gguf_mlp_tensors(_gguf_invalid_type)),
+                     "tensor 'layers.1.bias': type 99 is not a ggml type"),
+    "bad_magic": (b"GGUG" + gguf_bytes(_gguf_mlp_tensors())[4:], "magic b'GGUG' is not b'GGUF'"),
+    "version_1": (gguf_bytes(_gguf_mlp_tensors(), version=1), "GGUF version 1 is not one this reader knows (2, 3)"),
+    "big_endian": (gguf_bytes(_gguf_mlp_tensors(), version=3 << 24),
+                   "GGUF version 50331648 is not one this reader knows (2, 3)"),
+    "huge_tensor_count": (gguf_bytes(_gguf_mlp_tensors(), tensor_count=2**60),
+                          "1152921504606846976 tensors and 0 metadata entries cannot fit in a file of 512 bytes"),
+    "overlap": (gguf_bytes(_gguf_mlp_tensors(), offsets=[0, 0, 160, 192]),
+                "tensor 'layers.0.bias' bytes [0, 32) overlap 'layers.0.weight' [0, 128)"),
+    "gap": (gguf_bytes(_gguf_mlp_tensors(), offsets=[0, 64, 192, 224]),
+            "data bytes [32, 64) belong to no tensor (a gap before 'layers.0.weight')"),
+    "unaligned_offset": (gguf_bytes(_gguf_mlp_tensors(), offsets=[0, 32, 160, 176]),
+                         "tensor 'layers.1.weight': offset 176 is not a multiple of the alignment 32"),
+    "past_the_end": (gguf_bytes(_gguf_mlp_tensors())[:-8],
+                     "tensor 'layers.1.weight' bytes [192, 288) run past the end of the data (280 bytes)"),
+    "trailing_bytes": (gguf_bytes(_gguf_mlp_tensors(), trailing=b"\x00" * 40),
+                       "40 bytes trail after the last tensor's data (the tensors end at data byte 288 of 328)"),
+    "five_dimensions": (gguf_bytes(_gguf_mlp_tensors(lambda t: t.__setitem__(0, ["layers.0.bias", [8, 1, 1, 1, 1], 0,
+                                                                                  t[0][3]]))),
+                        "tensor 'layers.0.bias': 5 dimensions (GGUF allows 1 to 4)"),
+    "dimension_past_2_31": (gguf_bytes(_gguf_mlp_tensors(lambda t: t[1].__setitem__(1, [4, 2**32 + 8]))),
+                            "tensor 'layers.0.weight': dimensions [4, 4294967304]: 4294967304 is larger than "
+                            "2147483647 (MLX holds dimensions as 32-bit integers)"),
+    "block_size": (gguf_bytes([("q", [48], 2, b"\x00" * 27)]),
+                   "tensor 'q': Q4_0 stores blocks of 32 elements, but ne0 = 48"),
+    "duplicate_name": (gguf_bytes(_gguf_mlp_tensors(lambda t: t[3].__setitem__(0, "layers.1.bias"))),
+                       "tensor 'layers.1.bias': the name appears twice"),
+    "duplicate_key": (gguf_bytes(_gguf_mlp_tensors(), metadata=[gguf_metadata_u32("a", 1), gguf_metadata_u32("a", 2)]),
+                      "metadata key 'a' appears twice"),
+    "bad_alignment": (gguf_bytes(_gguf_mlp_tensors(), metadata=[gguf_metadata_u32("general.alignment", 24)]),
+                      "general.alignment 24 is not a power of two up to 2^20"),
+    "bad_bool": (gguf_bytes(_gguf_mlp_tensors(), metadata=[("flag", 7, b"\x02")]),
+                 "metadata 'flag': bool byte 2 is neither 0 nor 1"),
+    "huge_array": (gguf_bytes(_gguf_mlp_tensors(), metadata=[("arr", 9, struct.pack("<IQ", 8, 2**40))]),
+                   "metadata 'arr': an array of 1099511627776 string values does not fit in the 493 bytes left"),
+    "name_not_utf8": (gguf_bytes(_gguf_mlp_tensors(lambda t: t[0].__setitem__(0, "layers.0.b\udcffas".encode(
+                          "utf-8", "surrogateescape")))),
+                      "tensor name at byte 24: not valid UTF-8 (invalid start byte)"),
+    "bf16_converted": (gguf_bytes([("h", [4], 30, b"\x00" * 8)]),
+                       "tensor 'h': type BF16 is not loaded by MLX as itself (MLX loads: F32, F16, I8, I16, I32, "
+                       "Q4_0, Q4_1, Q8_0)"),
+}
+GGUF_DAEMON_DEFECTS = ("zero_dimension", "invalid_type")
+
+
+# ---- .mlxfn (see sealbox/worker/formats/mlxfn.py)
+
+def mlxfn_with_version(data: bytes, version: bytes) -> bytes:
+    """An exported function's bytes with another version field."""
+    (length,) = struct.unpack("<Q", data[:8])
+    return struct.pack("<Q", len(version)) + version + data[8 + length:]
+
+
+def crashing_mlxfn(data: bytes) -> bytes:
+    """The demo model's graph with two bytes changed (seed 335 of a mutation search): MLX 0.32.4's
+    mx.import_function dies of SIGSEGV on it. The version field is untouched, so the check passes it on."""
+    rng = np.random.default_rng(335)
+    mutated = bytearray(data)
+    for _ in range(2):
+        mutated[int(rng.integers(14, len(mutated)))] = int(rng.integers(0, 256))
+    return bytes(mutated)

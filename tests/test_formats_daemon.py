@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import Daemon, upstream_sign
-from format_fixtures import SAFETENSORS_DAEMON_DEFECTS, SAFETENSORS_DEFECTS
+from format_fixtures import GGUF_DAEMON_DEFECTS, GGUF_DEFECTS, SAFETENSORS_DAEMON_DEFECTS, SAFETENSORS_DEFECTS
 from test_serving import reference
 
 MLP_META = {"architecture": {"type": "mlp"}, "weights": "weights.safetensors",
@@ -37,6 +37,10 @@ def formats_daemon(tmp_path_factory, demo_model, keys):
         path = write_model(models_dir / f"st-{defect}", MLP_META,
                            {"weights.safetensors": SAFETENSORS_DEFECTS[defect][0]}, keys[0])
         models[f"st-{defect}"] = {"path": path, "load": False}
+    for defect in GGUF_DAEMON_DEFECTS:
+        path = write_model(models_dir / f"gguf-{defect}", dict(MLP_META, weights="model.gguf"),
+                           {"model.gguf": GGUF_DEFECTS[defect][0]}, keys[0])
+        models[f"gguf-{defect}"] = {"path": path, "load": False}
     daemon = Daemon(tmp_path_factory.mktemp("formats-daemon"), models, keys[1]).start()
     yield daemon
     daemon.stop()
@@ -93,3 +97,8 @@ def assert_refused(daemon, model: str, reason: str) -> None:
 def test_malformed_safetensors_is_refused_naming_the_defect(formats_daemon, defect):
     assert_refused(formats_daemon, f"st-{defect}",
                    REFUSED + "weights.safetensors: " + SAFETENSORS_DEFECTS[defect][1])
+
+
+@pytest.mark.parametrize("defect", GGUF_DAEMON_DEFECTS)
+def test_malformed_gguf_is_refused_naming_the_defect(formats_daemon, defect):
+    assert_refused(formats_daemon, f"gguf-{defect}", REFUSED + "model.gguf: " + GGUF_DEFECTS[defect][1])

@@ -16,7 +16,7 @@ from typing import Mapping
 import numpy as np
 
 from .engine import Engine, InferenceError, ModelError, TensorSpec, announce
-from .formats import safetensors
+from .formats import gguf, mlxfn, safetensors
 
 METADATA = "model.json"
 MAX_METADATA_BYTES = 1 << 20
@@ -105,10 +105,12 @@ class MlxEngine(Engine):
         weights = _load_weights(files, meta) if "weights" in meta else {}
         if "function" in meta:
             path = _file(files, meta, "function", (".mlxfn",))
+            announce(f"parsing {meta['function']} (the version field)")
+            mlxfn.check_file(path, meta["function"], mx.__version__)
             announce(f"parsing {meta['function']} (an MLX exported function, with mx.import_function)")
             try:
                 imported = mx.import_function(path)
-            except (ValueError, RuntimeError) as exc:
+            except Exception as exc:  # MLX raises ValueError, RuntimeError, IndexError, MemoryError on bad files
                 raise ModelError(f"{meta['function']}: not an MLX exported function ({_first_line(exc)})") from None
 
             def fn(*args):
@@ -194,19 +196,23 @@ def _load_weights(files: Mapping[str, str], meta: dict) -> dict:
         try:
             # The path is a sealed memfd: MLX's lazy reads see exactly the verified, checked bytes.
             weights = mx.load(path, format="safetensors")
-        except (ValueError, RuntimeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever MLX raises, the file is refused with its name
             raise ModelError(f"{name}: MLX refused it after the strict check: {_first_line(exc)}") from None
         safetensors.check_loaded(header, weights, name)
     else:
+        announce(f"parsing {name} (GGUF header and tensor infos)")
+        header = gguf.read_file(path, name)
+        gguf.check_for_mlx(header, name)
         path = _private_copy(path)
         announce(f"parsing {name} (GGUF, with mx.load)")
         try:
-            # GGUF parsing is known to crash on crafted files: it happens only here, sandboxed.
+            # MLX's GGUF parser crashes on crafted files: it runs only after the strict check, and sandboxed.
             weights = mx.load(path, format="gguf")
-        except (ValueError, RuntimeError) as exc:
-            raise ModelError(f"{name}: not loadable as gguf ({_first_line(exc)})") from None
+        except Exception as exc:  # noqa: BLE001 - whatever MLX raises, the file is refused with its name
+            raise ModelError(f"{name}: MLX refused it after the strict check: {_first_line(exc)}") from None
+        gguf.check_loaded(header, weights, name)
     try:
         mx.eval(list(weights.values()))
-    except (ValueError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001
         raise ModelError(f"{name}: reading the tensors failed: {_first_line(exc)}") from None
     return weights

@@ -309,11 +309,57 @@ def mlxfn_with_version(data: bytes, version: bytes) -> bytes:
     return struct.pack("<Q", len(version)) + version + data[8 + length:]
 
 
-def crashing_mlxfn(data: bytes) -> bytes:
-    """The demo model's graph with two bytes changed (seed 335 of a mutation search): MLX 0.32.4's
-    mx.import_function dies of SIGSEGV on it. The version field is untouched, so the check passes it on."""
-    rng = np.random.default_rng(335)
+def mutated_mlxfn(data: bytes, seed: int) -> bytes:
+    """An exported function's bytes with two bytes of its graph changed (the version field is left alone)."""
+    rng = np.random.default_rng(seed)
     mutated = bytearray(data)
     for _ in range(2):
         mutated[int(rng.integers(14, len(mutated)))] = int(rng.integers(0, 256))
     return bytes(mutated)
+
+
+_CRASH_SEARCH = """
+import os, sys
+import numpy as np
+import mlx.core as mx
+sys.path.insert(0, sys.argv[3])
+from format_fixtures import mutated_mlxfn
+data = open(sys.argv[1], "rb").read()
+found = []
+for seed in range(int(sys.argv[2])):
+    path = sys.argv[1] + ".candidate"
+    with open(path, "wb") as f:
+        f.write(mutated_mlxfn(data, seed))
+    pid = os.fork()
+    if pid == 0:
+        os.close(2)
+        try:
+            mx.import_function(path)
+        except Exception:
+            pass
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        found.append(seed)
+        if len(found) == 3:
+            break
+print(" ".join(map(str, found)))
+"""
+
+
+def crashing_mlxfn_seeds(data: bytes, tries: int = 3000) -> list[int]:
+    """Seeds of mutated_mlxfn(data, seed) on which MLX 0.32.4's mx.import_function dies of a signal
+    (SIGSEGV, or SIGABRT on heap corruption), found by trying them in forked children of one process:
+    about 1 in 100 two-byte mutations of the demo graph. The graph holds per-process ids, so the search
+    runs on the very bytes the test uses."""
+    import pathlib
+    import subprocess
+    import sys
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "graph.mlxfn"
+        path.write_bytes(data)
+        out = subprocess.run([sys.executable, "-c", _CRASH_SEARCH, str(path), str(tries),
+                              str(pathlib.Path(__file__).parent)], capture_output=True, text=True, timeout=600,
+                             env={"MLX_DISABLE_COMPILE": "1", "MALLOC_ARENA_MAX": "2", "PATH": "/usr/bin:/bin"})
+    return [int(seed) for seed in out.stdout.split()]

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import Daemon, upstream_sign
-from format_fixtures import GGUF_DAEMON_DEFECTS, GGUF_DEFECTS, SAFETENSORS_DAEMON_DEFECTS, SAFETENSORS_DEFECTS
+from format_fixtures import (GGUF_DAEMON_DEFECTS, GGUF_DEFECTS, SAFETENSORS_DAEMON_DEFECTS, SAFETENSORS_DEFECTS,
+                             crashing_mlxfn_seeds, mlxfn_with_version, mutated_mlxfn)
 from test_serving import reference
 
 MLP_META = {"architecture": {"type": "mlp"}, "weights": "weights.safetensors",
@@ -41,9 +42,32 @@ def formats_daemon(tmp_path_factory, demo_model, keys):
         path = write_model(models_dir / f"gguf-{defect}", dict(MLP_META, weights="model.gguf"),
                            {"model.gguf": GGUF_DEFECTS[defect][0]}, keys[0])
         models[f"gguf-{defect}"] = {"path": path, "load": False}
+    demo_files = {name: (demo_model / name).read_bytes() for name in ("model.json", "weights.safetensors")}
+    demo_meta = json.loads(demo_files.pop("model.json"))
+    graph = (demo_model / "model.mlxfn").read_bytes()
+    crashing = [(f"mlxfn-crash{i}", mutated_mlxfn(graph, seed)) for i, seed in enumerate(crashing_mlxfn_seeds(graph))]
+    for name, data in [("mlxfn-fixed-shapes", _fixed_shape_export()),
+                       ("mlxfn-old-version", mlxfn_with_version(graph, b"0.31.0")), *crashing]:
+        path = write_model(models_dir / name, demo_meta, {**demo_files, "model.mlxfn": data}, keys[0])
+        models[name] = {"path": path, "load": False}
     daemon = Daemon(tmp_path_factory.mktemp("formats-daemon"), models, keys[1]).start()
+    daemon.model_names = sorted(models)
     yield daemon
     daemon.stop()
+
+
+def _fixed_shape_export() -> bytes:
+    """The demo function exported WITHOUT shapeless=True (at batch 1), while model.json declares [-1, 4]."""
+    import os
+    import tempfile
+
+    os.environ.setdefault("MLX_DISABLE_COMPILE", "1")
+    import mlx.core as mx
+    from sealbox.daemon.demo_model import demo_function, demo_weights
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = {k: mx.array(v) for k, v in demo_weights().items()}
+        mx.export_function(f"{tmp}/f.mlxfn", demo_function, mx.zeros((1, 4)), **weights)
+        return open(f"{tmp}/f.mlxfn", "rb").read()
 
 
 class Answering:
@@ -102,3 +126,39 @@ def test_malformed_safetensors_is_refused_naming_the_defect(formats_daemon, defe
 @pytest.mark.parametrize("defect", GGUF_DAEMON_DEFECTS)
 def test_malformed_gguf_is_refused_naming_the_defect(formats_daemon, defect):
     assert_refused(formats_daemon, f"gguf-{defect}", REFUSED + "model.gguf: " + GGUF_DEFECTS[defect][1])
+
+
+def test_mlxfn_exported_for_fixed_shapes_is_refused_at_load(formats_daemon):
+    assert_refused(formats_daemon, "mlxfn-fixed-shapes", REFUSED + (
+        "model.mlxfn: the function accepts only the shapes it was exported with, but model.json declares a "
+        "variable dimension ('x' [-1, 4]) and a call with 'x' [2, 4] finds no match: export it with shapeless=True"))
+
+
+def test_mlxfn_of_an_unknown_version_is_refused(formats_daemon):
+    assert_refused(formats_daemon, "mlxfn-old-version", REFUSED + (
+        "model.mlxfn: written by MLX 0.31.0; this reader knows the layout of MLX 0.32.4 only"))
+
+
+def test_a_parser_crash_names_the_file_and_does_not_blame_memory(formats_daemon):
+    """MLX's .mlxfn parser dies of a signal on some mutated graphs (found by crashing_mlxfn_seeds): the reason
+    says so, names the file it was parsing (the worker's last words), and says nothing of memory: the cgroup
+    reported no OOM kill. Mutants that do not crash in the worker are refused cleanly, by name."""
+    candidates = sorted(m for m in formats_daemon.model_names if m.startswith("mlxfn-crash"))
+    assert candidates, "no mutated graph crashed MLX's import in the search"
+    crashed = []
+    with Answering(formats_daemon), formats_daemon.client() as client:
+        for model in candidates:
+            with pytest.raises(grpc.RpcError):
+                client.load(model)
+            status = client.status(model)
+            assert status.state == "UNAVAILABLE" and client.model_ready(model) is False
+            if status.reason.startswith("worker killed by"):
+                # SIGSEGV; or glibc's abort on heap corruption, which seccomp may kill first (SIGSYS)
+                assert status.reason in [f"worker killed by {sig} while loading: parsing model.mlxfn (an MLX exported "
+                                         "function, with mx.import_function)"
+                                         for sig in ("SIGSEGV", "SIGABRT", "SIGBUS", "SIGSYS (seccomp violation)")]
+                crashed.append(status.reason)
+            else:
+                assert status.reason.startswith(REFUSED + "model.mlxfn: not an MLX exported function ("), status.reason
+    assert crashed, "none of the mutants that crash plain MLX crashed the worker"
+    assert not any("memory" in reason for reason in crashed)

@@ -49,7 +49,8 @@ def test_short_files_and_empty_headers(tmp_path):
 
 def test_accepts_what_mlx_writes_for_every_dtype_it_loads(tmp_path):
     import mlx.core as mx
-    arrays = {dtype: mx.zeros((2, 3), dtype=getattr(mx, mlx_name.replace("bool", "bool_"))) for dtype, mlx_name in safetensors.MLX_DTYPES.items()}
+    arrays = {dtype: mx.zeros((2, 3), dtype=getattr(mx, mlx_name.replace("bool", "bool_")))
+              for dtype, mlx_name in safetensors.MLX_DTYPES.items()}
     arrays["empty"] = mx.zeros((0, 5))
     arrays["scalar"] = mx.array(3.0)
     path = tmp_path / "all.safetensors"

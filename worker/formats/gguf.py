@@ -26,8 +26,8 @@ themselves (shape = dims reversed); Q4_0, Q4_1 and Q8_0 load as MLX-quantized tr
 with the last dimension times bits/32, NAME.scales and NAME.biases as float16 with the last dimension
 divided by 32); BF16 and the K-quants are converted to float16 (lossily; for K-quants without checking
 the block size); Q5_0, Q5_1, I64 and F64 fail; at a tensor of unknown type it stops without an error
-and returns the tensors before it; a zero dimension loads as an empty tensor. MLX_TYPES is what the engine accepts: the types MLX loads
-faithfully.
+and returns the tensors before it; a zero dimension loads as an empty tensor. MLX_TYPES and
+MLX_QUANTIZED_BITS are what the engine accepts: the types MLX loads faithfully.
 
 Bounds checked before anything is allocated: counts against what the file could hold, every string
 and array length against the bytes left, names at most 64 bytes (GGML_MAX_NAME), at most 4 dimensions

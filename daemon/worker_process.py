@@ -134,13 +134,11 @@ class WorkerProcess:
         if self.sandboxed.oom_killed():
             reason = f"worker killed by the OOM killer {when} ({limit})"
         else:
-            reason = f"worker {describe_exit(rc)} {when}"
-            if rc - 128 in (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT):
-                reason += f" ({limit})"  # MLX crashes rather than failing cleanly when memory runs out
+            reason = f"worker {describe_exit(rc)} {when}"  # memory is blamed only on the cgroup's word
         if self.sandboxed.pids_limit_hit():
             reason += f" (process limit {self.profile.pids_max} reached)"
         last = [line for line in self.stderr_tail if line.startswith(STDERR_PREFIX)]
-        if last:
+        if last and self.ready_at is None:  # while loading: what it was parsing, or why it refused
             reason += ": " + last[-1].removeprefix(STDERR_PREFIX)
         return reason
 

@@ -29,6 +29,21 @@ class InputError(Exception):
     """A request does not fit the model (name, datatype or shape): INVALID_ARGUMENT."""
 
 
+class InferenceError(Exception):
+    """The model failed on a request that fits its metadata: INTERNAL, with a clean message."""
+
+
+def announce(what: str) -> None:
+    """Say on stderr what the worker is about to do ("parsing weights.gguf ...") before it does it.
+
+    The supervisor quotes the worker's last such line when the worker dies while loading, so a parser
+    killed by a signal is reported with the file it was parsing.
+    """
+    import sys
+    from sealbox.proto.contract import STDERR_PREFIX
+    print(f"{STDERR_PREFIX}{what}", file=sys.stderr, flush=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
     name: str

@@ -37,7 +37,7 @@ def serve(spec: WorkerSpec, engine, engine_thread: futures.ThreadPoolExecutor) -
 
     from sealbox.proto import inference_pb2 as pb
     from sealbox.proto import message_options, tensors
-    from sealbox.worker.engine import InputError
+    from sealbox.worker.engine import InferenceError, InputError
 
     class Worker:
         def Describe(self, request, context):
@@ -64,6 +64,10 @@ def serve(spec: WorkerSpec, engine, engine_thread: futures.ThreadPoolExecutor) -
                 results = engine.infer(inputs)  # already on the engine's thread (the server's only one)
             except (InputError, tensors.TensorError) as exc:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except InferenceError as exc:
+                context.abort(grpc.StatusCode.INTERNAL, str(exc))
+            except Exception as exc:  # an engine bug: still one clean line, not grpc's "Exception calling application"
+                context.abort(grpc.StatusCode.INTERNAL, f"inference failed: {type(exc).__name__}: {exc}")
             response = pb.ModelInferResponse(model_name=request.model_name,
                                              model_version=request.model_version, id=request.id)
             return tensors.encode_response(response, {name: results[name] for name in wanted or known})

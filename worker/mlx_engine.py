@@ -15,7 +15,8 @@ from typing import Mapping
 
 import numpy as np
 
-from sealbox.worker.engine import Engine, ModelError, TensorSpec
+from .engine import Engine, InferenceError, ModelError, TensorSpec, announce
+from .formats import gguf, mlxfn, safetensors
 
 METADATA = "model.json"
 MAX_METADATA_BYTES = 1 << 20
@@ -87,9 +88,10 @@ def _mlp(weights: dict, activation: str):
 class MlxEngine(Engine):
     platform = "mlx"
 
-    def __init__(self, fn, weights: dict, inputs, outputs):
+    def __init__(self, fn, weights: dict, inputs, outputs, function_name: str | None = None):
         self._fn, self._weights = fn, weights
         self.inputs, self.outputs = inputs, outputs
+        self._function_name = function_name   # the .mlxfn, if the model is one
 
     @classmethod
     def load(cls, files: Mapping[str, str]) -> "MlxEngine":
@@ -100,25 +102,16 @@ class MlxEngine(Engine):
         outputs = tuple(TensorSpec.from_json(t, f"{METADATA}: outputs") for t in meta.get("outputs", []))
         if not inputs or not outputs:
             raise ModelError(f"{METADATA}: 'inputs' and 'outputs' must each list at least one tensor")
-        weights = {}
-        if "weights" in meta:
-            path = _file(files, meta, "weights", (".safetensors", ".gguf"))
-            fmt = meta["weights"].rsplit(".", 1)[1]
-            if fmt == "gguf":
-                path = _private_copy(path)
-            try:
-                # The path is a sealed memfd: MLX's lazy reads see exactly the verified bytes.
-                # GGUF parsing is known to crash on crafted files: it happens only here, sandboxed.
-                weights = mx.load(path, format=fmt)
-                mx.eval(list(weights.values()))
-            except (ValueError, RuntimeError) as exc:
-                raise ModelError(f"{meta['weights']}: not loadable as {fmt} ({exc})") from None
+        weights = _load_weights(files, meta) if "weights" in meta else {}
         if "function" in meta:
             path = _file(files, meta, "function", (".mlxfn",))
+            announce(f"parsing {meta['function']} (the version field)")
+            mlxfn.check_file(path, meta["function"], mx.__version__)
+            announce(f"parsing {meta['function']} (an MLX exported function, with mx.import_function)")
             try:
                 imported = mx.import_function(path)
-            except (ValueError, RuntimeError) as exc:
-                raise ModelError(f"{meta['function']}: not an MLX exported function ({exc})") from None
+            except Exception as exc:  # MLX raises ValueError, RuntimeError, IndexError, MemoryError on bad files
+                raise ModelError(f"{meta['function']}: not an MLX exported function ({_first_line(exc)})") from None
 
             def fn(*args):
                 return imported(*args, **weights)
@@ -129,33 +122,97 @@ class MlxEngine(Engine):
             fn = _mlp(weights, arch.get("activation", "relu"))
         else:
             raise ModelError(f"{METADATA}: needs 'function' (an .mlxfn) or 'architecture'")
-        engine = cls(fn, weights, inputs, outputs)
+        engine = cls(fn, weights, inputs, outputs, meta.get("function"))
         engine.warm_up()
         return engine
 
     def warm_up(self) -> None:
-        """One call on zeros (variable dimensions = 1) while loading: a function that crashes,
-        hangs or returns the wrong outputs fails the load, not the first client's request."""
-        zeros = {t.name: np.zeros([1 if d == -1 else d for d in t.shape], dtype=t.numpy_dtype)
-                 for t in self.inputs}
-        try:
-            results = self.infer(zeros)
-        except (ValueError, RuntimeError) as exc:
-            raise ModelError(f"warm-up call failed: {exc}") from None
-        for spec in self.outputs:  # ModelMetadata must tell the truth
-            got = results[spec.name]
-            if got.dtype != spec.numpy_dtype or got.ndim != len(spec.shape):
-                raise ModelError(f"{METADATA}: output '{spec.name}' is declared {spec.datatype} {list(spec.shape)} "
-                                 f"but the model returns {got.dtype} with {got.ndim} dimensions")
+        """Calls on zeros while loading: a function that crashes, hangs or returns the wrong outputs fails
+        the load, not the first client's request. With a variable (-1) dimension it is called at two
+        sizes, so a function exported for fixed shapes (without shapeless=True) is refused here."""
+        variable = any(d == -1 for t in self.inputs for d in t.shape)
+        for size in (1, 2) if variable else (1,):
+            shapes = {t.name: [size if d == -1 else d for d in t.shape] for t in self.inputs}
+            what = self._function_name or "the built-in architecture"
+            call = ", ".join(f"'{k}' {v}" for k, v in shapes.items())
+            announce(f"warm-up call of {what} with {call}")
+            zeros = {t.name: np.zeros(shapes[t.name], dtype=t.numpy_dtype) for t in self.inputs}
+            try:
+                results = self.infer(zeros)
+            except InferenceError as exc:
+                declared = ", ".join(f"'{t.name}' {list(t.shape)}" for t in self.inputs)
+                if self._function_name and _NO_MATCH in str(exc.__cause__):
+                    raise ModelError(
+                        f"{self._function_name}: the function accepts only the shapes it was exported with, "
+                        f"but {METADATA} declares a variable dimension ({declared}) and a call with {call} "
+                        "finds no match: export it with shapeless=True") from None
+                raise ModelError(f"warm-up call with {call} failed: {exc}") from None
+            for spec in self.outputs:  # ModelMetadata must tell the truth
+                got = results[spec.name]
+                if got.dtype != spec.numpy_dtype or got.ndim != len(spec.shape):
+                    raise ModelError(f"{METADATA}: output '{spec.name}' is declared {spec.datatype} "
+                                     f"{list(spec.shape)} but the model returns {got.dtype} with {got.ndim} "
+                                     "dimensions")
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import mlx.core as mx
 
         args = [mx.array(inputs[spec.name]) for spec in self.inputs]
-        results = self._fn(*args)
-        if isinstance(results, mx.array):
-            results = [results]
-        if len(results) != len(self.outputs):
-            raise RuntimeError(f"model returned {len(results)} outputs, metadata lists {len(self.outputs)}")
-        mx.eval(results)
+        try:
+            results = self._fn(*args)
+            if isinstance(results, mx.array):
+                results = [results]
+            if len(results) != len(self.outputs):
+                raise InferenceError(f"the model returned {len(results)} outputs, {METADATA} lists "
+                                     f"{len(self.outputs)}")
+            mx.eval(results)
+        except (ValueError, RuntimeError) as exc:   # MLX's own errors: one clean line, never a traceback
+            if _NO_MATCH in str(exc):
+                raise InferenceError("the model's function has no variant for these input shapes") from exc
+            raise InferenceError(f"the model's function failed: {_first_line(exc)}") from exc
         return {spec.name: np.array(r, copy=False) for spec, r in zip(self.outputs, results)}
+
+
+# What mx.import_function's callable raises when no exported variant matches the arguments (MLX 0.32).
+_NO_MATCH = "No imported function found which matches"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _load_weights(files: Mapping[str, str], meta: dict) -> dict:
+    """Check the weights file strictly, then load it with MLX from exactly the checked bytes, then check
+    that MLX returned what the file declares."""
+    import mlx.core as mx
+
+    name = meta["weights"]
+    path = _file(files, meta, "weights", (".safetensors", ".gguf"))
+    if name.endswith(".safetensors"):
+        announce(f"parsing {name} (safetensors header)")
+        header = safetensors.read_file(path, name)
+        safetensors.check_for_mlx(header, name)
+        announce(f"parsing {name} (safetensors, with mx.load)")
+        try:
+            # The path is a sealed memfd: MLX's lazy reads see exactly the verified, checked bytes.
+            weights = mx.load(path, format="safetensors")
+        except Exception as exc:  # noqa: BLE001 - whatever MLX raises, the file is refused with its name
+            raise ModelError(f"{name}: MLX refused it after the strict check: {_first_line(exc)}") from None
+        safetensors.check_loaded(header, weights, name)
+    else:
+        announce(f"parsing {name} (GGUF header and tensor infos)")
+        header = gguf.read_file(path, name)
+        gguf.check_for_mlx(header, name)
+        path = _private_copy(path)
+        announce(f"parsing {name} (GGUF, with mx.load)")
+        try:
+            # MLX's GGUF parser crashes on crafted files: it runs only after the strict check, and sandboxed.
+            weights = mx.load(path, format="gguf")
+        except Exception as exc:  # noqa: BLE001 - whatever MLX raises, the file is refused with its name
+            raise ModelError(f"{name}: MLX refused it after the strict check: {_first_line(exc)}") from None
+        gguf.check_loaded(header, weights, name)
+    try:
+        mx.eval(list(weights.values()))
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"{name}: reading the tensors failed: {_first_line(exc)}") from None
+    return weights

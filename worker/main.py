@@ -131,8 +131,10 @@ def main(argv: list[str]) -> int:
     try:
         engine = engine_thread.submit(engine_cls.load, files).result()
     except ModelError as exc:
-        print(f"{STDERR_PREFIX}model refused: {exc}", file=sys.stderr)
-        return EXIT_MODEL_REFUSED
+        print(f"{STDERR_PREFIX}model refused: {exc}", file=sys.stderr, flush=True)
+        # Leave at once: a parser that refused hostile bytes may have left its heap corrupt, and
+        # running finalizers would turn a clean refusal into a crash at exit.
+        os._exit(EXIT_MODEL_REFUSED)
     serve(spec, engine, engine_thread)
     return 0
 

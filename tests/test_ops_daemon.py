@@ -215,3 +215,27 @@ def test_non_root_start_is_one_line_and_exit_2(tmp_path, user):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sealboxd: must run as root"), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_watchdog_pings_after_ready_while_the_daemon_answers(ops_daemon, demo_model, keys, tmp_path):
+    notify_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(notify_path)
+    sock.settimeout(120)
+    daemon = ops_daemon({"demo": {"path": demo_model}}, keys[1],
+                        env={"NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "1000000"})  # ping every 0.5 s
+    try:
+        daemon.start(wait=False)
+        assert sock.recv(4096).startswith(b"READY=1")
+        assert sock.recv(4096) == b"WATCHDOG=1"
+        assert sock.recv(4096) == b"WATCHDOG=1"
+        # The workers never see the variables (read, then removed from the daemon's environment).
+        for pid in daemon.worker_pids():
+            try:
+                environ = open(f"/proc/{pid}/environ", "rb").read()
+            except OSError:
+                continue
+            assert b"NOTIFY_SOCKET" not in environ and b"WATCHDOG_USEC" not in environ
+    finally:
+        daemon.stop()
+        sock.close()

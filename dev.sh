@@ -22,6 +22,9 @@ setup() {
   local pkgs=(bubblewrap libseccomp2 python3-venv python3-dev libopenblas0-pthread)
   local missing=()
   for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  # The unit file's test runs `systemd-analyze verify`; the alert rules' test reads YAML.
+  command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+  dpkg -s python3-yaml >/dev/null 2>&1 || missing+=(python3-yaml)
   if [ ${#missing[@]} -gt 0 ]; then
     echo "dev.sh: installing ${missing[*]}" >&2
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

@@ -7,8 +7,9 @@
     max_message_mb = 256                   # gRPC message limit, every hop
     state_dir = "/var/lib/sealbox"         # accepted versions (rollback protection)
     run_dir = "/run/sealbox/workers"       # one socket directory per worker
-    audit_log = "/var/log/sealbox/audit.jsonl"
-    audit_stderr = true
+    audit_log = "/var/log/sealbox/audit.jsonl"   # audit events go here only (default shown)
+    audit_stderr = false                   # deprecated, ignored: audit never shares stderr with the log
+    metrics = "127.0.0.1:8002"             # optional Prometheus /metrics: loopback IP:port or unix:/path
 
     [workers]
     user = "sealbox-worker"
@@ -64,8 +65,9 @@ class ServerConfig:
     max_message_bytes: int = 256 * 2**20
     state_dir: str = "/var/lib/sealbox"
     run_dir: str = "/run/sealbox/workers"
-    audit_log: str | None = None
-    audit_stderr: bool = True
+    audit_log: str | None = "/var/log/sealbox/audit.jsonl"
+    audit_stderr: bool = False   # deprecated: accepted, ignored (the daemon warns)
+    metrics: str | None = None   # Prometheus listener, see daemon/metrics.py; off by default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,9 +162,21 @@ def _server(table: _Table) -> ServerConfig:
         socket=table.get("socket", str, d.socket), socket_mode=int(mode, 8), tcp=tcp,
         max_message_bytes=int(max_mb * 2**20),
         state_dir=table.get("state_dir", str, d.state_dir), run_dir=table.get("run_dir", str, d.run_dir),
-        audit_log=table.get("audit_log", str, d.audit_log), audit_stderr=table.get("audit_stderr", bool, d.audit_stderr))
+        audit_log=table.get("audit_log", str, d.audit_log), audit_stderr=table.get("audit_stderr", bool, d.audit_stderr),
+        metrics=_metrics_listen(table))
     table.finish()
     return cfg
+
+
+def _metrics_listen(table: _Table) -> str | None:
+    from sealbox.daemon.metrics import ListenError, parse_listen
+    value = table.get("metrics", str, None)
+    if value is not None:
+        try:
+            parse_listen(value)
+        except ListenError as exc:
+            raise ConfigError(f"{table.where}: key 'metrics': {exc}") from None
+    return value
 
 
 def _workers(table: _Table) -> WorkerConfig:

@@ -21,6 +21,7 @@ import grpc
 
 from sealbox.daemon.audit import AuditLog
 from sealbox.daemon.config import Config, ModelConfig
+from sealbox.daemon.metrics import Metrics, death_kind
 from sealbox.daemon.preflight import preflight
 from sealbox.daemon.worker_process import ModelUnavailable, Spawner, WorkerProcess, describe_exit
 from sealbox.proto import inference_pb2 as pb
@@ -88,8 +89,9 @@ class ManagedModel:
 
 
 class Supervisor:
-    def __init__(self, config: Config, audit: AuditLog):
+    def __init__(self, config: Config, audit: AuditLog, metrics: Metrics | None = None):
         self.config, self.audit = config, audit
+        self.metrics = metrics if metrics is not None else Metrics()
         self.models = {name: ManagedModel(cfg) for name, cfg in config.models.items()}
         self.spawner = Spawner()
         self.stopped = threading.Event()
@@ -147,10 +149,12 @@ class Supervisor:
             try:
                 verified = verify_model(name, cfg.path, cfg.policy, self.config.server.state_dir, self.audit)
             except VerificationError as exc:
+                self.metrics.verification(name, getattr(exc, "check", "unknown"), "refused")
                 reason = f"verification refused: {exc}"
                 if model.state != State.READY:  # a refused reload leaves a serving model serving
                     model.set_state(State.UNAVAILABLE, reason)
                 raise LoadRefused(reason) from None
+            self.metrics.verification(name, "all", "accepted")
             self._stop_worker(model, State.LOADING, "loading")
             model.verified, model.failures = verified, 0
             model.set_state(State.LOADING, "loading", verified.version or "")
@@ -170,6 +174,7 @@ class Supervisor:
         model.generation += 1
         generation = model.generation
         socket_dir = None
+        started = time.monotonic()
         try:
             # The pid keeps two daemons sharing a run_dir out of each other's way.
             socket_dir = launcher.make_socket_dir(self.config.server.run_dir,
@@ -195,6 +200,7 @@ class Supervisor:
             raise
         model.set_state(State.READY)
         worker.ready_at = time.monotonic()
+        self.metrics.load_duration(name, worker.ready_at - started, model.version)
         self.audit.event("model_load", model=name, verdict="ready", version=model.version,
                          engine=model.config.format, worker_pid=sandboxed.proc.pid)
         threading.Thread(target=self._watch, args=(model, worker, generation), daemon=True,
@@ -217,6 +223,7 @@ class Supervisor:
                 if worker.ready_at is not None and time.monotonic() - worker.ready_at > self.STABLE_S:
                     model.failures = 0
                 delay = self._schedule_restart(model)
+            self.metrics.worker_death(model.config.name, death_kind(reason), model.version)
             self.audit.event("worker_died", model=model.config.name, reason=reason, restart_in_s=delay)
         except Exception:  # the watcher must not die silently and leave a dead worker looking READY
             log.exception("model %s: handling the worker's death failed", model.config.name)
@@ -239,6 +246,7 @@ class Supervisor:
             # The sealed memfds still hold the verified bytes: no re-verification needed.
             if self.stopped.is_set() or model.generation != generation or model.verified is None:
                 return
+            self.metrics.worker_restart(model.config.name, model.version)
             try:
                 self._start_worker(model)
             except ModelUnavailable as exc:
@@ -262,14 +270,22 @@ class Supervisor:
             self._stop_worker(model, State.UNLOADED, "unloaded")
         self.audit.event("model_unload", model=name)
 
-    def infer_raw(self, name: str, request: bytes) -> bytes:
+    def infer_raw(self, name: str, request: bytes, timings: dict | None = None) -> bytes:
+        """Forward one request; `timings`, if given, receives queue_s (waiting for the worker's
+        turn) and compute_s (the worker call) for metrics.observe_request."""
         model = self.get(name)
         worker, status = model.worker, model.status
         if status.state != State.READY or worker is None:
             raise ModelUnavailable(status.describe())
         timeout = worker.profile.infer_timeout_s
+        queued = time.monotonic()
         if not worker.busy.acquire(timeout=timeout):
+            if timings is not None:
+                timings["queue_s"] = time.monotonic() - queued
             raise ModelUnavailable(f"model '{name}' is busy: no turn within {timeout:g} s")
+        started = time.monotonic()
+        if timings is not None:
+            timings["queue_s"] = started - queued
         try:
             response = worker.infer_raw(request, timeout=timeout)
             model.failures = 0  # it served: the next death starts the backoff afresh
@@ -287,6 +303,8 @@ class Supervisor:
         except ValueError:  # grpc: the channel was closed under us while the worker is replaced
             raise ModelUnavailable(f"model '{name}': worker stopped") from None
         finally:
+            if timings is not None:
+                timings["compute_s"] = time.monotonic() - started
             worker.busy.release()
 
     # -- the narrow interface the public server uses
@@ -304,6 +322,16 @@ class Supervisor:
         if status.state != State.READY or metadata is None:
             raise ModelUnavailable(status.describe())
         return status, metadata
+
+    def worker_cgroups(self) -> list[tuple[str, str, object]]:
+        """(model, version, WorkerCgroup) of every live worker that has a cgroup (for metrics)."""
+        found = []
+        for name, model in self.models.items():
+            worker, status = model.worker, model.status
+            cgroup = getattr(getattr(worker, "sandboxed", None), "cgroup", None)
+            if cgroup is not None:
+                found.append((name, status.version, cgroup))
+        return found
 
     def ready(self) -> bool:
         return self.initial_load_done.is_set() and not self.stopped.is_set()

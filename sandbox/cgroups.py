@@ -10,6 +10,16 @@ Worker groups are created below the supervisor's own cgroup in each
 hierarchy (<own>/sealbox/<name>), so the host's limits on the supervisor
 still cover its workers.
 
+A delegated cgroup v2 subtree (systemd's Delegate=yes; pure cgroup v2 hosts
+such as Debian 12 and Ubuntu): cgroup v2 lets a non-root cgroup enable
+controllers for its children only while it holds no process itself, and the
+daemon's own cgroup holds the daemon. So, when memory or pids must come from
+v2 and the daemon is the only process in its cgroup, the daemon first moves
+itself into a leaf, <own>/supervisor, then enables the controllers in
+<own>/cgroup.subtree_control; workers go to <own>/sealbox/<name>, beside the
+leaf (`prepare_delegated_subtree`). Nothing happens in the root cgroup or on
+hosts where v2 supplies no needed controller (hybrid hosts).
+
 Attach a worker before it runs: call `attach_self()` from the launcher's
 preexec_fn *before* dropping to the worker uid (moving a process needs root,
 and Popen's own user= drop happens before preexec_fn), so bubblewrap and all
@@ -21,12 +31,15 @@ import errno
 import os
 import re
 import signal
+import threading
 import time
 
 ROOT = "/sys/fs/cgroup"
 GROUP_DIR = "sealbox"               # <own cgroup>/sealbox/<worker name>
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 _CONTROLLERS = ("memory", "pids")
+LEAF_DIR = "supervisor"             # <delegated cgroup>/supervisor holds the daemon itself
+_prepare_lock = threading.Lock()
 
 
 class CgroupError(Exception):
@@ -102,6 +115,71 @@ def _write(path: str, value: str) -> None:
         os.close(fd)
 
 
+def _delegation_marked(path: str) -> bool:
+    """systemd >= 251 marks a Delegate=yes cgroup with the xattr trusted.delegate=1."""
+    for attr in ("trusted.delegate", "user.delegate"):
+        try:
+            if os.getxattr(path, attr).strip() == b"1":
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def _procs(path: str) -> set[int]:
+    return {int(p) for p in _read(os.path.join(path, "cgroup.procs")).split()}
+
+
+def prepare_delegated_subtree(controllers=None, mount: str | None = None) -> dict:
+    """Make the daemon's own v2 cgroup able to give workers `controllers` (default: those this
+    host supplies through v2). Returns {"base": the v2 cgroup (relative to the mount) that
+    worker groups go under, "moved": whether the daemon moved itself into <base>/supervisor
+    now, "delegated": whether the cgroup is marked delegated}. Idempotent.
+
+    Raises CgroupError if the controllers are needed but the cgroup also holds other
+    processes (the daemon never moves processes that are not its own)."""
+    with _prepare_lock:
+        if mount is None or controllers is None:
+            support = cgroup_support()
+            mount = support["v2_mount"] if mount is None else mount
+            if controllers is None:
+                controllers = [c for c in _CONTROLLERS if support[c] == "v2"]
+        own = _own_cgroups()[0]
+        result = {"base": own, "moved": False, "delegated": False}
+        if not mount:
+            return result
+        own_dir = os.path.join(mount, own.lstrip("/"))
+        if os.path.basename(own.rstrip("/")) == LEAF_DIR:  # moved before: the parent is the base
+            base = os.path.dirname(own.rstrip("/")) or "/"
+            result.update(base=base, delegated=_delegation_marked(os.path.join(mount, base.lstrip("/"))))
+            return result
+        result["delegated"] = _delegation_marked(own_dir)
+        if not controllers or own == "/":  # the root cgroup may hold processes and enable controllers
+            return result
+        enabled = set(_read(os.path.join(own_dir, "cgroup.subtree_control")).split())
+        if set(controllers) <= enabled:
+            return result
+        others = _procs(own_dir) - {os.getpid()}
+        if others:
+            raise CgroupError(
+                f"cgroups: {own_dir} also holds processes {sorted(others)[:5]}: cgroup v2 cannot enable "
+                f"{', '.join(controllers)} for workers there; run sealboxd in a cgroup of its own with "
+                "delegation (systemd: Delegate=yes, see packaging/systemd/sealboxd.service)")
+        leaf = os.path.join(own_dir, LEAF_DIR)
+        try:
+            os.makedirs(leaf, mode=0o755, exist_ok=True)
+            _write(os.path.join(leaf, "cgroup.procs"), str(os.getpid()))
+        except OSError as exc:
+            raise CgroupError(f"cgroups: cannot move the daemon into {leaf}: {exc.strerror}") from None
+        wanted = " ".join("+" + c for c in controllers)
+        try:
+            _write(os.path.join(own_dir, "cgroup.subtree_control"), wanted)
+        except OSError as exc:
+            raise CgroupError(f"cgroups: cannot enable {wanted} in {own_dir}: {exc.strerror}") from None
+        result["moved"] = True
+        return result
+
+
 class WorkerCgroup:
     """One worker's groups (up to three directories on hybrid hosts). Build with `create`."""
 
@@ -131,6 +209,8 @@ class WorkerCgroup:
         own_v2, own_v1 = _own_cgroups()
         v2_mount = support["v2_mount"]
         v2_needs = [c for c in _CONTROLLERS if support[c] == "v2"]
+        if v2_mount:  # a delegated v2 subtree: the daemon in a leaf, workers beside it
+            own_v2 = prepare_delegated_subtree(v2_needs, v2_mount)["base"]
         created: list[str] = []
         group = None
         try:
@@ -252,6 +332,22 @@ class WorkerCgroup:
             if k == key:
                 return int(v)
         return None
+
+    def memory_usage(self) -> int | None:
+        """Bytes the worker uses now (memory.current, v1: memory.usage_in_bytes); None if gone."""
+        name = "memory.current" if self.memory_version == "v2" else "memory.usage_in_bytes"
+        try:
+            return int(_read(os.path.join(self.memory_dir, name)).strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def memory_limit(self) -> int | None:
+        """The memory limit in bytes (memory.max, v1: memory.limit_in_bytes); None if unlimited or gone."""
+        name = "memory.max" if self.memory_version == "v2" else "memory.limit_in_bytes"
+        try:
+            return int(_read(os.path.join(self.memory_dir, name)).strip())
+        except (FileNotFoundError, ValueError):
+            return None
 
     def oom_killed(self) -> bool:
         """Did the kernel's OOM killer kill a process of this worker for the memory limit?"""

@@ -47,7 +47,7 @@ import sys
 import tomllib
 from typing import Any
 
-from sealbox.worker.engine import ENGINES
+from ..proto.contract import ENGINE_NAMES
 
 
 class ConfigError(Exception):
@@ -227,8 +227,8 @@ def load_config(path: str) -> Config:
         if model_path is None:
             raise ConfigError(f"{where}: key 'path' is required")
         fmt = table.get("format", str, "mlx")
-        if fmt not in ENGINES:
-            raise ConfigError(f"{where}: key 'format' must be one of {sorted(ENGINES)}, not {fmt!r}")
+        if fmt not in ENGINE_NAMES:
+            raise ConfigError(f"{where}: key 'format' must be one of {sorted(ENGINE_NAMES)}, not {fmt!r}")
         policy = _policy(table.get("policy", dict, None), f"{where}.policy", default_policy)
         memory_mb = table.positive("memory_mb", None)
         load_timeout = table.positive("load_timeout_s", None)

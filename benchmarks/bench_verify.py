@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from sealbox.daemon import publisher_cli
 from sealbox.daemon.hashing import hash_into_memfds
-from sealbox.daemon.policy import TrustPolicy
+from sealbox.daemon.config import policy_from_toml
 from sealbox.daemon.storage import open_tree
 from sealbox.daemon.verify import verify_model
 
@@ -71,8 +71,8 @@ def main() -> int:
         assert publisher_cli.main(["sign", "key", str(model), "--private-key", str(tmp / "k.pem")]) == 0
         assert publisher_cli.main(["sign", "key", str(model), "--private-key", str(tmp / "k.pem"), "--hash", "blake3",
                                    "--signature", str(tmp / "blake3.sig")]) == 0
-        policy = TrustPolicy.from_toml({"sources": [str(tmp)], "public_keys": [str(tmp / "k.pub")]}, "bench")
-        policy_b3 = TrustPolicy.from_toml({"sources": [str(tmp)], "public_keys": [str(tmp / "k.pub")],
+        policy = policy_from_toml({"sources": [str(tmp)], "public_keys": [str(tmp / "k.pub")]}, "bench")
+        policy_b3 = policy_from_toml({"sources": [str(tmp)], "public_keys": [str(tmp / "k.pub")],
                                            "signature": str(tmp / "blake3.sig")}, "bench")
         files = sorted(p for p in model.iterdir() if p.suffix == ".safetensors")
         total = sum(p.stat().st_size for p in files)

@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_verify_fixtures import PKI, SHARED, make_model, needs_shared, run, sealbox_cli, upstream, write_key  # noqa: E402
 
-from sealbox.daemon.policy import TrustPolicy  # noqa: E402
+from sealbox.daemon.config import policy_from_toml  # noqa: E402
 from sealbox.daemon.verify import VerificationError, verify_model  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def on_disk(model: Path, names) -> dict[str, bytes]:
 def test_upstream_key_signature_verifies_in_sealbox(tmp_path, material):
     model = make_model(tmp_path / "m")
     upstream("sign", "key", model, "--private_key", material["key521"], "--signature", model / "model.sig")
-    pol = TrustPolicy.from_toml({"sources": [str(tmp_path)], "public_keys": [str(material["pub521"])]}, "t")
+    pol = policy_from_toml({"sources": [str(tmp_path)], "public_keys": [str(material["pub521"])]}, "t")
     with verify_model("m", str(model), pol, str(tmp_path / "state"), None) as vm:
         assert contents(vm) == on_disk(model, ["config.json", "weights/w0.bin", "weights/w1.bin"])
 
@@ -47,7 +47,7 @@ def test_upstream_certificate_chain_signature_verifies_in_sealbox(tmp_path, mate
     model = make_model(tmp_path / "m")
     upstream("sign", "certificate", model, "--private_key", pki.leaf_key, "--signing_certificate", pki.leaf,
              "--certificate_chain", pki.inter, "--signature", model / "model.sig")
-    pol = TrustPolicy.from_toml({"sources": [str(tmp_path)], "certificates": [
+    pol = policy_from_toml({"sources": [str(tmp_path)], "certificates": [
         {"roots": str(pki.root), "identities": [f"email:{pki.email}"]}]}, "t")
     with verify_model("m", str(model), pol, None, None) as vm:
         assert vm.signer == f"email:{pki.email}"
@@ -67,7 +67,7 @@ def test_upstream_shards_blake3_blake2_verify_in_sealbox(tmp_path, material, ser
             f"c.set_hashing_config(hashing.Config().{serialization}.set_ignored_paths(paths=[m / 'model.sig']));"
             "c.sign(m, m / 'model.sig')")
     run(sys.executable, "-c", code, model, material["key"])
-    pol = TrustPolicy.from_toml({"sources": [str(tmp_path)], "public_keys": [str(material["pub"])]}, "t")
+    pol = policy_from_toml({"sources": [str(tmp_path)], "public_keys": [str(material["pub"])]}, "t")
     with verify_model("m", str(model), pol, None, None) as vm:
         assert contents(vm) == on_disk(model, ["a.bin", "b/c.bin", "d.txt"])
     # A flipped byte in the middle shard is caught with the shard named.
@@ -150,7 +150,7 @@ def test_upstream_vectors(vector_dir, name, vector):
     if vw.get("ignore_paths"):
         # Upstream's verifier is told to skip these; ours drops them (never handed over).
         table["ignore_paths"] = [os.path.relpath(p, vector["model_path"]) for p in vw["ignore_paths"]]
-    pol = TrustPolicy.from_toml(table, name)
+    pol = policy_from_toml(table, name)
     model = vector_dir / vector["model_path"]
     sig = vector_dir / vector["signature"]
     if name.startswith("v0.2."):
@@ -184,13 +184,13 @@ def test_keyless_refusals(vector_dir):
     base = {"sources": [str(vector_dir)], "ignore_paths": ["ignore-me"]}
     issuer = "https://sigstore.verify.ibm.com/oauth2"
     # No keyless trust configured: refused, whatever keys are trusted.
-    pol = TrustPolicy.from_toml({**base, "public_keys": [str(vector_dir / "keys/certificate/signing-key-pub.pem")]}, "t")
+    pol = policy_from_toml({**base, "public_keys": [str(vector_dir / "keys/certificate/signing-key-pub.pem")]}, "t")
     with pytest.raises(VerificationError) as info:
         verify_model("m", str(model), pol, None, None)
     assert str(info.value) == (f"{sig}: bundle: a keyless Sigstore bundle, but the policy pins no sigstore trusted root; "
                                f"sign with a key or a certificate chain, or configure sigstore")
     # Wrong pinned identity.
-    pol = TrustPolicy.from_toml({**base, "sigstore": [{"trusted_root": SIGSTORE_ROOT, "identities": ["mallory@example.com"],
+    pol = policy_from_toml({**base, "sigstore": [{"trusted_root": SIGSTORE_ROOT, "identities": ["mallory@example.com"],
                                                        "issuer": issuer}]}, "t")
     with pytest.raises(VerificationError) as info:
         verify_model("m", str(model), pol, None, None)
@@ -203,7 +203,7 @@ def test_keyless_refusals(vector_dir):
     for p in [copy, *copy.iterdir()]:
         p.chmod(0o755 if p.is_dir() else 0o644)
     (copy / "signme-1").write_bytes(b"signme-X")
-    pol = TrustPolicy.from_toml({**base, "sigstore": [{"trusted_root": SIGSTORE_ROOT, "identities": ["stefanb@us.ibm.com"],
+    pol = policy_from_toml({**base, "sigstore": [{"trusted_root": SIGSTORE_ROOT, "identities": ["stefanb@us.ibm.com"],
                                                        "issuer": issuer}]}, "t")
     with pytest.raises(VerificationError) as info:
         verify_model("m", str(copy), pol, None, None)
@@ -214,7 +214,7 @@ def test_upstream_allow_symlinks_inside_the_directory(tmp_path, material):
     model = make_model(tmp_path / "m", {"weights/real.bin": os.urandom(4000), "config.json": b"{}"})
     (model / "current.bin").symlink_to("weights/real.bin")
     upstream("sign", "key", model, "--private_key", material["key"], "--signature", model / "model.sig", "--allow_symlinks")
-    pol = TrustPolicy.from_toml({"sources": [str(tmp_path)], "public_keys": [str(material["pub"])]}, "t")
+    pol = policy_from_toml({"sources": [str(tmp_path)], "public_keys": [str(material["pub"])]}, "t")
     with verify_model("m", str(model), pol, None, None) as vm:
         # The link is handed over under its signed name, with the target's verified content.
         assert contents(vm) == on_disk(model, ["config.json", "current.bin", "weights/real.bin"])
@@ -231,6 +231,6 @@ def test_sealbox_blake3_signature_verifies_upstream(tmp_path, material):
             "verifying.Config().use_elliptic_key_verifier(public_key=sys.argv[2]).verify(sys.argv[1], sys.argv[1] + '/model.sig');"
             "print('upstream verified')")
     assert run(sys.executable, "-c", code, model, material["pub"]).stdout == "upstream verified\n"
-    pol = TrustPolicy.from_toml({"sources": [str(tmp_path)], "public_keys": [str(material["pub"])]}, "t")
+    pol = policy_from_toml({"sources": [str(tmp_path)], "public_keys": [str(material["pub"])]}, "t")
     with verify_model("m", str(model), pol, None, None) as vm:
         assert contents(vm) == on_disk(model, ["config.json", "weights/w0.bin", "weights/w1.bin"])

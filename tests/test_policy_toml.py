@@ -1,4 +1,4 @@
-"""TrustPolicy.from_toml: the documented example loads, every mistake names the key."""
+"""policy_from_toml: the documented example loads, every mistake names the key."""
 from __future__ import annotations
 
 import sys
@@ -10,8 +10,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_verify_fixtures import PKI, write_key  # noqa: E402
 
-from sealbox.daemon.config import ConfigError  # noqa: E402
-from sealbox.daemon.policy import TrustPolicy, parse_version  # noqa: E402
+from sealbox.daemon.config import ConfigError, policy_from_toml  # noqa: E402
+from sealbox.daemon.policy import parse_version  # noqa: E402
 
 WHERE = "/etc/sealbox/sealbox.toml: [models.mnist.policy]"
 
@@ -46,15 +46,15 @@ pinned_files = {{ "model.safetensors" = "sha256:{'ab' * 32}" }}
 
 def test_documented_example_loads_with_defaults(files):
     doc = tomllib.loads(example(files))
-    defaults = TrustPolicy.from_toml(doc["policy"], "sealbox.toml: [policy]")
-    mnist = TrustPolicy.from_toml(doc["models"]["mnist"]["policy"], WHERE, defaults)
+    defaults = policy_from_toml(doc["policy"], "sealbox.toml: [policy]")
+    mnist = policy_from_toml(doc["models"]["mnist"]["policy"], WHERE, defaults)
     assert mnist.sources == (str(files["dir"].resolve()),)
     assert mnist.source_urls == ("https://models.example.com/",)
     assert [k.path for k in mnist.public_keys] == [str(files["pub"])]  # inherited
     assert mnist.certificates[0].identities == ("email:publisher@example.com", "subject:CN=signer")
     assert mnist.min_version == "1.4" and mnist.max_bytes == 1 << 30 and mnist.clock_skew_seconds == 120
     assert mnist.require_signature and not mnist.allow_downgrade and mnist.signature == "model.sig"
-    legacy = TrustPolicy.from_toml(doc["models"]["legacy"]["policy"], WHERE, defaults)
+    legacy = policy_from_toml(doc["models"]["legacy"]["policy"], WHERE, defaults)
     assert not legacy.require_signature and legacy.pinned_files == (("model.safetensors", "ab" * 32),)
     assert "BEGIN" not in mnist.describe()
 
@@ -94,7 +94,7 @@ def test_mistakes_name_the_key(files, table, message):
             return {k: fill(x) for k, x in v.items()}
         return v
     with pytest.raises(ConfigError) as info:
-        TrustPolicy.from_toml(fill(table), WHERE)
+        policy_from_toml(fill(table), WHERE)
     assert str(info.value).startswith(f"{WHERE}: {fill(message)}")
 
 

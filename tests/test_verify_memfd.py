@@ -15,7 +15,7 @@ from test_verify_fixtures import make_model, open_fds, write_key  # noqa: E402
 
 from sealbox.daemon import publisher_cli  # noqa: E402
 from sealbox.daemon.hashing import SEALS, hash_into_memfds  # noqa: E402
-from sealbox.daemon.policy import TrustPolicy  # noqa: E402
+from sealbox.daemon.config import policy_from_toml  # noqa: E402
 from sealbox.daemon.storage import VerificationError, open_tree  # noqa: E402
 from sealbox.daemon.verify import verify_model  # noqa: E402
 
@@ -26,7 +26,7 @@ def verified(tmp_path):
     original = os.urandom(64 << 10)
     model = make_model(tmp_path / "m", {"weights.safetensors": original, "config.json": b"{}"})
     assert publisher_cli.main(["sign", "key", str(model), "--private-key", str(key)]) == 0
-    pol = TrustPolicy.from_toml({"sources": [str(tmp_path)], "public_keys": [str(pub)]}, "t")
+    pol = policy_from_toml({"sources": [str(tmp_path)], "public_keys": [str(pub)]}, "t")
     vm = verify_model("m", str(model), pol, None, None)
     yield vm, model / "weights.safetensors", original
     vm.close()

@@ -19,6 +19,7 @@ from test_verify_fixtures import PKI, make_model, open_fds, upstream, write_key 
 
 from sealbox.daemon import publisher_cli  # noqa: E402
 from sealbox.daemon.audit import AuditLog  # noqa: E402
+from sealbox.daemon.config import policy_from_toml  # noqa: E402
 from sealbox.daemon.policy import TrustPolicy  # noqa: E402
 from sealbox.daemon.verify import VerificationError, verify_model  # noqa: E402
 
@@ -45,7 +46,7 @@ def sign(model: Path, key: Path, *extra: str) -> None:
 
 def policy(tmp_path: Path, **table) -> TrustPolicy:
     table.setdefault("sources", [str(tmp_path)])
-    return TrustPolicy.from_toml(table, WHERE)
+    return policy_from_toml(table, WHERE)
 
 
 def refused(model: Path, pol: TrustPolicy, state_dir=None, name="m") -> tuple[str, dict]:
@@ -184,7 +185,7 @@ def test_source_outside_the_allowed_prefixes(tmp_path, model, keys):
     allowed.mkdir()
     # A symlink from inside the allowed tree does not help: the real path counts.
     (allowed / "m").symlink_to(model)
-    pol = TrustPolicy.from_toml({"sources": [str(allowed)], "public_keys": [str(keys["good_pub"])]}, WHERE)
+    pol = policy_from_toml({"sources": [str(allowed)], "public_keys": [str(keys["good_pub"])]}, WHERE)
     msg, record = refused(allowed / "m", pol)
     assert msg == f"{allowed}/m: source: resolves to {model}, which is not under an allowed source ({allowed})"
     assert record["check"] == "source"

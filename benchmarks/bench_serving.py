@@ -64,7 +64,7 @@ def spawn_to_ready(daemon: DemoDaemon, rounds: int = 15) -> None:
     """Launch the demo worker directly: sandboxed (bwrap + configured layers) and bare, same fds."""
     import grpc
     from sealbox.daemon.config import load_config
-    from sealbox.daemon.verify import verify_model
+    from sealbox.trust import verify_model
     from sealbox.sandbox import launcher
     from sealbox.daemon.supervisor import WORKER_RECONNECT, Supervisor
     from sealbox.daemon.audit import AuditLog

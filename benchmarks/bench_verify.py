@@ -24,10 +24,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sealbox.daemon import publisher_cli
-from sealbox.daemon.hashing import hash_into_memfds
 from sealbox.daemon.config import policy_from_toml
-from sealbox.daemon.storage import open_tree
-from sealbox.daemon.verify import verify_model
+from sealbox.trust import verify_model
+from sealbox.trust._hashing import hash_into_memfds
+from sealbox.trust._storage import open_tree
 
 MODEL_SIGNING = str(Path(sys.executable).parent / "model_signing")
 

@@ -48,7 +48,7 @@ import tomllib
 from typing import Any
 
 from ..proto.contract import ENGINE_NAMES
-from .policy import IDENTITY_KINDS, SigstoreRoot, TrustedKey, TrustedRoots, TrustPolicy, parse_version
+from ..trust.policy import IDENTITY_KINDS, SigstoreRoot, TrustedKey, TrustedRoots, TrustPolicy, parse_version
 
 
 class ConfigError(Exception):

@@ -1,8 +1,9 @@
 """The publisher's commands: hash, sign (key or certificate), verify.
 
 Mounted under the `sealbox` CLI by add_commands(); main(argv) runs them
-alone. `verify` runs exactly the daemon's verify_model with a policy built
-from the flags. Exit codes: 0 verified/done, 1 refused, 2 usage or I/O error.
+alone. `hash` and `sign` use sealbox.trust.signing; `verify` runs exactly
+the daemon's verify_model (sealbox.trust) with a policy built from the flags.
+Exit codes: 0 verified/done, 1 refused, 2 usage or I/O error.
 """
 from __future__ import annotations
 
@@ -14,12 +15,9 @@ import sys
 
 from cryptography import x509
 
-from . import oms
-from .hashing import file_digest
-from .policy import ANY_IDENTITY, TrustedKey, TrustedRoots, TrustPolicy
-from .rollback import release_payload
-from .storage import VerificationError, open_tree, resolve_symlinks
-from .verify import inside, verify_model
+from ..trust import TrustPolicy, VerificationError, signing, verify_model
+from ..trust.policy import ANY_IDENTITY, TrustedKey, TrustedRoots
+from ..trust.verifying import inside
 
 DEFAULT_SIGNATURE = "model.sig"
 DEFAULT_RELEASE = "model.release.sig"
@@ -84,19 +82,7 @@ def _progress(total: int, what: str):
 
 
 def _model_digests(model_dir: str, exclude: set[str], ignore: tuple[str, ...], algorithm: str = "sha256") -> dict[str, bytes]:
-    real = os.path.realpath(model_dir)
-    tree = open_tree(real, exclude, strict=False)
-    try:
-        for n in [n for n in tree.files if oms.is_ignored(n, ignore)]:
-            tree.drop(n)
-        for n in [n for n in tree.symlinks if oms.is_ignored(n, ignore)]:
-            del tree.symlinks[n]
-        resolve_symlinks(tree, allow=False)
-        files = list(tree.files.values())
-        with _progress(sum(f.size for f in files), "hashing") as progress:
-            return file_digest(files, algorithm, progress)
-    finally:
-        tree.close()
+    return signing.model_digests(model_dir, exclude, ignore, algorithm, lambda total: _progress(total, "hashing"))
 
 
 def _excluded(model_dir: str, *paths: str) -> set[str]:
@@ -135,7 +121,7 @@ def cmd_sign(args) -> int:
     release_path = os.path.join(os.path.dirname(os.path.abspath(sig_path)), DEFAULT_RELEASE)
     exclude = _excluded(real, sig_path, release_path)
     try:
-        key = oms.load_private_key(args.private_key)
+        key = signing.load_private_key(args.private_key)
         chain = None
         if args.method == "certificate":
             with open(args.signing_certificate, "rb") as f:
@@ -143,13 +129,14 @@ def cmd_sign(args) -> int:
             for path in args.certificate_chain:
                 with open(path, "rb") as f:
                     chain += x509.load_pem_x509_certificates(f.read())
-        ignore = sorted(set(oms.DEFAULT_IGNORE) | exclude)
+        ignore = sorted(set(signing.DEFAULT_IGNORE) | exclude)
         digests = _model_digests(real, exclude, tuple(ignore), args.hash)
-        payload = oms.statement_payload(os.path.basename(real), digests, args.hash, ignore)
-        _write(sig_path, oms.sign_payload(payload, key, chain))
+        payload = signing.statement_payload(os.path.basename(real), digests, args.hash, ignore)
+        _write(sig_path, signing.sign_payload(payload, key, chain))
         if args.version is not None:
-            subject = oms.parse_statement(payload, sig_path).subject_digest
-            _write(release_path, oms.sign_payload(release_payload(args.model_name, args.version, subject), key, chain))
+            subject = signing.subject_digest(payload, sig_path)
+            release = signing.release_payload(args.model_name, args.version, subject)
+            _write(release_path, signing.sign_payload(release, key, chain))
     except VerificationError as e:
         print(f"sealbox sign: refused: {e}", file=sys.stderr)
         return 1

@@ -139,7 +139,7 @@ class Supervisor:
 
     def load(self, name: str) -> None:
         """Verify, launch, wait until ready. Raises LoadRefused or ModelUnavailable."""
-        from sealbox.daemon.verify import VerificationError, verify_model  # noqa: the trust library
+        from ..trust import VerificationError, verify_model  # noqa: the trust library
 
         model = self.get(name)
         with model.lock:

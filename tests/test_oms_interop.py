@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_verify_fixtures import PKI, SHARED, make_model, needs_shared, run, sealbox_cli, upstream, write_key  # noqa: E402
 
 from sealbox.daemon.config import policy_from_toml  # noqa: E402
-from sealbox.daemon.verify import VerificationError, verify_model  # noqa: E402
+from sealbox.trust import VerificationError, verify_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

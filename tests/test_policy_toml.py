@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_verify_fixtures import PKI, write_key  # noqa: E402
 
 from sealbox.daemon.config import ConfigError, policy_from_toml  # noqa: E402
-from sealbox.daemon.policy import parse_version  # noqa: E402
+from sealbox.trust.policy import parse_version  # noqa: E402
 
 WHERE = "/etc/sealbox/sealbox.toml: [models.mnist.policy]"
 

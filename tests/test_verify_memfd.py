@@ -14,10 +14,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_verify_fixtures import make_model, open_fds, write_key  # noqa: E402
 
 from sealbox.daemon import publisher_cli  # noqa: E402
-from sealbox.daemon.hashing import SEALS, hash_into_memfds  # noqa: E402
 from sealbox.daemon.config import policy_from_toml  # noqa: E402
-from sealbox.daemon.storage import VerificationError, open_tree  # noqa: E402
-from sealbox.daemon.verify import verify_model  # noqa: E402
+from sealbox.proto.contract import MEMFD_SEALS as SEALS  # noqa: E402
+from sealbox.trust import VerificationError, verify_model  # noqa: E402
+from sealbox.trust._hashing import hash_into_memfds  # noqa: E402
+from sealbox.trust._storage import open_tree  # noqa: E402
 
 
 @pytest.fixture

@@ -20,8 +20,7 @@ from test_verify_fixtures import PKI, make_model, open_fds, upstream, write_key 
 from sealbox.daemon import publisher_cli  # noqa: E402
 from sealbox.daemon.audit import AuditLog  # noqa: E402
 from sealbox.daemon.config import policy_from_toml  # noqa: E402
-from sealbox.daemon.policy import TrustPolicy  # noqa: E402
-from sealbox.daemon.verify import VerificationError, verify_model  # noqa: E402
+from sealbox.trust import TrustPolicy, VerificationError, verify_model  # noqa: E402
 
 WHERE = "/etc/sealbox/sealbox.toml: [models.m.policy]"
 
@@ -206,7 +205,7 @@ def test_wrong_key(tmp_path, model, keys):
 
 def test_wrong_key_even_with_a_forged_hint(tmp_path, model, keys):
     sign(model, keys["other"])
-    from sealbox.daemon.policy import TrustedKey
+    from sealbox.trust.policy import TrustedKey
     good = TrustedKey.load(str(keys["good_pub"]))
     sig = model / "model.sig"
     doc = json.loads(sig.read_text())
@@ -238,7 +237,7 @@ def test_edited_payload(tmp_path, model, keys):
         st["subject"][0]["digest"]["sha256"] = hashlib.sha256(
             b"".join(bytes.fromhex(r["digest"]) for r in st["predicate"]["resources"])).hexdigest()
     _edit_payload(model / "model.sig", edit)
-    from sealbox.daemon.policy import TrustedKey
+    from sealbox.trust.policy import TrustedKey
     good = TrustedKey.load(str(keys["good_pub"]))
     msg, _ = refused(model, policy(tmp_path, public_keys=[str(keys["good_pub"])]))
     assert msg == (f"{model}/model.sig: signature: the DSSE signature does not verify with "
@@ -270,7 +269,7 @@ def test_duplicate_json_keys_in_the_statement(tmp_path, model, keys):
     doc = json.loads(sig.read_text())
     doc["dsseEnvelope"]["payload"] = base64.b64encode(b'{"_type": "a", "_type": "b"}').decode()
     sig.write_text(json.dumps(doc))
-    from sealbox.daemon.oms import parse_statement
+    from sealbox.trust._oms import parse_statement
     with pytest.raises(VerificationError) as info:
         parse_statement(base64.b64decode(doc["dsseEnvelope"]["payload"]), str(sig))
     assert str(info.value) == f"{sig}: statement: not valid JSON (duplicate key '_type')"
@@ -278,7 +277,7 @@ def test_duplicate_json_keys_in_the_statement(tmp_path, model, keys):
 
 @pytest.mark.parametrize("bad_name", ["../escape.bin", "/etc/passwd", "weights/../../x", "a//b"])
 def test_bad_resource_names(tmp_path, bad_name):
-    from sealbox.daemon.oms import parse_statement
+    from sealbox.trust._oms import parse_statement
     import hashlib
     d = hashlib.sha256(b"x").digest()
     st = {"_type": "https://in-toto.io/Statement/v1", "predicateType": "https://model_signing/signature/v1.0",
@@ -291,7 +290,7 @@ def test_bad_resource_names(tmp_path, bad_name):
 
 
 def test_duplicate_resource_names(tmp_path):
-    from sealbox.daemon.oms import parse_statement
+    from sealbox.trust._oms import parse_statement
     import hashlib
     d = hashlib.sha256(b"x").digest()
     r = {"name": "a.bin", "algorithm": "sha256", "digest": d.hex()}

@@ -19,9 +19,9 @@ import json
 import os
 import stat
 
-from .oms import STATEMENT_TYPE, strict_json
+from ._oms import STATEMENT_TYPE, strict_json
+from .errors import VerificationError
 from .policy import TrustPolicy, parse_version
-from .storage import VerificationError
 
 RELEASE_PREDICATE = "https://sealbox.dev/release/v1"
 STATE_FILE = "versions.json"

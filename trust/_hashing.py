@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from .storage import OpenFile, VerificationError
+from ..proto.contract import MEMFD_SEALS
+from ._storage import OpenFile
+from .errors import VerificationError
 
 CHUNK = 8 << 20  # measured: 8 MiB beats 1 MiB clearly, bigger gains nothing
-SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 ALGORITHMS = ("sha256", "blake2b", "blake3")
 
 
@@ -149,7 +150,7 @@ def hash_into_memfds(files: list[OpenFile], algorithm: str, shard_size: int | No
             if os.pread(f.fd, 1, f.size):
                 raise VerificationError(f.path, "storage", f"grew while being hashed (expected {f.size} bytes)")
             if keep:
-                fcntl.fcntl(out[f.name].memfd, fcntl.F_ADD_SEALS, SEALS)
+                fcntl.fcntl(out[f.name].memfd, fcntl.F_ADD_SEALS, MEMFD_SEALS)
     except BaseException:
         for h in out.values():
             if h.memfd >= 0:

@@ -24,9 +24,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import verification as xv
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from .hashing import ALGORITHMS
+from ._hashing import ALGORITHMS
+from .errors import VerificationError
 from .policy import ANY_IDENTITY, SUPPORTED_CURVES, TrustPolicy, key_fingerprint
-from .storage import VerificationError
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 INTOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"

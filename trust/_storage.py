@@ -12,20 +12,14 @@ import posixpath
 import stat
 from dataclasses import dataclass, field
 
+from .errors import VerificationError
+
 # A signature bundle or pin manifest is small; bigger is an attack or a mistake.
 MAX_METADATA_BYTES = 16 << 20
 MAX_DEPTH = 64  # deeper nesting is no model layout; it would only exhaust the stack
 
 _O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 _O_DIR = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_DIRECTORY
-
-
-class VerificationError(Exception):
-    """A model refused. The message names the file and the check that failed."""
-
-    def __init__(self, file: str, check: str, detail: str):
-        self.file, self.check, self.detail = file, check, detail
-        super().__init__(f"{file}: {check}: {detail}")
 
 
 @dataclass

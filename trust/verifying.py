@@ -14,17 +14,25 @@ import os
 import re
 import threading
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from .audit import AuditLog
-from .hashing import hash_into_memfds, ranges
-from .oms import Manifest, check_name, is_ignored, parse_bundle, parse_statement, verify_bundle
+from ._hashing import hash_into_memfds, ranges
+from ._oms import Manifest, check_name, is_ignored, parse_bundle, parse_statement, verify_bundle
+from ._rollback import VersionStore, check_version, parse_release
+from ._storage import Tree, open_tree, read_checked, resolve_symlinks
+from .errors import VerificationError
 from .policy import TrustPolicy
-from .rollback import VersionStore, check_version, parse_release
-from .storage import Tree, VerificationError, open_tree, read_checked, resolve_symlinks
 
-__all__ = ["VerificationError", "VerifiedModel", "verify_model", "check_source", "parse_pin_manifest", "inside"]
+__all__ = ["AuditSink", "VerificationError", "VerifiedModel", "verify_model", "check_source", "parse_pin_manifest",
+           "inside"]
 
 _state_lock = threading.Lock()  # one read-check-record of versions.json at a time
+
+
+class AuditSink(Protocol):
+    """Where verify_model reports each decision (the daemon's AuditLog, say): one event per call."""
+
+    def event(self, event: str, /, **fields: Any) -> Any: ...
 
 
 @dataclass
@@ -109,7 +117,7 @@ def _pinned_manifest(policy: TrustPolicy, real: str) -> tuple[Manifest, str]:
     return Manifest(os.path.basename(real), digest, "files", "sha256", None, False, (), resources), where
 
 
-def verify_model(name: str, model_dir: str, policy: TrustPolicy, state_dir: str | None, audit: AuditLog | None,
+def verify_model(name: str, model_dir: str, policy: TrustPolicy, state_dir: str | None, audit: AuditSink | None,
                  now: datetime.datetime | None = None) -> VerifiedModel:
     """Verifies one model; raises VerificationError naming the file and the check.
 

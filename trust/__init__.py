@@ -1,0 +1,30 @@
+"""sealbox.trust: is this model what its publisher signed, and do we trust the publisher?
+
+Everything a model passes before any worker sees a byte of it, and the
+publisher's side of the same format. Used by the daemon (sealbox.daemon), the
+publisher CLI and the demo (sealbox.client) and the benchmarks; it imports
+none of them. SECURITY.md ("Model verification") describes the checks.
+
+The public face is this module and the modules without a leading underscore:
+
+    from sealbox.trust import TrustPolicy, VerificationError, verify_model
+    with verify_model(name, model_dir, policy, state_dir, audit) as model:
+        model.files  # signed name -> sealed memfd of exactly the bytes verified
+
+| module | what it holds |
+|---|---|
+| `errors.py` | `VerificationError(file, check, detail)`: a model refused, the message `FILE: CHECK: what is wrong` |
+| `policy.py` | the trust policy as plain values: `TrustPolicy`, `TrustedKey`, `TrustedRoots`, `SigstoreRoot`; `parse_version`, `ANY_IDENTITY` (the daemon reads them from TOML in sealbox.daemon.config) |
+| `verifying.py` | `verify_model` -> `VerifiedModel` (one sealed memfd per signed file), the check order, the `AuditSink` it reports to, operator pin manifests |
+| `signing.py` | the publisher's side (`sealbox hash`, `sealbox sign`): model digests, the OMS statement, release statements, signed bundles |
+| `_storage.py` | storage checks: every entry opened `O_NOFOLLOW` relative to its parent's fd and checked on that fd (owner, mode, kind, hard links, symlinks) |
+| `_hashing.py` | hashing while copying each file into a sealed memfd, on a thread pool (sha256, blake2b, blake3; files or shards) |
+| `_oms.py` | the OpenSSF model-signing format: Sigstore bundle v0.3, DSSE, in-toto statement; parsing, signature and certificate-chain checks, keyless via sigstore; writing bundles |
+| `_rollback.py` | signed release statements and the highest version accepted per model (`versions.json`) |
+"""
+from . import signing
+from .errors import VerificationError
+from .policy import TrustPolicy
+from .verifying import AuditSink, VerifiedModel, verify_model
+
+__all__ = ["AuditSink", "TrustPolicy", "VerificationError", "VerifiedModel", "signing", "verify_model"]

@@ -20,7 +20,7 @@ ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 def build_big_model(directory: str, key: str) -> int:
     os.environ.setdefault("MLX_DISABLE_COMPILE", "1")
     import mlx.core as mx
-    from sealbox.daemon import publisher_cli
+    from sealbox.client import publisher
     side = int((SIZE_MB * 2**20 / 4) ** 0.5)
     os.makedirs(directory)
     weights = {"layers.0.weight": mx.random.normal((side, side)), "layers.0.bias": mx.zeros((side,))}
@@ -29,7 +29,7 @@ def build_big_model(directory: str, key: str) -> int:
     with open(os.path.join(directory, "model.json"), "w") as f:
         json.dump({"architecture": {"type": "mlp"}, "weights": "weights.safetensors",
                    "inputs": [spec], "outputs": [dict(spec, name="y")]}, f)
-    publisher_cli.main(["sign", "key", directory, "--private-key", key])
+    publisher.main(["sign", "key", directory, "--private-key", key])
     return os.path.getsize(os.path.join(directory, "weights.safetensors"))
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sealbox.daemon import publisher_cli
+from sealbox.client import publisher
 from sealbox.daemon.config import policy_from_toml
 from sealbox.trust import verify_model
 from sealbox.trust._hashing import hash_into_memfds
@@ -68,8 +68,8 @@ def main() -> int:
                                                       serialization.NoEncryption()))
         (tmp / "k.pub").write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
                                                                   serialization.PublicFormat.SubjectPublicKeyInfo))
-        assert publisher_cli.main(["sign", "key", str(model), "--private-key", str(tmp / "k.pem")]) == 0
-        assert publisher_cli.main(["sign", "key", str(model), "--private-key", str(tmp / "k.pem"), "--hash", "blake3",
+        assert publisher.main(["sign", "key", str(model), "--private-key", str(tmp / "k.pem")]) == 0
+        assert publisher.main(["sign", "key", str(model), "--private-key", str(tmp / "k.pem"), "--hash", "blake3",
                                    "--signature", str(tmp / "blake3.sig")]) == 0
         policy = policy_from_toml({"sources": [str(tmp)], "public_keys": [str(tmp / "k.pub")]}, "bench")
         policy_b3 = policy_from_toml({"sources": [str(tmp)], "public_keys": [str(tmp / "k.pub")],

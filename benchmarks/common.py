@@ -51,14 +51,14 @@ class DemoDaemon:
         import json
         os.environ.setdefault("MLX_DISABLE_COMPILE", "1")
         import mlx.core as mx
-        from sealbox.daemon import publisher_cli
+        from sealbox.client import publisher
         echo = os.path.join(self.dir, "echo")
         os.makedirs(echo)
         mx.export_function(os.path.join(echo, "model.mlxfn"), lambda x: x * 1.0, mx.zeros((2, 4)), shapeless=True)
         spec = [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
         with open(os.path.join(echo, "model.json"), "w") as f:
             json.dump({"function": "model.mlxfn", "inputs": spec, "outputs": [dict(spec[0], name="y")]}, f)
-        publisher_cli.main(["sign", "key", echo, "--private-key", os.path.join(self.dir, "keys", "demo-signer.key")])
+        publisher.main(["sign", "key", echo, "--private-key", os.path.join(self.dir, "keys", "demo-signer.key")])
         with open(self.config, "a") as f:
             f.write(f'\n[models.echo]\npath = "{echo}"\nformat = "mlx"\n')
 

@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 
-from sealbox.client.client import DEFAULT_TARGET, Client
-from sealbox.proto import tensors
+from ..proto import tensors
+from .client import DEFAULT_TARGET, Client
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
@@ -85,17 +85,17 @@ def cmd_unload(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from sealbox.client.demo import run_demo
+    from .demo import run_demo
     return run_demo(args.dir, once=args.once)
 
 
 def cmd_scan(args) -> int:
-    from sealbox.sandbox.tools import scan_file
+    from ..sandbox.tools import scan_file
     return scan_file(args.file, as_json=args.json)
 
 
 def cmd_sandbox_check(args) -> int:
-    from sealbox.sandbox import hostcheck
+    from ..sandbox import hostcheck
     import json
     report = hostcheck.host_report()
     print(json.dumps(report, indent=2, sort_keys=True) if args.json else hostcheck.format_report(report))
@@ -103,7 +103,7 @@ def cmd_sandbox_check(args) -> int:
 
 
 def cmd_sandbox_run_python(args) -> int:
-    from sealbox.sandbox.tools import run_python
+    from ..sandbox.tools import run_python
     return run_python(args.script, args.args, engine=args.engine, memory=args.memory)
 
 
@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable verdict")
     p.set_defaults(func=cmd_scan)
 
-    from sealbox.daemon import publisher_cli  # hash, sign, verify: the daemon's own verifier and policy
-    publisher_cli.add_commands(sub)
+    from . import publisher  # hash, sign, verify: sealbox.trust, the daemon's own verifier and policy
+    publisher.add_commands(sub)
 
     sandbox = sub.add_parser("sandbox", help="inspect the worker sandbox").add_subparsers(
         dest="sandbox_command", required=True, metavar="SUBCOMMAND")

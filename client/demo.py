@@ -38,8 +38,8 @@ def _make_key(keys_dir: str) -> tuple[str, str]:
 
 def prepare(directory: str) -> str:
     """Build and sign the demo model and write the daemon's config; return the config path."""
-    from sealbox.daemon import publisher_cli
-    from sealbox.daemon.demo_model import build_demo_model
+    from . import publisher
+    from .demo_model import build_demo_model
 
     directory = os.path.abspath(directory)
     os.makedirs(directory, mode=0o755, exist_ok=True)
@@ -47,7 +47,7 @@ def prepare(directory: str) -> str:
     private, public = _make_key(os.path.join(directory, "keys"))
     if not os.path.exists(os.path.join(model, "model.sig")):
         build_demo_model(model)
-        code = publisher_cli.main(["sign", "key", model, "--private-key", private])
+        code = publisher.main(["sign", "key", model, "--private-key", private])
         if code != 0:
             raise SystemExit(f"sealbox demo: signing the demo model failed (exit {code})")
     config = os.path.join(directory, "sealboxd.toml")
@@ -76,8 +76,8 @@ format = "mlx"
 
 
 def run_demo(directory: str | None, once: bool = False) -> int:
-    from sealbox.client import Client
-    from sealbox.daemon.demo_model import INPUT, OUTPUT, SIZES
+    from .client import Client
+    from .demo_model import INPUT, OUTPUT, SIZES
 
     if os.geteuid() != 0:
         print("sealbox demo: run as root: the daemon drops each worker to the sealbox-worker user", file=sys.stderr)

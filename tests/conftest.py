@@ -61,7 +61,7 @@ def keys(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory, keys):
     """The built-in demo MLX model, signed with the upstream tool."""
-    from sealbox.daemon.demo_model import build_demo_model
+    from sealbox.client.demo_model import build_demo_model
 
     path = tmp_path_factory.mktemp("models") / "demo"
     build_demo_model(str(path))

@@ -5,7 +5,7 @@ import subprocess
 import numpy as np
 
 from conftest import PYTHON
-from sealbox.daemon.demo_model import demo_function, demo_weights
+from sealbox.client.demo_model import demo_function, demo_weights
 
 SEALBOX = str(pathlib.Path(PYTHON).with_name("sealbox"))
 

@@ -63,7 +63,7 @@ def _fixed_shape_export() -> bytes:
 
     os.environ.setdefault("MLX_DISABLE_COMPILE", "1")
     import mlx.core as mx
-    from sealbox.daemon.demo_model import demo_function, demo_weights
+    from sealbox.client.demo_model import demo_function, demo_weights
     with tempfile.TemporaryDirectory() as tmp:
         weights = {k: mx.array(v) for k, v in demo_weights().items()}
         mx.export_function(f"{tmp}/f.mlxfn", demo_function, mx.zeros((1, 4)), **weights)

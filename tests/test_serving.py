@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from conftest import PYTHON, make_ec_key
-from sealbox.daemon.demo_model import demo_function, demo_weights
+from sealbox.client.demo_model import demo_function, demo_weights
 
 
 @pytest.fixture

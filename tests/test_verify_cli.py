@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_verify_fixtures import PKI, make_model, sealbox_cli, write_key  # noqa: E402
 
-from sealbox.daemon import publisher_cli  # noqa: E402
+from sealbox.client import publisher as publisher_cli  # noqa: E402
 
 
 def test_hash_prints_a_pin_manifest(tmp_path, capsys):

@@ -112,7 +112,7 @@ def upstream(*args, check=True, cwd=None) -> subprocess.CompletedProcess:
 
 def sealbox_cli(*args, check=False) -> subprocess.CompletedProcess:
     """Our publisher CLI in its own process, as a user would run it."""
-    code = "import sys; from sealbox.daemon import publisher_cli; sys.exit(publisher_cli.main(sys.argv[1:]))"
+    code = "import sys; from sealbox.client import publisher; sys.exit(publisher.main(sys.argv[1:]))"
     return run(sys.executable, "-c", code, *args, check=check)
 
 

@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_verify_fixtures import make_model, open_fds, write_key  # noqa: E402
 
-from sealbox.daemon import publisher_cli  # noqa: E402
+from sealbox.client import publisher as publisher_cli  # noqa: E402
 from sealbox.daemon.config import policy_from_toml  # noqa: E402
 from sealbox.proto.contract import MEMFD_SEALS as SEALS  # noqa: E402
 from sealbox.trust import VerificationError, verify_model  # noqa: E402

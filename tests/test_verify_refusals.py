@@ -17,7 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_verify_fixtures import PKI, make_model, open_fds, upstream, write_key  # noqa: E402
 
-from sealbox.daemon import publisher_cli  # noqa: E402
+from sealbox.client import publisher as publisher_cli  # noqa: E402
 from sealbox.daemon.audit import AuditLog  # noqa: E402
 from sealbox.daemon.config import policy_from_toml  # noqa: E402
 from sealbox.trust import TrustPolicy, VerificationError, verify_model  # noqa: E402

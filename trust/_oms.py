@@ -1,11 +1,35 @@
 """The OpenSSF model-signing (OMS) format: Sigstore bundle v0.3 + DSSE + in-toto.
 
-Parsing and verification are written from the format (see
-/work/shared/notes/model-signing.md); all cryptography goes through the
-`cryptography` package. Stricter than model_signing 1.1.1: the leaf
-certificate must be valid *now*, the signer identity is pinned, resource
-names are validated, duplicate JSON keys are refused, legacy pre-1.0
-encodings and keyless bundles are refused.
+Read and written here from the format, as model_signing 1.x reads and writes it:
+
+- The signature file is a Sigstore bundle JSON (mediaType
+  application/vnd.dev.sigstore.bundle.v0.3+json) holding verificationMaterial
+  and a dsseEnvelope: payloadType application/vnd.in-toto+json, payload the
+  base64 of the statement, one signature (base64 DER ECDSA, keyid empty).
+- The signature covers the DSSE pre-authentication encoding of the decoded
+  payload bytes (`pae`), never a re-serialization: key order inside the
+  predicate is not stable. EC keys only, with SHA-256/384/512 for P-256/384/521.
+- Key bundles carry publicKey.hint, the hex SHA-256 of the signer's PEM text
+  (a hint, never a trust decision); certificate bundles carry
+  x509CertificateChain (base64 DER, leaf first, root not included); keyless
+  bundles carry a Fulcio certificate and transparency-log entries.
+- The statement (predicateType https://model_signing/signature/v1.0) has one
+  subject, whose digest is SHA-256 over the raw resource digests in the order
+  listed; writers list resources by path compared component-wise
+  (a/b < a-b < a.txt). Method `files`: each resource is a relative POSIX path
+  ("." for a single-file model). Method `shards`: PATH:START:END (end
+  exclusive) with algorithm HASH-sharded-SIZE; an empty file has no shard;
+  shard_size is written as a JSON float such as 1000000000.0.
+
+All cryptography goes through the `cryptography` package, except for keyless
+bundles: sigstore-python verifies those, offline, against an operator-pinned
+trusted_root.json, with the signer identity and OIDC issuer pinned. Stricter
+than model_signing 1.1.1: a certificate-chain leaf must be valid *now*, the
+signer identity is always pinned, resource names are validated, duplicate
+JSON keys are refused, and so are the legacy pre-1.0 format and key or
+certificate bundles carrying transparency-log or timestamp entries.
+SECURITY.md ("Signatures: the OpenSSF model-signing format") says what is
+accepted and refused, and why.
 """
 from __future__ import annotations
 

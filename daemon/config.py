@@ -170,7 +170,7 @@ def _server(table: _Table) -> ServerConfig:
 
 
 def _metrics_listen(table: _Table) -> str | None:
-    from sealbox.daemon.metrics import ListenError, parse_listen
+    from .metrics import ListenError, parse_listen
     value = table.get("metrics", str, None)
     if value is not None:
         try:

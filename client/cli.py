@@ -8,7 +8,7 @@ import sys
 import numpy as np
 
 from ..proto import tensors
-from .client import DEFAULT_TARGET, Client
+from .client import DEFAULT_ADMIN_TARGET, DEFAULT_TARGET, Client
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
@@ -18,7 +18,7 @@ class UsageError(Exception):
 
 
 def _client(args) -> Client:
-    return Client(args.target)
+    return Client(args.target, admin_target=args.admin_target)
 
 
 def cmd_models(args) -> int:
@@ -111,15 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sealbox",
         description="Call a running sealboxd, publish and verify signed models, and inspect the worker sandbox.",
-        epilog=f"The daemon is reached at --target (default {DEFAULT_TARGET}; set SEALBOX_TARGET to change it). "
+        epilog=f"The daemon is reached at --target (default {DEFAULT_TARGET}; set SEALBOX_TARGET to change it) "
+               "for inference and metadata, and at --admin-target for models, status, load and unload "
+               "(default: $SEALBOX_ADMIN_TARGET, else admin.sock next to a unix: --target, else "
+               f"{DEFAULT_ADMIN_TARGET}; root-only by default). "
                "Exit status: 0 success, 1 refused (verification, scan, or a server error), 2 usage or I/O error.")
     parser.add_argument("--target", default=DEFAULT_TARGET,
                         help="gRPC target of sealboxd: unix:/path/to.sock or 127.0.0.1:PORT")
+    parser.add_argument("--admin-target", default=None,
+                        help="gRPC target of sealboxd's admin socket, for models/status/load/unload "
+                             "(env SEALBOX_ADMIN_TARGET; default: admin.sock next to a unix: --target)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("models", help="list the models, their state and why a model is not ready")
+    p = sub.add_parser("models", help="list the models, their state and why a model is not ready (admin target)")
     p.set_defaults(func=cmd_models)
-    p = sub.add_parser("status", help="state, version, engine and tensors of one model")
+    p = sub.add_parser("status", help="state, version, engine and tensors of one model (admin target)")
     p.add_argument("model")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("infer", help="run one inference with inputs from .npy files")
@@ -129,10 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", action="append", metavar="NAME", help="only return these outputs")
     p.add_argument("--output-dir", metavar="DIR", help="save each output as DIR/NAME.npy instead of printing")
     p.set_defaults(func=cmd_infer)
-    p = sub.add_parser("load", help="verify and (re)load a configured model")
+    p = sub.add_parser("load", help="verify and (re)load a configured model (admin target)")
     p.add_argument("model")
     p.set_defaults(func=cmd_load)
-    p = sub.add_parser("unload", help="stop a model's worker")
+    p = sub.add_parser("unload", help="stop a model's worker (admin target)")
     p.add_argument("model")
     p.set_defaults(func=cmd_unload)
     p = sub.add_parser("demo", help="build, sign and serve a small demo MLX model and call it once (run as root)")

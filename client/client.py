@@ -4,6 +4,12 @@
     with Client("unix:/run/sealbox/sealbox.sock") as c:
         outputs = c.infer("demo", {"x": np.ones((1, 4), np.float32)})
 
+Two targets: `target` for health, metadata and inference, `admin_target` for the model
+repository (models(), status(), load(), unload()), which sealboxd serves only on its admin
+socket (root-only by default) or to a mutual-TLS identity holding that role. admin_target
+defaults to $SEALBOX_ADMIN_TARGET, else admin.sock next to a unix: target, else
+unix:/run/sealbox/admin.sock. `credentials` (grpc.ssl_channel_credentials) makes both TLS channels.
+
 Errors are grpc.RpcError with the server's status code and message.
 """
 from __future__ import annotations
@@ -15,24 +21,48 @@ import grpc
 import grpc.aio
 import numpy as np
 
-from sealbox.proto import inference_pb2 as pb
-from sealbox.proto import inference_pb2_grpc as pb_grpc
-from sealbox.proto import message_options, tensors
+from ..proto import inference_pb2 as pb
+from ..proto import inference_pb2_grpc as pb_grpc
+from ..proto import message_options, tensors
 
 DEFAULT_TARGET = os.environ.get("SEALBOX_TARGET", "unix:/run/sealbox/sealbox.sock")
+DEFAULT_ADMIN_TARGET = "unix:/run/sealbox/admin.sock"
+
+
+def admin_target_for(target: str) -> str:
+    """$SEALBOX_ADMIN_TARGET, else the admin socket next to a unix: target, else the default admin socket."""
+    if os.environ.get("SEALBOX_ADMIN_TARGET"):
+        return os.environ["SEALBOX_ADMIN_TARGET"]
+    if target.startswith("unix:") and not target.startswith("unix://"):
+        return "unix:" + os.path.join(os.path.dirname(target[len("unix:"):]), "admin.sock")
+    return DEFAULT_ADMIN_TARGET
+
+
+def _channel(module, target, credentials, options):
+    if credentials is not None:
+        return module.secure_channel(target, credentials, options=options)
+    return module.insecure_channel(target, options=options)
 
 
 class Client:
-    def __init__(self, target: str = DEFAULT_TARGET, max_message_bytes: int = 256 * 2**20, timeout: float = 60.0):
-        self.channel = grpc.insecure_channel(target, options=message_options(max_message_bytes))
+    def __init__(self, target: str = DEFAULT_TARGET, max_message_bytes: int = 256 * 2**20, timeout: float = 60.0,
+                 admin_target: str | None = None, credentials: grpc.ChannelCredentials | None = None):
+        options = message_options(max_message_bytes)
+        self.channel = _channel(grpc, target, credentials, options)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self._infer_raw = self.channel.unary_unary(  # request bytes encoded by tensors.encode_request
             "/inference.GRPCInferenceService/ModelInfer", request_serializer=None,
             response_deserializer=pb.ModelInferResponse.FromString)
         self.timeout = timeout
+        self.admin_target = admin_target or admin_target_for(target)
+        self.admin_channel = self.channel if self.admin_target == target else \
+            _channel(grpc, self.admin_target, credentials, options)
+        self.admin_stub = pb_grpc.GRPCInferenceServiceStub(self.admin_channel)
 
     def close(self):
         self.channel.close()
+        if self.admin_channel is not self.channel:
+            self.admin_channel.close()
 
     def __enter__(self):
         return self
@@ -73,9 +103,9 @@ class Client:
         response = self._infer_raw(request, timeout=timeout or self.timeout)
         return tensors.response_outputs(response)
 
-    # -- admin
+    # -- admin (over admin_target)
     def models(self) -> list[pb.RepositoryIndexResponse.ModelIndex]:
-        return list(self.stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=self.timeout).models)
+        return list(self.admin_stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=self.timeout).models)
 
     def status(self, name: str) -> pb.RepositoryIndexResponse.ModelIndex:
         for model in self.models():
@@ -84,10 +114,10 @@ class Client:
         raise KeyError(f"unknown model '{name}'")
 
     def load(self, name: str) -> None:
-        self.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=name), timeout=self.timeout)
+        self.admin_stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=name), timeout=self.timeout)
 
     def unload(self, name: str) -> None:
-        self.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=name), timeout=self.timeout)
+        self.admin_stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=name), timeout=self.timeout)
 
 
 class AsyncClient:
@@ -97,16 +127,24 @@ class AsyncClient:
             outputs = await c.infer("demo", {"x": x})
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, max_message_bytes: int = 256 * 2**20, timeout: float = 60.0):
-        self.channel = grpc.aio.insecure_channel(target, options=message_options(max_message_bytes))
+    def __init__(self, target: str = DEFAULT_TARGET, max_message_bytes: int = 256 * 2**20, timeout: float = 60.0,
+                 admin_target: str | None = None, credentials: grpc.ChannelCredentials | None = None):
+        options = message_options(max_message_bytes)
+        self.channel = _channel(grpc.aio, target, credentials, options)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self._infer_raw = self.channel.unary_unary(
             "/inference.GRPCInferenceService/ModelInfer", request_serializer=None,
             response_deserializer=pb.ModelInferResponse.FromString)
         self.timeout = timeout
+        self.admin_target = admin_target or admin_target_for(target)
+        self.admin_channel = self.channel if self.admin_target == target else \
+            _channel(grpc.aio, self.admin_target, credentials, options)
+        self.admin_stub = pb_grpc.GRPCInferenceServiceStub(self.admin_channel)
 
     async def close(self):
         await self.channel.close()
+        if self.admin_channel is not self.channel:
+            await self.admin_channel.close()
 
     async def __aenter__(self):
         return self
@@ -130,10 +168,11 @@ class AsyncClient:
         return tensors.response_outputs(response)
 
     async def models(self) -> list[pb.RepositoryIndexResponse.ModelIndex]:
-        return list((await self.stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=self.timeout)).models)
+        return list((await self.admin_stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=self.timeout)).models)
 
     async def load(self, name: str) -> None:
-        await self.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=name), timeout=self.timeout)
+        await self.admin_stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=name), timeout=self.timeout)
 
     async def unload(self, name: str) -> None:
-        await self.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=name), timeout=self.timeout)
+        await self.admin_stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=name),
+                                                    timeout=self.timeout)

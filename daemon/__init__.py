@@ -7,8 +7,14 @@
 | preflight.py | start-up checks that every required sandbox layer is available |
 | supervisor.py | each model's state machine: verify, launch, restart, unload; the server's narrow interface |
 | worker_process.py | one worker process: spawner thread, the channel to it, exit and death reasons |
-| server.py | the public gRPC API (Open Inference Protocol, health, reflection) |
+| server.py | the public gRPC API on grpc.aio (Open Inference Protocol, health, reflection): routing, `serve()` |
+| listeners.py | one grpc.aio server per listener (Unix sockets, TCP, mutual TLS), binding all-or-nothing, the access check |
+| roles.py | roles by protocol group, the method -> role table (default deny), the caller as the transport proved it |
+| admission.py | bounded cost: lanes, caps on calls, streams and bytes, per-model queues, `tune_malloc` |
+| errors.py | every status a client sees: fixed texts, worker statuses mapped and truncated |
+| worker_hop.py | the supervisor -> worker inference hop on the event loop (grpc.aio channel) |
 | audit.py | the audit log: one JSON line per decision, in its own file; reopened on SIGHUP |
+| call_audit.py | the caller's identity on every audit event of a call; refusals rate-limited |
 | logs.py | operational logging: ISO-8601 timestamps, level, text or JSON (--log-format) |
 | metrics.py | Prometheus metrics (own registry) and the /metrics listener ([server] metrics) |
 | notify.py | sd_notify for systemd: READY, RELOADING, STOPPING, WATCHDOG |

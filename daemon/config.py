@@ -1,10 +1,44 @@
 """The daemon's TOML configuration: parsed once, checked strictly, errors name file and key.
 
     [server]
-    socket = "/run/sealbox/sealbox.sock"   # Unix socket of the public API
+    socket = "/run/sealbox/sealbox.sock"   # the inference socket: roles health, metadata, inference
     socket_mode = "0660"                   # who may call: the socket's owner (root) and group
-    tcp = "127.0.0.1:8001"                 # optional, loopback only
+    socket_group = "mlusers"               # optional: the socket's group (name or gid; default root)
+    admin_socket = "/run/sealbox/admin.sock"   # every role, model-repository (load/unload/index)
+    admin_socket_mode = "0600"             #   included; default: admin.sock next to `socket`, 0600
+    tcp = "127.0.0.1:8001"                 # optional: an inference-only listener, loopback IP literal
     max_message_mb = 256                   # gRPC message limit, every hop
+
+    [[server.listeners]]                   # optional extra listeners (see SECURITY.md: Who may call what)
+    name = "team-a"                        # a Unix socket:
+    socket = "/run/sealbox/team-a.sock"
+    mode = "0660"
+    group = "team-a"
+    roles = ["health", "metadata", "inference"]     # the default
+
+    [[server.listeners]]                   # TCP: an IP literal ("[::1]:8443"), never a host name;
+    name = "mtls"                          #   off loopback only with TLS; without client_ca
+    address = "0.0.0.0:8443"               #   (mutual TLS) only health/metadata/inference
+    tls_cert = "/etc/sealbox/tls/server.pem"
+    tls_key = "/etc/sealbox/tls/server.key"
+    client_ca = "/etc/sealbox/tls/clients-ca.pem"   # client certificates must chain to this CA
+    roles = ["health"]                     # what every verified client may do
+    [server.listeners.identities]          # certificate identity -> extra roles:
+    "cn:alice" = ["metadata", "inference", "model-repository"]   # cn:, subject:, email:, uri:, dns:
+
+    [server.limits]                        # bounded cost (RESOURCE_EXHAUSTED beyond; defaults shown)
+    inference_rpcs = 8                     # ModelInfer calls in flight, all callers (before the read)
+    streams = 16                           # open ModelStreamInfer streams, all callers
+    per_caller_rpcs = 32                   # per caller: a listener, or a certificate subject on mTLS
+    inflight_mb = 1024                     # request bytes held, all models
+    model_inflight_mb = 512                # request bytes held, per model
+    model_queue = 4                        # calls waiting for a busy model (beyond: refused at once)
+    model_queue_timeout_s = 30
+    control_rpcs = 64                      # health, metadata and admin calls (their own lane)
+    stream_idle_s = 30                     # an idle stream ends with DEADLINE_EXCEEDED
+    read_timeout_s = 30                    # to receive an admitted request's message
+    max_streams_per_connection = 16
+    max_connections = 256                  # per listener
     state_dir = "/var/lib/sealbox"         # accepted versions (rollback protection)
     run_dir = "/run/sealbox/workers"       # one socket directory per worker
     audit_log = "/var/log/sealbox/audit.jsonl"   # audit events go here only (default shown)
@@ -40,6 +74,7 @@
 from __future__ import annotations
 
 import dataclasses
+import grp
 import ipaddress
 import os
 import re
@@ -49,6 +84,9 @@ from typing import Any
 
 from ..proto.contract import ENGINE_NAMES
 from ..trust.policy import IDENTITY_KINDS, SigstoreRoot, TrustedKey, TrustedRoots, TrustPolicy, parse_version
+from . import roles as R
+from .admission import Limits
+from .listeners import ListenerError, ListenerSpec, parse_ip_port
 
 
 class ConfigError(Exception):
@@ -58,11 +96,20 @@ class ConfigError(Exception):
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+INFERENCE_ROLES = frozenset({R.HEALTH, R.METADATA, R.INFERENCE})
+MiB = 2**20
+
+
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
     socket: str = "/run/sealbox/sealbox.sock"
     socket_mode: int = 0o660
+    socket_group: int | None = None
+    admin_socket: str = "/run/sealbox/admin.sock"
+    admin_socket_mode: int = 0o600
     tcp: str | None = None
+    listeners: tuple[ListenerSpec, ...] = ()   # every listener, admin and inference socket included
+    limits: Limits = Limits()
     max_message_bytes: int = 256 * 2**20
     state_dir: str = "/var/lib/sealbox"
     run_dir: str = "/run/sealbox/workers"
@@ -142,26 +189,143 @@ class _Table:
             raise ConfigError(f"{self.where}: unknown key '{unknown[0]}'")
 
 
+def _mode(table: _Table, key: str, default: int) -> int:
+    mode = table.get(key, str, oct(default)[2:])
+    if not re.fullmatch(r"0?[0-7]{3}", mode):
+        raise ConfigError(f"{table.where}: key '{key}' must be an octal mode such as \"0660\", not {mode!r}")
+    return int(mode, 8)
+
+
+def _group(table: _Table, key: str) -> int | None:
+    group = table.get(key, (str, int), None)
+    if group is None or isinstance(group, int):
+        return group
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"{table.where}: key '{key}': group {group!r} does not exist") from None
+
+
+def _roles(table: _Table, key: str, default: frozenset[str]) -> frozenset[str]:
+    roles = table.get(key, list, None)
+    if roles is None:
+        return default
+    unknown = [r for r in roles if r not in R.ALL_ROLES]
+    if unknown:
+        raise ConfigError(f"{table.where}: key '{key}': unknown role {unknown[0]!r}"
+                          f" (roles: {', '.join(sorted(R.ALL_ROLES))})")
+    return frozenset(roles)
+
+
+def _read_pem(table: _Table, key: str) -> bytes | None:
+    path = table.get(key, str, None)
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigError(f"{table.where}: key '{key}': cannot read {path}: {exc.strerror}") from None
+
+
+def _tcp_address(table: _Table, key: str, address: str, loopback_only: bool) -> None:
+    try:
+        ip, _port = parse_ip_port(address)
+    except ListenerError:
+        raise ConfigError(f"{table.where}: key '{key}' must be an IP literal with a port, such as"
+                          f" \"127.0.0.1:8001\" or \"[::1]:8001\" (no host names such as 'localhost'),"
+                          f" not {address!r}") from None
+    if loopback_only and not ip.is_loopback:
+        raise ConfigError(f"{table.where}: key '{key}' must be a loopback address with a port, not {address!r}")
+
+
+def _listener(table: _Table, index: int) -> ListenerSpec:
+    name = table.get("name", str, f"listener{index}")
+    socket_path, address = table.get("socket", str, None), table.get("address", str, None)
+    if (socket_path is None) == (address is None):
+        raise ConfigError(f"{table.where}: exactly one of the keys 'socket' (Unix) and 'address' (TCP) is required")
+    roles = _roles(table, "roles", INFERENCE_ROLES)
+    if socket_path is not None:
+        spec = ListenerSpec(name, "unix", socket_path, roles, mode=_mode(table, "mode", 0o660),
+                            group=_group(table, "group") or 0)
+    else:
+        _tcp_address(table, "address", address, loopback_only=False)
+        identities = _Table(table.get("identities", dict, {}), f"{table.where}.identities")
+        identity_roles = {}
+        for ident in identities.data:
+            if not re.fullmatch(r"(cn|subject|email|uri|dns):.+", ident):
+                raise ConfigError(f"{identities.where}: key {ident!r} must be cn:, subject:, email:, uri: or dns:"
+                                  " followed by the certificate's value")
+            identity_roles[ident] = _roles(identities, ident, frozenset())
+        spec = ListenerSpec(name, "tcp", address, roles, tls_cert=_read_pem(table, "tls_cert"),
+                            tls_key=_read_pem(table, "tls_key"), client_ca=_read_pem(table, "client_ca"),
+                            identity_roles=identity_roles)
+    table.finish()
+    return spec
+
+
+def _limits(table: _Table, max_message_bytes: int) -> Limits:
+    d = Limits()
+    count = lambda key, default: table.positive(key, default, int)  # noqa: E731
+    limits = Limits(
+        max_message_bytes=max_message_bytes,
+        inference_rpcs=count("inference_rpcs", d.inference_rpcs), streams=count("streams", d.streams),
+        per_caller_rpcs=count("per_caller_rpcs", d.per_caller_rpcs),
+        inflight_bytes=int(table.positive("inflight_mb", d.inflight_bytes / MiB) * MiB),
+        model_bytes=int(table.positive("model_inflight_mb", d.model_bytes / MiB) * MiB),
+        model_queue=table.get("model_queue", int, d.model_queue),
+        model_queue_timeout_s=float(table.positive("model_queue_timeout_s", d.model_queue_timeout_s)),
+        control_rpcs=count("control_rpcs", d.control_rpcs),
+        stream_idle_s=float(table.positive("stream_idle_s", d.stream_idle_s)),
+        read_timeout_s=float(table.positive("read_timeout_s", d.read_timeout_s)),
+        max_streams_per_connection=count("max_streams_per_connection", d.max_streams_per_connection),
+        max_connections=count("max_connections", d.max_connections))
+    if limits.model_queue < 0 or limits.model_queue + limits.model_concurrency >= limits.inference_rpcs:
+        raise ConfigError(f"{table.where}: key 'model_queue' must be at least 0 and below inference_rpcs - 1"
+                          f" ({limits.inference_rpcs - 2}), so that a hung model cannot hold every inference slot")
+    table.finish()
+    return limits
+
+
 def _server(table: _Table) -> ServerConfig:
     d = ServerConfig()
     tcp = table.get("tcp", str, None)
     if tcp is not None:
-        host, _, port = tcp.rpartition(":")
-        try:
-            loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
-        except ValueError:
-            loopback = host == "localhost"
-        if not loopback or not port.isdigit():
-            raise ConfigError(f"{table.where}: key 'tcp' must be a loopback address with a port, not {tcp!r}")
-    mode = table.get("socket_mode", str, oct(d.socket_mode)[2:])
-    if not re.fullmatch(r"0?[0-7]{3}", mode):
-        raise ConfigError(f"{table.where}: key 'socket_mode' must be an octal mode such as \"0660\", not {mode!r}")
+        _tcp_address(table, "tcp", tcp, loopback_only=True)
+    socket_mode = _mode(table, "socket_mode", d.socket_mode)
+    socket_path = table.get("socket", str, d.socket)
+    admin_socket = table.get("admin_socket", str, os.path.join(os.path.dirname(socket_path), "admin.sock"))
+    admin_mode = _mode(table, "admin_socket_mode", d.admin_socket_mode)
+    socket_group = _group(table, "socket_group")
     max_mb = table.positive("max_message_mb", d.max_message_bytes / 2**20)
     if max_mb >= 2048:
         raise ConfigError(f"{table.where}: key 'max_message_mb' must be below 2048 (gRPC's limit), not {max_mb}")
+    max_message_bytes = int(max_mb * 2**20)
+    base = table.where.removesuffix("[server]")
+    limits = _limits(_Table(table.get("limits", dict, {}), f"{base}[server.limits]"), max_message_bytes)
+    specs = [(ListenerSpec("public", "unix", socket_path, INFERENCE_ROLES, mode=socket_mode, group=socket_group or 0),
+              table.where),
+             (ListenerSpec("admin", "unix", admin_socket, R.ALL_ROLES, mode=admin_mode), table.where)]
+    if tcp is not None:
+        specs.append((ListenerSpec("tcp", "tcp", tcp, INFERENCE_ROLES), table.where))
+    for i, raw in enumerate(table.get("listeners", list, []), 1):
+        where = f"{base}[[server.listeners]] #{i}"
+        specs.append((_listener(_Table(raw, where), i), where))
+    names, addresses = set(), set()
+    for spec, where in specs:
+        if spec.name in names or spec.address in addresses:
+            raise ConfigError(f"{where}: listener {spec.name!r} ({spec.address}) repeats another listener's"
+                              " name or address")
+        names.add(spec.name)
+        addresses.add(spec.address)
+        try:
+            spec.validate()
+        except ListenerError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     cfg = ServerConfig(
-        socket=table.get("socket", str, d.socket), socket_mode=int(mode, 8), tcp=tcp,
-        max_message_bytes=int(max_mb * 2**20),
+        socket=socket_path, socket_mode=socket_mode, socket_group=socket_group, admin_socket=admin_socket,
+        admin_socket_mode=admin_mode, tcp=tcp, listeners=tuple(spec for spec, _ in specs), limits=limits,
+        max_message_bytes=max_message_bytes,
         state_dir=table.get("state_dir", str, d.state_dir), run_dir=table.get("run_dir", str, d.run_dir),
         audit_log=table.get("audit_log", str, d.audit_log), audit_stderr=table.get("audit_stderr", bool, d.audit_stderr),
         metrics=_metrics_listen(table))

@@ -1,104 +1,179 @@
-"""The public gRPC API: the Open Inference Protocol, grpc.health.v1 and reflection.
+"""The public gRPC API on grpc.aio: the Open Inference Protocol, grpc.health.v1 and reflection.
 
-ModelInfer and ModelStreamInfer take the request as raw bytes: the
-supervisor reads only the model name (and version) from the wire and
-forwards the bytes to the worker, so tensors are never re-encoded here.
+One grpc.aio server per listener (listeners.py), all in the main thread's event loop, so an
+open stream or a call waiting for a model costs a coroutine, not a thread. Each listener's
+access check (roles.py) decides who may call what; admission.py bounds the cost of every
+caller; every status a client sees is made by errors.py.
+
+ModelInfer and ModelStreamInfer take the request as raw bytes: the supervisor reads only the
+model name (and version) from the wire (proto.wire.peek_model, a bounded scan) and forwards the
+bytes to the worker, so tensors are never re-encoded here. ModelInfer is registered as a
+stream_unary handler (same wire format; unary clients work unchanged) so that admission runs
+BEFORE gRPC reads the message: a refused call's body is never read.
+
+The server uses only the supervisor's narrow interface: status(), metadata(), names(), ready(),
+infer() (a coroutine on this loop), and load()/unload() in a small thread pool.
 """
 from __future__ import annotations
 
-from concurrent import futures
+import asyncio
+import concurrent.futures
+import contextvars
+import logging
+import os
+import signal
+import sys
+import threading
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from grpc_reflection.v1alpha import reflection
 
-import sealbox
-from sealbox.daemon.supervisor import LoadRefused, ModelUnavailable, State, Supervisor
-from sealbox.proto import inference_pb2 as pb
-from sealbox.proto import message_options
-from sealbox.proto.wire import peek_model, stream_wrap
+from .. import __version__
+from ..proto import inference_pb2 as pb
+from ..proto.wire import PeekError, peek_model, stream_wrap
+from . import errors
+from .admission import Admission, Limits, read_one
+from .call_audit import CallAudit, current_caller
+from .errors import ClientError
+from .listeners import BindError, Listener, start_all
+from .supervisor import LoadRefused, ModelUnavailable, State, Supervisor
 
+log = logging.getLogger("sealboxd")
 SERVICE = "inference.GRPCInferenceService"
 
 
-class InferenceService:
-    def __init__(self, supervisor: Supervisor):
-        self.sup = supervisor
+class FrontDoor:
+    """The Open Inference Protocol service: admission, routing, fixed error texts."""
 
-    # -- helpers
-    def _status(self, name: str, context):
-        try:
-            return self.sup.status(name)
-        except KeyError:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model '{name}'")
+    def __init__(self, supervisor: Supervisor, limits: Limits, admission: Admission, audit: CallAudit):
+        self.sup, self.limits, self.admission, self.audit = supervisor, limits, admission, audit
+        # Blocking supervisor work (load/unload: seconds, takes model locks) runs in its own small
+        # pool: it never blocks the loop and never queues behind other executor work.
+        self.admin_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="admin")
 
-    def _forward(self, request: bytes) -> bytes:
-        """Returns the worker's response bytes; raises (code, message)."""
+    # -- inference ----------------------------------------------------------------------------------
+    async def _forward(self, request: bytes) -> bytes:
+        """The worker's response bytes; raises ClientError."""
         try:
             name, version = peek_model(request)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise _Failure(grpc.StatusCode.INVALID_ARGUMENT, f"malformed ModelInferRequest: {exc}")
+        except PeekError:
+            raise errors.malformed() from None
         try:
             status = self.sup.status(name)
         except KeyError:
-            raise _Failure(grpc.StatusCode.NOT_FOUND, f"unknown model '{name}'") from None
+            raise errors.unknown_model(name) from None
         if version and version != status.version:
-            raise _Failure(grpc.StatusCode.NOT_FOUND, f"model '{name}' has no version '{version}'"
-                           f" (loaded: '{status.version}')")
+            raise ClientError(grpc.StatusCode.NOT_FOUND, f"model '{name}' has no version "
+                              f"'{errors.clean(version, 64)}' (loaded: '{status.version}')")
+        if status.state != State.READY:
+            raise errors.unavailable(name, status.reason or status.state.value.lower())
+        gate = self.admission.model(name)
+        reservation = self.admission.request_bytes(gate, len(request))
+        reservation.__enter__()   # RESOURCE_EXHAUSTED at once beyond the byte caps
+        task = asyncio.ensure_future(self._at_worker(name, gate, request, reservation))
         try:
-            return self.sup.infer_raw(name, request)
-        except ModelUnavailable as exc:
-            raise _Failure(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except grpc.RpcError as exc:  # the worker's own verdict (e.g. INVALID_ARGUMENT)
-            raise _Failure(exc.code(), exc.details())
+            return await asyncio.shield(task)
+        finally:
+            # A failed task holds its exception, whose traceback holds this frame: without this `del`
+            # that cycle keeps the request bytes (up to the message limit) until the cyclic GC runs.
+            del task, request
 
-    # -- the RPCs
-    def ServerLive(self, request, context):
+    async def _at_worker(self, name: str, gate, request: bytes, reservation) -> bytes:
+        """Wait for the model's turn (bounded queue), then call its worker. Shielded from the
+        client's cancellation once at the worker: the worker computes the call anyway, so the
+        turn and the request's bytes stay held until it answers or the inference timeout ends it."""
+        try:
+            async with gate.turn(self.limits.model_queue_timeout_s):
+                call = asyncio.ensure_future(self.sup.infer(name, request))
+                try:
+                    return await asyncio.shield(call)
+                except asyncio.CancelledError:
+                    await asyncio.wait([call])
+                    raise
+                finally:
+                    del call   # no task <-> traceback cycle holding the request (see _forward)
+        finally:
+            del request
+            reservation.__exit__(None, None, None)
+
+    async def ModelInfer(self, request_iterator, context):
+        """Registered as STREAM_UNARY: admitted BEFORE its (up to max_message) body is read."""
+        caller = current_caller.get()
+        request = None
+        try:
+            with self.admission.inference_call(caller.key, stream=False):
+                request = await read_one(context, self.limits.read_timeout_s)
+                if request is None:
+                    raise errors.malformed()
+                return await self._forward(request)
+        except ClientError as e:
+            code, message = e.code, e.message
+        # Memory (measured): abort() raises an AbortError that grpc.aio keeps in the RPC's state.
+        # Raised inside the `except` block it would chain to the ClientError, whose traceback holds
+        # the frames holding the request bytes (up to the message limit) until the cyclic GC runs.
+        # So: leave the except block, drop the request, then abort.
+        del request
+        await context.abort(code, message)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        caller = current_caller.get()
+        failure = None
+        try:
+            with self.admission.inference_call(caller.key, stream=True):
+                while True:
+                    request = await read_one(context, self.limits.stream_idle_s)   # idle timeout
+                    if request is None:
+                        return
+                    try:
+                        response = stream_wrap(await self._forward(request))
+                    except ClientError as e:   # per-message errors stay in-band, as Triton does
+                        response = pb.ModelStreamInferResponse(error_message=e.message).SerializeToString()
+                    del request
+                    yield response
+        except ClientError as e:
+            failure = (e.code, e.message)
+        if failure:
+            await context.abort(*failure)
+
+    # -- health and metadata (control lane) ---------------------------------------------------------
+    async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
-    def ServerReady(self, request, context):
+    async def ServerReady(self, request, context):
         return pb.ServerReadyResponse(ready=self.sup.ready())
 
-    def ModelReady(self, request, context):
+    async def ModelReady(self, request, context):
         try:
             status = self.sup.status(request.name)
         except KeyError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=status.state == State.READY and request.version in ("", status.version))
 
-    def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name="sealbox", version=sealbox.__version__,
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name="sealbox", version=__version__,
                                          extensions=["model_repository", "health", "sandboxed_workers"])
 
-    def ModelMetadata(self, request, context):
-        self._status(request.name, context)
+    async def ModelMetadata(self, request, context):
+        failure = None
         try:
             status, metadata = self.sup.metadata(request.name)
+        except KeyError:
+            failure = errors.unknown_model(request.name)
         except ModelUnavailable as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        if request.version and request.version != status.version:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"model '{request.name}' has no version '{request.version}'"
-                          f" (loaded: '{status.version}')")
-        response = pb.ModelMetadataResponse()
-        response.CopyFrom(metadata)
-        response.name = request.name
-        response.versions[:] = [status.version] if status.version else []
-        return response
+            failure = errors.unavailable(request.name, str(exc))
+        else:
+            if request.version and request.version != status.version:
+                failure = ClientError(grpc.StatusCode.NOT_FOUND, f"model '{request.name}' has no version "
+                                      f"'{errors.clean(request.version, 64)}' (loaded: '{status.version}')")
+        if failure:
+            await context.abort(failure.code, failure.message)
+        return metadata   # serialized once per load (response_serializer=None)
 
-    def ModelInfer(self, request: bytes, context):
-        try:
-            return self._forward(request)
-        except _Failure as failure:
-            context.abort(failure.code, failure.message)
-
-    def ModelStreamInfer(self, request_iterator, context):
-        for request in request_iterator:
-            try:
-                yield stream_wrap(self._forward(request))
-            except _Failure as failure:
-                yield pb.ModelStreamInferResponse(error_message=failure.message).SerializeToString()
-
-    def RepositoryIndex(self, request, context):
+    # -- model repository (admin) -------------------------------------------------------------------
+    async def RepositoryIndex(self, request, context):
         response = pb.RepositoryIndexResponse()
         for name in self.sup.names():
             status = self.sup.status(name)
@@ -107,73 +182,137 @@ class InferenceService:
             response.models.add(name=name, version=status.version, state=status.state.value, reason=status.reason)
         return response
 
-    def RepositoryModelLoad(self, request, context):
-        self._status(request.model_name, context)
+    async def _admin(self, fn, name: str):
+        """Run a blocking supervisor call in the admin pool, in this call's context (so the audit
+        events it writes carry the caller)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.admin_pool, contextvars.copy_context().run, fn, name)
+
+    async def RepositoryModelLoad(self, request, context):
+        name, failure = request.model_name, None
         try:
-            self.sup.load(request.model_name)
+            self.sup.status(name)
+            await self._admin(self.sup.load, name)
+        except KeyError:
+            failure = errors.unknown_model(name)
         except LoadRefused as exc:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"model '{request.model_name}': {exc}")
+            failure = ClientError(grpc.StatusCode.PERMISSION_DENIED, f"model '{name}': {exc}")
         except ModelUnavailable as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"model '{request.model_name}': {exc}")
+            failure = ClientError(grpc.StatusCode.UNAVAILABLE, f"model '{name}': {exc}")
+        if failure:
+            await context.abort(failure.code, failure.message)
         return pb.RepositoryModelLoadResponse()
 
-    def RepositoryModelUnload(self, request, context):
-        self._status(request.model_name, context)
-        self.sup.unload(request.model_name)
+    async def RepositoryModelUnload(self, request, context):
+        name = request.model_name
+        try:
+            self.sup.status(name)
+        except KeyError:
+            failure = errors.unknown_model(name)
+            await context.abort(failure.code, failure.message)
+        await self._admin(self.sup.unload, name)
         return pb.RepositoryModelUnloadResponse()
 
-    def _no_shared_memory(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                      "sealbox does not support shared-memory tensors (system or CUDA): send tensors in the request")
+    async def no_shared_memory(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            "sealbox does not support shared-memory tensors (system or CUDA): send tensors in the request")
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        def unary(fn, req, resp):
+            return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=req.FromString,
+                                                       response_serializer=resp and resp.SerializeToString)
+        methods = {
+            "ServerLive": unary(self.ServerLive, pb.ServerLiveRequest, pb.ServerLiveResponse),
+            "ServerReady": unary(self.ServerReady, pb.ServerReadyRequest, pb.ServerReadyResponse),
+            "ModelReady": unary(self.ModelReady, pb.ModelReadyRequest, pb.ModelReadyResponse),
+            "ServerMetadata": unary(self.ServerMetadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+            "ModelMetadata": unary(self.ModelMetadata, pb.ModelMetadataRequest, None),   # bytes made at load
+            # bytes in, bytes out; stream_unary so that admission runs before the body is read
+            "ModelInfer": grpc.stream_unary_rpc_method_handler(self.ModelInfer),
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(self.ModelStreamInfer),
+            "RepositoryIndex": unary(self.RepositoryIndex, pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
+            "RepositoryModelLoad": unary(self.RepositoryModelLoad, pb.RepositoryModelLoadRequest,
+                                         pb.RepositoryModelLoadResponse),
+            "RepositoryModelUnload": unary(self.RepositoryModelUnload, pb.RepositoryModelUnloadRequest,
+                                           pb.RepositoryModelUnloadResponse),
+        }
+        for prefix in ("System", "Cuda"):
+            for verb in ("Status", "Register", "Unregister"):
+                method = f"{prefix}SharedMemory{verb}"
+                methods[method] = unary(self.no_shared_memory, getattr(pb, method + "Request"),
+                                        getattr(pb, method + "Response"))
+        return grpc.method_handlers_generic_handler(SERVICE, methods)
 
 
-class _Failure(Exception):
-    def __init__(self, code, message):
-        super().__init__(message)
-        self.code, self.message = code, message
+def _quietly(fn) -> None:
+    try:
+        fn()
+    except Exception:
+        log.exception("SIGHUP handling failed")
 
 
-def _handlers(service: InferenceService) -> grpc.GenericRpcHandler:
-    def unary(fn, req, resp):
-        return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=req and req.FromString,
-                                                   response_serializer=resp and resp.SerializeToString)
-    methods = {
-        "ServerLive": unary(service.ServerLive, pb.ServerLiveRequest, pb.ServerLiveResponse),
-        "ServerReady": unary(service.ServerReady, pb.ServerReadyRequest, pb.ServerReadyResponse),
-        "ModelReady": unary(service.ModelReady, pb.ModelReadyRequest, pb.ModelReadyResponse),
-        "ServerMetadata": unary(service.ServerMetadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
-        "ModelMetadata": unary(service.ModelMetadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
-        "ModelInfer": unary(service.ModelInfer, None, None),  # bytes in, bytes out
-        "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(service.ModelStreamInfer),
-        "RepositoryIndex": unary(service.RepositoryIndex, pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
-        "RepositoryModelLoad": unary(service.RepositoryModelLoad, pb.RepositoryModelLoadRequest,
-                                     pb.RepositoryModelLoadResponse),
-        "RepositoryModelUnload": unary(service.RepositoryModelUnload, pb.RepositoryModelUnloadRequest,
-                                       pb.RepositoryModelUnloadResponse),
-    }
-    for prefix in ("System", "Cuda"):
-        for verb in ("Status", "Register", "Unregister"):
-            method = f"{prefix}SharedMemory{verb}"
-            methods[method] = unary(service._no_shared_memory, getattr(pb, method + "Request"),
-                                    getattr(pb, method + "Response"))
-    return grpc.method_handlers_generic_handler(SERVICE, methods)
-
-
-def build_server(supervisor: Supervisor) -> tuple[grpc.Server, health.HealthServicer, list[str]]:
+async def serve(supervisor: Supervisor, audit: CallAudit, hooks=None) -> int:
+    """Bind every configured listener (all or none), serve until SIGTERM/SIGINT, stop everything.
+    Returns the exit status: 0, or 2 if a listener could not be bound (nothing was served).
+    `hooks` (main.ServiceHooks) hears of readiness, SIGHUP and stopping."""
     cfg = supervisor.config.server
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=message_options(cfg.max_message_bytes))
-    server.add_generic_rpc_handlers((_handlers(InferenceService(supervisor)),))
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name, health.SERVICE_NAME,
-         reflection.SERVICE_NAME), server)
-    addresses = [f"unix:{cfg.socket}"]
-    if cfg.tcp:
-        addresses.append(cfg.tcp)
-    for address in addresses:
-        if server.add_insecure_port(address) == 0:
-            raise OSError(f"cannot listen on {address}")
+    loop = asyncio.get_running_loop()
+    admission = Admission(cfg.limits)
+    door = FrontDoor(supervisor, cfg.limits, admission, audit)
+    health = HealthServicer()
+
+    def add_handlers(server):
+        server.add_generic_rpc_handlers((door.generic_handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        reflection.enable_server_reflection(
+            (pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name, HEALTH_SERVICE,
+             reflection.SERVICE_NAME), server)
+
     for service in ("", SERVICE):
-        health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-    return server, health_servicer, addresses
+        await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    try:
+        listeners: list[Listener] = await start_all(list(cfg.listeners), cfg.limits, admission, audit, add_handlers)
+    except BindError as exc:
+        print(f"sealboxd: {exc}", file=sys.stderr)
+        return 2
+    addresses = [f"{l.spec.name}={'unix:' if l.spec.kind == 'unix' else ''}{l.bound}" for l in listeners]
+    audit.event("daemon_start", config=supervisor.config.path, listen=addresses, models=sorted(supervisor.models),
+                pid=os.getpid())
+    log.info("listening on %s", ", ".join(addresses))
+
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    if hooks is not None:   # on a thread: reopening files must not stall the loop
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, _quietly, hooks.sighup))
+    # A daemon thread, as before: a stop during the initial loads must not wait for them.
+    threading.Thread(target=supervisor.load_all, daemon=True, name="initial-load").start()
+
+    async def mark_serving():
+        while not supervisor.initial_load_done.is_set():
+            await asyncio.sleep(0.05)
+        for service in ("", SERVICE):
+            await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        states = ", ".join(f"{n}={supervisor.status(n).state.value}" for n in supervisor.names())
+        log.info("ready: %s", states)
+        if hooks is not None and not stop.is_set():
+            hooks.ready(states)
+
+    async def housekeeping():
+        while True:
+            await asyncio.sleep(2)
+            audit.flush()
+
+    tasks = [asyncio.ensure_future(mark_serving()), asyncio.ensure_future(housekeeping())]
+    await stop.wait()
+    if hooks is not None:
+        hooks.stopping()
+    log.info("stopping")
+    await health.enter_graceful_shutdown()
+    await asyncio.gather(*(listener.stop(2) for listener in listeners))   # no RPC (a load, say) runs on after
+    for task in tasks:
+        task.cancel()
+    await loop.run_in_executor(None, supervisor.shutdown)
+    door.admin_pool.shutdown(wait=False)
+    await asyncio.sleep(0)   # let the workers' channels close on this loop
+    return 0

@@ -5,10 +5,12 @@ verified (the trust library), the verified bytes (sealed memfds) are handed
 to a freshly launched sandboxed worker (daemon/worker_process.py), and
 inference requests are forwarded to that worker as untouched bytes. The
 public server (daemon/server.py) uses only the methods under "the narrow
-interface" below, plus load and unload.
+interface" below (status, metadata, names, ready, and `infer`, a coroutine
+run on the server's event loop), plus load and unload (in a thread pool).
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
 import logging
@@ -19,14 +21,15 @@ import time
 
 import grpc
 
-from sealbox.daemon.audit import AuditLog
-from sealbox.daemon.config import Config, ModelConfig
-from sealbox.daemon.metrics import Metrics, death_kind
-from sealbox.daemon.preflight import preflight
-from sealbox.daemon.worker_process import ModelUnavailable, Spawner, WorkerProcess, describe_exit
-from sealbox.proto import inference_pb2 as pb
-from sealbox.sandbox import launcher
-from sealbox.sandbox.profile import SandboxProfile
+from ..proto import inference_pb2 as pb
+from ..sandbox import launcher
+from ..sandbox.profile import SandboxProfile
+from . import errors
+from .audit import AuditLog
+from .metrics import Metrics, death_kind
+from .config import Config, ModelConfig
+from .preflight import preflight
+from .worker_process import ModelUnavailable, Spawner, WorkerProcess, describe_exit
 
 log = logging.getLogger("sealboxd")
 
@@ -61,19 +64,31 @@ class ModelStatus:
 class ManagedModel:
     config: ModelConfig
     status: ModelStatus = None   # set in __post_init__
-    metadata: pb.ModelMetadataResponse | None = None
+    metadata: bytes | None = None   # the serialized ModelMetadataResponse served, made once per load
     worker: WorkerProcess | None = None
     verified: object = None   # a sealbox VerifiedModel while loaded
     failures: int = 0
     lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
     generation: int = 0
+    # Guards (status, worker, metadata) as one view for readers on the event loop; held only for
+    # attribute updates, never across I/O (`lock` above is held for whole loads).
+    view_lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
 
     def __post_init__(self):
         self.status = ModelStatus(self.config.name)
 
-    def set_state(self, state: State, reason: str = "", version: str | None = None) -> None:
-        version = self.status.version if version is None else version
-        self.status = ModelStatus(self.config.name, state, reason, version)
+    def set_state(self, state: State, reason: str = "", version: str | None = None, **view) -> None:
+        """Replace the state (and any of worker=, metadata=) as one step readers see whole."""
+        with self.view_lock:
+            version = self.status.version if version is None else version
+            for key, value in view.items():
+                assert key in ("worker", "metadata")
+                setattr(self, key, value)
+            self.status = ModelStatus(self.config.name, state, reason, version)
+
+    def snapshot(self) -> tuple[ModelStatus, WorkerProcess | None, bytes | None]:
+        with self.view_lock:
+            return self.status, self.worker, self.metadata
 
     @property
     def state(self) -> State:
@@ -183,22 +198,19 @@ class Supervisor:
         except Exception as exc:  # SandboxUnavailable, OSError, SubprocessError from a failed preexec
             if socket_dir:
                 shutil.rmtree(socket_dir, ignore_errors=True)
-            model.worker = None
-            model.set_state(State.UNAVAILABLE, f"sandbox unavailable: {exc}")
+            model.set_state(State.UNAVAILABLE, f"sandbox unavailable: {exc}", worker=None)
             self.audit.event("worker_start", model=name, verdict="refused", reason=model.reason)
             raise ModelUnavailable(model.reason) from None
         worker = WorkerProcess(name, profile, socket_dir, sandboxed, self.config.server.max_message_bytes)
-        model.worker = worker
-        model.set_state(State.LOADING, "loading")
+        model.set_state(State.LOADING, "loading", worker=worker)
         try:
-            model.metadata = worker.wait_ready(profile.load_timeout_s)
+            metadata = self._served_metadata(model, worker.wait_ready(profile.load_timeout_s))
         except ModelUnavailable as exc:
             worker.kill()
-            model.worker = None
-            model.set_state(State.UNAVAILABLE, str(exc))
+            model.set_state(State.UNAVAILABLE, str(exc), worker=None)
             self.audit.event("model_load", model=name, verdict="failed", reason=model.reason)
             raise
-        model.set_state(State.READY)
+        model.set_state(State.READY, metadata=metadata)
         worker.ready_at = time.monotonic()
         self.metrics.load_duration(name, worker.ready_at - started, model.version)
         self.audit.event("model_load", model=name, verdict="ready", version=model.version,
@@ -218,8 +230,7 @@ class Supervisor:
                 if model.generation != generation:
                     return
                 worker.kill()
-                model.worker = None
-                model.set_state(State.UNAVAILABLE, reason)
+                model.set_state(State.UNAVAILABLE, reason, worker=None, metadata=None)
                 if worker.ready_at is not None and time.monotonic() - worker.ready_at > self.STABLE_S:
                     model.failures = 0
                 delay = self._schedule_restart(model)
@@ -230,6 +241,18 @@ class Supervisor:
             with model.lock:
                 if model.generation == generation:
                     model.set_state(State.UNAVAILABLE, "worker died; see the daemon log")
+
+    @staticmethod
+    def _served_metadata(model: ManagedModel, answer: bytes) -> bytes:
+        """The ModelMetadataResponse clients get, made once per load from the worker's (bounded) answer."""
+        from google.protobuf.message import DecodeError
+        try:
+            response = pb.ModelMetadataResponse.FromString(answer)
+        except DecodeError:
+            raise ModelUnavailable("the worker's metadata answer is malformed") from None
+        response.name = model.config.name
+        response.versions[:] = [model.version] if model.version else []
+        return response.SerializeToString()
 
     def _schedule_restart(self, model: ManagedModel) -> float:
         """Restart from the same sealed copies after an exponential backoff (caller holds model.lock)."""
@@ -255,57 +278,19 @@ class Supervisor:
 
     def _stop_worker(self, model: ManagedModel, state: State, reason: str) -> None:
         model.generation += 1
-        if model.worker is not None:
-            model.worker.kill()
-            model.worker = None
+        worker = model.worker
+        model.set_state(state, reason, worker=None, metadata=None)
+        if worker is not None:
+            worker.kill()
         if model.verified is not None:
             model.verified.close()
             model.verified = None
-        model.metadata = None
-        model.set_state(state, reason)
 
     def unload(self, name: str) -> None:
         model = self.get(name)
         with model.lock:
             self._stop_worker(model, State.UNLOADED, "unloaded")
         self.audit.event("model_unload", model=name)
-
-    def infer_raw(self, name: str, request: bytes, timings: dict | None = None) -> bytes:
-        """Forward one request; `timings`, if given, receives queue_s (waiting for the worker's
-        turn) and compute_s (the worker call) for metrics.observe_request."""
-        model = self.get(name)
-        worker, status = model.worker, model.status
-        if status.state != State.READY or worker is None:
-            raise ModelUnavailable(status.describe())
-        timeout = worker.profile.infer_timeout_s
-        queued = time.monotonic()
-        if not worker.busy.acquire(timeout=timeout):
-            if timings is not None:
-                timings["queue_s"] = time.monotonic() - queued
-            raise ModelUnavailable(f"model '{name}' is busy: no turn within {timeout:g} s")
-        started = time.monotonic()
-        if timings is not None:
-            timings["queue_s"] = started - queued
-        try:
-            response = worker.infer_raw(request, timeout=timeout)
-            model.failures = 0  # it served: the next death starts the backoff afresh
-            return response
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                reason = f"inference timed out after {worker.profile.infer_timeout_s:g} s; worker killed"
-                self.audit.event("infer_timeout", model=name, reason=reason)
-                worker.sandboxed.kill()  # the watcher reports it and restarts with backoff
-                raise ModelUnavailable(f"model '{name}': {reason}") from None
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL) \
-                    and worker.proc.poll() is not None:
-                raise ModelUnavailable(f"model '{name}': worker {describe_exit(worker.proc.returncode)}") from None
-            raise
-        except ValueError:  # grpc: the channel was closed under us while the worker is replaced
-            raise ModelUnavailable(f"model '{name}': worker stopped") from None
-        finally:
-            if timings is not None:
-                timings["compute_s"] = time.monotonic() - started
-            worker.busy.release()
 
     # -- the narrow interface the public server uses
     def names(self) -> list[str]:
@@ -315,23 +300,71 @@ class Supervisor:
         """A consistent snapshot of the model's state, reason and version; KeyError if unknown."""
         return self.get(name).status
 
-    def metadata(self, name: str) -> tuple[ModelStatus, pb.ModelMetadataResponse]:
-        """The loaded model's metadata (from its worker, at load); ModelUnavailable unless READY."""
-        model = self.get(name)
-        status, metadata = model.status, model.metadata
+    def metadata(self, name: str) -> tuple[ModelStatus, bytes]:
+        """The loaded model's serialized ModelMetadataResponse (made once per load, at most
+        errors.MAX_DESCRIBE_BYTES from the worker); ModelUnavailable unless READY."""
+        status, _worker, metadata = self.get(name).snapshot()
         if status.state != State.READY or metadata is None:
-            raise ModelUnavailable(status.describe())
+            raise ModelUnavailable(status.reason or status.state.value.lower())
         return status, metadata
 
     def worker_cgroups(self) -> list[tuple[str, str, object]]:
         """(model, version, WorkerCgroup) of every live worker that has a cgroup (for metrics)."""
         found = []
         for name, model in self.models.items():
-            worker, status = model.worker, model.status
+            status, worker, _ = model.snapshot()
             cgroup = getattr(getattr(worker, "sandboxed", None), "cgroup", None)
             if cgroup is not None:
                 found.append((name, status.version, cgroup))
         return found
+
+    async def infer(self, name: str, request: bytes) -> bytes:
+        """Forward one ModelInferRequest's bytes to the model's worker; runs on the server's event loop.
+
+        The caller holds the model's turn (one call at a time reaches a worker), so the
+        inference timeout measures the model, not a queue. Every failure leaves as an
+        errors.ClientError with a fixed, sealbox-made text: the model's reason under the view
+        lock, never the transport's text, a path or a pid."""
+        model = self.get(name)
+        status, worker, _ = model.snapshot()
+        hop = worker.hop() if worker is not None and status.state == State.READY else None
+        if hop is None:
+            raise errors.unavailable(name, _reason(status))
+        timeout = worker.profile.infer_timeout_s
+        try:
+            response = await hop.infer(request, timeout)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                reason = f"inference timed out after {timeout:g} s; worker killed"
+                self.audit.event("infer_timeout", model=name, reason=reason)
+                worker.sandboxed.kill()  # the watcher reports it and restarts with backoff
+                raise errors.unavailable(name, reason) from None
+            if code in errors.TRANSPORT_CODES:
+                raise errors.unavailable(name, await self._failure_reason(model, worker)) from None
+            raise errors.from_worker_rpc_error(name, exc, None, timeout) from None
+        except (OSError, ValueError, RuntimeError, grpc.RpcError):  # a channel closed under us, say
+            raise errors.unavailable(name, await self._failure_reason(model, worker)) from None
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise   # this call itself was cancelled
+            # grpc.aio cancels the calls of a channel being closed (the worker was stopped under
+            # us): that is an answer for the client, not a cancellation of its call.
+            raise errors.unavailable(name, await self._failure_reason(model, worker)) from None
+        model.failures = 0  # it served: the next death starts the backoff afresh
+        return response
+
+    async def _failure_reason(self, model: ManagedModel, worker: WorkerProcess) -> str:
+        """Why the hop failed, in the supervisor's words: the watcher's reason once it has seen the
+        death (waited for briefly: the connection often breaks a moment before the exit is reaped)."""
+        for _ in range(40):
+            status, current, _ = model.snapshot()
+            if current is not worker:
+                return _reason(status)
+            if worker.proc.returncode is not None:
+                return f"worker {describe_exit(worker.proc.returncode)}"
+            await asyncio.sleep(0.005)
+        return "worker connection failed"
 
     def ready(self) -> bool:
         return self.initial_load_done.is_set() and not self.stopped.is_set()
@@ -344,3 +377,10 @@ class Supervisor:
                     self._stop_worker(model, State.UNLOADED, "daemon stopped")
                 except Exception:  # stop every other model regardless
                     log.exception("model %s: stopping its worker failed", model.config.name)
+
+
+def _reason(status: ModelStatus) -> str:
+    """A model's reason for not answering; never "ready" (a READY snapshot without a worker is a restart)."""
+    if status.state == State.READY:
+        return "worker restarting"
+    return status.reason or status.state.value.lower()

@@ -17,11 +17,11 @@ import time
 
 import grpc
 
-from ..proto import inference_pb2 as pb
 from ..proto import message_options
-from ..proto.contract import EXIT_REASONS, SOCKET_NAME, STDERR_PREFIX, WORKER_DESCRIBE, WORKER_INFER
+from ..proto.contract import EXIT_REASONS, SOCKET_NAME, STDERR_PREFIX, WORKER_DESCRIBE
 from ..sandbox import launcher
 from ..sandbox.profile import SandboxProfile
+from .errors import MAX_DESCRIBE_BYTES
 
 log = logging.getLogger("sealboxd")
 
@@ -94,15 +94,15 @@ class WorkerProcess:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
         self.stopping = False
         self.ready_at: float | None = None
-        # One call at a time reaches the worker (it has one engine thread): the inference
-        # deadline then measures the model, not the queue in front of it.
-        self.busy = threading.Semaphore(1)
+        self.max_message_bytes = max_message_bytes
+        # Describe (at load) goes over this sync channel; inference over the event loop's hop
+        # (worker_hop.py), one call at a time per model (the server's admission.ModelGate).
         opts = [*message_options(max_message_bytes), *WORKER_RECONNECT]
-        self.channel = grpc.insecure_channel(f"unix:{os.path.join(socket_dir, SOCKET_NAME)}", options=opts)
-        self.infer_raw = self.channel.unary_unary(WORKER_INFER, request_serializer=_identity,
-                                                  response_deserializer=_identity)
+        self.channel = grpc.insecure_channel(f"unix:{self.socket_path}", options=opts)
         self.describe = self.channel.unary_unary(WORKER_DESCRIBE, request_serializer=_identity,
-                                                 response_deserializer=pb.ModelMetadataResponse.FromString)
+                                                 response_deserializer=_identity)
+        self._hop = None
+        self._hop_lock = threading.Lock()
         self._stderr_reader = threading.Thread(target=self._drain_stderr, name=f"stderr-{name}", daemon=True)
         self._stderr_reader.start()
 
@@ -113,7 +113,23 @@ class WorkerProcess:
             self.stderr_tail.append(text)
             log.debug("worker %s: %s", self.name, text)
 
-    def wait_ready(self, timeout: float) -> pb.ModelMetadataResponse:
+    @property
+    def socket_path(self) -> str:
+        return os.path.join(self.socket_dir, SOCKET_NAME)
+
+    def hop(self):
+        """The inference hop on the running event loop (made by the first call); None once stopping."""
+        with self._hop_lock:
+            if self.stopping:
+                return None
+            if self._hop is None:
+                from .worker_hop import WorkerHop
+                self._hop = WorkerHop(self.socket_path, self.max_message_bytes)
+            return self._hop
+
+    def wait_ready(self, timeout: float) -> bytes:
+        """The worker's serialized ModelMetadataResponse once it answers; ModelUnavailable if it
+        dies, does not answer in time, or answers with more than MAX_DESCRIBE_BYTES."""
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -123,9 +139,14 @@ class WorkerProcess:
                 self.kill()
                 raise ModelUnavailable(f"load timed out after {timeout:g} s; worker killed")
             try:
-                return self.describe(b"", timeout=min(left, 0.25), wait_for_ready=True)
+                answer = self.describe(b"", timeout=min(left, 0.25), wait_for_ready=True)
             except grpc.RpcError:
                 continue
+            if len(answer) > MAX_DESCRIBE_BYTES:
+                self.kill()
+                raise ModelUnavailable(f"the worker's metadata answer is larger than {MAX_DESCRIBE_BYTES} bytes;"
+                                       " worker killed")
+            return answer
 
     def death_reason(self, when: str) -> str:
         rc = self.proc.wait()
@@ -143,7 +164,11 @@ class WorkerProcess:
         return reason
 
     def kill(self):
-        self.stopping = True
+        with self._hop_lock:
+            self.stopping = True
+            hop, self._hop = self._hop, None
+        if hop is not None:
+            hop.close_soon()
         self.sandboxed.stop()
         self.channel.close()
         shutil.rmtree(self.socket_dir, ignore_errors=True)

@@ -1,7 +1,7 @@
 """Hand-written protobuf wire helpers: the few places sealbox reads or writes the wire itself.
 
 The supervisor never decodes tensors: it reads only a request's routing
-fields (`peek_model`) and wraps a worker's response bytes into a stream
+fields (`peek_model`, a bounded scan) and wraps a worker's response bytes into a stream
 response without decoding them (`stream_wrap`). Clients and workers append
 large raw tensor bytes as length-delimited fields by hand (`length_delimited`),
 because protobuf's own serializer copies big bytes fields slowly. Protobuf
@@ -47,32 +47,102 @@ def length_delimited_header(field: int, length: int) -> bytes:
     return encode_varint((field << 3) | WIRE_LEN) + encode_varint(length)
 
 
-def peek_model(request: bytes) -> tuple[str, str]:
-    """model_name (field 1) and model_version (field 2) of a serialized ModelInferRequest."""
-    name = version = ""
+# A legitimate ModelInferRequest has 3 + len(parameters) + 2*len(inputs) + len(outputs) top-level
+# fields; 4096 is far above anything Triton clients send.
+MAX_TOP_LEVEL_FIELDS = 4096
+MAX_NAME_BYTES = 256  # model names and versions are short identifiers
+
+
+class PeekError(ValueError):
+    """The request is malformed or pathological (the server answers INVALID_ARGUMENT, fixed text)."""
+
+
+def peek_model(request: bytes, max_fields: int = MAX_TOP_LEVEL_FIELDS) -> tuple[str, str]:
+    """model_name (field 1) and model_version (field 2) of a serialized ModelInferRequest.
+
+    A bounded scan of the TOP-LEVEL fields only: big fields (raw_input_contents, inputs) are
+    skipped by their length prefix, so a 60 MiB request costs microseconds, and a "field bomb"
+    (millions of 2-byte fields) is refused after `max_fields` fields (~1 ms) instead of costing
+    the supervisor ~1 s of CPU per MiB. Nested fields are never looked at (the worker pays for
+    them, in its sandbox). Every top-level field is seen, so protobuf's "last one wins" rule
+    holds: the name routed on is the name the worker parses. Raises PeekError (a ValueError).
+    """
+    mv = memoryview(request)
+    end = len(request)
     pos = 0
-    while pos < len(request):
-        key, pos = read_varint(request, pos)
-        field, wire = key >> 3, key & 7
-        if wire == WIRE_VARINT:
-            _, pos = read_varint(request, pos)
-        elif wire == WIRE_LEN:
-            length, pos = read_varint(request, pos)
-            if pos + length > len(request):
-                raise ValueError("truncated field")
+    name = version = b""
+    fields = 0
+    while pos < end:
+        fields += 1
+        if fields > max_fields:
+            raise PeekError("too many fields")
+        b = request[pos]
+        pos += 1
+        if b < 0x80:
+            key = b
+        else:
+            key, shift = b & 0x7F, 7
+            while True:
+                if pos >= end or shift > 35:
+                    raise PeekError("bad field key")
+                b = request[pos]
+                pos += 1
+                key |= (b & 0x7F) << shift
+                if b < 0x80:
+                    break
+                shift += 7
+        if key >> 3 == 0:
+            raise PeekError("field number 0")
+        wire = key & 7
+        if wire == WIRE_LEN:
+            if pos >= end:
+                raise PeekError("truncated field")
+            b = request[pos]
+            pos += 1
+            if b < 0x80:
+                length = b
+            else:
+                length, shift = b & 0x7F, 7
+                while True:
+                    if pos >= end or shift > 35:
+                        raise PeekError("bad length")
+                    b = request[pos]
+                    pos += 1
+                    length |= (b & 0x7F) << shift
+                    if b < 0x80:
+                        break
+                    shift += 7
+            if pos + length > end:
+                raise PeekError("truncated field")
+            field = key >> 3
             if field in (INFER_REQUEST_MODEL_NAME, INFER_REQUEST_MODEL_VERSION):
-                text = request[pos:pos + length].decode("utf-8")
-                name, version = (text, version) if field == INFER_REQUEST_MODEL_NAME else (name, text)
+                if length > MAX_NAME_BYTES:
+                    raise PeekError("model name too long")
+                if field == INFER_REQUEST_MODEL_NAME:
+                    name = bytes(mv[pos:pos + length])
+                else:
+                    version = bytes(mv[pos:pos + length])
             pos += length
+        elif wire == WIRE_VARINT:
+            while True:
+                if pos >= end:
+                    raise PeekError("truncated varint")
+                b = request[pos]
+                pos += 1
+                if b < 0x80:
+                    break
         elif wire == WIRE_FIXED64:
             pos += 8
         elif wire == WIRE_FIXED32:
             pos += 4
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-    if pos != len(request):
-        raise ValueError("truncated message")
-    return name, version
+        else:  # groups (3, 4) and 6, 7 never occur in ModelInferRequest
+            raise PeekError(f"unsupported wire type {wire}")
+    if pos != end:
+        raise PeekError("truncated message")
+    try:
+        return name.decode("utf-8"), version.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PeekError("model name is not UTF-8") from None
 
 
 def stream_wrap(infer_response: bytes) -> bytes:

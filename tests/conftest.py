@@ -70,18 +70,25 @@ def demo_model(tmp_path_factory, keys):
 
 
 class Daemon:
-    """A real sealboxd subprocess on a Unix socket (and optionally loopback TCP)."""
+    """A real sealboxd subprocess on a Unix socket and its admin socket (and optionally loopback TCP).
+
+    `server` adds lines to [server]; `socket_dir` puts both sockets elsewhere (e.g. a directory
+    other users can reach)."""
 
     def __init__(self, directory: pathlib.Path, models: dict[str, dict], public_key: pathlib.Path,
-                 workers: str = "", tcp: bool = False, extra: str = ""):
+                 workers: str = "", tcp: bool = False, extra: str = "", server: str = "", socket_dir=None):
         self.dir = directory
         self.run_dir = f"{RUN_ROOT}/{uuid.uuid4().hex[:12]}"
-        self.socket = str(directory / "sealbox.sock")
+        sockets = pathlib.Path(socket_dir or directory)
+        self.socket = str(sockets / "sealbox.sock")
         self.target = f"unix:{self.socket}"
+        self.admin_socket = str(sockets / "admin.sock")
+        self.admin_target = f"unix:{self.admin_socket}"
         self.audit_log = directory / "audit.jsonl"
         self.tcp_target = None
-        lines = ["[server]", f'socket = "{self.socket}"', f'run_dir = "{self.run_dir}"',
-                 f'state_dir = "{directory / "state"}"', f'audit_log = "{self.audit_log}"']
+        lines = ["[server]", f'socket = "{self.socket}"', f'admin_socket = "{self.admin_socket}"',
+                 f'run_dir = "{self.run_dir}"', f'state_dir = "{directory / "state"}"',
+                 f'audit_log = "{self.audit_log}"', server]
         if tcp:
             import socket as s
             with s.socket() as probe:
@@ -132,8 +139,14 @@ class Daemon:
         raise TimeoutError(f"sealboxd not ready: {self.stderr_path.read_text()}")
 
     def client(self):
+        """Inference and metadata over the inference socket; models/load/unload over the admin socket."""
         from sealbox.client import Client
-        return Client(self.target, timeout=30)
+        return Client(self.target, timeout=30, admin_target=self.admin_target)
+
+    def admin_client(self):
+        """Every call over the admin socket (root-only)."""
+        from sealbox.client import Client
+        return Client(self.admin_target, timeout=30, admin_target=self.admin_target)
 
     def worker_pids(self) -> list[int]:
         """Host pids of the bwrap processes (and their sandboxed children) below this daemon."""

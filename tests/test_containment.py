@@ -142,7 +142,7 @@ def test_inference_over_its_timeout_kills_the_worker_which_comes_back(tmp_path, 
         with pytest.raises(grpc.RpcError) as err:
             client.infer("quad", {"x": np.ones((4096, 4), np.float32)})
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert err.value.details() == "model 'quad': inference timed out after 2 s; worker killed"
+        assert err.value.details() == "model 'quad' is unavailable: inference timed out after 2 s; worker killed"
         import time
         deadline = time.monotonic() + 30
         while True:   # UNAVAILABLE until the restarted worker serves again

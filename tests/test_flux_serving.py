@@ -29,7 +29,8 @@ def test_corpus_flux_model_through_tritonclient(tmp_path, daemon_factory, keys, 
     daemon = daemon_factory({"house": {"path": good, "format": "flux"},
                              "closure": {"path": closure, "format": "flux"},
                              "demo": {"path": demo_model}}, keys[1], tcp=True).start()
-    result = subprocess.run([PYTHON, str(REPO / "tests" / "triton_probe.py"), daemon.tcp_target, "house"],
+    result = subprocess.run([PYTHON, str(REPO / "tests" / "triton_probe.py"), daemon.tcp_target, "house",
+                             daemon.admin_target],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)

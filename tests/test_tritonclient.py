@@ -16,8 +16,9 @@ if importlib.util.find_spec("tritonclient") is None:
     pytest.skip("tritonclient[grpc] is not installed (a test dependency)", allow_module_level=True)
 
 
-def run_probe(target: str, model: str) -> dict:
-    result = subprocess.run([PYTHON, str(REPO / "tests" / "triton_probe.py"), target, model],
+def run_probe(target: str, model: str, admin_target: str | None = None) -> dict:
+    result = subprocess.run([PYTHON, str(REPO / "tests" / "triton_probe.py"), target, model,
+                             *([admin_target] if admin_target else [])],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
@@ -26,7 +27,7 @@ def run_probe(target: str, model: str) -> dict:
 def test_tritonclient_end_to_end(daemon_factory, demo_model, keys):
     daemon = daemon_factory({"demo": {"path": demo_model}}, keys[1], tcp=True).start()
     # tritonclient speaks host:port; the Unix socket works too through grpc's unix: scheme.
-    out = run_probe(daemon.tcp_target, "demo")
+    out = run_probe(daemon.tcp_target, "demo", daemon.admin_target)
     assert out["live"] is True and out["ready"] is True
     assert out["server_name"] == "sealbox"
     assert out["model_inputs"] == [["x", "FP32", [-1, 4]]]
@@ -44,5 +45,5 @@ def test_tritonclient_end_to_end(daemon_factory, demo_model, keys):
         np.testing.assert_allclose(np.array(s["y"]), reference(np.array(x, np.float32)), rtol=1e-5, atol=1e-5)
     assert out["cuda_shm"] == ["UNIMPLEMENTED", "sealbox does not support shared-memory tensors (system or CUDA): "
                                "send tensors in the request"]
-    unix = run_probe(daemon.target, "demo")
+    unix = run_probe(daemon.target, "demo", daemon.admin_target)
     assert unix["index"] == [["demo", "READY"]]

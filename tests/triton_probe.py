@@ -9,8 +9,10 @@ import tritonclient.grpc as tc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 url, model = sys.argv[1], sys.argv[2]
+admin_url = sys.argv[3] if len(sys.argv) > 3 else url   # the model repository calls (sealbox: admin socket)
 out = {}
 client = tc.InferenceServerClient(url=url)
+admin = tc.InferenceServerClient(url=admin_url)
 out["live"] = client.is_server_live()
 out["ready"] = client.is_server_ready()
 meta = client.get_server_metadata()
@@ -18,7 +20,7 @@ out["server_name"] = meta.name
 mm = client.get_model_metadata(model)
 out["model_inputs"] = [[t.name, t.datatype, list(t.shape)] for t in mm.inputs]
 out["model_outputs"] = [[t.name, t.datatype, list(t.shape)] for t in mm.outputs]
-out["index"] = [[m.name, m.state] for m in client.get_model_repository_index().models]
+out["index"] = [[m.name, m.state] for m in admin.get_model_repository_index().models]
 out["unknown_ready"] = client.is_model_ready("no-such-model")
 in_name, in_dtype, in_shape = out["model_inputs"][0]
 out_name = out["model_outputs"][0][0]
@@ -37,9 +39,9 @@ for batch in (1, 64):
     x, y = infer(batch)
     out[f"batch{batch}"] = {"x": x.tolist(), "y": y.tolist()}
 
-client.unload_model(model)
+admin.unload_model(model)
 out["ready_after_unload"] = client.is_model_ready(model)
-client.load_model(model)
+admin.load_model(model)
 out["ready_after_load"] = client.is_model_ready(model)
 x, y = infer(3)
 out["after_reload"] = {"x": x.tolist(), "y": y.tolist()}

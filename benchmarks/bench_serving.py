@@ -66,7 +66,8 @@ def spawn_to_ready(daemon: DemoDaemon, rounds: int = 15) -> None:
     from sealbox.daemon.config import load_config
     from sealbox.trust import verify_model
     from sealbox.sandbox import launcher
-    from sealbox.daemon.supervisor import WORKER_RECONNECT, Supervisor
+    from sealbox.daemon.supervisor import Supervisor
+    from sealbox.daemon.worker_hop import WORKER_RECONNECT
     from sealbox.daemon.audit import AuditLog
 
     config = load_config(daemon.config)

@@ -19,7 +19,10 @@ import grpc
 
 from ..proto import message_options
 from ..proto.contract import WORKER_INFER
-from .worker_process import WORKER_RECONNECT
+
+# The socket appears a few ms after spawn: retry quickly instead of gRPC's 1 s backoff.
+WORKER_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 5), ("grpc.min_reconnect_backoff_ms", 5),
+                    ("grpc.max_reconnect_backoff_ms", 100)]
 
 
 class WorkerHop:

@@ -21,6 +21,7 @@ from ..proto import message_options
 from ..proto.contract import EXIT_REASONS, SOCKET_NAME, STDERR_PREFIX, WORKER_DESCRIBE
 from ..sandbox import launcher
 from ..sandbox.profile import SandboxProfile
+from .worker_hop import WORKER_RECONNECT, WorkerHop
 from .errors import MAX_DESCRIBE_BYTES
 
 log = logging.getLogger("sealboxd")
@@ -75,10 +76,6 @@ class Spawner:
         return future.result()
 
 
-# The socket appears a few ms after spawn: retry quickly instead of gRPC's 1 s backoff.
-WORKER_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 5), ("grpc.min_reconnect_backoff_ms", 5),
-                    ("grpc.max_reconnect_backoff_ms", 100)]
-
 
 def _identity(x):
     return x
@@ -123,7 +120,6 @@ class WorkerProcess:
             if self.stopping:
                 return None
             if self._hop is None:
-                from .worker_hop import WorkerHop
                 self._hop = WorkerHop(self.socket_path, self.max_message_bytes)
             return self._hop
 

@@ -42,7 +42,7 @@ setup() {
 case "${1:-}" in
   setup) setup setup ;;
   demo) setup demo; shift; exec "$VENV/bin/sealbox" demo "$@" ;;
-  test) setup test; shift; cd tests && exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$@" ;;
-  bench) setup bench; shift; exec "$VENV/bin/python" benchmarks/run.py "$@" ;;
+  test) setup test; shift; exec "$VENV/bin/python" -m pytest "$@" ;;
+  bench) setup bench; shift; exec "$VENV/bin/python" -m benchmarks.run "$@" ;;
   *) sed -n '2,11p' "$0" >&2; exit 2 ;;
 esac

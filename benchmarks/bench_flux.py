@@ -1,6 +1,6 @@
 """Flux/BSON.jl: scanner throughput and native-engine latency, each against a baseline in the same run.
 
-    /opt/sealbox/venv/bin/python benchmarks/bench_flux.py
+    ./dev.sh bench flux   (or: /opt/sealbox/venv/bin/python -m benchmarks.bench_flux)
 
 * scan: seconds per MB of BSON (median over repeats) for the accepted corpus files and a
   synthetic 16 MB Dense chain; baseline: reading the same bytes from the file.
@@ -18,16 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import p99, timed  # noqa: E402
-from flux_fixtures import Era  # noqa: E402
+from benchmarks.common import p99, timed
+from sealbox.worker.flux import scanner
+from sealbox.worker.flux.native_engine import FluxNativeEngine
+from tests.support import SHARED
+from tests.support.flux import Era
 
-from sealbox.worker.flux import scanner  # noqa: E402
-from sealbox.worker.flux.native_engine import FluxNativeEngine  # noqa: E402
-
-CORPUS = ROOT.parent / "shared" / "corpus" / "bsonjl"
+CORPUS = SHARED / "corpus" / "bsonjl"
 ACCEPTED = ["Xiaocao-Cxh+PowerModel/model.d2d83e9f.bson", "banachtech+replicator/model.6f42a183.bson",
             "sebkaz+Julia_Deploy/02_Docker_app_nn_model.3630b035.bson"]
 CALLS = int(os.environ.get("BENCH_CALLS", "2000"))

@@ -7,11 +7,9 @@ import hashlib
 import json
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import DemoDaemon, ms  # noqa: E402
+from benchmarks.common import DemoDaemon, ms
 
 SIZE_MB = int(os.environ.get("BENCH_LOAD_MB", "1024"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
@@ -48,16 +46,15 @@ def in_process(path: str) -> float:
 
 
 if __name__ == "__main__":
-    daemon = DemoDaemon("memory_mb = 4096")
-    big = os.path.join(daemon.dir, "big")
-    size = build_big_model(big, os.path.join(daemon.dir, "keys", "demo-signer.key"))
-    with open(daemon.config, "a") as f:
-        f.write(f'\n[models.big]\npath = "{big}"\nformat = "mlx"\nload = false\n')
+    import tempfile
+    big = os.path.join(tempfile.mkdtemp(prefix="sealbox-bench-big-"), "big")
+    os.chmod(os.path.dirname(big), 0o755)
+    daemon = DemoDaemon("memory_mb = 4096", {"big": {"path": big, "load": False}})
+    size = build_big_model(big, str(daemon.private_key))
     path = os.path.join(big, "weights.safetensors")
     in_process(path)  # page cache warm for both
     with daemon:
-        from sealbox.client import Client
-        with Client(daemon.target, timeout=300) as client:
+        with daemon.daemon.admin_client() as client:
             sandboxed = []
             for _ in range(ROUNDS):
                 client.unload("big")

@@ -6,13 +6,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import DemoDaemon, ms, stats, timed  # noqa: E402
+from benchmarks.common import DemoDaemon, ms, stats, timed
 
 CALLS = int(os.environ.get("BENCH_CALLS", "500"))
 

@@ -1,6 +1,6 @@
 """Model verification throughput: sealbox verify vs single-threaded hashlib vs model_signing.
 
-    /opt/sealbox/venv/bin/python benchmarks/bench_verify.py [--mib 1024] [--files 4] [--repeat 5]
+    /opt/sealbox/venv/bin/python -m benchmarks.bench_verify [--mib 1024] [--files 4] [--repeat 5]   (from the repository root)
 
 (or SEALBOX_BENCH_MIB=256). Creates a model of FILES random files totalling
 MIB MiB in a temporary directory, signs it with a key, warms the page cache,

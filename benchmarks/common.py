@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import os
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -33,18 +30,28 @@ def ms(seconds: float) -> str:
 
 
 class DemoDaemon:
-    """sealboxd serving the signed demo model from a temporary directory."""
+    """sealboxd serving the signed demo model and an echo model from a temporary directory: the
+    test suite's daemon runner (tests.support.daemon.Daemon) with the benchmark's two models."""
 
-    def __init__(self, extra_workers: str = ""):
-        from sealbox.client.demo import prepare
+    def __init__(self, extra_workers: str = "", more_models: dict | None = None):
+        import pathlib
+
+        from sealbox.client import publisher
+        from sealbox.client.demo_model import build_demo_model
+        from tests.support.daemon import Daemon
+        from tests.support.pki import make_ec_key
+
         self.dir = tempfile.mkdtemp(prefix="sealbox-bench-")
         os.chmod(self.dir, 0o755)
-        self.config = prepare(self.dir)
-        if extra_workers:
-            text = open(self.config).read().replace("[workers]\n", "[workers]\n" + extra_workers + "\n")
-            open(self.config, "w").write(text)
+        root = pathlib.Path(self.dir)
+        (root / "keys").mkdir()
+        self.private_key, public = make_ec_key(root / "keys", "demo-signer")
+        build_demo_model(str(root / "model"))
+        publisher.main(["sign", "key", str(root / "model"), "--private-key", str(self.private_key)])
         self._add_echo_model()
-        self.target = f"unix:{self.dir}/sealbox.sock"
+        models = {"demo": {"path": root / "model"}, "echo": {"path": root / "echo"}, **(more_models or {})}
+        self.daemon = Daemon(root, models, public, workers=extra_workers)
+        self.config, self.target = str(self.daemon.config), self.daemon.target
 
     def _add_echo_model(self) -> None:
         """A model that returns its input times one: large-tensor throughput is then transport, not math."""
@@ -58,30 +65,15 @@ class DemoDaemon:
         spec = [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
         with open(os.path.join(echo, "model.json"), "w") as f:
             json.dump({"function": "model.mlxfn", "inputs": spec, "outputs": [dict(spec[0], name="y")]}, f)
-        publisher.main(["sign", "key", echo, "--private-key", os.path.join(self.dir, "keys", "demo-signer.key")])
-        with open(self.config, "a") as f:
-            f.write(f'\n[models.echo]\npath = "{echo}"\nformat = "mlx"\n')
+        publisher.main(["sign", "key", echo, "--private-key", str(self.private_key)])
 
     def __enter__(self):
-        from sealbox.client import Client
-        self.proc = subprocess.Popen([sys.executable, "-m", "sealbox.daemon.main", "--config", self.config],
-                                     stderr=subprocess.DEVNULL)
-        with Client(self.target) as client:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                try:
-                    if client.ready() and client.model_ready("demo") and client.model_ready("echo"):
-                        return self
-                except Exception:
-                    pass
-                time.sleep(0.1)
-        self.__exit__()  # never leave a daemon behind
-        raise RuntimeError(f"sealboxd did not become ready; see {self.dir}/audit.jsonl")
+        try:
+            self.daemon.start()  # waits until the server answers ready
+        except BaseException:
+            self.daemon.stop()  # never leave a daemon behind
+            raise
+        return self
 
     def __exit__(self, *exc):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self.daemon.stop()

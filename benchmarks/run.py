@@ -1,4 +1,5 @@
-"""Run every benchmark in this folder, one after the other: `python benchmarks/run.py [NAME ...]`.
+"""Run every benchmark in this folder, one after the other: `python -m benchmarks.run [NAME ...]`
+from the repository root (`./dev.sh bench [NAME ...]` does that).
 
 Each prints medians and ratios against a baseline measured in the same run.
 """
@@ -16,7 +17,7 @@ def main(names: list[str]) -> int:
     failed = 0
     for script in scripts:
         print(f"== {script.stem}", flush=True)
-        failed |= subprocess.run([sys.executable, str(script)]).returncode
+        failed |= subprocess.run([sys.executable, "-m", f"benchmarks.{script.stem}"], cwd=HERE.parent).returncode
     return failed
 
 

@@ -1,6 +1,6 @@
 """A Python client for sealbox: numpy in, numpy out, over the Open Inference Protocol.
 
-    from sealbox.client import Client
+    from . import Client
     with Client("unix:/run/sealbox/sealbox.sock") as c:
         outputs = c.infer("demo", {"x": np.ones((1, 4), np.float32)})
 

@@ -75,7 +75,6 @@ from __future__ import annotations
 
 import dataclasses
 import grp
-import ipaddress
 import os
 import re
 import sys

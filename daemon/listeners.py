@@ -25,7 +25,6 @@ anyone but root, or another user could rename his own socket over ours.
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import inspect
 import ipaddress

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import subprocess
 
-from sealbox.daemon.config import Config
-from sealbox.sandbox import hostcheck, launcher
-from sealbox.sandbox.profile import SandboxProfile, find_openblas
+from .config import Config
+from ..sandbox import hostcheck, launcher
+from ..sandbox.profile import SandboxProfile, find_openblas
 
 
 def preflight(config: Config) -> list[str]:

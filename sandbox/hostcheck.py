@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 
-from sealbox.sandbox import cgroups, landlock, seccomp
+from . import cgroups, landlock, seccomp
 
 WORKER_USER = "sealbox-worker"
 _CLONE_NEWUSER = 0x10000000

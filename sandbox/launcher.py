@@ -14,9 +14,9 @@ import shutil
 import subprocess
 from typing import Mapping
 
-from sealbox.proto.contract import (SOCKET_DIR_IN_SANDBOX, SOCKET_NAME, ModelHandoff, SandboxSpec, ToolRun,
+from ..proto.contract import (SOCKET_DIR_IN_SANDBOX, SOCKET_NAME, ModelHandoff, SandboxSpec, ToolRun,
                                      WorkerSpec)
-from sealbox.sandbox.profile import SandboxProfile
+from .profile import SandboxProfile
 
 
 CLONE_NEWNET = 0x40000000
@@ -81,7 +81,7 @@ def seatbelt_command(profile: SandboxProfile, socket_dir: str, tmp_dir: str, mod
 
     Never run on these Linux machines (see SECURITY.md); tests check the command and profile text.
     """
-    from sealbox.sandbox.macos import seatbelt_profile
+    from .macos import seatbelt_profile
     socket = os.path.join(socket_dir, SOCKET_NAME)
     text = seatbelt_profile(read_only=[*profile.runtime_paths, *profile.extra_ro_paths, *model_paths],
                             read_write=[socket_dir, tmp_dir], socket_path=socket, exec_once=profile.python)
@@ -161,7 +161,7 @@ def launch(profile: SandboxProfile, socket_dir: str, files: Mapping[str, int],
     try:
         stage1 = stage2 = None
         if profile.seccomp:
-            from sealbox.sandbox import seccomp
+            from . import seccomp
             try:
                 stage1 = seccomp.bpf_memfd(seccomp.stage1_bpf(profile.engine))
                 owned_fds.append(stage1)
@@ -170,7 +170,7 @@ def launch(profile: SandboxProfile, socket_dir: str, files: Mapping[str, int],
             except seccomp.SeccompError as exc:
                 raise SandboxUnavailable(str(exc)) from None
         if profile.cgroups:
-            from sealbox.sandbox import cgroups
+            from . import cgroups
             try:
                 # Unique per launching process: two daemons on one host may serve same-named models.
                 name = f"{os.getpid()}-{os.path.basename(socket_dir)}"
@@ -180,7 +180,7 @@ def launch(profile: SandboxProfile, socket_dir: str, files: Mapping[str, int],
         command = [bwrap_path(), *bwrap_args(profile, socket_dir, stage1, extra_ro_files), "--",
                    profile.python, "-m", "sealbox.worker.main",
                    worker_spec(profile, files, run, stage2, tuple((extra_ro_files or {}).values())).to_json()]
-        from sealbox.sandbox.limits import apply_rlimits
+        from .limits import apply_rlimits
 
         def preexec():
             # As root: join the worker's cgroup (before any fork inside), enter a fresh network

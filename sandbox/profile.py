@@ -14,9 +14,6 @@ import os
 import sys
 import sysconfig
 
-import sealbox
-
-from ..proto.contract import SOCKET_DIR_IN_SANDBOX, SOCKET_NAME  # noqa: F401 (where things appear inside)
 
 
 def runtime_paths_for(python: str) -> tuple[str, ...]:
@@ -25,7 +22,7 @@ def runtime_paths_for(python: str) -> tuple[str, ...]:
     venv = os.path.dirname(os.path.dirname(python))
     paths = ["/usr"] + ([venv] if os.path.exists(os.path.join(venv, "pyvenv.cfg")) else [])
     # An editable install maps sealbox to a source tree outside the venv.
-    paths.extend(os.path.realpath(p) for p in sealbox.__path__)
+    paths.append(os.path.realpath(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # sealbox/
     purelib = os.path.realpath(sysconfig.get_paths()["purelib"])
     out: list[str] = []
     for path in paths:
@@ -98,7 +95,7 @@ class SandboxProfile:
 
     def worker_environment(self) -> dict[str, str]:
         """The worker's whole environment (bubblewrap starts it with --clearenv)."""
-        from sealbox.sandbox.limits import WORKER_ENVIRONMENT  # what seccomp's allowlist assumes
+        from .limits import WORKER_ENVIRONMENT  # what seccomp's allowlist assumes
         return {
             **WORKER_ENVIRONMENT,
             "PATH": "/usr/bin:/bin",

@@ -6,9 +6,9 @@ import re
 import stat
 import sys
 
-from sealbox.proto.contract import MEMFD_SEALS, ToolRun
-from sealbox.sandbox.launcher import SandboxUnavailable, run_tool
-from sealbox.sandbox.profile import SandboxProfile
+from ..proto.contract import MEMFD_SEALS, ToolRun
+from .launcher import SandboxUnavailable, run_tool
+from .profile import SandboxProfile
 
 SCRIPT_IN_SANDBOX = "/run/sealbox-tool/script.py"
 

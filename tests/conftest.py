@@ -1,55 +1,35 @@
-"""Shared fixtures: real signing keys, real signed models, a real sealboxd in a subprocess."""
+"""Shared fixtures: real signing keys, real signed models, a real sealboxd in a subprocess.
+
+Tests are grouped by layer: unit/ (any machine, any user), sandbox/ (real sandboxes, as root) and
+daemon/ (a whole sealboxd, as root). Tests under sandbox/ and daemon/ are marked `root`, so
+`pytest -m "not root"` runs the rest anywhere; as a non-root user they are skipped with that reason.
+Helpers live in tests/support (shared with benchmarks/).
+"""
 from __future__ import annotations
 
 import os
 import pathlib
-import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import time
-import uuid
 
-import psutil
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-PYTHON = sys.executable
-MODEL_SIGNING = str(pathlib.Path(PYTHON).with_name("model_signing"))
-# Worker socket dirs must be reachable by the worker uid (pytest's tmp_path is 0700 under /tmp).
-RUN_ROOT = "/run/sealbox-test"
+from tests.support.daemon import Daemon
+from tests.support.pki import make_ec_key, upstream_sign
+
+ROOT_LAYERS = ("sandbox", "daemon")
 
 
-def require_shared(sub: str) -> pathlib.Path:
-    path = SHARED / sub
-    if not path.exists():
-        pytest.skip(f"{path} is absent (CI provides ../shared beside the clone)")
-    return path
-
-
-def make_ec_key(directory: pathlib.Path, name: str = "signer", curve=None) -> tuple[pathlib.Path, pathlib.Path]:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    key = ec.generate_private_key(curve or ec.SECP256R1())
-    private = directory / f"{name}.key"
-    public = directory / f"{name}.pub"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
-    os.chmod(private, 0o600)
-    return private, public
-
-
-def upstream_sign(model_dir: pathlib.Path, private_key: pathlib.Path) -> pathlib.Path:
-    """Sign with the upstream OpenSSF `model_signing` CLI (key method), signature inside the model dir."""
-    signature = model_dir / "model.sig"
-    subprocess.run([MODEL_SIGNING, "sign", "key", str(model_dir), "--private_key", str(private_key),
-                    "--signature", str(signature)], check=True, capture_output=True)
-    return signature
+def pytest_collection_modifyitems(config, items):
+    here = pathlib.Path(__file__).resolve().parent
+    for item in items:
+        try:
+            layer = pathlib.Path(item.fspath).resolve().relative_to(here).parts[0]
+        except ValueError:
+            continue
+        if layer in ROOT_LAYERS:
+            item.add_marker(pytest.mark.root)
+        if item.get_closest_marker("root") and os.geteuid() != 0:
+            item.add_marker(pytest.mark.skip(reason="needs root: it starts sandboxes as the worker user"))
 
 
 @pytest.fixture(scope="session")
@@ -67,109 +47,6 @@ def demo_model(tmp_path_factory, keys):
     build_demo_model(str(path))
     upstream_sign(path, keys[0])
     return path
-
-
-class Daemon:
-    """A real sealboxd subprocess on a Unix socket and its admin socket (and optionally loopback TCP).
-
-    `server` adds lines to [server]; `socket_dir` puts both sockets elsewhere (e.g. a directory
-    other users can reach)."""
-
-    def __init__(self, directory: pathlib.Path, models: dict[str, dict], public_key: pathlib.Path,
-                 workers: str = "", tcp: bool = False, extra: str = "", server: str = "", socket_dir=None):
-        self.dir = directory
-        self.run_dir = f"{RUN_ROOT}/{uuid.uuid4().hex[:12]}"
-        sockets = pathlib.Path(socket_dir or directory)
-        self.socket = str(sockets / "sealbox.sock")
-        self.target = f"unix:{self.socket}"
-        self.admin_socket = str(sockets / "admin.sock")
-        self.admin_target = f"unix:{self.admin_socket}"
-        self.audit_log = directory / "audit.jsonl"
-        self.tcp_target = None
-        lines = ["[server]", f'socket = "{self.socket}"', f'admin_socket = "{self.admin_socket}"',
-                 f'run_dir = "{self.run_dir}"', f'state_dir = "{directory / "state"}"',
-                 f'audit_log = "{self.audit_log}"', server]
-        if tcp:
-            import socket as s
-            with s.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                port = probe.getsockname()[1]
-            self.tcp_target = f"127.0.0.1:{port}"
-            lines.append(f'tcp = "{self.tcp_target}"')
-        default_python = [] if "python =" in workers else [f'python = "{PYTHON}"']
-        lines += ["[workers]", *default_python, "load_timeout_s = 60", "restart_backoff_s = [0.2, 2]", workers]
-        sources = sorted({str(pathlib.Path(m["path"]).parent) for m in models.values()})
-        lines += ["[policy]", f"sources = {sources!r}".replace("'", '"'),
-                  f'public_keys = ["{public_key}"]']
-        for name, model in models.items():
-            lines += [f"[models.{name}]", f'path = "{model["path"]}"', f'format = "{model.get("format", "mlx")}"']
-            if model.get("load") is False:
-                lines.append("load = false")
-            if model.get("options"):
-                lines.append(model["options"])
-            if model.get("policy"):
-                lines += [f"[models.{name}.policy]", model["policy"]]
-        lines.append(extra)
-        self.config = directory / "sealboxd.toml"
-        self.config.write_text("\n".join(lines) + "\n")
-        self.stderr_path = directory / "sealboxd.stderr"
-        self.proc = None
-
-    def start(self, wait: bool = True) -> "Daemon":
-        self.stderr = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen([PYTHON, "-m", "sealbox.daemon.main", "--config", str(self.config)],
-                                     stdout=subprocess.DEVNULL, stderr=self.stderr, cwd="/")
-        if wait:
-            self.wait_ready()
-        return self
-
-    def wait_ready(self, timeout: float = 90.0) -> None:
-        from sealbox.client import Client
-        deadline = time.monotonic() + timeout
-        with Client(self.target, timeout=5) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"sealboxd exited {self.proc.returncode}: {self.stderr_path.read_text()}")
-                try:
-                    if client.ready():
-                        return
-                except Exception:
-                    pass
-                time.sleep(0.1)
-        raise TimeoutError(f"sealboxd not ready: {self.stderr_path.read_text()}")
-
-    def client(self):
-        """Inference and metadata over the inference socket; models/load/unload over the admin socket."""
-        from sealbox.client import Client
-        return Client(self.target, timeout=30, admin_target=self.admin_target)
-
-    def admin_client(self):
-        """Every call over the admin socket (root-only)."""
-        from sealbox.client import Client
-        return Client(self.admin_target, timeout=30, admin_target=self.admin_target)
-
-    def worker_pids(self) -> list[int]:
-        """Host pids of the bwrap processes (and their sandboxed children) below this daemon."""
-        return [p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)]
-
-    def audit_events(self) -> list[dict]:
-        import json
-        if not self.audit_log.exists():
-            return []
-        return [json.loads(line) for line in self.audit_log.read_text().splitlines() if line.strip()]
-
-    def stop(self) -> int:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if getattr(self, "stderr", None):
-            self.stderr.close()
-        shutil.rmtree(self.run_dir, ignore_errors=True)
-        return self.proc.returncode if self.proc else 0
 
 
 @pytest.fixture

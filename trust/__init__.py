@@ -7,7 +7,7 @@ none of them. SECURITY.md ("Model verification") describes the checks.
 
 The public face is this module and the modules without a leading underscore:
 
-    from sealbox.trust import TrustPolicy, VerificationError, verify_model
+    from . import TrustPolicy, VerificationError, verify_model
     with verify_model(name, model_dir, policy, state_dir, audit) as model:
         model.files  # signed name -> sealed memfd of exactly the bytes verified
 

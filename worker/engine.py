@@ -14,7 +14,7 @@ from typing import Mapping
 
 import numpy as np
 
-from sealbox.proto.tensors import DATATYPES
+from ..proto.tensors import DATATYPES
 
 # Open Inference Protocol datatypes <-> numpy dtypes: one table, shared with the wire codec.
 DATATYPE_TO_NUMPY = DATATYPES
@@ -40,7 +40,7 @@ def announce(what: str) -> None:
     killed by a signal is reported with the file it was parsing.
     """
     import sys
-    from sealbox.proto.contract import STDERR_PREFIX
+    from ..proto.contract import STDERR_PREFIX
     print(f"{STDERR_PREFIX}{what}", file=sys.stderr, flush=True)
 
 

@@ -14,7 +14,7 @@ import sys
 import threading
 from concurrent import futures
 
-from sealbox.proto.contract import (EXIT_BAD_SPEC, EXIT_CONFINEMENT, EXIT_MODEL_REFUSED, STDERR_PREFIX,
+from ..proto.contract import (EXIT_BAD_SPEC, EXIT_CONFINEMENT, EXIT_MODEL_REFUSED, STDERR_PREFIX,
                                     WORKER_SERVICE, SandboxSpec, SpecError, ToolRun, WorkerSpec)
 
 
@@ -22,11 +22,11 @@ def confine(spec: SandboxSpec) -> None:
     """The worker's self-restrictions, applied before any model byte is read (steps 5-6 of the
     confinement order in sandbox/__init__.py)."""
     if spec.landlock:
-        from sealbox.sandbox import landlock
+        from ..sandbox import landlock
         landlock.restrict_self(read_only=list(spec.read_only), read_write=list(spec.read_write),
                                socket_dirs=list(spec.socket_dirs))
     if spec.seccomp_stage2_fd is not None:  # built by the supervisor: no libseccomp needed here
-        from sealbox.sandbox import seccomp
+        from ..sandbox import seccomp
         seccomp.load_stage2_from_fd(spec.seccomp_stage2_fd)
 
 
@@ -35,9 +35,9 @@ def serve(spec: WorkerSpec, engine, engine_thread: futures.ThreadPoolExecutor) -
 
     from google.protobuf.message import DecodeError
 
-    from sealbox.proto import inference_pb2 as pb
-    from sealbox.proto import message_options, tensors
-    from sealbox.worker.engine import InferenceError, InputError
+    from ..proto import inference_pb2 as pb
+    from ..proto import message_options, tensors
+    from .engine import InferenceError, InputError
 
     class Worker:
         def Describe(self, request, context):
@@ -122,7 +122,7 @@ def main(argv: list[str]) -> int:
     import os
     for library in spec.sandbox.preload:  # global symbols: MLX's BLAS calls resolve to it
         ctypes.CDLL(library, mode=os.RTLD_GLOBAL | os.RTLD_NOW)
-    from sealbox.worker.engine import ModelError, engine_class
+    from .engine import ModelError, engine_class
     if spec.run is not None:  # operator tools: a script or module in place of the model loader
         return run_instead_of_loader(spec.run)
     engine_cls = engine_class(spec.sandbox.engine)

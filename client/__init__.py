@@ -1,4 +1,13 @@
-"""Python client for sealbox (Open Inference Protocol) and the `sealbox` CLI."""
+"""The user's side of sealbox: the Python client, the `sealbox` CLI, publishing and the demo.
+
+| module | what it holds |
+|---|---|
+| client.py | `Client` and `AsyncClient`: numpy in, numpy out, over the Open Inference Protocol (inference and admin targets) |
+| cli.py | the `sealbox` command line: call a daemon, publish models, inspect the sandbox |
+| publisher.py | `sealbox hash`, `sealbox sign`, `sealbox verify`: the publisher's commands over sealbox.trust |
+| demo.py | `sealbox demo`: build, sign and serve the demo model, call it once |
+| demo_model.py | the built-in demo model (an exported MLX function and its weights) |
+"""
 from .client import AsyncClient, Client
 
 __all__ = ["AsyncClient", "Client"]

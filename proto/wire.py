@@ -67,76 +67,40 @@ def peek_model(request: bytes, max_fields: int = MAX_TOP_LEVEL_FIELDS) -> tuple[
     them, in its sandbox). Every top-level field is seen, so protobuf's "last one wins" rule
     holds: the name routed on is the name the worker parses. Raises PeekError (a ValueError).
     """
-    mv = memoryview(request)
     end = len(request)
-    pos = 0
+    pos = fields = 0
     name = version = b""
-    fields = 0
-    while pos < end:
-        fields += 1
-        if fields > max_fields:
-            raise PeekError("too many fields")
-        b = request[pos]
-        pos += 1
-        if b < 0x80:
-            key = b
-        else:
-            key, shift = b & 0x7F, 7
-            while True:
-                if pos >= end or shift > 35:
-                    raise PeekError("bad field key")
-                b = request[pos]
-                pos += 1
-                key |= (b & 0x7F) << shift
-                if b < 0x80:
-                    break
-                shift += 7
-        if key >> 3 == 0:
-            raise PeekError("field number 0")
-        wire = key & 7
-        if wire == WIRE_LEN:
-            if pos >= end:
-                raise PeekError("truncated field")
-            b = request[pos]
-            pos += 1
-            if b < 0x80:
-                length = b
-            else:
-                length, shift = b & 0x7F, 7
-                while True:
-                    if pos >= end or shift > 35:
-                        raise PeekError("bad length")
-                    b = request[pos]
-                    pos += 1
-                    length |= (b & 0x7F) << shift
-                    if b < 0x80:
-                        break
-                    shift += 7
-            if pos + length > end:
-                raise PeekError("truncated field")
-            field = key >> 3
-            if field in (INFER_REQUEST_MODEL_NAME, INFER_REQUEST_MODEL_VERSION):
-                if length > MAX_NAME_BYTES:
-                    raise PeekError("model name too long")
-                if field == INFER_REQUEST_MODEL_NAME:
-                    name = bytes(mv[pos:pos + length])
-                else:
-                    version = bytes(mv[pos:pos + length])
-            pos += length
-        elif wire == WIRE_VARINT:
-            while True:
-                if pos >= end:
-                    raise PeekError("truncated varint")
-                b = request[pos]
-                pos += 1
-                if b < 0x80:
-                    break
-        elif wire == WIRE_FIXED64:
-            pos += 8
-        elif wire == WIRE_FIXED32:
-            pos += 4
-        else:  # groups (3, 4) and 6, 7 never occur in ModelInferRequest
-            raise PeekError(f"unsupported wire type {wire}")
+    try:
+        while pos < end:
+            fields += 1
+            if fields > max_fields:
+                raise PeekError("too many fields")
+            key, pos = read_varint(request, pos)
+            field, wire = key >> 3, key & 7
+            if field == 0:
+                raise PeekError("field number 0")
+            if wire == WIRE_LEN:
+                length, pos = read_varint(request, pos)
+                if pos + length > end:
+                    raise PeekError("truncated field")
+                if field in (INFER_REQUEST_MODEL_NAME, INFER_REQUEST_MODEL_VERSION):
+                    if length > MAX_NAME_BYTES:
+                        raise PeekError("model name too long")
+                    value = bytes(request[pos:pos + length])
+                    name, version = (value, version) if field == INFER_REQUEST_MODEL_NAME else (name, value)
+                pos += length
+            elif wire == WIRE_VARINT:
+                _, pos = read_varint(request, pos)
+            elif wire == WIRE_FIXED64:
+                pos += 8
+            elif wire == WIRE_FIXED32:
+                pos += 4
+            else:  # groups (3, 4) and 6, 7 never occur in ModelInferRequest
+                raise PeekError(f"unsupported wire type {wire}")
+    except PeekError:
+        raise
+    except ValueError as exc:  # read_varint: the data ended inside a varint
+        raise PeekError(str(exc)) from None
     if pos != end:
         raise PeekError("truncated message")
     try:

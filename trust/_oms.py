@@ -20,6 +20,18 @@ Read and written here from the format, as model_signing 1.x reads and writes it:
   ("." for a single-file model). Method `shards`: PATH:START:END (end
   exclusive) with algorithm HASH-sharded-SIZE; an empty file has no shard;
   shard_size is written as a JSON float such as 1000000000.0.
+- serialization.ignore_paths: model_signing 1.1 records the paths it skipped
+  (.git, .gitattributes, .github, .gitignore, the signature, what --ignore_paths
+  named); 1.0.x records none, so a file it was told to skip is unsigned and
+  only an operator's ignore paths at verification drop it (upstream's own
+  v1.0.1 test vectors carry such a file, `ignore-me`).
+- The pre-1.0 format (model_signing 0.2) uses the same bundle shape with
+  predicateType https://model_signing/Digests/v0.1, one subject per file and a
+  non-standard DSSE encoding: recognised by that predicate, before any
+  signature check, and refused (`refuse_legacy_format`).
+- Bounds (sealbox's, not the format's): a bundle nests about 6 deep; every
+  untrusted JSON document is parsed by `strict_json`, at most MAX_JSON_BYTES
+  and MAX_JSON_DEPTH deep.
 
 All cryptography goes through the `cryptography` package, except for keyless
 bundles: sigstore-python verifies those, offline, against an operator-pinned

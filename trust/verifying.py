@@ -1,10 +1,13 @@
 """verify_model: every check a model passes before any worker sees it.
 
 Order: the source against the policy (before any file is opened for its
-content), storage checks while opening, the signature (or the operator's
-pinned digests), the signed file set against the files present, the rollback
-check, hashing into sealed memfds, the digests; only then is the version
-recorded. One audit event per decision.
+content), storage checks while opening, the legacy format refused by its
+predicate, the signature (or the operator's pinned digests), the manifest
+digest pin, the signed file set against the files present (ignore paths
+dropped), the rollback check (a signed release, or the version the operator
+states), hashing into sealed memfds, the digests; only then is the version
+recorded. One audit event per decision; every failure, a bug included, leaves
+as a VerificationError.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ import sys
 from cryptography import x509
 
 from ..trust import TrustPolicy, VerificationError, signing, verify_model
-from ..trust.policy import ANY_IDENTITY, TrustedKey, TrustedRoots
+from ..trust.policy import ANY_IDENTITY, TrustedKey, TrustedRoots, normalize_identity
 from ..trust.verifying import inside
 
 DEFAULT_SIGNATURE = "model.sig"
@@ -53,9 +53,10 @@ def add_commands(subparsers) -> None:
     trust.add_argument("--certificate-chain", action="append", metavar="ROOT.pem",
                        help="trust anchors (repeatable)")
     v.add_argument("--identity", action="append", default=[],
-                   help="pinned signer identity: email:ADDR, uri:URI or subject:NAME (repeatable)")
+                   help="pinned signer identity: email:ADDR (or a bare ADDR), uri:URI or subject:NAME (repeatable)")
     v.add_argument("--ignore-paths", action="append", default=[], metavar="NAME",
-                   help="files or directories to skip (they would never reach a worker)")
+                   help="files or directories the signature does not cover, to skip (as upstream's verify "
+                        "--ignore-paths; they would never reach a worker; repeatable)")
     v.add_argument("--model-name", help="expected model name in the release statement (default: the directory name)")
     v.set_defaults(func=cmd_verify)
 
@@ -171,7 +172,7 @@ def cmd_verify(args) -> int:
     sig = os.path.abspath(args.signature)
     try:
         keys = tuple(TrustedKey.load(p) for p in args.public_key or ())
-        identities = tuple(args.identity) or (ANY_IDENTITY,)
+        identities = tuple(normalize_identity(i) for i in args.identity) or (ANY_IDENTITY,)
         roots = tuple(TrustedRoots.load(p, identities) for p in args.certificate_chain or ())
     except (OSError, ValueError) as e:
         print(f"sealbox verify: {e}", file=sys.stderr)
@@ -185,8 +186,12 @@ def cmd_verify(args) -> int:
     try:
         with verify_model(name, real, policy, None, None) as model:
             print(f"verified: {len(model.files)} files, {model.digest}, signer {model.signer}"
-                  + (f", version {model.version}" if model.version else ""))
+                  + (f", version {model.version}" if model.version else "")
+                  + (f"; ignored (not verified): {', '.join(model.ignored)}" if model.ignored else ""))
     except VerificationError as e:
         print(f"sealbox verify: refused: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        print(f"sealbox verify: {e}", file=sys.stderr)
+        return 2
     return 0

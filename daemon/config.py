@@ -82,7 +82,7 @@ import tomllib
 from typing import Any
 
 from ..proto.contract import ENGINE_NAMES
-from ..trust.policy import IDENTITY_KINDS, SigstoreRoot, TrustedKey, TrustedRoots, TrustPolicy, parse_version
+from ..trust.policy import SigstoreRoot, TrustedKey, TrustedRoots, TrustPolicy, normalize_identity, parse_version
 from . import roles as R
 from .admission import Limits
 from .listeners import ListenerError, ListenerSpec, parse_ip_port
@@ -363,10 +363,13 @@ def _workers(table: _Table) -> WorkerConfig:
     return cfg
 
 
-def policy_from_toml(table: Any, where: str, defaults: TrustPolicy | None = None) -> TrustPolicy:
+def policy_from_toml(table: Any, where: str, defaults: TrustPolicy | None = None, *,
+                     one_model: bool = True) -> TrustPolicy:
     """The trust policy of a [policy] or [models.NAME.policy] table; keys absent
     fall back to `defaults`. Every key and file it names is checked now, so a
     broken policy stops the daemon instead of failing open later.
+    one_model=False (the default [policy]) refuses the keys that describe one
+    model's content (version, manifest_digest).
 
     Raises ConfigError("<where>: <key>: <problem>").
     """
@@ -375,7 +378,7 @@ def policy_from_toml(table: Any, where: str, defaults: TrustPolicy | None = None
     base = defaults or TrustPolicy()
     known = {"sources", "public_keys", "certificates", "sigstore", "require_signature", "signature", "release",
              "ignore_paths", "pinned_files", "pinned_manifest", "min_version", "allow_downgrade",
-             "clock_skew_seconds", "max_bytes"}
+             "clock_skew_seconds", "max_bytes", "version", "manifest_digest"}
     for key in table:
         if key not in known:
             raise ConfigError(f"{where}: {key}: unknown key (known: {', '.join(sorted(known))})")
@@ -425,10 +428,10 @@ def policy_from_toml(table: Any, where: str, defaults: TrustPolicy | None = None
             ids = entry["identities"]
             if not isinstance(ids, list) or not ids:
                 raise err(k + ".identities", "must be a non-empty list: a certificate signer is always pinned")
-            for ident in ids:
-                kind, sep, value = ident.partition(":") if isinstance(ident, str) else ("", "", "")
-                if kind not in IDENTITY_KINDS or not sep or not value:
-                    raise err(k + ".identities", f"{ident!r} must be email:ADDRESS, uri:URI or subject:RFC4514-NAME")
+            try:
+                ids = [normalize_identity(ident) for ident in ids]  # a bare address pins the e-mail SAN
+            except ValueError as e:
+                raise err(k + ".identities", str(e)) from None
             try:
                 root = TrustedRoots.load(path, tuple(ids))
             except (OSError, ValueError) as e:
@@ -483,6 +486,21 @@ def policy_from_toml(table: Any, where: str, defaults: TrustPolicy | None = None
         except ValueError as e:
             raise err("min_version", str(e)) from None
         changes["min_version"] = value
+    for key in ("version", "manifest_digest"):
+        if key in table and not one_model:
+            raise err(key, "belongs to one model: set it in [models.NAME.policy], not in the default [policy]")
+    if "version" in table:
+        value = get("version", str, "a version string")
+        try:
+            parse_version(value)
+        except ValueError as e:
+            raise err("version", str(e)) from None
+        changes["version"] = value
+    if "manifest_digest" in table:
+        value = get("manifest_digest", str, "a digest string")
+        if not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
+            raise err("manifest_digest", f"{value!r} must be sha256: and 64 lowercase hex digits (what `sealbox verify` prints)")
+        changes["manifest_digest"] = value
     if "clock_skew_seconds" in table:
         value = get("clock_skew_seconds", int, "an integer number of seconds")
         if not 0 <= value <= 86400:
@@ -518,7 +536,7 @@ def load_config(path: str) -> Config:
     top = _Table(data, path)
     server = _server(_Table(top.get("server", dict, {}), f"{path}: [server]"))
     workers = _workers(_Table(top.get("workers", dict, {}), f"{path}: [workers]"))
-    default_policy = policy_from_toml(top.get("policy", dict, {}), f"{path}: [policy]")
+    default_policy = policy_from_toml(top.get("policy", dict, {}), f"{path}: [policy]", one_model=False)
     models = {}
     for name, raw in top.get("models", dict, {}).items():
         where = f"{path}: [models.{name}]"

@@ -170,15 +170,21 @@ class Supervisor:
                     model.set_state(State.UNAVAILABLE, reason)
                 raise LoadRefused(reason) from None
             self.metrics.verification(name, "all", "accepted")
-            self._stop_worker(model, State.LOADING, "loading")
-            model.verified, model.failures = verified, 0
-            model.set_state(State.LOADING, "loading", verified.version or "")
             try:
+                self._stop_worker(model, State.LOADING, "loading")
+                model.verified, model.failures = verified, 0
+                model.set_state(State.LOADING, "loading", verified.version or "")
                 self._start_worker(model)
-            except ModelUnavailable:
-                model.verified.close()  # never served: free the sealed copies now
+            except Exception as exc:
+                verified.close()  # never served: free the sealed copies now
                 model.verified = None
-                raise
+                if isinstance(exc, ModelUnavailable):
+                    raise
+                # A bug, not a verdict: still an answer with a reason, never UNKNOWN with an empty one.
+                log.exception("model %s: internal error while loading", name)
+                model.set_state(State.UNAVAILABLE, f"internal error while loading: {exc!r}", worker=None)
+                self.audit.event("model_load", model=name, verdict="failed", reason=model.reason)
+                raise ModelUnavailable(model.reason) from None
 
     def _start_worker(self, model: ManagedModel) -> None:
         """Launch a worker on model.verified and wait until it serves (caller holds model.lock)."""

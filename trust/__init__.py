@@ -19,8 +19,8 @@ The public face is this module and the modules without a leading underscore:
 | `signing.py` | the publisher's side (`sealbox hash`, `sealbox sign`): model digests, the OMS statement, release statements, signed bundles |
 | `_storage.py` | storage checks: every entry opened `O_NOFOLLOW` relative to its parent's fd and checked on that fd (owner, mode, kind, hard links, symlinks) |
 | `_hashing.py` | hashing while copying each file into a sealed memfd, on a thread pool (sha256, blake2b, blake3; files or shards) |
-| `_oms.py` | the OpenSSF model-signing format: Sigstore bundle v0.3, DSSE, in-toto statement; parsing, signature and certificate-chain checks, keyless via sigstore; writing bundles |
-| `_rollback.py` | signed release statements and the highest version accepted per model (`versions.json`) |
+| `_oms.py` | the OpenSSF model-signing format: Sigstore bundle v0.3, DSSE, in-toto statement; parsing, signature and certificate-chain checks, keyless via sigstore; writing bundles; `strict_json`, the one bounded parser of untrusted JSON |
+| `_rollback.py` | signed release statements, operator-stated versions, and the highest version accepted per model (`versions.json`) |
 """
 from . import signing
 from .errors import VerificationError

@@ -20,6 +20,18 @@ Read and written here from the format, as model_signing 1.x reads and writes it:
   ("." for a single-file model). Method `shards`: PATH:START:END (end
   exclusive) with algorithm HASH-sharded-SIZE; an empty file has no shard;
   shard_size is written as a JSON float such as 1000000000.0.
+- serialization.ignore_paths: model_signing 1.1 records the paths it skipped
+  (.git, .gitattributes, .github, .gitignore, the signature, what --ignore_paths
+  named); 1.0.x records none, so a file it was told to skip is unsigned and
+  only an operator's ignore paths at verification drop it (upstream's own
+  v1.0.1 test vectors carry such a file, `ignore-me`).
+- The pre-1.0 format (model_signing 0.2) uses the same bundle shape with
+  predicateType https://model_signing/Digests/v0.1, one subject per file and a
+  non-standard DSSE encoding: recognised by that predicate, before any
+  signature check, and refused (`refuse_legacy_format`).
+- Bounds (sealbox's, not the format's): a bundle nests about 6 deep; every
+  untrusted JSON document is parsed by `strict_json`, at most MAX_JSON_BYTES
+  and MAX_JSON_DEPTH deep.
 
 All cryptography goes through the `cryptography` package, except for keyless
 bundles: sigstore-python verifies those, offline, against an operator-pinned
@@ -39,6 +51,7 @@ import datetime
 import hashlib
 import json
 import posixpath
+import re
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -70,8 +83,35 @@ def _b64(value, where: str, what: str) -> bytes:
         raise VerificationError(where, "bundle", f"{what} is not valid base64") from None
 
 
+# Bounds on every untrusted JSON document the supervisor parses (bundles,
+# statements, release statements, versions.json): a signature is a few KiB to
+# a few MiB (one resource line per model file) and nests about 6 deep.
+MAX_JSON_BYTES = 16 << 20
+MAX_JSON_DEPTH = 64
+# A string (escapes included) or one bracket: the depth scan skips strings whole.
+_JSON_TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
+def json_depth_exceeds(text: str, limit: int) -> bool:
+    """True if brackets outside strings nest deeper than `limit`: an
+    iterative scan, so checking costs no recursion whatever the input."""
+    depth = 0
+    for m in _JSON_TOKENS.finditer(text):
+        c = m.group()
+        if c in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif c in "]}":
+            depth -= 1
+    return False
+
+
 def strict_json(data: bytes, where: str, check: str):
-    """json.loads refusing duplicate keys: two readers must never disagree."""
+    """The one parser of untrusted JSON in sealbox.trust: bounded in size
+    (MAX_JSON_BYTES) and nesting depth (MAX_JSON_DEPTH) before json.loads
+    sees it, UTF-8 only, duplicate keys refused (two readers must never
+    disagree). Every failure is a VerificationError(where, check, ...)."""
     def pairs(items):
         obj = {}
         for k, v in items:
@@ -79,12 +119,18 @@ def strict_json(data: bytes, where: str, check: str):
                 raise ValueError(f"duplicate key {k!r}")
             obj[k] = v
         return obj
+    if len(data) > MAX_JSON_BYTES:
+        raise VerificationError(where, check, f"not valid JSON ({len(data)} bytes, more than the {MAX_JSON_BYTES} allowed)")
     try:
         text = data.decode("utf-8")  # json.loads(bytes) would guess UTF-16/32 too
     except UnicodeDecodeError:
         raise VerificationError(where, check, "not valid JSON (not UTF-8 text)") from None
+    if json_depth_exceeds(text, MAX_JSON_DEPTH):
+        raise VerificationError(where, check, f"not valid JSON (nested deeper than {MAX_JSON_DEPTH} levels)")
     try:
         return json.loads(text, object_pairs_hook=pairs)
+    except RecursionError:  # not reached after the scan above; never a traceback if it were
+        raise VerificationError(where, check, f"not valid JSON (nested deeper than {MAX_JSON_DEPTH} levels)") from None
     except ValueError as e:
         raise VerificationError(where, check, f"not valid JSON ({e})") from None
 
@@ -303,12 +349,25 @@ def check_name(name, where: str) -> str:
     return name
 
 
+LEGACY_REFUSAL = (f"the legacy pre-1.0 model_signing format (predicate {LEGACY_PREDICATE_TYPE}): "
+                  "not supported; re-sign with model_signing >= 1.0")
+
+
+def refuse_legacy_format(bundle: Bundle) -> None:
+    """Recognises the pre-1.0 format by its predicate, before any signature
+    check: its non-standard DSSE encoding would only fail as 'does not verify'.
+    Reads the still unverified payload, through the bounded parser only."""
+    st = strict_json(bundle.payload, bundle.where, "statement")
+    if isinstance(st, dict) and st.get("predicateType") == LEGACY_PREDICATE_TYPE:
+        raise VerificationError(bundle.where, "format", LEGACY_REFUSAL)
+
+
 def parse_statement(payload: bytes, where: str) -> Manifest:
     st = strict_json(payload, where, "statement")
     if not isinstance(st, dict) or st.get("_type") != STATEMENT_TYPE:
         raise VerificationError(where, "statement", f"not an in-toto {STATEMENT_TYPE} statement")
     if st.get("predicateType") == LEGACY_PREDICATE_TYPE:
-        raise VerificationError(where, "statement", f"legacy pre-1.0 predicate {LEGACY_PREDICATE_TYPE}: not supported; re-sign with model_signing >= 1.0")
+        raise VerificationError(where, "format", LEGACY_REFUSAL)
     if st.get("predicateType") != PREDICATE_TYPE:
         raise VerificationError(where, "statement", f"predicateType {st.get('predicateType')!r} is not {PREDICATE_TYPE}")
     subjects = st.get("subject")

@@ -11,7 +11,12 @@ OMS statement's subject digest, so it cannot be moved to other content:
      "predicate": {"model": "<model>", "version": "1.2.0"}}
 
 The daemon keeps the highest version accepted per model in
-<state_dir>/versions.json (root-only, replaced atomically).
+<state_dir>/versions.json (root-only, replaced atomically): "model": "1.2.0"
+for a signed release, "model": {"version": "1.2.0", "digest": "sha256:..."}
+for a version the operator states in the config (policy key `version`, for
+models signed without a release statement, such as upstream-signed ones):
+then the digest is kept with it, and other content under the same or a lower
+stated version is refused.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import json
 import os
 import stat
 
-from ._oms import STATEMENT_TYPE, strict_json
+from ._oms import MAX_JSON_BYTES, STATEMENT_TYPE, strict_json
 from .errors import VerificationError
 from .policy import TrustPolicy, parse_version
 
@@ -67,29 +72,42 @@ class VersionStore:
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
             raise VerificationError(state_dir, "rollback", "the state directory must be a directory owned by the daemon with mode 0700")
 
-    def read(self) -> dict[str, str]:
+    def read(self) -> dict[str, str | dict]:
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return {}
         with os.fdopen(fd, "rb") as f:
-            data = f.read()
+            data = f.read(MAX_JSON_BYTES + 1)
         versions = strict_json(data, self.path, "rollback")
-        if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
+        if not isinstance(versions, dict) or not all(
+                isinstance(v, str) or (isinstance(v, dict) and set(v) == {"version", "digest"}
+                                       and all(isinstance(x, str) for x in v.values()))
+                for v in versions.values()):
             raise VerificationError(self.path, "rollback", "not a JSON object of model -> version")
         return versions
 
-    def get(self, model: str) -> str | None:
-        return self.read().get(model)
+    def entry(self, model: str) -> tuple[str, str | None] | None:
+        """(highest accepted version, the digest it was accepted with if the
+        version was stated by the operator, else None), or None."""
+        v = self.read().get(model)
+        if v is None:
+            return None
+        return (v, None) if isinstance(v, str) else (v["version"], v["digest"])
 
-    def record(self, model: str, version: str) -> None:
-        """Raises the recorded version to `version` if it is higher. The single
-        daemon process is the only writer; callers serialize per model."""
+    def get(self, model: str) -> str | None:
+        e = self.entry(model)
+        return e[0] if e else None
+
+    def record(self, model: str, version: str, digest: str | None = None) -> None:
+        """Raises the recorded version to `version` if it is higher (with
+        `digest` when the operator stated the version). The single daemon
+        process is the only writer; callers serialize per model."""
         versions = self.read()
-        old = versions.get(model)
-        if old is not None and parse_version(old) >= parse_version(version):
+        old = self.entry(model)
+        if old is not None and parse_version(old[0]) >= parse_version(version):
             return
-        versions[model] = version
+        versions[model] = version if digest is None else {"version": version, "digest": digest}
         tmp = f"{self.path}.tmp.{os.getpid()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
@@ -106,15 +124,26 @@ class VersionStore:
 
 
 def check_version(model: str, version: str | None, release_where: str, policy: TrustPolicy,
-                  recorded: str | None) -> None:
-    """The rollback decision. `version` is None when there is no release statement."""
+                  recorded: str | None, *, stated: bool = False, digest: str | None = None,
+                  recorded_digest: str | None = None) -> None:
+    """The rollback decision. `version` is None when there is neither a release
+    statement nor a version stated in the policy; `stated` says the version
+    comes from the policy (then `digest` is the content's manifest digest and
+    `recorded_digest` the one the recorded version was accepted with)."""
     if version is None:
         if policy.min_version is not None:
             raise VerificationError(release_where, "rollback", f"no signed release statement, but the policy requires version >= {policy.min_version}")
         if recorded is not None and not policy.allow_downgrade:
             raise VerificationError(release_where, "rollback", f"no signed release statement, but version {recorded} was accepted before")
         return
+    what = f"version {version} (stated in the policy)" if stated else f"version {version}"
     if policy.min_version is not None and parse_version(version) < parse_version(policy.min_version):
-        raise VerificationError(release_where, "rollback", f"version {version} is below the policy's min_version {policy.min_version}")
-    if recorded is not None and parse_version(version) < parse_version(recorded) and not policy.allow_downgrade:
-        raise VerificationError(release_where, "rollback", f"version {version} is lower than version {recorded} accepted before for {model!r} (allow_downgrade is false)")
+        raise VerificationError(release_where, "rollback", f"{what} is below the policy's min_version {policy.min_version}")
+    if recorded is None or policy.allow_downgrade:
+        return
+    same_content = stated and recorded_digest is not None and digest == recorded_digest
+    if parse_version(version) < parse_version(recorded) and not same_content:
+        raise VerificationError(release_where, "rollback", f"{what} is lower than version {recorded} accepted before for {model!r} (allow_downgrade is false)")
+    if stated and parse_version(version) == parse_version(recorded) and recorded_digest is not None and not same_content:
+        raise VerificationError(release_where, "rollback", f"{what} was accepted before for {model!r} with manifest digest "
+                                f"{recorded_digest}, not {digest}: new content needs a higher version (allow_downgrade is false)")

@@ -22,6 +22,23 @@ ANY_IDENTITY = "*"
 _VERSION_RE = re.compile(r"^[0-9]{1,9}(\.[0-9]{1,9}){0,7}$")
 
 
+_BARE_EMAIL_RE = re.compile(r"^[^@\s:/<>]+@[^@\s:/<>]+$")
+
+
+def normalize_identity(text: str) -> str:
+    """A pinned certificate signer identity: email:ADDR, uri:URI or
+    subject:RFC4514-NAME, or a bare e-mail address as operators write it
+    ("alice@example.com"), which pins the certificate's e-mail SAN
+    ("email:alice@example.com"). Raises ValueError otherwise."""
+    if isinstance(text, str):
+        kind, sep, value = text.partition(":")
+        if kind in IDENTITY_KINDS and sep and value:
+            return text
+        if _BARE_EMAIL_RE.match(text):
+            return f"email:{text}"
+    raise ValueError(f"{text!r} must be email:ADDRESS (or a bare e-mail address), uri:URI or subject:RFC4514-NAME")
+
+
 def parse_version(text: str) -> tuple[int, ...]:
     """Versions are dot-separated decimal numbers ("1.2.10"), compared as tuples
     with missing components as 0, so "1.2" == "1.2.0" < "1.10"."""
@@ -122,6 +139,11 @@ class TrustPolicy:
     pinned_manifest: str | None = None
     min_version: str | None = None
     allow_downgrade: bool = False
+    # Rollback protection without a signed release statement (upstream-signed
+    # models): the version the operator states for this model's content, and
+    # an optional pin of its manifest digest ("sha256:HEX").
+    version: str | None = None
+    manifest_digest: str | None = None
     clock_skew_seconds: int = 300
     max_bytes: int = 16 << 30  # the memfd copies live in RAM (tmpfs): keep below memory
     where: str = "built-in defaults"  # for error messages and the audit log
@@ -135,4 +157,6 @@ class TrustPolicy:
             how = "signed by " + ", ".join(trust)
         else:
             how = "pinned digests from " + (self.pinned_manifest or "the config")
-        return f"{self.where}: {how}; min_version={self.min_version}; allow_downgrade={self.allow_downgrade}"
+        extra = "".join(f"; {k}={v}" for k, v in (("version", self.version), ("manifest_digest", self.manifest_digest),
+                                                   ("ignore_paths", ",".join(self.ignore_paths))) if v)
+        return f"{self.where}: {how}; min_version={self.min_version}; allow_downgrade={self.allow_downgrade}{extra}"

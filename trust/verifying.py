@@ -1,10 +1,13 @@
 """verify_model: every check a model passes before any worker sees it.
 
 Order: the source against the policy (before any file is opened for its
-content), storage checks while opening, the signature (or the operator's
-pinned digests), the signed file set against the files present, the rollback
-check, hashing into sealed memfds, the digests; only then is the version
-recorded. One audit event per decision.
+content), storage checks while opening, the legacy format refused by its
+predicate, the signature (or the operator's pinned digests), the manifest
+digest pin, the signed file set against the files present (ignore paths
+dropped), the rollback check (a signed release, or the version the operator
+states), hashing into sealed memfds, the digests; only then is the version
+recorded. One audit event per decision; every failure, a bug included, leaves
+as a VerificationError.
 """
 from __future__ import annotations
 
@@ -17,11 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ._hashing import hash_into_memfds, ranges
-from ._oms import Manifest, check_name, is_ignored, parse_bundle, parse_statement, verify_bundle
+from ._oms import Manifest, check_name, is_ignored, parse_bundle, parse_statement, refuse_legacy_format, verify_bundle
 from ._rollback import VersionStore, check_version, parse_release
 from ._storage import Tree, open_tree, read_checked, resolve_symlinks
 from .errors import VerificationError
-from .policy import TrustPolicy
+from .policy import TrustPolicy, parse_version
 
 __all__ = ["AuditSink", "VerificationError", "VerifiedModel", "verify_model", "check_source", "parse_pin_manifest",
            "inside"]
@@ -44,6 +47,7 @@ class VerifiedModel:
     version: str | None
     signer: str | None           # pinned identity or "key:sha256:<fingerprint>"; None when pinned by digest
     digest: str                  # "sha256:<hex>": OMS subject digest, or the same over the pinned digests
+    ignored: tuple[str, ...] = ()  # present but under ignore_paths: never verified, never handed over
     _closed: bool = field(default=False, repr=False)
 
     def close(self) -> None:
@@ -143,6 +147,7 @@ def verify_model(name: str, model_dir: str, policy: TrustPolicy, state_dir: str 
         signer = None
         if sig_bytes is not None:
             bundle = parse_bundle(sig_bytes, sig_path)
+            refuse_legacy_format(bundle)  # by its predicate, before its signature fails for another reason
             signer = verify_bundle(bundle, policy, now)
             record["signer"] = signer
             manifest, manifest_where = parse_statement(bundle.payload, sig_path), sig_path
@@ -150,14 +155,21 @@ def verify_model(name: str, model_dir: str, policy: TrustPolicy, state_dir: str 
             manifest, manifest_where = _pinned_manifest(policy, real)
         digest = f"sha256:{manifest.subject_digest}"
         record["digest"] = digest
+        if policy.manifest_digest is not None and digest != policy.manifest_digest:
+            raise VerificationError(manifest_where, "pin", f"manifest digest {digest} is not the manifest_digest "
+                                    f"{policy.manifest_digest} the policy pins")
 
         # Files under the signed (or the policy's) ignore_paths are not
         # authenticated: they are dropped, never handed over.
         ignored = manifest.ignore_paths + policy.ignore_paths
+        dropped = sorted([n for n in tree.files if is_ignored(n, ignored)]
+                         + [n for n in tree.symlinks if is_ignored(n, ignored)])
         for n in [n for n in tree.files if is_ignored(n, ignored)]:
             tree.drop(n)
         for n in [n for n in tree.symlinks if is_ignored(n, ignored)]:
             del tree.symlinks[n]
+        if dropped:
+            record["ignored"] = dropped  # named in the audit event: present, never verified, never handed over
         resolve_symlinks(tree, manifest.allow_symlinks)
         _check_file_set(tree, manifest, real)
 
@@ -165,13 +177,24 @@ def verify_model(name: str, model_dir: str, policy: TrustPolicy, state_dir: str 
         if total > policy.max_bytes:
             raise VerificationError(real, "size", f"{total} bytes, more than the policy's max_bytes {policy.max_bytes}")
 
-        version = None
+        version, stated = None, False
         if release_bytes is not None:
             version = _check_release(name, release_bytes, release_path, policy, signer, manifest, now)
+            if policy.version is not None and parse_version(policy.version) != parse_version(version):
+                raise VerificationError(release_path, "rollback", f"the signed release says version {version}, "
+                                        f"the policy states version {policy.version}")
+        elif policy.version is not None:
+            # No release statement (an upstream-signed model, say): the operator states the version.
+            version, stated = policy.version, True
         record["version"] = version
+        if stated:
+            record["version_stated"] = True
+        rollback_where = real if stated else release_path
         store = VersionStore(state_dir) if state_dir is not None else None
         with _state_lock:
-            check_version(name, version, release_path, policy, store.get(name) if store else None)
+            recorded = store.entry(name) if store else None
+            check_version(name, version, rollback_where, policy, recorded[0] if recorded else None,
+                          stated=stated, digest=digest, recorded_digest=recorded[1] if recorded else None)
 
         hashed = hash_into_memfds(list(tree.files.values()), manifest.hash_type, manifest.shard_size)
         for n, h in hashed.items():
@@ -184,10 +207,11 @@ def verify_model(name: str, model_dir: str, policy: TrustPolicy, state_dir: str 
 
         if store is not None and version is not None:
             with _state_lock:
-                store.record(name, version)
+                store.record(name, version, digest if stated else None)
         label = (lambda n: os.path.basename(real)) if tree.single_file else (lambda n: n)
         model = VerifiedModel(name, real, {label(n): h.memfd for n, h in hashed.items()},
-                              {label(n): h.size for n, h in hashed.items()}, version, signer, digest)
+                              {label(n): h.size for n, h in hashed.items()}, version, signer, digest,
+                              tuple(dropped))
         hashed = None  # owned by `model` now
         if audit:
             audit.event("model.verify", **record, verdict="accepted", reason="all checks passed", files=len(model.files))
@@ -201,10 +225,12 @@ def verify_model(name: str, model_dir: str, policy: TrustPolicy, state_dir: str 
             audit.event("model.verify", **record, verdict="refused", reason=f"I/O error: {e}", check="io")
         raise VerificationError(e.filename or model_dir, "io", e.strerror or str(e)) from None
     except Exception as e:
-        # A bug, not a verdict on the model: still audited, still a refusal.
+        # A bug, not a verdict on the model: still audited, still a refusal with a reason
+        # (never an exception escaping to the daemon's RPC or a traceback on the CLI).
+        refusal = VerificationError(record["source"], "internal", f"verification failed: {e!r}")
         if audit:
-            audit.event("model.verify", **record, verdict="refused", reason=f"internal error: {e!r}", check="internal")
-        raise
+            audit.event("model.verify", **record, verdict="refused", reason=str(refusal), check="internal")
+        raise refusal from e
     finally:
         if tree is not None:
             tree.close()

@@ -153,10 +153,13 @@ def test_upstream_vectors(vector_dir, name, vector):
     model = vector_dir / vector["model_path"]
     sig = vector_dir / vector["signature"]
     if name.startswith("v0.2."):
-        # Pre-1.0: a different, buggy DSSE encoding and predicate; refused.
+        # Pre-1.0: a different, buggy DSSE encoding and predicate; refused by its predicate,
+        # before its signature is checked (which would fail only as "does not verify").
         with pytest.raises(VerificationError) as info:
             verify_model(name, str(model), pol, None, None)
-        assert str(info.value) == f"{sig}: signature: the DSSE signature does not verify with the certificate of subject:CN=intermediate-ca"
+        assert str(info.value) == (f"{sig}: format: the legacy pre-1.0 model_signing format (predicate "
+                                   "https://model_signing/Digests/v0.1): not supported; re-sign with model_signing >= 1.0")
+        assert info.value.check == "format"
     else:
         with verify_model(name, str(model), pol, None, None) as vm:
             want = sorted(p.name for p in (model.iterdir() if model.is_dir() else [model])

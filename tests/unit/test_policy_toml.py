@@ -66,7 +66,7 @@ def test_documented_example_loads_with_defaults(files):
     ({"sources": ["/srv"], "public_keys": ["ROOT"]}, "public_keys: ROOT: not a PEM public key ("),
     ({"sources": ["/srv"], "certificates": [{"roots": "ROOT"}]}, "certificates[0]: must be a table with exactly the keys roots and identities"),
     ({"sources": ["/srv"], "certificates": [{"roots": "ROOT", "identities": []}]}, "certificates[0].identities: must be a non-empty list: a certificate signer is always pinned"),
-    ({"sources": ["/srv"], "certificates": [{"roots": "ROOT", "identities": ["alice"]}]}, "certificates[0].identities: 'alice' must be email:ADDRESS, uri:URI or subject:RFC4514-NAME"),
+    ({"sources": ["/srv"], "certificates": [{"roots": "ROOT", "identities": ["alice"]}]}, "certificates[0].identities: 'alice' must be email:ADDRESS (or a bare e-mail address), uri:URI or subject:RFC4514-NAME"),
     ({"sources": ["/srv"], "certificates": [{"roots": "PUB", "identities": ["email:a@b"]}]}, "certificates[0].roots: PUB: not PEM certificates ("),
     ({"sources": ["/srv"], "sigstore": [{"trusted_root": "ROOT", "identities": ["a@b"]}]}, "sigstore[0]: must be a table with exactly the keys trusted_root, identities and issuer"),
     ({"sources": ["/srv"], "sigstore": [{"trusted_root": "ROOT", "identities": [], "issuer": "https://i"}]}, "sigstore[0].identities: must be a non-empty list of e-mail addresses or URIs: a keyless signer is always pinned"),

@@ -375,7 +375,7 @@ def policy_from_toml(table: Any, where: str, defaults: TrustPolicy | None = None
     base = defaults or TrustPolicy()
     known = {"sources", "public_keys", "certificates", "sigstore", "require_signature", "signature", "release",
              "ignore_paths", "pinned_files", "pinned_manifest", "min_version", "allow_downgrade",
-             "clock_skew_seconds", "max_bytes"}
+             "clock_skew_seconds", "max_bytes", "model_name"}
     for key in table:
         if key not in known:
             raise ConfigError(f"{where}: {key}: unknown key (known: {', '.join(sorted(known))})")
@@ -483,6 +483,11 @@ def policy_from_toml(table: Any, where: str, defaults: TrustPolicy | None = None
         except ValueError as e:
             raise err("min_version", str(e)) from None
         changes["min_version"] = value
+    if "model_name" in table:
+        value = get("model_name", str, "a model name")
+        if not value or len(value) > 255 or not value.isprintable():
+            raise err("model_name", f"{value!r} must be 1 to 255 printable characters: the name the signature carries")
+        changes["model_name"] = value
     if "clock_skew_seconds" in table:
         value = get("clock_skew_seconds", int, "an integer number of seconds")
         if not 0 <= value <= 86400:
@@ -501,6 +506,8 @@ def policy_from_toml(table: Any, where: str, defaults: TrustPolicy | None = None
     if not policy.require_signature:
         if (policy.pinned_files is None) == (policy.pinned_manifest is None):
             raise err("require_signature", "is false: exactly one of pinned_files or pinned_manifest must pin the digests")
+        if policy.model_name is not None:
+            raise err("model_name", "needs a signature (require_signature = true): pinned digests carry no model name")
     if not (policy.sources or policy.source_urls):
         raise err("sources", "is required: the directories models may be loaded from")
     return policy

@@ -122,6 +122,9 @@ class TrustPolicy:
     pinned_manifest: str | None = None
     min_version: str | None = None
     allow_downgrade: bool = False
+    # The model name the signed statement must carry (its in-toto subject
+    # name); None: not checked (upstream records the directory's name).
+    model_name: str | None = None
     clock_skew_seconds: int = 300
     max_bytes: int = 16 << 30  # the memfd copies live in RAM (tmpfs): keep below memory
     where: str = "built-in defaults"  # for error messages and the audit log
@@ -135,4 +138,5 @@ class TrustPolicy:
             how = "signed by " + ", ".join(trust)
         else:
             how = "pinned digests from " + (self.pinned_manifest or "the config")
-        return f"{self.where}: {how}; min_version={self.min_version}; allow_downgrade={self.allow_downgrade}"
+        name = f"; model_name={self.model_name}" if self.model_name is not None else ""
+        return f"{self.where}: {how}{name}; min_version={self.min_version}; allow_downgrade={self.allow_downgrade}"

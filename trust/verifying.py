@@ -2,7 +2,7 @@
 
 Order: the source against the policy (before any file is opened for its
 content), storage checks while opening, the signature (or the operator's
-pinned digests), the signed file set against the files present, the rollback
+pinned digests) and the signed model name (if the policy binds one), the signed file set against the files present, the rollback
 check, hashing into sealed memfds, the digests; only then is the version
 recorded. One audit event per decision.
 """
@@ -146,6 +146,7 @@ def verify_model(name: str, model_dir: str, policy: TrustPolicy, state_dir: str 
             signer = verify_bundle(bundle, policy, now)
             record["signer"] = signer
             manifest, manifest_where = parse_statement(bundle.payload, sig_path), sig_path
+            _check_name(manifest, sig_path, policy)
         else:
             manifest, manifest_where = _pinned_manifest(policy, real)
         digest = f"sha256:{manifest.subject_digest}"
@@ -211,6 +212,17 @@ def verify_model(name: str, model_dir: str, policy: TrustPolicy, state_dir: str 
         if hashed:
             for h in hashed.values():
                 os.close(h.memfd)
+
+
+def _check_name(manifest: Manifest, sig_path: str, policy: TrustPolicy) -> None:
+    """Name binding (opt-in): the signed statement's subject name is the one the policy names.
+
+    model_signing writes the model directory's name there and ignores it when
+    verifying, so without `model_name` a signature made for another model
+    verifies too (only a release statement would bind the config name)."""
+    if policy.model_name is not None and manifest.subject_name != policy.model_name:
+        raise VerificationError(sig_path, "name", f"signed for model {manifest.subject_name!r}, but the policy's "
+                                f"model_name is {policy.model_name!r}")
 
 
 def _check_file_set(tree: Tree, manifest: Manifest, real: str) -> None:

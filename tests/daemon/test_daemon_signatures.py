@@ -9,7 +9,7 @@ import pytest
 
 from tests.support import PYTHON
 from tests.support.models import reference
-from tests.support.pki import PKI, run, sealbox_cli, upstream
+from tests.support.pki import PKI, run, sealbox_cli, upstream, upstream_sign
 
 X = np.random.default_rng(11).standard_normal((4, 4)).astype(np.float32)
 
@@ -74,3 +74,31 @@ def test_rollback_to_a_lower_signed_version_is_refused(tmp_path, daemon_factory,
     with daemon.client() as client:
         status = client.status("demo")
         assert status.state == "UNAVAILABLE" and "rollback" in status.reason
+
+
+def test_a_signature_for_another_model_is_refused_when_the_name_is_bound(tmp_path, daemon_factory, demo_model, keys):
+    # Signed by the upstream tool in a directory named `other`: its statement names "other".
+    other = unsigned_copy(demo_model, tmp_path / "models" / "other")
+    upstream_sign(other, keys[0])
+    daemon = daemon_factory({"victim": {"path": other, "policy": 'model_name = "victim"'},
+                             "unbound": {"path": other}}, keys[1]).start()
+    refusal = f"{other / 'model.sig'}: name: signed for model 'other', but the policy's model_name is 'victim'"
+    with daemon.client() as client:
+        status = client.status("victim")
+        assert status.state == "UNAVAILABLE" and status.reason == f"verification refused: {refusal}"
+        assert client.model_ready("victim") is False
+        with pytest.raises(grpc.RpcError) as err:
+            client.infer("victim", {"x": X})
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        # Without the key: today's behaviour, the signed name is not checked.
+        assert client.model_ready("unbound")
+        verdicts = [e for e in daemon.audit_events() if e["event"] == "model_verify" and e["model"] == "victim"]
+        assert [(e["verdict"], e["check"], e["reason"]) for e in verdicts] == [("refused", "name", refusal)]
+        assert not [e for e in daemon.audit_events()
+                    if e["event"] == "model_load" and e["model"] == "victim" and e["verdict"] == "ready"]
+
+        # Re-signed with `sealbox sign --model-name victim`: accepted under that name.
+        assert sealbox_cli("sign", "key", other, "--private-key", keys[0], "--model-name", "victim").returncode == 0
+        client.load("victim")
+        assert client.model_ready("victim")
+        np.testing.assert_allclose(client.infer("victim", {"x": X})["y"], reference(X), rtol=1e-5, atol=1e-5)

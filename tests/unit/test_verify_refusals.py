@@ -417,6 +417,48 @@ def test_release_signed_by_another_trusted_signer(tmp_path, keys):
     assert ", but the model by key:sha256:" in msg
 
 
+# ---- name binding: the policy's model_name against the signed statement's subject name --
+
+
+def _subject_name(sig: Path) -> str:
+    bundle = json.loads(sig.read_text())
+    return json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))["subject"][0]["name"]
+
+
+def test_model_name_binding(tmp_path, keys):
+    # Signed by the upstream tool in a directory named `other`: the statement carries "other".
+    other = make_model(tmp_path / "other")
+    upstream("sign", "key", other, "--private_key", keys["good"], "--signature", other / "model.sig")
+    assert _subject_name(other / "model.sig") == "other"
+    bound = policy(tmp_path, public_keys=[str(keys["good_pub"])], model_name="victim")
+    msg, record = refused(other, bound, str(tmp_path / "state"), name="victim")
+    assert msg == f"{other}/model.sig: name: signed for model 'other', but the policy's model_name is 'victim'"
+    assert record["check"] == "name" and record["source"] == str(other)
+    assert not (tmp_path / "state" / "versions.json").exists()
+
+    # Without the key: today's behaviour, the name in the signature is not checked.
+    with verify_model("victim", str(other), policy(tmp_path, public_keys=[str(keys["good_pub"])]), None, None) as vm:
+        assert sorted(vm.files) == ["config.json", "weights/w0.bin", "weights/w1.bin"]
+
+    # `sealbox sign --model-name victim` writes the name into the statement and the release statement.
+    sign(other, keys["good"], "--model-name", "victim", "--version", "1.0")
+    assert _subject_name(other / "model.sig") == "victim"
+    assert _subject_name(other / "model.release.sig") == "victim"
+    with verify_model("victim", str(other), bound, str(tmp_path / "state"), None) as vm:
+        assert vm.version == "1.0" and len(vm.files) == 3
+    # ... which upstream still verifies: it ignores the name.
+    upstream("verify", "key", other, "--signature", other / "model.sig", "--public_key", keys["good_pub"],
+             "--ignore-paths", other / "model.release.sig")
+
+    # --model-name alone (no release statement) binds the name too; the default is the directory's name.
+    sign(other, keys["good"], "--model-name", "victim")
+    assert _subject_name(other / "model.sig") == "victim"
+    sign(other, keys["good"])
+    assert _subject_name(other / "model.sig") == "other"
+    msg, _ = refused(other, bound, name="victim")
+    assert msg == f"{other}/model.sig: name: signed for model 'other', but the policy's model_name is 'victim'"
+
+
 # ---- unsigned models pinned by digest ------------------------------------------------
 
 

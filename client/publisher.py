@@ -180,7 +180,10 @@ def cmd_verify(args) -> int:
         return 2
     if roots and not args.identity:
         print("sealbox verify: warning: no --identity given, any signer chaining to the roots is accepted", file=sys.stderr)
-    policy = TrustPolicy(sources=("/",), public_keys=keys, certificates=roots, signature=sig,
+    # The source is the model directory itself (a single-file model: its directory): the command line
+    # names the model, so nothing above it is walked or checked.
+    source = real if os.path.isdir(real) else os.path.dirname(real)
+    policy = TrustPolicy(sources=(source,), public_keys=keys, certificates=roots, signature=sig,
                          release=os.path.join(os.path.dirname(sig), DEFAULT_RELEASE),
                          ignore_paths=tuple(_as_model_names(real, args.ignore_paths)), where="command line")
     name = args.model_name or os.path.basename(real)

@@ -401,7 +401,7 @@ def policy_from_toml(table: Any, where: str, defaults: TrustPolicy | None = None
             if isinstance(s, str) and s.startswith("https://") and len(s) > len("https://"):
                 urls.append(s)
             elif isinstance(s, str) and os.path.isabs(s):
-                # Resolved once here; model paths are resolved at verify time.
+                # Resolved once here; below it a model path is walked with O_NOFOLLOW at verify time.
                 dirs.append(os.path.realpath(s))
             else:
                 raise err("sources", f"{s!r} is neither an absolute directory nor an https:// URL prefix")

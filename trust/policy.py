@@ -103,8 +103,9 @@ class SigstoreRoot:
 
 @dataclass(frozen=True)
 class TrustPolicy:
-    # Allowed model sources: real directory paths (compared after resolving
-    # symlinks) and https:// URL prefixes (kept for a later transfer feature).
+    # Allowed model sources: real directory paths (the config resolves them;
+    # below them nothing is resolved: verifying walks down with O_NOFOLLOW)
+    # and https:// URL prefixes (kept for a later transfer feature).
     sources: tuple[str, ...] = ()
     source_urls: tuple[str, ...] = ()
     public_keys: tuple[TrustedKey, ...] = ()

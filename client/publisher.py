@@ -42,7 +42,9 @@ def add_commands(subparsers) -> None:
         s.add_argument("--hash", choices=("sha256", "blake3"), default="sha256",
                        help="file digest: blake3 verifies several times faster; model_signing 1.1's API verifies it, its CLI only sha256")
         s.add_argument("--version", help="also write a signed release statement (model.release.sig beside the signature)")
-        s.add_argument("--model-name", help="the model name the daemon's config uses (with --version)")
+        s.add_argument("--model-name", metavar="NAME",
+                       help="the model's name in the signed statement (default: the directory's name) and in the "
+                            "release statement (needed with --version); the daemon's policy key model_name can require it")
         s.set_defaults(func=cmd_sign)
 
     v = subparsers.add_parser("verify", help="verify a model exactly as the daemon does")
@@ -111,7 +113,7 @@ def cmd_hash(args) -> int:
 
 
 def cmd_sign(args) -> int:
-    if (args.version is None) != (args.model_name is None):
+    if args.version is not None and args.model_name is None:
         print("sealbox sign: --version and --model-name go together", file=sys.stderr)
         return 2
     real = os.path.realpath(args.model_dir)
@@ -132,7 +134,7 @@ def cmd_sign(args) -> int:
                     chain += x509.load_pem_x509_certificates(f.read())
         ignore = sorted(set(signing.DEFAULT_IGNORE) | exclude)
         digests = _model_digests(real, exclude, tuple(ignore), args.hash)
-        payload = signing.statement_payload(os.path.basename(real), digests, args.hash, ignore)
+        payload = signing.statement_payload(args.model_name or os.path.basename(real), digests, args.hash, ignore)
         _write(sig_path, signing.sign_payload(payload, key, chain))
         if args.version is not None:
             subject = signing.subject_digest(payload, sig_path)
@@ -179,7 +181,10 @@ def cmd_verify(args) -> int:
         return 2
     if roots and not args.identity:
         print("sealbox verify: warning: no --identity given, any signer chaining to the roots is accepted", file=sys.stderr)
-    policy = TrustPolicy(sources=("/",), public_keys=keys, certificates=roots, signature=sig,
+    # The source is the model directory itself (a single-file model: its directory): the command line
+    # names the model, so nothing above it is walked or checked.
+    source = real if os.path.isdir(real) else os.path.dirname(real)
+    policy = TrustPolicy(sources=(source,), public_keys=keys, certificates=roots, signature=sig,
                          release=os.path.join(os.path.dirname(sig), DEFAULT_RELEASE),
                          ignore_paths=tuple(_as_model_names(real, args.ignore_paths)), where="command line")
     name = args.model_name or os.path.basename(real)

@@ -378,7 +378,7 @@ def policy_from_toml(table: Any, where: str, defaults: TrustPolicy | None = None
     base = defaults or TrustPolicy()
     known = {"sources", "public_keys", "certificates", "sigstore", "require_signature", "signature", "release",
              "ignore_paths", "pinned_files", "pinned_manifest", "min_version", "allow_downgrade",
-             "clock_skew_seconds", "max_bytes", "version", "manifest_digest"}
+             "clock_skew_seconds", "max_bytes", "version", "manifest_digest", "model_name"}
     for key in table:
         if key not in known:
             raise ConfigError(f"{where}: {key}: unknown key (known: {', '.join(sorted(known))})")
@@ -404,7 +404,7 @@ def policy_from_toml(table: Any, where: str, defaults: TrustPolicy | None = None
             if isinstance(s, str) and s.startswith("https://") and len(s) > len("https://"):
                 urls.append(s)
             elif isinstance(s, str) and os.path.isabs(s):
-                # Resolved once here; model paths are resolved at verify time.
+                # Resolved once here; below it a model path is walked with O_NOFOLLOW at verify time.
                 dirs.append(os.path.realpath(s))
             else:
                 raise err("sources", f"{s!r} is neither an absolute directory nor an https:// URL prefix")
@@ -486,7 +486,7 @@ def policy_from_toml(table: Any, where: str, defaults: TrustPolicy | None = None
         except ValueError as e:
             raise err("min_version", str(e)) from None
         changes["min_version"] = value
-    for key in ("version", "manifest_digest"):
+    for key in ("version", "manifest_digest", "model_name"):
         if key in table and not one_model:
             raise err(key, "belongs to one model: set it in [models.NAME.policy], not in the default [policy]")
     if "version" in table:
@@ -501,6 +501,11 @@ def policy_from_toml(table: Any, where: str, defaults: TrustPolicy | None = None
         if not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
             raise err("manifest_digest", f"{value!r} must be sha256: and 64 lowercase hex digits (what `sealbox verify` prints)")
         changes["manifest_digest"] = value
+    if "model_name" in table:
+        value = get("model_name", str, "a model name")
+        if not value or len(value) > 255 or not value.isprintable():
+            raise err("model_name", f"{value!r} must be 1 to 255 printable characters: the name the signature carries")
+        changes["model_name"] = value
     if "clock_skew_seconds" in table:
         value = get("clock_skew_seconds", int, "an integer number of seconds")
         if not 0 <= value <= 86400:
@@ -519,6 +524,8 @@ def policy_from_toml(table: Any, where: str, defaults: TrustPolicy | None = None
     if not policy.require_signature:
         if (policy.pinned_files is None) == (policy.pinned_manifest is None):
             raise err("require_signature", "is false: exactly one of pinned_files or pinned_manifest must pin the digests")
+        if policy.model_name is not None:
+            raise err("model_name", "needs a signature (require_signature = true): pinned digests carry no model name")
     if not (policy.sources or policy.source_urls):
         raise err("sources", "is required: the directories models may be loaded from")
     return policy

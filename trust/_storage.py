@@ -2,7 +2,10 @@
 
 Every entry is opened with O_NOFOLLOW relative to its parent directory's fd
 and checked with fstat on that fd, so a path swapped after the check cannot
-be what gets hashed: the hashing reads from the very fds opened here.
+be what gets hashed: the hashing reads from the very fds opened here. The
+same holds above the model: walk_source opens the trusted source root and
+each directory below it down to the model the same way, and open_tree
+continues from the fd it ends on, so the model is never looked up by path.
 """
 from __future__ import annotations
 
@@ -58,12 +61,79 @@ def _kind(mode: int) -> str:
     return _KIND.get(stat.S_IFMT(mode), "not a regular file")
 
 
-def check_owner_and_mode(path: str, st: os.stat_result) -> None:
+def check_owner_and_mode(path: str, st: os.stat_result, check: str = "storage") -> None:
     """Only root or the daemon itself may be able to change what we load."""
     if st.st_uid not in (0, os.geteuid()):
-        raise VerificationError(path, "storage", f"owned by uid {st.st_uid}, not root or the daemon (uid {os.geteuid()})")
+        raise VerificationError(path, check, f"owned by uid {st.st_uid}, not root or the daemon (uid {os.geteuid()})")
     if st.st_mode & 0o022:
-        raise VerificationError(path, "storage", f"group- or world-writable (mode {stat.S_IMODE(st.st_mode):04o})")
+        raise VerificationError(path, check, f"group- or world-writable (mode {stat.S_IMODE(st.st_mode):04o})")
+
+
+@dataclass
+class Source:
+    """A model reached from a trusted source root by walk_source."""
+    path: str          # the root and the names walked: a real path (no symlink below the root)
+    dir_fd: int        # the directory holding the model; with name None, the model directory itself
+    name: str | None   # the model's entry in dir_fd
+    single_file: bool  # the entry was a regular file when looked at (open_tree checks it again)
+
+    @property
+    def at(self) -> tuple[int, str | None]:
+        return self.dir_fd, self.name
+
+    def close(self) -> None:
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
+
+
+def walk_source(root: str, names: list[str]) -> Source:
+    """Walks from a source root down to the model `root/names[0]/.../names[-1]`.
+
+    The root is opened O_DIRECTORY|O_NOFOLLOW by its path (the config resolved
+    it once); every directory below it is opened O_NOFOLLOW|O_DIRECTORY
+    relative to its parent's fd and checked on that fd, like the model's own
+    directories: owned by root or the daemon, not group- or world-writable (the
+    root too, unless it is the model itself). A symlink anywhere below the root
+    is refused, the model's own entry included; that entry is only looked at:
+    open_tree opens and checks it relative to the fd returned here.
+    """
+    try:
+        fd = os.open(root, _O_DIR)
+    except OSError as e:
+        raise VerificationError(root, "source", f"the source root: {_os_reason(e)}") from None
+    path = root
+    try:
+        if names:
+            check_owner_and_mode(root, os.fstat(fd), "source")
+        for i, name in enumerate(names):
+            child = os.path.join(path, name)
+            try:
+                lst = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except OSError as e:
+                raise VerificationError(child, "source", _os_reason(e)) from None
+            if stat.S_ISLNK(lst.st_mode):
+                target = os.readlink(name, dir_fd=fd)
+                raise VerificationError(child, "source", f"a symlink to {target!r}; below the source {root} "
+                                                         "no symlink is followed")
+            if i == len(names) - 1:
+                return Source(child, fd, name, stat.S_ISREG(lst.st_mode))
+            if not stat.S_ISDIR(lst.st_mode):
+                raise VerificationError(child, "source", "not a directory")
+            try:
+                sub = os.open(name, _O_DIR, dir_fd=fd)
+            except OSError as e:
+                raise VerificationError(child, "source", _os_reason(e)) from None
+            os.close(fd)
+            fd, path = sub, child
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != (lst.st_dev, lst.st_ino):
+                raise VerificationError(child, "source", "replaced while being opened")
+            check_owner_and_mode(child, st, "source")
+        return Source(root, fd, None, False)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def read_checked(path: str, strict: bool = True, limit: int = MAX_METADATA_BYTES) -> bytes:
@@ -113,24 +183,29 @@ def _os_reason(e: OSError) -> str:
     return e.strerror or str(e)
 
 
-def open_tree(model_path: str, exclude: set[str], strict: bool = True) -> Tree:
+def open_tree(model_path: str, exclude: set[str], strict: bool = True,
+              at: tuple[int, str | None] | None = None) -> Tree:
     """Opens and checks every entry of a model directory, or a single-file model.
 
-    `model_path` must already be a real path (no symlinks). `exclude` holds
+    `model_path` must already be a real path (no symlinks); with `at`
+    (Source.at: a directory fd and the model's name in it, or None when the fd
+    is the model directory), the model is opened relative to that fd and
+    `model_path` only names it in messages. `exclude` holds
     relative names that are not model files (the signature and release files);
     they are skipped without being opened. Symlinks are recorded, not
     followed; one that leaves the directory is refused here. `strict` adds the
     owner, mode and hard-link checks (the daemon); the publisher signs its
     own files without them.
     """
+    dir_fd, name = at if at is not None else (None, model_path)
     try:
-        st = os.stat(model_path, follow_symlinks=False)
+        st = os.fstat(dir_fd) if name is None else os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except OSError as e:
         raise VerificationError(model_path, "storage", _os_reason(e)) from None
     if stat.S_ISREG(st.st_mode):
         tree = Tree(model_path, single_file=True)
         try:
-            fd = os.open(model_path, _O_FILE)
+            fd = os.open(name, _O_FILE, dir_fd=dir_fd)
         except OSError as e:
             raise VerificationError(model_path, "storage", _os_reason(e)) from None
         try:
@@ -144,7 +219,7 @@ def open_tree(model_path: str, exclude: set[str], strict: bool = True) -> Tree:
         raise VerificationError(model_path, "storage", f"{_kind(st.st_mode)}, not a model directory or file")
     tree = Tree(model_path, single_file=False)
     try:
-        fd = os.open(model_path, _O_DIR)
+        fd = os.dup(dir_fd) if name is None else os.open(name, _O_DIR, dir_fd=dir_fd)
     except OSError as e:
         raise VerificationError(model_path, "storage", _os_reason(e)) from None
     try:

@@ -120,8 +120,9 @@ class SigstoreRoot:
 
 @dataclass(frozen=True)
 class TrustPolicy:
-    # Allowed model sources: real directory paths (compared after resolving
-    # symlinks) and https:// URL prefixes (kept for a later transfer feature).
+    # Allowed model sources: real directory paths (the config resolves them;
+    # below them nothing is resolved: verifying walks down with O_NOFOLLOW)
+    # and https:// URL prefixes (kept for a later transfer feature).
     sources: tuple[str, ...] = ()
     source_urls: tuple[str, ...] = ()
     public_keys: tuple[TrustedKey, ...] = ()
@@ -144,6 +145,9 @@ class TrustPolicy:
     # an optional pin of its manifest digest ("sha256:HEX").
     version: str | None = None
     manifest_digest: str | None = None
+    # The model name the signed statement must carry (its in-toto subject
+    # name); None: not checked (upstream records the directory's name).
+    model_name: str | None = None
     clock_skew_seconds: int = 300
     max_bytes: int = 16 << 30  # the memfd copies live in RAM (tmpfs): keep below memory
     where: str = "built-in defaults"  # for error messages and the audit log
@@ -157,6 +161,7 @@ class TrustPolicy:
             how = "signed by " + ", ".join(trust)
         else:
             how = "pinned digests from " + (self.pinned_manifest or "the config")
+        name = f"; model_name={self.model_name}" if self.model_name is not None else ""
         extra = "".join(f"; {k}={v}" for k, v in (("version", self.version), ("manifest_digest", self.manifest_digest),
                                                    ("ignore_paths", ",".join(self.ignore_paths))) if v)
-        return f"{self.where}: {how}; min_version={self.min_version}; allow_downgrade={self.allow_downgrade}{extra}"
+        return f"{self.where}: {how}{name}; min_version={self.min_version}; allow_downgrade={self.allow_downgrade}{extra}"

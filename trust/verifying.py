@@ -1,8 +1,10 @@
 """verify_model: every check a model passes before any worker sees it.
 
-Order: the source against the policy (before any file is opened for its
-content), storage checks while opening, the legacy format refused by its
-predicate, the signature (or the operator's pinned digests), the manifest
+Order: the source against the policy (a walk down from the source root, each
+directory opened O_NOFOLLOW relative to its parent and checked, before any
+file is opened for its content), storage checks while opening, the legacy
+format refused by its predicate, the signature (or the operator's pinned
+digests) and the signed model name (if the policy binds one), the manifest
 digest pin, the signed file set against the files present (ignore paths
 dropped), the rollback check (a signed release, or the version the operator
 states), hashing into sealed memfds, the digests; only then is the version
@@ -22,7 +24,7 @@ from typing import Any, Protocol
 from ._hashing import hash_into_memfds, ranges
 from ._oms import Manifest, check_name, is_ignored, parse_bundle, parse_statement, refuse_legacy_format, verify_bundle
 from ._rollback import VersionStore, check_version, parse_release
-from ._storage import Tree, open_tree, read_checked, resolve_symlinks
+from ._storage import Source, Tree, open_tree, read_checked, resolve_symlinks, walk_source
 from .errors import VerificationError
 from .policy import TrustPolicy, parse_version
 
@@ -66,14 +68,35 @@ class VerifiedModel:
         self.close()
 
 
-def check_source(model_dir: str, policy: TrustPolicy) -> str:
-    """Returns the real path if it lies under an allowed source directory."""
+def check_source(model_dir: str, policy: TrustPolicy) -> Source:
+    """Opens the model's place by walking down from the allowed source it lies under (the caller closes it).
+
+    The source roots are real paths (the config resolved them once). The model
+    path is taken as written, made absolute: the deepest root it lies under is
+    where the walk starts; failing that, the longest leading part of it that
+    resolves to a root (a symlink above the root). Below the root, walk_source
+    follows no symlink and checks every directory's owner and mode.
+    """
+    given = os.path.normpath(os.path.abspath(model_dir))
+    for root in sorted(policy.sources, key=len, reverse=True):
+        rel = inside(given, root)
+        if rel is not None:
+            return walk_source(root, [] if rel == "." else rel.split("/"))
+    head, names = given, []
+    while True:
+        if os.path.realpath(head) in policy.sources:
+            return walk_source(os.path.realpath(head), names)
+        if head == "/":
+            break
+        head, name = os.path.split(head)
+        names.insert(0, name)
     real = os.path.realpath(model_dir)
-    for prefix in policy.sources:
-        if real == prefix or real.startswith(prefix.rstrip("/") + "/"):
-            return real
-    raise VerificationError(model_dir, "source", f"resolves to {real}, which is not under an allowed source "
-                            f"({', '.join(policy.sources) or 'none configured'})")
+    allowed = ', '.join(policy.sources) or 'none configured'
+    for root in policy.sources:
+        if inside(real, root) is not None:
+            raise VerificationError(model_dir, "source", f"resolves to {real}, under the source {root} only through a "
+                                    "symlink below it; name the model by its path below the source")
+    raise VerificationError(model_dir, "source", f"resolves to {real}, which is not under an allowed source ({allowed})")
 
 
 def inside(path: str, root: str) -> str | None:
@@ -127,12 +150,14 @@ def verify_model(name: str, model_dir: str, policy: TrustPolicy, state_dir: str 
 
     state_dir=None skips the rollback state (the publisher's `verify`)."""
     record = {"model": name, "source": model_dir, "policy": policy.describe()}
+    source: Source | None = None
     tree: Tree | None = None
     hashed = None
     try:
-        real = check_source(model_dir, policy)
+        source = check_source(model_dir, policy)
+        real = source.path
         record["source"] = real
-        base = os.path.dirname(real) if os.path.isfile(real) else real
+        base = os.path.dirname(real) if source.single_file else real
         sig_path = os.path.join(base, policy.signature)
         release_path = os.path.join(base, policy.release)
         # Our metadata files are never model files, whatever the bundle says.
@@ -142,7 +167,7 @@ def verify_model(name: str, model_dir: str, policy: TrustPolicy, state_dir: str 
         release_bytes = None
         if policy.require_signature and os.path.lexists(release_path):
             release_bytes = read_checked(release_path)
-        tree = open_tree(real, exclude)
+        tree = open_tree(real, exclude, at=source.at)
 
         signer = None
         if sig_bytes is not None:
@@ -151,6 +176,7 @@ def verify_model(name: str, model_dir: str, policy: TrustPolicy, state_dir: str 
             signer = verify_bundle(bundle, policy, now)
             record["signer"] = signer
             manifest, manifest_where = parse_statement(bundle.payload, sig_path), sig_path
+            _check_name(manifest, sig_path, policy)
         else:
             manifest, manifest_where = _pinned_manifest(policy, real)
         digest = f"sha256:{manifest.subject_digest}"
@@ -232,11 +258,24 @@ def verify_model(name: str, model_dir: str, policy: TrustPolicy, state_dir: str 
             audit.event("model.verify", **record, verdict="refused", reason=str(refusal), check="internal")
         raise refusal from e
     finally:
+        if source is not None:
+            source.close()
         if tree is not None:
             tree.close()
         if hashed:
             for h in hashed.values():
                 os.close(h.memfd)
+
+
+def _check_name(manifest: Manifest, sig_path: str, policy: TrustPolicy) -> None:
+    """Name binding (opt-in): the signed statement's subject name is the one the policy names.
+
+    model_signing writes the model directory's name there and ignores it when
+    verifying, so without `model_name` a signature made for another model
+    verifies too (only a release statement would bind the config name)."""
+    if policy.model_name is not None and manifest.subject_name != policy.model_name:
+        raise VerificationError(sig_path, "name", f"signed for model {manifest.subject_name!r}, but the policy's "
+                                f"model_name is {policy.model_name!r}")
 
 
 def _check_file_set(tree: Tree, manifest: Manifest, real: str) -> None:

@@ -1,6 +1,7 @@
 """The daemon loads what the upstream tool signed (certificate chains, shards) and refuses rollbacks."""
 from __future__ import annotations
 
+import os
 import shutil
 
 import grpc
@@ -9,7 +10,7 @@ import pytest
 
 from tests.support import PYTHON
 from tests.support.models import reference
-from tests.support.pki import PKI, run, sealbox_cli, upstream
+from tests.support.pki import PKI, run, sealbox_cli, upstream, upstream_sign
 
 X = np.random.default_rng(11).standard_normal((4, 4)).astype(np.float32)
 
@@ -74,3 +75,69 @@ def test_rollback_to_a_lower_signed_version_is_refused(tmp_path, daemon_factory,
     with daemon.client() as client:
         status = client.status("demo")
         assert status.state == "UNAVAILABLE" and "rollback" in status.reason
+
+
+def test_a_signature_for_another_model_is_refused_when_the_name_is_bound(tmp_path, daemon_factory, demo_model, keys):
+    # Signed by the upstream tool in a directory named `other`: its statement names "other".
+    other = unsigned_copy(demo_model, tmp_path / "models" / "other")
+    upstream_sign(other, keys[0])
+    daemon = daemon_factory({"victim": {"path": other, "policy": 'model_name = "victim"'},
+                             "unbound": {"path": other}}, keys[1]).start()
+    refusal = f"{other / 'model.sig'}: name: signed for model 'other', but the policy's model_name is 'victim'"
+    with daemon.client() as client:
+        status = client.status("victim")
+        assert status.state == "UNAVAILABLE" and status.reason == f"verification refused: {refusal}"
+        assert client.model_ready("victim") is False
+        with pytest.raises(grpc.RpcError) as err:
+            client.infer("victim", {"x": X})
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        # Without the key: today's behaviour, the signed name is not checked.
+        assert client.model_ready("unbound")
+        verdicts = [e for e in daemon.audit_events() if e["event"] == "model_verify" and e["model"] == "victim"]
+        assert [(e["verdict"], e["check"], e["reason"]) for e in verdicts] == [("refused", "name", refusal)]
+        assert not [e for e in daemon.audit_events()
+                    if e["event"] == "model_load" and e["model"] == "victim" and e["verdict"] == "ready"]
+
+        # Re-signed with `sealbox sign --model-name victim`: accepted under that name.
+        assert sealbox_cli("sign", "key", other, "--private-key", keys[0], "--model-name", "victim").returncode == 0
+        client.load("victim")
+        assert client.model_ready("victim")
+        np.testing.assert_allclose(client.infer("victim", {"x": X})["y"], reference(X), rtol=1e-5, atol=1e-5)
+
+
+def test_the_source_walk_refuses_what_changed_above_the_model(tmp_path, daemon_factory, demo_model, keys):
+    src = tmp_path / "src"
+    paths = {}
+    for name in ("good", "swapped", "groupw", "foreign"):
+        paths[name] = unsigned_copy(demo_model, src / name / "m")
+        upstream_sign(paths[name], keys[0])
+        for d in (src, src / name):
+            d.chmod(0o755)
+    policy = f'sources = ["{src}"]'
+    daemon = daemon_factory({name: {"path": path, "policy": policy} for name, path in paths.items()}, keys[1])
+    # After the config is written: one directory above a model swapped for a symlink to a copy elsewhere,
+    # one made group-writable, one given to another user.
+    elsewhere = tmp_path / "elsewhere"
+    (src / "swapped").rename(elsewhere)
+    (src / "swapped").symlink_to(elsewhere)
+    (src / "groupw").chmod(0o775)
+    os.chown(src / "foreign", 65534, 65534)
+    daemon.start()
+    refusals = {
+        "swapped": f"{src}/swapped: source: a symlink to '{elsewhere}'; below the source {src} no symlink is followed",
+        "groupw": f"{src}/groupw: source: group- or world-writable (mode 0775)",
+        "foreign": f"{src}/foreign: source: owned by uid 65534, not root or the daemon (uid 0)",
+    }
+    with daemon.client() as client:
+        np.testing.assert_allclose(client.infer("good", {"x": X})["y"], reference(X), rtol=1e-5, atol=1e-5)
+        for name, refusal in refusals.items():
+            status = client.status(name)
+            assert status.state == "UNAVAILABLE" and status.reason == f"verification refused: {refusal}", name
+            assert client.model_ready(name) is False
+    events = daemon.audit_events()
+    for name, refusal in refusals.items():
+        verdicts = [(e["verdict"], e["check"], e["reason"]) for e in events
+                    if e["event"] == "model_verify" and e["model"] == name]
+        assert verdicts == [("refused", "source", refusal)]
+    ready = {e["model"] for e in events if e["event"] == "model_load" and e["verdict"] == "ready"}
+    assert ready == {"good"}

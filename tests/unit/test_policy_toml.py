@@ -32,6 +32,7 @@ clock_skew_seconds = 120
 [models.mnist.policy]
 certificates = [{{ roots = "{files['root']}", identities = ["email:publisher@example.com", "subject:CN=signer"] }}]
 min_version = "1.4"
+model_name = "mnist"
 max_bytes = 1073741824
 ignore_paths = ["README.md"]
 
@@ -49,10 +50,12 @@ def test_documented_example_loads_with_defaults(files):
     assert mnist.source_urls == ("https://models.example.com/",)
     assert [k.path for k in mnist.public_keys] == [str(files["pub"])]  # inherited
     assert mnist.certificates[0].identities == ("email:publisher@example.com", "subject:CN=signer")
+    assert mnist.model_name == "mnist" and defaults.model_name is None
     assert mnist.min_version == "1.4" and mnist.max_bytes == 1 << 30 and mnist.clock_skew_seconds == 120
     assert mnist.require_signature and not mnist.allow_downgrade and mnist.signature == "model.sig"
     legacy = policy_from_toml(doc["models"]["legacy"]["policy"], WHERE, defaults)
     assert not legacy.require_signature and legacy.pinned_files == (("model.safetensors", "ab" * 32),)
+    assert legacy.model_name is None
     assert "BEGIN" not in mnist.describe()
 
 
@@ -80,6 +83,11 @@ def test_documented_example_loads_with_defaults(files):
     ({"sources": ["/srv"], "public_keys": ["PUB"], "clock_skew_seconds": True}, "clock_skew_seconds: must be an integer number of seconds"),
     ({"sources": ["/srv"], "public_keys": ["PUB"], "signature": "../model.sig"}, "signature: '../model.sig' must be a file name inside the model directory or an absolute path"),
     ({"sources": ["/srv"], "public_keys": ["PUB"], "ignore_paths": ["../etc"]}, "ignore_paths: '../etc' must be a relative name inside the model directory"),
+    ({"sources": ["/srv"], "public_keys": ["PUB"], "model_name": ""}, "model_name: '' must be 1 to 255 printable characters: the name the signature carries"),
+    ({"sources": ["/srv"], "public_keys": ["PUB"], "model_name": "a\nb"}, "model_name: 'a\\nb' must be 1 to 255 printable characters: the name the signature carries"),
+    ({"sources": ["/srv"], "public_keys": ["PUB"], "model_name": 3}, "model_name: must be a model name"),
+    ({"sources": ["/srv"], "require_signature": False, "pinned_files": {"a": "sha256:" + "ab" * 32}, "model_name": "a"},
+     "model_name: needs a signature (require_signature = true): pinned digests carry no model name"),
 ])
 def test_mistakes_name_the_key(files, table, message):
     def fill(v):

@@ -181,12 +181,91 @@ def test_source_outside_the_allowed_prefixes(tmp_path, model, keys):
     sign(model, keys["good"])
     allowed = tmp_path / "allowed"
     allowed.mkdir()
-    # A symlink from inside the allowed tree does not help: the real path counts.
+    # A symlink from inside the allowed tree does not help: no symlink below a source is followed.
     (allowed / "m").symlink_to(model)
     pol = policy_from_toml({"sources": [str(allowed)], "public_keys": [str(keys["good_pub"])]}, WHERE)
     msg, record = refused(allowed / "m", pol)
-    assert msg == f"{allowed}/m: source: resolves to {model}, which is not under an allowed source ({allowed})"
+    assert msg == f"{allowed}/m: source: a symlink to '{model}'; below the source {allowed} no symlink is followed"
     assert record["check"] == "source"
+    # Named by its real path, it is not under the source at all.
+    msg, record = refused(model, pol)
+    assert msg == f"{model}: source: resolves to {model}, which is not under an allowed source ({allowed})"
+    assert record["check"] == "source"
+
+
+# ---- the source walk: from the source root down to the model, no symlink, every directory checked --
+
+
+@pytest.fixture
+def deep(tmp_path, keys):
+    """A signed model at src/a/b/m, the policy's source src (the config written before any change)."""
+    src = tmp_path / "src"
+    m = make_model(src / "a" / "b" / "m")
+    for d in (src, src / "a", src / "a" / "b"):
+        d.chmod(0o755)
+    sign(m, keys["good"])
+    pol = policy_from_toml({"sources": [str(src)], "public_keys": [str(keys["good_pub"])]}, WHERE)
+    return src, m, pol
+
+
+def test_source_walk_accepts_a_model_below_the_root(tmp_path, deep):
+    src, m, pol = deep
+    with verify_model("m", str(m), pol, None, None) as vm:
+        assert vm.source == str(m) and sorted(vm.files) == ["config.json", "weights/w0.bin", "weights/w1.bin"]
+    # A symlink above the root is the operator's: the root is what the path leads to.
+    (tmp_path / "link").symlink_to(src)
+    with verify_model("m", str(tmp_path / "link" / "a" / "b" / "m"), pol, None, None) as vm:
+        assert vm.source == str(m)
+
+
+def test_source_walk_refuses_an_intermediate_symlink_swapped_in(tmp_path, deep):
+    src, m, pol = deep
+    elsewhere = tmp_path / "elsewhere"
+    (src / "a").rename(elsewhere)  # the same signed, well-kept files, now outside the source
+    (src / "a").symlink_to(elsewhere)
+    msg, record = refused(m, pol)
+    assert msg == f"{src}/a: source: a symlink to '{elsewhere}'; below the source {src} no symlink is followed"
+    assert record["check"] == "source" and record["source"] == str(m)
+    # Pointing inside the source does not help either.
+    (src / "a").unlink()
+    (src / "c").mkdir(mode=0o755)
+    elsewhere.rename(src / "c" / "a")
+    (src / "a").symlink_to("c/a")
+    msg, _ = refused(m, pol)
+    assert msg == f"{src}/a: source: a symlink to 'c/a'; below the source {src} no symlink is followed"
+
+
+def test_source_walk_refuses_a_group_writable_directory_above_the_model(deep):
+    src, m, pol = deep
+    (src / "a" / "b").chmod(0o775)
+    msg, record = refused(m, pol)
+    assert msg == f"{src}/a/b: source: group- or world-writable (mode 0775)"
+    assert record["check"] == "source"
+    (src / "a" / "b").chmod(0o755)
+    src.chmod(0o757)
+    msg, _ = refused(m, pol)
+    assert msg == f"{src}: source: group- or world-writable (mode 0757)"
+
+
+def test_source_walk_refuses_a_directory_above_the_model_owned_by_another_user(deep):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to chown")
+    src, m, pol = deep
+    os.chown(src / "a", 65534, 65534)
+    msg, record = refused(m, pol)
+    assert msg == f"{src}/a: source: owned by uid 65534, not root or the daemon (uid 0)"
+    assert record["check"] == "source"
+
+
+def test_source_walk_refuses_what_is_not_a_directory_or_missing(deep):
+    src, m, pol = deep
+    (src / "a" / "f").write_text("")
+    for path, message in ((src / "a" / "x" / "m", f"{src}/a/x: source: No such file or directory"),
+                          (src / "a" / "f" / "m", f"{src}/a/f: source: not a directory")):
+        before = open_fds()
+        with pytest.raises(VerificationError) as info:  # refused() would make the directory for its audit log
+            verify_model("m", str(path), pol, None, None)
+        assert str(info.value) == message and open_fds() == before
 
 
 def test_too_big(tmp_path, model, keys):
@@ -415,6 +494,48 @@ def test_release_signed_by_another_trusted_signer(tmp_path, keys):
     msg, _ = refused(a, pol, str(tmp_path / "state"))
     assert msg.startswith(f"{a}/model.release.sig: release: signed by key:sha256:")
     assert ", but the model by key:sha256:" in msg
+
+
+# ---- name binding: the policy's model_name against the signed statement's subject name --
+
+
+def _subject_name(sig: Path) -> str:
+    bundle = json.loads(sig.read_text())
+    return json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))["subject"][0]["name"]
+
+
+def test_model_name_binding(tmp_path, keys):
+    # Signed by the upstream tool in a directory named `other`: the statement carries "other".
+    other = make_model(tmp_path / "other")
+    upstream("sign", "key", other, "--private_key", keys["good"], "--signature", other / "model.sig")
+    assert _subject_name(other / "model.sig") == "other"
+    bound = policy(tmp_path, public_keys=[str(keys["good_pub"])], model_name="victim")
+    msg, record = refused(other, bound, str(tmp_path / "state"), name="victim")
+    assert msg == f"{other}/model.sig: name: signed for model 'other', but the policy's model_name is 'victim'"
+    assert record["check"] == "name" and record["source"] == str(other)
+    assert not (tmp_path / "state" / "versions.json").exists()
+
+    # Without the key: today's behaviour, the name in the signature is not checked.
+    with verify_model("victim", str(other), policy(tmp_path, public_keys=[str(keys["good_pub"])]), None, None) as vm:
+        assert sorted(vm.files) == ["config.json", "weights/w0.bin", "weights/w1.bin"]
+
+    # `sealbox sign --model-name victim` writes the name into the statement and the release statement.
+    sign(other, keys["good"], "--model-name", "victim", "--version", "1.0")
+    assert _subject_name(other / "model.sig") == "victim"
+    assert _subject_name(other / "model.release.sig") == "victim"
+    with verify_model("victim", str(other), bound, str(tmp_path / "state"), None) as vm:
+        assert vm.version == "1.0" and len(vm.files) == 3
+    # ... which upstream still verifies: it ignores the name.
+    upstream("verify", "key", other, "--signature", other / "model.sig", "--public_key", keys["good_pub"],
+             "--ignore-paths", other / "model.release.sig")
+
+    # --model-name alone (no release statement) binds the name too; the default is the directory's name.
+    sign(other, keys["good"], "--model-name", "victim")
+    assert _subject_name(other / "model.sig") == "victim"
+    sign(other, keys["good"])
+    assert _subject_name(other / "model.sig") == "other"
+    msg, _ = refused(other, bound, name="victim")
+    assert msg == f"{other}/model.sig: name: signed for model 'other', but the policy's model_name is 'victim'"
 
 
 # ---- unsigned models pinned by digest ------------------------------------------------

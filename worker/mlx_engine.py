@@ -107,6 +107,11 @@ class MlxEngine(Engine):
             path = _file(files, meta, "function", (".mlxfn",))
             announce(f"parsing {meta['function']} (the version field)")
             mlxfn.check_file(path, meta["function"], mx.__version__)
+            announce(f"parsing {meta['function']} (the function's header: arity, node count)")
+            by_name = {numpy_name: datatype for _, datatype, numpy_name in mlxfn.DTYPES.values()}
+            keywords = {k: (v.ndim, by_name.get(str(v.dtype).rsplit(".", 1)[-1], str(v.dtype)))
+                        for k, v in weights.items()}
+            mlxfn.check_graph(path, meta["function"], inputs, outputs, keywords)
             announce(f"parsing {meta['function']} (an MLX exported function, with mx.import_function)")
             try:
                 imported = mx.import_function(path)
@@ -129,9 +134,17 @@ class MlxEngine(Engine):
     def warm_up(self) -> None:
         """Calls on zeros while loading: a function that crashes, hangs or returns the wrong outputs fails
         the load, not the first client's request. With a variable (-1) dimension it is called at two
-        sizes, so a function exported for fixed shapes (without shapeless=True) is refused here."""
+        sizes, so a function exported for fixed shapes (without shapeless=True) is refused here.
+
+        The variable sizes are 2 and 3, never 1 (WARM_UP_SIZES): MLX 0.32.4 itself crashes (SIGSEGV, in
+        plain MLX in-process too) when a shapeless export reduces over a variable axis that is 1 long,
+        e.g. `mx.sum(x, axis=0, keepdims=True)` called with x of shape (1, 4): the replayed Reduce
+        primitive reaches the CPU kernel, whose get_reduction_plan drops the size-1 axes and then reads
+        strides.back() of an empty vector (mlx/backend/common/reduce.cpp). Outside an export, mx.sum
+        treats that reduction as a no-op and never calls the kernel. Warming up at 1 made such valid
+        exports fail to load; at 2 and 3 they load and serve exactly what plain MLX computes."""
         variable = any(d == -1 for t in self.inputs for d in t.shape)
-        for size in (1, 2) if variable else (1,):
+        for size in WARM_UP_SIZES if variable else (1,):
             shapes = {t.name: [size if d == -1 else d for d in t.shape] for t in self.inputs}
             what = self._function_name or "the built-in architecture"
             call = ", ".join(f"'{k}' {v}" for k, v in shapes.items())
@@ -172,6 +185,10 @@ class MlxEngine(Engine):
             raise InferenceError(f"the model's function failed: {_first_line(exc)}") from exc
         return {spec.name: np.array(r, copy=False) for spec, r in zip(self.outputs, results)}
 
+
+# Sizes a variable (-1) dimension takes in the warm-up calls: two, to refuse fixed-shape exports, and not 1,
+# which crashes MLX 0.32.4 in reductions over that dimension (MlxEngine.warm_up).
+WARM_UP_SIZES = (2, 3)
 
 # What mx.import_function's callable raises when no exported variant matches the arguments (MLX 0.32).
 _NO_MATCH = "No imported function found which matches"

@@ -113,7 +113,7 @@ def test_memory_hog_and_endless_load_are_killed_and_reported(tmp_path, daemon_fa
         assert hog_status.state == "UNAVAILABLE"
         # The cgroup's OOM kill, named with the limit and what the worker was doing.
         assert hog_status.reason == ("worker killed by the OOM killer while loading (memory limit 256 MiB): "
-                                     "warm-up call of model.mlxfn with 'x' [1, 4]"), hog_status.reason
+                                     "warm-up call of model.mlxfn with 'x' [2, 4]"), hog_status.reason
         slow_status = client.status("slow")
         assert slow_status.state == "UNAVAILABLE"
         assert slow_status.reason == "load timed out after 4 s; worker killed"

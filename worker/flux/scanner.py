@@ -14,6 +14,15 @@ of shapes:
   MeanPool, BatchNorm, Dropout, softmax, flatten, identity), each matched
   against the positional field layout of Flux 0.10 to 0.16, with its type
   parameters cross-checked against its data;
+* a Conv's field count must fit the Flux releases the file's other layouts
+  imply (FLUX_LAYOUTS): Conv{N,F,A,V} with 6 fields is Flux 0.8.0-0.8.2,
+  Conv{N,M,F,A,V} with 6 fields 0.8.3-0.12.5, with 7 (groups) 0.12.6-0.16.11
+  (src/layers/conv.jl at those Flux release tags); a 7-field Conv beside an
+  8-field BatchNorm (<= 0.11) or a 6-field one with `bias = false` (0.13+) is a
+  layout no Flux version writes, and is refused. Table with sources:
+  worker/flux/README.md, "Layouts per Flux release";
+* BatchNorm's Float64 μ, σ² beside Float32 β, γ (what Flux 0.10.0-0.11.6
+  write) are accepted in the 8-field layout only, converted to β's type;
 * callable slots (Dense.σ, Conv.σ, BatchNorm.λ) hold only allowlisted
   activation singletons: a closure-free gadget such as `Base.run` is as
   dangerous as a closure;
@@ -94,6 +103,45 @@ TAG_KEYS = {
 }
 
 
+# The layouts whose field counts changed between Flux releases, and the releases that write each:
+# (first release, first release that no longer writes it). Sources: Flux.jl's own source at each
+# release tag, src/layers/conv.jl (struct Conv), src/layers/normalise.jl (BatchNorm, Dropout) and
+# src/utils.jl (create_bias) / src/zeros.jl (Zeros); table and links in worker/flux/README.md.
+_V = tuple
+FLUX_NEXT = (0, 17, 0)            # after the newest release checked (0.16.11)
+FLUX_LAYOUTS = {
+    "Conv{N,F,A,V} with 6 fields": (_V((0, 8, 0)), _V((0, 8, 3))),
+    "Conv{N,M,F,A,V} with 6 fields (no groups)": (_V((0, 8, 3)), _V((0, 12, 6))),
+    "Conv{N,M,F,A,V} with 7 fields (groups)": (_V((0, 12, 6)), FLUX_NEXT),
+    "BatchNorm with 8 fields": (_V((0, 8, 0)), _V((0, 12, 0))),      # 0.10.0-0.10.1 had 7: refused
+    "BatchNorm with 11 fields": (_V((0, 12, 0)), FLUX_NEXT),
+    "Dropout{F} with 2 fields": (_V((0, 8, 0)), _V((0, 9, 0))),
+    "Dropout{F} with 3 fields": (_V((0, 9, 0)), _V((0, 10, 0))),
+    "Dropout{F,D} with 3 fields": (_V((0, 10, 2)), _V((0, 13, 0))),
+    "Dropout{F,D,R} with 4 fields": (_V((0, 13, 0)), FLUX_NEXT),
+    "bias Flux.Zeros with a size": (_V((0, 11, 0)), _V((0, 12, 0))),
+    "bias Flux.Zeros()": (_V((0, 12, 0)), _V((0, 14, 22))),
+    "bias false": (_V((0, 13, 0)), FLUX_NEXT),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Era:
+    place: str
+    layout: str
+    first: tuple
+    end: tuple
+
+    @property
+    def releases(self) -> str:
+        first = ".".join(map(str, self.first))
+        if self.end == FLUX_NEXT:
+            return f"{first} and later"
+        last = {(0, 8, 3): "0.8.2", (0, 9, 0): "0.8.x", (0, 10, 0): "0.9.x", (0, 12, 0): "0.11.x",
+                (0, 12, 6): "0.12.5", (0, 13, 0): "0.12.x", (0, 14, 22): "0.14.21"}[self.end]
+        return f"{first} to {last}"
+
+
 class _Refuse(Exception):
     def __init__(self, place: str, message: str):
         super().__init__(f"{place}: {message}")
@@ -118,6 +166,23 @@ class _Scan:
         self.used_entries: set[int] = set()
         self.depth = 0
         self.type_errors: dict[str, _Refuse] = {}
+        self.eras: list[_Era] = []     # which Flux releases write each layout met (FLUX_LAYOUTS)
+
+    def written_by(self, place: str, layout: str) -> None:
+        self.eras.append(_Era(place, layout, *FLUX_LAYOUTS[layout]))
+
+    def check_conv_eras(self) -> None:
+        """A Conv's field count must fit the Flux releases the rest of the file's layouts imply.
+
+        Each Conv layout is written by one range of Flux releases (FLUX_LAYOUTS, with sources); a Conv
+        whose range shares no release with another layout met in the same file (a BatchNorm, Dropout or
+        bias layout, or another Conv) is a layout no Flux version writes, and is refused at the Conv."""
+        for conv in (e for e in self.eras if e.layout.startswith("Conv")):
+            for other in self.eras:
+                if other is not conv and (other.first >= conv.end or conv.first >= other.end):
+                    raise _Refuse(conv.place, f"{conv.layout} is written by Flux {conv.releases}, but "
+                                              f"{other.place} ({other.layout}) only by Flux {other.releases}: "
+                                              "no Flux version writes this layout")
 
     def refuse(self, reason: Reason) -> None:
         if len(self.reasons) < MAX_REASONS:
@@ -505,6 +570,7 @@ class _Scan:
         """A bias vector, or `false` (0.13+) / Flux.Zeros (0.11, 0.12) for none; with the type(s) it may have."""
         node = self.deref(node)
         if node is False:
+            self.written_by(place, "bias false")
             return None, [JType(("Core", "Bool"))]
         if _tag(node) == "struct":
             typ, data = self.struct(node, place, "a bias")
@@ -513,6 +579,7 @@ class _Scan:
                     size = self.int_tuple(data[0], f"{place}.size", (1,), 0)
                     if len(data) != 1 or size != (length,):
                         raise _Refuse(place, f"Flux.Zeros of size {size}, expected ({length},)")
+                self.written_by(place, "bias Flux.Zeros with a size" if data else "bias Flux.Zeros()")
                 return None, [typ]
             raise self.refuse_value(node, place, "a bias vector, false or Flux.Zeros")
         bias = self.float_array(node, place, rank=1)
@@ -657,6 +724,8 @@ class _Scan:
         if not ((len(typ.params) == 4 and len(data) == 6) or (len(typ.params) == 5 and len(data) in (6, 7))):
             raise _Refuse(place, f"Conv with {len(data)} fields and {len(typ.params)} type parameters, expected "
                                  "[σ, weight, bias, stride, pad, dilation(, groups)] with Conv{N,(M,)F,A,V}")
+        self.written_by(place, "Conv{N,F,A,V} with 6 fields" if len(typ.params) == 4 else
+                        f"Conv{{N,M,F,A,V}} with {len(data)} fields ({'groups' if len(data) == 7 else 'no groups'})")
         act, act_type = self.activation(data[0], f"{place}.σ")
         weight = self.float_array(data[1], f"{place}.weight")
         n = weight.ndim - 2
@@ -705,6 +774,7 @@ class _Scan:
         if len(typ.params) != 4 or len(data) not in (8, 11):
             raise _Refuse(place, f"BatchNorm with {len(data)} fields and {len(typ.params)} type parameters, "
                                  "expected 8 (Flux 0.10-0.11) or 11 (0.12+) fields and 4 type parameters")
+        self.written_by(place, f"BatchNorm with {len(data)} fields")
         act, act_type = self.activation(data[0], f"{place}.λ")
         modern = len(data) == 11
         affine = self.boolean(data[7], f"{place}.affine") if modern else True
@@ -731,22 +801,36 @@ class _Scan:
         for field, arr in (("β", beta), ("γ", gamma), ("σ²", var)):
             if arr is not None and arr.shape[0] != chs:
                 raise _Refuse(f"{place}.{field}", f"length {arr.shape[0]}, expected {chs} channels like μ")
-            if arr is not None and arr.dtype != mean.dtype:
-                raise _Refuse(f"{place}.{field}", f"element type {arr.dtype} differs from μ's {mean.dtype}")
+        if var.dtype != mean.dtype:
+            raise _Refuse(f"{place}.σ²", f"element type {var.dtype} differs from μ's {mean.dtype}")
+        stats_vector = _array_type(mean.dtype, 1)
+        if affine and gamma.dtype != beta.dtype:
+            raise _Refuse(f"{place}.γ", f"element type {gamma.dtype} differs from β's {beta.dtype}")
+        if affine and beta.dtype != mean.dtype:
+            # Flux 0.10.0-0.11.6 write the running statistics as Float64 beside Float32 β/γ
+            # (BatchNorm(chs) does `zeros(chs), ones(chs)`: src/layers/normalise.jl of those releases).
+            # Accepted in that layout only, and evaluated in the parameters' type: μ, σ² are converted to it here.
+            if modern or mean.dtype != np.float64:
+                raise _Refuse(f"{place}.μ", f"element type {mean.dtype} differs from β's {beta.dtype} (only "
+                                            "Flux 0.10-0.11 mix types here: Float64 μ, σ² with Float32 β, γ)")
+            if np.any(np.abs(var) > np.finfo(beta.dtype).max) or np.any(np.abs(mean) > np.finfo(beta.dtype).max):
+                raise _Refuse(f"{place}.σ²", f"running statistics beyond the range of {beta.dtype}, "
+                                             "the parameters' type they are evaluated in")
+            mean, var = mean.astype(beta.dtype), var.astype(beta.dtype)
         if np.any(var < 0):
             raise _Refuse(f"{place}.σ²", "negative variance")
         eps, eps_type = self.scalar_float(data[5], f"{place}.ϵ")
         _, mom_type = self.scalar_float(data[6], f"{place}.momentum")
         if eps <= 0:
             raise _Refuse(f"{place}.ϵ", f"ϵ={eps} must be positive")
-        vector = _array_type(mean.dtype, 1)
         params = typ.params
         self.expect_param(place, 1, params[0], [act_type], "λ")
         # 0.10-0.11 BatchNorm{F,V,W,N}; 0.12+ BatchNorm{F,V,N,W}: V types β/γ, W μ/σ², N ϵ/momentum
         v_index, n_index, w_index = (2, 3, 4) if modern else (2, 4, 3)
-        self.expect_param(place, v_index, params[v_index - 1], [vector if affine else JType(("Core", "Nothing"))], "β, γ")
+        self.expect_param(place, v_index, params[v_index - 1],
+                          [_array_type(beta.dtype, 1) if affine else JType(("Core", "Nothing"))], "β, γ")
         self.expect_param(place, n_index, params[n_index - 1], [eps_type], "ϵ")
-        self.expect_param(place, w_index, params[w_index - 1], [vector], "μ, σ²")
+        self.expect_param(place, w_index, params[w_index - 1], [stats_vector], "μ, σ²")
         if mom_type != eps_type:
             raise _Refuse(f"{place}.momentum", f"of type {mom_type}, but ϵ is {eps_type}")
         return BatchNorm(act, beta, gamma, mean, var, eps)
@@ -756,6 +840,9 @@ class _Scan:
         if (len(typ.params), len(data)) not in layouts:
             raise _Refuse(place, f"Dropout with {len(data)} fields and {len(typ.params)} type parameters, "
                                  "expected [p, (dims,) active(, rng)]")
+        self.written_by(place, {(1, 2): "Dropout{F} with 2 fields", (1, 3): "Dropout{F} with 3 fields",
+                                (2, 3): "Dropout{F,D} with 3 fields",
+                                (3, 4): "Dropout{F,D,R} with 4 fields"}[(len(typ.params), len(data))])
         p, p_type = self.scalar_float(data[0], f"{place}.p")
         if not 0 <= p < 1:
             raise _Refuse(f"{place}.p", f"p={p} outside [0, 1)")
@@ -859,6 +946,7 @@ def scan_bytes(data: bytes | memoryview, file: str = "model.bson") -> Verdict:
         key = candidates[0]
         try:
             root, _ = scan.layer(top[key], key)
+            scan.check_conv_eras()
             model = _finish(key, root)
         except _Refuse as err:
             scan.refuse(err.reason)

@@ -17,7 +17,9 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import PYTHON, Daemon, upstream_sign
+from tests.support import PYTHON
+from tests.support.daemon import Daemon
+from tests.support.pki import upstream_sign
 
 os.environ.setdefault("MLX_DISABLE_COMPILE", "1")
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import upstream_sign
-from flux_fixtures import Era, datatype, struct_
+from tests.support.pki import upstream_sign
+from tests.support.flux import Era, datatype, struct_
 
 RNG = np.random.default_rng(1011)
 W1 = RNG.standard_normal((3, 4)).astype(np.float32)      # Julia size (out, in) = (3, 4)
@@ -167,7 +167,7 @@ def test_conv_field_count_no_flux_version_writes_is_refused(era_name, groups, bi
 def test_corpus_conv_and_batchnorm_files_keep_their_verdicts():
     """Real files: the Flux 0.13 Conv/BatchNorm model is still accepted; the Flux 0.10 conv model is still
     refused for its closure (and not for its Conv layout)."""
-    from conftest import require_shared
+    from tests.support import require_shared
     from sealbox.worker.flux.scanner import scan_file
     corpus = require_shared("corpus/bsonjl")
     ok = scan_file(corpus / "banachtech+replicator/model.6f42a183.bson")

@@ -13,7 +13,8 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import Daemon, upstream_sign
+from tests.support.daemon import Daemon
+from tests.support.pki import upstream_sign
 from sealbox.worker.engine import ModelError, TensorSpec
 from sealbox.worker.formats import mlxfn
 

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 
+from .. import __version__
 from ..proto import tensors
 from .client import DEFAULT_ADMIN_TARGET, DEFAULT_TARGET, Client
 
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                "(default: $SEALBOX_ADMIN_TARGET, else admin.sock next to a unix: --target, else "
                f"{DEFAULT_ADMIN_TARGET}; root-only by default). "
                "Exit status: 0 success, 1 refused (verification, scan, or a server error), 2 usage or I/O error.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--target", default=DEFAULT_TARGET,
                         help="gRPC target of sealboxd: unix:/path/to.sock or 127.0.0.1:PORT")
     parser.add_argument("--admin-target", default=None,
@@ -123,9 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "(env SEALBOX_ADMIN_TARGET; default: admin.sock next to a unix: --target)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("models", help="list the models, their state and why a model is not ready (admin target)")
+    p = sub.add_parser("models", help="list the models, their state and why a model is not ready (admin target)",
+                       description="List every configured model, one line each: name, state (READY, LOADING, "
+                                   "UNAVAILABLE, UNLOADED), version ('-' without a signed release) and the reason "
+                                   "a model is not ready. Asks the admin socket (--admin-target).")
     p.set_defaults(func=cmd_models)
-    p = sub.add_parser("status", help="state, version, engine and tensors of one model (admin target)")
+    p = sub.add_parser("status", help="state, version, engine and tensors of one model (admin target)",
+                       description="One model's state, version and reason (admin socket); when it is READY, also "
+                                   "its engine and its input and output tensors (name, datatype, shape; -1 = any "
+                                   "size) from ModelMetadata (--target).")
     p.add_argument("model")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("infer", help="run one inference with inputs from .npy files")
@@ -135,10 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", action="append", metavar="NAME", help="only return these outputs")
     p.add_argument("--output-dir", metavar="DIR", help="save each output as DIR/NAME.npy instead of printing")
     p.set_defaults(func=cmd_infer)
-    p = sub.add_parser("load", help="verify and (re)load a configured model (admin target)")
+    p = sub.add_parser("load", help="verify and (re)load a configured model (admin target)",
+                       description="Verify a model configured in sealboxd's config against its trust policy and "
+                                   "start a new sandboxed worker on the verified bytes (a serving model whose new "
+                                   "bytes are refused keeps serving). Exit 1 with the reason if verification "
+                                   "refuses it or the worker fails to load it.")
     p.add_argument("model")
     p.set_defaults(func=cmd_load)
-    p = sub.add_parser("unload", help="stop a model's worker (admin target)")
+    p = sub.add_parser("unload", help="stop a model's worker (admin target)",
+                       description="Stop a model's worker and drop its verified copies; the model stays configured "
+                                   "(UNLOADED) until `sealbox load` or a daemon restart.")
     p.add_argument("model")
     p.set_defaults(func=cmd_unload)
     p = sub.add_parser("demo", help="build, sign and serve a small demo MLX model and call it once (run as root)")
@@ -174,7 +188,16 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import grpc
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()   # here, so that a closed pipe is caught below
+        return status
+    except BrokenPipeError:
+        # The reader went away (`sealbox models | head -1`): no traceback. Point stdout at /dev/null so
+        # the interpreter's own flush at exit cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_USAGE
     except grpc.RpcError as exc:
         print(f"sealbox: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return EXIT_REFUSED

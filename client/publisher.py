@@ -2,7 +2,8 @@
 
 Mounted under the `sealbox` CLI by add_commands(); main(argv) runs them
 alone. `hash` and `sign` use sealbox.trust.signing; `verify` runs exactly
-the daemon's verify_model (sealbox.trust) with a policy built from the flags.
+the daemon's verify_model (sealbox.trust) with a policy built from the flags;
+`keygen` makes a signing key the trust policy accepts.
 Exit codes: 0 verified/done, 1 refused, 2 usage or I/O error.
 """
 from __future__ import annotations
@@ -11,19 +12,38 @@ import argparse
 import contextlib
 import hashlib
 import os
+import re
 import sys
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..trust import TrustPolicy, VerificationError, signing, verify_model
-from ..trust.policy import ANY_IDENTITY, TrustedKey, TrustedRoots, normalize_identity
+from ..trust.policy import ANY_IDENTITY, TrustedKey, TrustedRoots, key_fingerprint, normalize_identity
 from ..trust.verifying import inside
 
 DEFAULT_SIGNATURE = "model.sig"
 DEFAULT_RELEASE = "model.release.sig"
 
 
+CURVES = {"p256": ec.SECP256R1, "p384": ec.SECP384R1, "p521": ec.SECP521R1}
+
+
 def add_commands(subparsers) -> None:
+    k = subparsers.add_parser("keygen", help="make an EC signing key pair (KEY.pem private, KEY.pub public)",
+                              description="Write a new EC private key (PKCS#8 PEM, mode 0600, never overwritten) "
+                                          "and its public key beside it (.pub, what [policy] public_keys and "
+                                          "`sealbox verify --public-key` take), and print the signer identity "
+                                          "the key yields (key:sha256:<fingerprint>: what `sealbox verify` and "
+                                          "each answer's sealbox_signer parameter show). The same with openssl: "
+                                          "openssl ecparam -name prime256v1 -genkey -noout | openssl pkcs8 "
+                                          "-topk8 -nocrypt -out KEY.pem && openssl ec -in KEY.pem -pubout -out KEY.pub")
+    k.add_argument("private_key", metavar="KEY.pem")
+    k.add_argument("--public-key", metavar="KEY.pub", help="where to write the public key (default: KEY.pub)")
+    k.add_argument("--curve", choices=sorted(CURVES), default="p256")
+    k.set_defaults(func=cmd_keygen)
+
     p = subparsers.add_parser("hash", help="print the SHA-256 of every model file (a pin manifest for unsigned models)")
     p.add_argument("model_dir", metavar="MODEL_DIR")
     p.set_defaults(func=cmd_hash)
@@ -49,7 +69,8 @@ def add_commands(subparsers) -> None:
 
     v = subparsers.add_parser("verify", help="verify a model exactly as the daemon does")
     v.add_argument("model_dir", metavar="MODEL_DIR")
-    v.add_argument("--signature", required=True, metavar="SIG")
+    v.add_argument("--signature", metavar="SIG", help=f"the signature bundle (default MODEL_DIR/{DEFAULT_SIGNATURE}); "
+                   f"a release statement is read from {DEFAULT_RELEASE} beside it")
     trust = v.add_mutually_exclusive_group(required=True)
     trust.add_argument("--public-key", action="append", metavar="KEY.pub")
     trust.add_argument("--certificate-chain", action="append", metavar="ROOT.pem",
@@ -169,9 +190,30 @@ def _as_model_names(real: str, paths: list[str]) -> list[str]:
     return out
 
 
+def cmd_keygen(args) -> int:
+    private = args.private_key
+    public = args.public_key or (os.path.splitext(private)[0] + ".pub")
+    key = ec.generate_private_key(CURVES[args.curve]())
+    try:
+        fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+        _write(public, key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    except OSError as e:
+        print(f"sealbox keygen: {e.filename or private}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    print(f"wrote {private} (private, keep it secret) and {public}\nsigner key:sha256:{key_fingerprint(key.public_key())}")
+    return 0
+
+
+RELEASE_FOR_OTHER_MODEL = re.compile(r"is for model '(.*)', not '(.*)'")
+
+
 def cmd_verify(args) -> int:
     real = os.path.realpath(args.model_dir)
-    sig = os.path.abspath(args.signature)
+    sig = os.path.abspath(args.signature or os.path.join(real, DEFAULT_SIGNATURE))
     try:
         keys = tuple(TrustedKey.load(p) for p in args.public_key or ())
         identities = tuple(normalize_identity(i) for i in args.identity) or (ANY_IDENTITY,)
@@ -195,6 +237,10 @@ def cmd_verify(args) -> int:
                   + (f"; ignored (not verified): {', '.join(model.ignored)}" if model.ignored else ""))
     except VerificationError as e:
         print(f"sealbox verify: refused: {e}", file=sys.stderr)
+        other = RELEASE_FOR_OTHER_MODEL.fullmatch(e.detail) if e.check == "release" else None
+        if other and not args.model_name:
+            print(f"sealbox verify: hint: the model name defaults to the directory's name '{name}'; if the daemon "
+                  f"serves it as '{other.group(1)}', say --model-name '{other.group(1)}'", file=sys.stderr)
         return 1
     except OSError as e:
         print(f"sealbox verify: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@
 | roles.py | roles by protocol group, the method -> role table (default deny), the caller as the transport proved it |
 | admission.py | bounded cost: lanes, caps on calls, streams and bytes, per-model queues, `tune_malloc` |
 | errors.py | every status a client sees: fixed texts, worker statuses mapped and truncated |
+| provenance.py | which verified model answered (manifest digest, version, signer), stamped on every answer |
 | worker_hop.py | the supervisor -> worker inference hop on the event loop (grpc.aio channel) |
 | audit.py | the audit log: one JSON line per decision, in its own file; reopened on SIGHUP |
 | call_audit.py | the caller's identity on every audit event of a call; refusals rate-limited |

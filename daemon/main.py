@@ -12,6 +12,7 @@ import logging  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 
+from .. import __version__  # noqa: E402
 from . import logs  # noqa: E402
 from .admission import tune_malloc  # noqa: E402
 from .audit import AuditLog  # noqa: E402
@@ -30,6 +31,7 @@ def parse_args(argv):
         epilog="Runs as root (it drops each worker to the configured worker user). Refuses to start if any "
                "configured listener cannot be bound. Stop with SIGTERM or Ctrl-C: every worker is stopped "
                "with it. SIGHUP reopens the audit log and the log file (logrotate).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--config", required=True, metavar="FILE", help="TOML config (see README: Configuration)")
     parser.add_argument("--check-config", action="store_true", help="parse and check the config, then exit")
     parser.add_argument("-v", "--verbose", action="store_true",

@@ -22,14 +22,23 @@ port 8002) or a Unix socket:
 | sealbox_worker_memory_bytes | model, version | the worker's memory use, from its cgroup (memory.current / memory.usage_in_bytes) |
 | sealbox_worker_memory_limit_bytes | model, version | the worker's memory limit |
 | process_resident_memory_bytes, process_* | | the daemon itself (prometheus_client's ProcessCollector, from /proc/self) |
+
+The request metrics are fed by the front door (server.py) for every ModelInfer call and every
+message of a ModelStreamInfer stream addressed to a configured model (a request for an unknown
+model or one that cannot be parsed is counted nowhere: its name is the caller's choice, and
+labels must stay bounded). The same observations feed `statistics()`, which the gRPC
+ModelStatistics RPC answers from in Triton's shape (`RequestStats`).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import ipaddress
 import os
 import socketserver
 import threading
+import time
 from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
@@ -90,6 +99,31 @@ def _code_name(code) -> str:
     return getattr(code, "name", str(code)).upper()
 
 
+@dataclasses.dataclass
+class Duration:
+    """Triton's StatisticDuration: how many, and their cumulative nanoseconds."""
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.ns += int(max(0.0, seconds) * 1e9)
+
+
+@dataclasses.dataclass
+class RequestStats:
+    """One model version's request statistics in Triton's terms (ModelStatistics). Like Triton,
+    `queue` and `compute_infer` are summed over successful requests only; `fail` counts every
+    failed request with its total time. Without batching (max_batch_size 0) each request is one
+    inference and one execution. The worker hop is one step (request bytes in, response bytes
+    out), so all of a request's time at the worker is compute_infer."""
+    success: Duration = dataclasses.field(default_factory=Duration)
+    fail: Duration = dataclasses.field(default_factory=Duration)
+    queue: Duration = dataclasses.field(default_factory=Duration)
+    compute_infer: Duration = dataclasses.field(default_factory=Duration)
+    last_inference_ms: int = 0     # milliseconds since the epoch of the last successful request
+
+
 class _ModelCollector(Collector):
     """Collected at scrape time: each model's state and each live worker's memory, from its cgroup."""
 
@@ -140,14 +174,31 @@ class Metrics:
                                      ["model", "check", "verdict"], registry=r)
         ProcessCollector(registry=r)  # process_resident_memory_bytes & co. for the daemon, from /proc/self
         self._model_collector: _ModelCollector | None = None
+        self._stats: dict[tuple[str, str], RequestStats] = {}
+        self._stats_lock = threading.Lock()
 
     # -- what the daemon calls
     def observe_request(self, model: str, version: str, code, queue_s: float | None,
                         compute_s: float | None, total_s: float) -> None:
-        self.requests.labels(model, version or "", _code_name(code)).inc()
+        code_name = _code_name(code)
+        self.requests.labels(model, version or "", code_name).inc()
         for phase, seconds in (("queue", queue_s), ("compute", compute_s), ("total", total_s)):
             if seconds is not None:
                 self.latency.labels(model, version or "", phase).observe(max(0.0, seconds))
+        with self._stats_lock:
+            stats = self._stats.setdefault((model, version or ""), RequestStats())
+            if code_name != "OK":
+                stats.fail.add(total_s)
+                return
+            stats.success.add(total_s)
+            stats.queue.add(queue_s or 0.0)
+            stats.compute_infer.add(compute_s or 0.0)
+            stats.last_inference_ms = int(time.time() * 1000)
+
+    def statistics(self) -> dict[tuple[str, str], RequestStats]:
+        """A copy of every (model, version)'s RequestStats so far."""
+        with self._stats_lock:
+            return copy.deepcopy(self._stats)
 
     @contextlib.contextmanager
     def inflight(self, model: str):

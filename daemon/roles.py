@@ -50,7 +50,7 @@ METHOD_ROLES: dict[str, str] = {
     # metadata (Triton "metadata"; ModelConfig is Triton's "model-config", read-only -> metadata)
     OIP + "ServerMetadata": METADATA,
     OIP + "ModelMetadata": METADATA,
-    OIP + "ModelConfig": METADATA,                   # not in sealbox's proto today
+    OIP + "ModelConfig": METADATA,
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": METADATA,
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": METADATA,
     # inference (Triton "inference"; shared memory is Triton's "shared-memory" category:
@@ -67,7 +67,7 @@ METHOD_ROLES: dict[str, str] = {
     OIP + "RepositoryIndex": MODEL_REPOSITORY,
     OIP + "RepositoryModelLoad": MODEL_REPOSITORY,
     OIP + "RepositoryModelUnload": MODEL_REPOSITORY,
-    # statistics (Triton "statistics"; not in sealbox's proto today).  Triton's TraceSetting and
+    # statistics (Triton "statistics").  Triton's TraceSetting and
     # LogSettings are admin operations: if they are ever added, put them in model-repository.
     OIP + "ModelStatistics": STATISTICS,
 }

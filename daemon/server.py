@@ -12,7 +12,10 @@ stream_unary handler (same wire format; unary clients work unchanged) so that ad
 BEFORE gRPC reads the message: a refused call's body is never read.
 
 The server uses only the supervisor's narrow interface: status(), metadata(), names(), ready(),
-infer() (a coroutine on this loop), and load()/unload() in a small thread pool.
+infer() (a coroutine on this loop), and load()/unload() in a small thread pool; and its
+`metrics`, which the server feeds for every inference request (requests by status code, latency
+by phase, in flight) and reads for ModelStatistics. ModelConfig is made from ModelMetadata's
+served answer, so both tell the same truth (and carry the same provenance parameters).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -56,7 +60,8 @@ class FrontDoor:
 
     # -- inference ----------------------------------------------------------------------------------
     async def _forward(self, request: bytes) -> bytes:
-        """The worker's response bytes; raises ClientError."""
+        """The answer's bytes (the worker's, stamped by the supervisor); raises ClientError.
+        Measured for the metrics (and ModelStatistics) once the model is known to be configured."""
         try:
             name, version = peek_model(request)
         except PeekError:
@@ -65,6 +70,27 @@ class FrontDoor:
             status = self.sup.status(name)
         except KeyError:
             raise errors.unknown_model(name) from None
+        timing = _Timing(time.monotonic())
+        code = grpc.StatusCode.OK
+        metrics = self.sup.metrics
+        with metrics.inflight(name):
+            try:
+                return await self._routed(name, version, status, request, timing)
+            except ClientError as e:
+                code = e.code
+                raise
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except BaseException:
+                code = grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                del request
+                metrics.observe_request(name, status.version, code, timing.queue_s, timing.compute_s,
+                                        time.monotonic() - timing.start)
+
+    async def _routed(self, name: str, version: str, status, request: bytes, timing: "_Timing") -> bytes:
         if version and version != status.version:
             raise ClientError(grpc.StatusCode.NOT_FOUND, f"model '{name}' has no version "
                               f"'{errors.clean(version, 64)}' (loaded: '{status.version}')")
@@ -73,7 +99,7 @@ class FrontDoor:
         gate = self.admission.model(name)
         reservation = self.admission.request_bytes(gate, len(request))
         reservation.__enter__()   # RESOURCE_EXHAUSTED at once beyond the byte caps
-        task = asyncio.ensure_future(self._at_worker(name, gate, request, reservation))
+        task = asyncio.ensure_future(self._at_worker(name, gate, request, reservation, timing))
         try:
             return await asyncio.shield(task)
         finally:
@@ -81,12 +107,14 @@ class FrontDoor:
             # that cycle keeps the request bytes (up to the message limit) until the cyclic GC runs.
             del task, request
 
-    async def _at_worker(self, name: str, gate, request: bytes, reservation) -> bytes:
+    async def _at_worker(self, name: str, gate, request: bytes, reservation, timing: "_Timing") -> bytes:
         """Wait for the model's turn (bounded queue), then call its worker. Shielded from the
         client's cancellation once at the worker: the worker computes the call anyway, so the
         turn and the request's bytes stay held until it answers or the inference timeout ends it."""
         try:
             async with gate.turn(self.limits.model_queue_timeout_s):
+                at_worker = time.monotonic()
+                timing.queue_s = at_worker - timing.start
                 call = asyncio.ensure_future(self.sup.infer(name, request))
                 try:
                     return await asyncio.shield(call)
@@ -94,6 +122,7 @@ class FrontDoor:
                     await asyncio.wait([call])
                     raise
                 finally:
+                    timing.compute_s = time.monotonic() - at_worker
                     del call   # no task <-> traceback cycle holding the request (see _forward)
         finally:
             del request
@@ -172,6 +201,52 @@ class FrontDoor:
             await context.abort(failure.code, failure.message)
         return metadata   # serialized once per load (response_serializer=None)
 
+    async def ModelConfig(self, request, context):
+        """Triton's model configuration, made from what ModelMetadata serves (so it tells the same
+        truth): the engine as platform, tensors with Triton's data types and the metadata's dims
+        (-1 = any size), max_batch_size 0 (the model takes whole tensors; a client batches in the
+        first dimension), and the provenance parameters."""
+        failure = None
+        try:
+            status, metadata = self.sup.metadata(request.name)
+        except KeyError:
+            failure = errors.unknown_model(request.name)
+        except ModelUnavailable as exc:
+            failure = errors.unavailable(request.name, str(exc))
+        else:
+            if request.version and request.version != status.version:
+                failure = ClientError(grpc.StatusCode.NOT_FOUND, f"model '{request.name}' has no version "
+                                      f"'{errors.clean(request.version, 64)}' (loaded: '{status.version}')")
+        if failure:
+            await context.abort(failure.code, failure.message)
+        return pb.ModelConfigResponse(config=model_config(pb.ModelMetadataResponse.FromString(metadata)))
+
+    async def ModelStatistics(self, request, context):
+        """Triton's per-model statistics, from the counters behind /metrics (Metrics.statistics()).
+        No name: every model; no version: every version that served or is loaded."""
+        if request.name:
+            try:
+                self.sup.status(request.name)
+            except KeyError:
+                failure = errors.unknown_model(request.name)
+                await context.abort(failure.code, failure.message)
+        stats = self.sup.metrics.statistics()
+        response = pb.ModelStatisticsResponse()
+        for name in [request.name] if request.name else self.sup.names():
+            status = self.sup.status(name)
+            versions = {v for (model, v) in stats if model == name}
+            if status.state == State.READY:
+                versions.add(status.version)
+            if request.version:
+                if request.name and request.version not in versions:
+                    failure = ClientError(grpc.StatusCode.NOT_FOUND, f"model '{name}' has no statistics for "
+                                          f"version '{errors.clean(request.version, 64)}'")
+                    await context.abort(failure.code, failure.message)
+                versions &= {request.version}
+            for version in sorted(versions):
+                add_statistics(response.model_stats.add(name=name, version=version), stats.get((name, version)))
+        return response
+
     # -- model repository (admin) -------------------------------------------------------------------
     async def RepositoryIndex(self, request, context):
         response = pb.RepositoryIndexResponse()
@@ -227,6 +302,8 @@ class FrontDoor:
             "ModelReady": unary(self.ModelReady, pb.ModelReadyRequest, pb.ModelReadyResponse),
             "ServerMetadata": unary(self.ServerMetadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
             "ModelMetadata": unary(self.ModelMetadata, pb.ModelMetadataRequest, None),   # bytes made at load
+            "ModelConfig": unary(self.ModelConfig, pb.ModelConfigRequest, pb.ModelConfigResponse),
+            "ModelStatistics": unary(self.ModelStatistics, pb.ModelStatisticsRequest, pb.ModelStatisticsResponse),
             # bytes in, bytes out; stream_unary so that admission runs before the body is read
             "ModelInfer": grpc.stream_unary_rpc_method_handler(self.ModelInfer),
             "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(self.ModelStreamInfer),
@@ -242,6 +319,48 @@ class FrontDoor:
                 methods[method] = unary(self.no_shared_memory, getattr(pb, method + "Request"),
                                         getattr(pb, method + "Response"))
         return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+
+class _Timing:
+    """One request's phases, in seconds: queue (until its turn at the worker), compute (at the worker)."""
+    __slots__ = ("start", "queue_s", "compute_s")
+
+    def __init__(self, start: float):
+        self.start, self.queue_s, self.compute_s = start, None, None
+
+
+def model_config(metadata) -> "pb.ModelConfig":
+    """A Triton ModelConfig from a served ModelMetadataResponse."""
+    config = pb.ModelConfig(name=metadata.name, platform=metadata.platform, max_batch_size=0)
+    for tensor in metadata.inputs:
+        config.input.add(name=tensor.name, data_type=_data_type(tensor.datatype), dims=list(tensor.shape))
+    for tensor in metadata.outputs:
+        config.output.add(name=tensor.name, data_type=_data_type(tensor.datatype), dims=list(tensor.shape))
+    for key, value in metadata.parameters.items():
+        config.parameters[key].string_value = value.string_param
+    return config
+
+
+def _data_type(datatype: str) -> int:
+    """The protocol's datatype name -> Triton's DataType (BYTES is TYPE_STRING; unknown: TYPE_INVALID)."""
+    name = "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+    return pb.DataType.Value(name) if name in pb.DataType.keys() else pb.TYPE_INVALID
+
+
+def add_statistics(entry, stats) -> None:
+    """Fill one ModelStatistics from a metrics.RequestStats (None: nothing served yet)."""
+    if stats is None:
+        entry.inference_stats.SetInParent()
+        return
+    entry.last_inference = stats.last_inference_ms
+    entry.inference_count = entry.execution_count = stats.success.count   # one inference per request
+    inference = entry.inference_stats
+    for field in ("success", "fail", "queue", "compute_infer"):
+        duration = getattr(stats, field)
+        getattr(inference, field).MergeFrom(pb.StatisticDuration(count=duration.count, ns=duration.ns))
+    if stats.success.count:   # without batching every execution is a batch of one
+        batch = entry.batch_stats.add(batch_size=1)
+        batch.compute_infer.MergeFrom(pb.StatisticDuration(count=stats.compute_infer.count, ns=stats.compute_infer.ns))
 
 
 def _quietly(fn) -> None:

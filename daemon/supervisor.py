@@ -22,6 +22,7 @@ import time
 import grpc
 
 from ..proto import inference_pb2 as pb
+from ..proto.wire import PeekError, check_complete
 from ..sandbox import launcher
 from ..sandbox.profile import SandboxProfile
 from . import errors
@@ -29,6 +30,7 @@ from .audit import AuditLog
 from .metrics import Metrics, death_kind
 from .config import Config, ModelConfig
 from .preflight import preflight
+from .provenance import Provenance
 from .worker_process import ModelUnavailable, Spawner, WorkerProcess, describe_exit
 
 log = logging.getLogger("sealboxd")
@@ -208,9 +210,12 @@ class Supervisor:
             self.audit.event("worker_start", model=name, verdict="refused", reason=model.reason)
             raise ModelUnavailable(model.reason) from None
         worker = WorkerProcess(name, profile, socket_dir, sandboxed, self.config.server.max_message_bytes)
+        # Bound to this worker: its answers are stamped with the model it was started from.
+        worker.provenance = provenance = Provenance.of(model.verified)
+        worker.stamp = provenance.stamp()
         model.set_state(State.LOADING, "loading", worker=worker)
         try:
-            metadata = self._served_metadata(model, worker.wait_ready(profile.load_timeout_s))
+            metadata = self._served_metadata(model, worker.wait_ready(profile.load_timeout_s), provenance)
         except ModelUnavailable as exc:
             worker.kill()
             model.set_state(State.UNAVAILABLE, str(exc), worker=None)
@@ -219,7 +224,7 @@ class Supervisor:
         model.set_state(State.READY, metadata=metadata)
         worker.ready_at = time.monotonic()
         self.metrics.load_duration(name, worker.ready_at - started, model.version)
-        self.audit.event("model_load", model=name, verdict="ready", version=model.version,
+        self.audit.event("model_load", model=name, verdict="ready", **provenance.audit_fields(),
                          engine=model.config.format, worker_pid=sandboxed.proc.pid)
         threading.Thread(target=self._watch, args=(model, worker, generation), daemon=True,
                          name=f"watch-{name}").start()
@@ -249,8 +254,9 @@ class Supervisor:
                     model.set_state(State.UNAVAILABLE, "worker died; see the daemon log")
 
     @staticmethod
-    def _served_metadata(model: ManagedModel, answer: bytes) -> bytes:
-        """The ModelMetadataResponse clients get, made once per load from the worker's (bounded) answer."""
+    def _served_metadata(model: ManagedModel, answer: bytes, provenance: Provenance) -> bytes:
+        """The ModelMetadataResponse clients get, made once per load from the worker's (bounded) answer;
+        its parameters are the supervisor's provenance only."""
         from google.protobuf.message import DecodeError
         try:
             response = pb.ModelMetadataResponse.FromString(answer)
@@ -258,6 +264,9 @@ class Supervisor:
             raise ModelUnavailable("the worker's metadata answer is malformed") from None
         response.name = model.config.name
         response.versions[:] = [model.version] if model.version else []
+        response.parameters.clear()
+        for key, value in provenance.parameters().items():
+            response.parameters[key].string_param = value
         return response.SerializeToString()
 
     def _schedule_restart(self, model: ManagedModel) -> float:
@@ -326,6 +335,7 @@ class Supervisor:
 
     async def infer(self, name: str, request: bytes) -> bytes:
         """Forward one ModelInferRequest's bytes to the model's worker; runs on the server's event loop.
+        The answer is the worker's bytes with the supervisor's provenance appended (provenance.py).
 
         The caller holds the model's turn (one call at a time reaches a worker), so the
         inference timeout measures the model, not a queue. Every failure leaves as an
@@ -358,7 +368,11 @@ class Supervisor:
             # us): that is an answer for the client, not a cancellation of its call.
             raise errors.unavailable(name, await self._failure_reason(model, worker)) from None
         model.failures = 0  # it served: the next death starts the backoff afresh
-        return response
+        try:
+            check_complete(response)   # nothing in it can swallow the stamp appended below
+        except PeekError:
+            raise errors.ClientError(grpc.StatusCode.INTERNAL, f"model '{name}' failed") from None
+        return response + worker.stamp   # the supervisor's provenance: the last map entries win
 
     async def _failure_reason(self, model: ManagedModel, worker: WorkerProcess) -> str:
         """Why the hop failed, in the supervisor's words: the watcher's reason once it has seen the

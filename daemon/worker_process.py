@@ -92,6 +92,8 @@ class WorkerProcess:
         self.stopping = False
         self.ready_at: float | None = None
         self.max_message_bytes = max_message_bytes
+        self.provenance = None   # set by the supervisor: the verified model it was started from
+        self.stamp = b""         # that provenance as response parameters (daemon/provenance.py)
         # Describe (at load) goes over this sync channel; inference over the event loop's hop
         # (worker_hop.py), one call at a time per model (the server's admission.ModelGate).
         opts = [*message_options(max_message_bytes), *WORKER_RECONNECT]

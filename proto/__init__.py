@@ -2,10 +2,10 @@
 
 | module | what it holds |
 |---|---|
-| inference.proto, inference_pb2*.py | the public Open Inference Protocol (KServe v2 / Triton), generated stubs |
+| inference.proto, inference_pb2*.py | the public Open Inference Protocol (KServe v2 / Triton; ModelConfig and ModelStatistics in Triton's shape), generated stubs |
 | worker.proto, worker_pb2*.py | the internal supervisor <-> worker service, generated stubs |
 | generate.py | regenerates the stubs (the tests check they are current) |
-| wire.py | hand-written protobuf wire helpers: varints, routing-field peek, stream framing |
+| wire.py | hand-written protobuf wire helpers: varints, routing-field peek, the completeness check and provenance parameters of a worker's response, stream framing |
 | tensors.py | tensors <-> numpy arrays, raw contents appended by hand |
 | contract.py | the worker contract: WorkerSpec, exit codes, engine names, RPC paths, memfd seals |
 """

@@ -1,8 +1,10 @@
 """Hand-written protobuf wire helpers: the few places sealbox reads or writes the wire itself.
 
 The supervisor never decodes tensors: it reads only a request's routing
-fields (`peek_model`, a bounded scan) and wraps a worker's response bytes into a stream
-response without decoding them (`stream_wrap`). Clients and workers append
+fields (`peek_model`, a bounded scan), checks that a worker's response is whole top-level
+fields (`check_complete`, the same scan), appends its provenance parameters to it
+(`string_parameters`) and wraps it into a stream response (`stream_wrap`), all without
+decoding it. Clients and workers append
 large raw tensor bytes as length-delimited fields by hand (`length_delimited`),
 because protobuf's own serializer copies big bytes fields slowly. Protobuf
 allows fields in any order and repeated fields to be split, so appending
@@ -14,7 +16,11 @@ from __future__ import annotations
 INFER_REQUEST_MODEL_NAME, INFER_REQUEST_MODEL_VERSION = 1, 2
 RAW_INPUT_FIELD = 7          # ModelInferRequest.raw_input_contents
 RAW_OUTPUT_FIELD = 6         # ModelInferResponse.raw_output_contents
+INFER_RESPONSE_PARAMETERS = 4   # ModelInferResponse.parameters: map<string, InferParameter>
 STREAM_INFER_RESPONSE = 2    # ModelStreamInferResponse.infer_response
+# A map<K, V> field is, on the wire, a repeated message field of entries {K key = 1; V value = 2}.
+MAP_KEY, MAP_VALUE = 1, 2
+PARAMETER_STRING = 3         # InferParameter.string_param (in its oneof)
 
 WIRE_VARINT, WIRE_FIXED64, WIRE_LEN, WIRE_FIXED32 = 0, 1, 2, 5
 
@@ -67,6 +73,22 @@ def peek_model(request: bytes, max_fields: int = MAX_TOP_LEVEL_FIELDS) -> tuple[
     them, in its sandbox). Every top-level field is seen, so protobuf's "last one wins" rule
     holds: the name routed on is the name the worker parses. Raises PeekError (a ValueError).
     """
+    name, version = _scan(request, max_fields, True)
+    try:
+        return name.decode("utf-8"), version.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PeekError("model name is not UTF-8") from None
+
+
+def check_complete(message: bytes, max_fields: int = MAX_TOP_LEVEL_FIELDS) -> None:
+    """Raise PeekError unless `message` is a sequence of whole top-level fields (the same bounded
+    scan as peek_model). Bytes appended after a message that passes are parsed as fields of their
+    own: no truncated length, varint, fixed field or open group of the message can swallow them."""
+    _scan(message, max_fields, False)
+
+
+def _scan(request: bytes, max_fields: int, pick: bool) -> tuple[bytes, bytes]:
+    """Walk the top-level fields; with `pick`, return the raw model name and version."""
     end = len(request)
     pos = fields = 0
     name = version = b""
@@ -83,7 +105,7 @@ def peek_model(request: bytes, max_fields: int = MAX_TOP_LEVEL_FIELDS) -> tuple[
                 length, pos = read_varint(request, pos)
                 if pos + length > end:
                     raise PeekError("truncated field")
-                if field in (INFER_REQUEST_MODEL_NAME, INFER_REQUEST_MODEL_VERSION):
+                if pick and field in (INFER_REQUEST_MODEL_NAME, INFER_REQUEST_MODEL_VERSION):
                     if length > MAX_NAME_BYTES:
                         raise PeekError("model name too long")
                     value = bytes(request[pos:pos + length])
@@ -103,15 +125,29 @@ def peek_model(request: bytes, max_fields: int = MAX_TOP_LEVEL_FIELDS) -> tuple[
         raise PeekError(str(exc)) from None
     if pos != end:
         raise PeekError("truncated message")
-    try:
-        return name.decode("utf-8"), version.decode("utf-8")
-    except UnicodeDecodeError:
-        raise PeekError("model name is not UTF-8") from None
+    return name, version
 
 
 def stream_wrap(infer_response: bytes) -> bytes:
     """ModelStreamInferResponse{infer_response = <bytes>} built without decoding them."""
     return length_delimited_header(STREAM_INFER_RESPONSE, len(infer_response)) + infer_response
+
+
+def string_parameters(field: int, parameters: dict[str, str]) -> bytes:
+    """`map<string, InferParameter> field` entries with string values, encoded by hand.
+
+    Each entry is one length-delimited `field` holding {string key = 1; InferParameter value = 2}
+    and the InferParameter holds {string string_param = 3}. Appended to a message that passed
+    check_complete, these entries override any the message already had for the same keys: for
+    map fields protobuf keeps the LAST entry of a key (what the supervisor's provenance relies on).
+    """
+    out = bytearray()
+    for key, value in parameters.items():
+        k, v = key.encode("utf-8"), value.encode("utf-8")
+        param = length_delimited_header(PARAMETER_STRING, len(v)) + v
+        entry = length_delimited_header(MAP_KEY, len(k)) + k + length_delimited_header(MAP_VALUE, len(param)) + param
+        out += length_delimited_header(field, len(entry)) + entry
+    return bytes(out)
 
 
 def message_options(limit: int) -> list[tuple[str, int]]:

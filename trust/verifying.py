@@ -4,7 +4,9 @@ Order: the source against the policy (before any file is opened for its
 content), storage checks while opening, the signature (or the operator's
 pinned digests), the signed file set against the files present, the rollback
 check, hashing into sealed memfds, the digests; only then is the version
-recorded. One audit event per decision.
+recorded (or, with record_version=False, by the caller through record_version once the
+model actually serves: the daemon records it when the new worker is READY).
+One audit event per decision.
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ from ._storage import Tree, open_tree, read_checked, resolve_symlinks
 from .errors import VerificationError
 from .policy import TrustPolicy
 
-__all__ = ["AuditSink", "VerificationError", "VerifiedModel", "verify_model", "check_source", "parse_pin_manifest",
-           "inside"]
+__all__ = ["AuditSink", "VerificationError", "VerifiedModel", "verify_model", "record_version", "check_source",
+           "parse_pin_manifest", "inside"]
 
 _state_lock = threading.Lock()  # one read-check-record of versions.json at a time
 
@@ -118,10 +120,11 @@ def _pinned_manifest(policy: TrustPolicy, real: str) -> tuple[Manifest, str]:
 
 
 def verify_model(name: str, model_dir: str, policy: TrustPolicy, state_dir: str | None, audit: AuditSink | None,
-                 now: datetime.datetime | None = None) -> VerifiedModel:
+                 now: datetime.datetime | None = None, record_version: bool = True) -> VerifiedModel:
     """Verifies one model; raises VerificationError naming the file and the check.
 
-    state_dir=None skips the rollback state (the publisher's `verify`)."""
+    state_dir=None skips the rollback state (the publisher's `verify`). record_version=False checks
+    the version against the state but leaves recording it to the caller (the function record_version)."""
     record = {"model": name, "source": model_dir, "policy": policy.describe()}
     tree: Tree | None = None
     hashed = None
@@ -182,7 +185,7 @@ def verify_model(name: str, model_dir: str, policy: TrustPolicy, state_dir: str 
                     where = tree.files[n].path + (f" bytes {rng[0]}-{rng[1]}" if manifest.method == "shards" else "")
                     raise VerificationError(where, "digest", f"{manifest.hash_type} digest differs from the one in {manifest_where}")
 
-        if store is not None and version is not None:
+        if record_version and store is not None and version is not None:
             with _state_lock:
                 store.record(name, version)
         label = (lambda n: os.path.basename(real)) if tree.single_file else (lambda n: n)
@@ -211,6 +214,13 @@ def verify_model(name: str, model_dir: str, policy: TrustPolicy, state_dir: str 
         if hashed:
             for h in hashed.values():
                 os.close(h.memfd)
+
+
+def record_version(state_dir: str, name: str, version: str) -> None:
+    """Raise the accepted version of `name` in state_dir to `version` (rollback protection)."""
+    store = VersionStore(state_dir)
+    with _state_lock:
+        store.record(name, version)
 
 
 def _check_file_set(tree: Tree, manifest: Manifest, real: str) -> None:

@@ -40,7 +40,7 @@ def cmd_status(args) -> int:
             for kind, specs in (("input:", meta.inputs), ("output:", meta.outputs)):
                 for t in specs:
                     print(f"{kind:8} {t.name} {t.datatype} {list(t.shape)}")
-    return EXIT_OK
+    return EXIT_OK if m.state == "READY" else EXIT_REFUSED
 
 
 def _parse_inputs(specs: list[str]) -> dict[str, np.ndarray]:
@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the models, their state and why a model is not ready (admin target)")
     p.set_defaults(func=cmd_models)
-    p = sub.add_parser("status", help="state, version, engine and tensors of one model (admin target)")
+    p = sub.add_parser("status", help="state, version, engine and tensors of one model (admin target); "
+                       "exit status 1 unless it is READY")
     p.add_argument("model")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("infer", help="run one inference with inputs from .npy files")

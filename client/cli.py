@@ -41,7 +41,7 @@ def cmd_status(args) -> int:
             for kind, specs in (("input:", meta.inputs), ("output:", meta.outputs)):
                 for t in specs:
                     print(f"{kind:8} {t.name} {t.datatype} {list(t.shape)}")
-    return EXIT_OK
+    return EXIT_OK if m.state == "READY" else EXIT_REFUSED
 
 
 def _parse_inputs(specs: list[str]) -> dict[str, np.ndarray]:
@@ -130,10 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "UNAVAILABLE, UNLOADED), version ('-' without a signed release) and the reason "
                                    "a model is not ready. Asks the admin socket (--admin-target).")
     p.set_defaults(func=cmd_models)
-    p = sub.add_parser("status", help="state, version, engine and tensors of one model (admin target)",
+    p = sub.add_parser("status", help="state, version, engine and tensors of one model (admin target); "
+                       "exit status 1 unless it is READY",
                        description="One model's state, version and reason (admin socket); when it is READY, also "
                                    "its engine and its input and output tensors (name, datatype, shape; -1 = any "
-                                   "size) from ModelMetadata (--target).")
+                                   "size) from ModelMetadata (--target). Exit status 1 unless it is READY.")
     p.add_argument("model")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("infer", help="run one inference with inputs from .npy files")

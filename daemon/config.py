@@ -44,6 +44,8 @@
     audit_log = "/var/log/sealbox/audit.jsonl"   # audit events go here only (default shown)
     audit_stderr = false                   # deprecated, ignored: audit never shares stderr with the log
     metrics = "127.0.0.1:8002"             # optional Prometheus /metrics: loopback IP:port or unix:/path
+    strict_readiness = true                # ServerReady and health: only while every load = true model
+                                           #   is READY (Triton's --strict-readiness); false: once loaded
 
     [workers]
     user = "sealbox-worker"
@@ -115,6 +117,7 @@ class ServerConfig:
     audit_log: str | None = "/var/log/sealbox/audit.jsonl"
     audit_stderr: bool = False   # deprecated: accepted, ignored (the daemon warns)
     metrics: str | None = None   # Prometheus listener, see daemon/metrics.py; off by default
+    strict_readiness: bool = True   # ServerReady/health only while every load = true model is READY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,7 +330,7 @@ def _server(table: _Table) -> ServerConfig:
         max_message_bytes=max_message_bytes,
         state_dir=table.get("state_dir", str, d.state_dir), run_dir=table.get("run_dir", str, d.run_dir),
         audit_log=table.get("audit_log", str, d.audit_log), audit_stderr=table.get("audit_stderr", bool, d.audit_stderr),
-        metrics=_metrics_listen(table))
+        metrics=_metrics_listen(table), strict_readiness=table.get("strict_readiness", bool, d.strict_readiness))
     table.finish()
     return cfg
 

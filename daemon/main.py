@@ -30,10 +30,19 @@ def parse_args(argv):
                     "admin socket [server] admin_socket (root-only by default) or over mutual TLS.",
         epilog="Runs as root (it drops each worker to the configured worker user). Refuses to start if any "
                "configured listener cannot be bound. Stop with SIGTERM or Ctrl-C: every worker is stopped "
-               "with it. SIGHUP reopens the audit log and the log file (logrotate).")
+               "with it. SIGHUP reopens the audit log and the log file (logrotate) and reloads the config without "
+               "downtime: models added are loaded, removed ones unloaded, changed ones verified again and "
+               "handed over to a new worker while the old one serves; an invalid config is logged and the "
+               "running one kept; [server] changes need a restart.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--config", required=True, metavar="FILE", help="TOML config (see README: Configuration)")
-    parser.add_argument("--check-config", action="store_true", help="parse and check the config, then exit")
+    parser.add_argument("--check-config", action="store_true",
+                        help="parse and check the config without starting a worker, then exit (0 OK, 2 a "
+                             "problem; each named with its key, path and check): model directories exist "
+                             "inside the policy's sources, key and certificate files readable, state_dir owned "
+                             "by root with mode 0700 (created so when absent), run and log directories "
+                             "creatable, the worker user exists and is not root, and can execute the "
+                             "worker python")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also log what workers print on stderr (always kept for death reasons)")
     parser.add_argument("--log-format", choices=logs.FORMATS, default="text",
@@ -45,15 +54,18 @@ def parse_args(argv):
 
 
 def _health_check(socket_path: str):
-    """The watchdog's probe: the daemon's own gRPC health service answers SERVING within 5 s."""
+    """The watchdog's probe: the daemon's own gRPC server answers ServerLive within 5 s. Liveness,
+    not readiness: a model that is not READY makes the server not ready (strict_readiness), and
+    restarting the daemon would not help it."""
     import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from ..proto import inference_pb2 as pb
     channel = grpc.insecure_channel(f"unix:{socket_path}")
-    stub = health_pb2_grpc.HealthStub(channel)
+    live = channel.unary_unary("/inference.GRPCInferenceService/ServerLive",
+                               request_serializer=pb.ServerLiveRequest.SerializeToString,
+                               response_deserializer=pb.ServerLiveResponse.FromString)
 
     def check() -> bool:
-        answer = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
-        return answer.status == health_pb2.HealthCheckResponse.SERVING
+        return live(pb.ServerLiveRequest(), timeout=5).live
     return check
 
 
@@ -61,8 +73,9 @@ class ServiceHooks:
     """What the service manager and the operator see at each step of the server's life
     (server.serve calls these): sd_notify, log reopening on SIGHUP, the watchdog."""
 
-    def __init__(self, notifier: Notifier, audit: AuditLog, socket_path: str):
+    def __init__(self, notifier: Notifier, audit: AuditLog, socket_path: str, reload=None):
         self.notifier, self.audit, self.socket_path = notifier, audit, socket_path
+        self.reload = reload   # Supervisor.reload_file: re-read and apply the config
         self.ready_once = threading.Event()
         self.stop = threading.Event()
 
@@ -72,15 +85,19 @@ class ServiceHooks:
         self.notifier.start_watchdog(self.stop, _health_check(self.socket_path))
 
     def sighup(self) -> None:
-        """SIGHUP: reopen the audit log and the log file (logrotate's convention). Runs on a
-        thread, never in the signal handler; the hook for a configuration reload."""
+        """SIGHUP: reopen the audit log and the log file (logrotate's convention), then reload the
+        config (Supervisor.reload_file: a bad config is logged and the running one kept). Runs on a
+        thread, never in the signal handler."""
         if self.ready_once.is_set():
             self.notifier.reloading()
         self.audit.reopen()
         logs.reopen()
         logging.info("SIGHUP: reopened the audit log and the log file")
+        outcome = "reopened logs"
+        if self.reload is not None:
+            outcome += ", config reloaded" if self.reload() else ", config reload refused (see the log)"
         if self.ready_once.is_set():
-            self.notifier.ready("reopened logs")
+            self.notifier.ready(outcome)
 
     def stopping(self) -> None:
         self.stop.set()
@@ -107,6 +124,12 @@ def main(argv=None) -> int:
         print(f"sealboxd: config refused: {exc}", file=sys.stderr)
         return 2
     if args.check_config:
+        from .preflight import check_config
+        problems = check_config(config, args.log_file)
+        for line in problems:
+            print(f"sealboxd: check failed: {line}", file=sys.stderr)
+        if problems:
+            return 2
         print(f"sealboxd: {args.config}: OK ({len(config.models)} models)")
         return 0
 
@@ -142,6 +165,9 @@ def main(argv=None) -> int:
                              delegated["base"].rstrip("/"), delegated["base"].rstrip("/"))
         except (CgroupError, OSError) as exc:  # each worker start reports it again, as its reason
             logging.error("%s", exc)
+    from .preflight import clean_leftovers
+    for path in clean_leftovers(config):   # a daemon that died: its worker directories and cgroups
+        logging.warning("removed %s, left behind by a daemon that is gone", path)
     metrics_server = None
     if config.server.metrics:
         try:
@@ -150,7 +176,7 @@ def main(argv=None) -> int:
             print(f"sealboxd: metrics listener {config.server.metrics}: {exc}", file=sys.stderr)
             return 2
         logging.info("metrics on %s", metrics_server.address)
-    hooks = ServiceHooks(notifier, audit_log, config.server.socket)
+    hooks = ServiceHooks(notifier, audit_log, config.server.socket, reload=supervisor.reload_file)
     try:
         status = asyncio.run(serve(supervisor, audit, hooks))   # the public server: grpc.aio, this thread's loop
     finally:

@@ -265,6 +265,12 @@ class FrontDoor:
 
     async def RepositoryModelLoad(self, request, context):
         name, failure = request.model_name, None
+        taken = sorted(k for k in request.parameters if k == "config" or k.startswith("file:"))
+        if taken:   # Triton's override config and model files: sealbox loads only what its config names
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"model '{errors.clean(name, 64)}': parameter '{errors.clean(taken[0], 64)}' refused: "
+                                "sealbox never takes model bytes or config from a client; it loads the model "
+                                "its configuration names")
         try:
             self.sup.status(name)
             await self._admin(self.sup.load, name)
@@ -363,6 +369,23 @@ def add_statistics(entry, stats) -> None:
         batch.compute_infer.MergeFrom(pb.StatisticDuration(count=stats.compute_infer.count, ns=stats.compute_infer.ns))
 
 
+class ReadinessHealth(HealthServicer):
+    """grpc.health.v1 whose overall and inference-service status is the server's readiness
+    (Supervisor.ready: strict_readiness), answered at the time of the Check; Watch streams follow
+    the status `serve` keeps set."""
+
+    def __init__(self, ready):
+        super().__init__()
+        self._ready = ready
+
+    async def Check(self, request, context):
+        if request.service in ("", SERVICE) and not self._gracefully_shutting_down:
+            serving = health_pb2.HealthCheckResponse.SERVING if self._ready() else \
+                health_pb2.HealthCheckResponse.NOT_SERVING
+            return health_pb2.HealthCheckResponse(status=serving)
+        return await super().Check(request, context)
+
+
 def _quietly(fn) -> None:
     try:
         fn()
@@ -378,7 +401,7 @@ async def serve(supervisor: Supervisor, audit: CallAudit, hooks=None) -> int:
     loop = asyncio.get_running_loop()
     admission = Admission(cfg.limits)
     door = FrontDoor(supervisor, cfg.limits, admission, audit)
-    health = HealthServicer()
+    health = ReadinessHealth(supervisor.ready)
 
     def add_handlers(server):
         server.add_generic_rpc_handlers((door.generic_handler(),))
@@ -413,9 +436,18 @@ async def serve(supervisor: Supervisor, audit: CallAudit, hooks=None) -> int:
         for service in ("", SERVICE):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
         states = ", ".join(f"{n}={supervisor.status(n).state.value}" for n in supervisor.names())
-        log.info("ready: %s", states)
+        log.info("initial loads done: %s", states)
         if hooks is not None and not stop.is_set():
             hooks.ready(states)
+        serving = None
+        while True:   # health Watch streams follow the readiness (Check computes it per call)
+            now = supervisor.ready()
+            if now != serving:
+                serving = now
+                status = health_pb2.HealthCheckResponse.SERVING if now else health_pb2.HealthCheckResponse.NOT_SERVING
+                for service in ("", SERVICE):
+                    await health.set(service, status)
+            await asyncio.sleep(0.2)
 
     async def housekeeping():
         while True:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import itertools
 import logging
 import os
 import shutil
@@ -28,7 +29,7 @@ from ..sandbox.profile import SandboxProfile
 from . import errors
 from .audit import AuditLog
 from .metrics import Metrics, death_kind
-from .config import Config, ModelConfig
+from .config import Config, ConfigError, ModelConfig, load_config
 from .preflight import preflight
 from .provenance import Provenance
 from .worker_process import ModelUnavailable, Spawner, WorkerProcess, describe_exit
@@ -72,6 +73,7 @@ class ManagedModel:
     failures: int = 0
     lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
     generation: int = 0
+    files_seen: object = None   # files_fingerprint() before the last verification: a reload compares it
     # Guards (status, worker, metadata) as one view for readers on the event loop; held only for
     # attribute updates, never across I/O (`lock` above is held for whole loads).
     view_lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
@@ -80,17 +82,28 @@ class ManagedModel:
         self.status = ModelStatus(self.config.name)
 
     def set_state(self, state: State, reason: str = "", version: str | None = None, **view) -> None:
-        """Replace the state (and any of worker=, metadata=) as one step readers see whole."""
+        """Replace the state (and any of worker=, metadata=, verified=, config=) as one step readers
+        see whole: a hand-over swaps all of them at once."""
         with self.view_lock:
             version = self.status.version if version is None else version
             for key, value in view.items():
-                assert key in ("worker", "metadata")
+                assert key in ("worker", "metadata", "verified", "config")
                 setattr(self, key, value)
             self.status = ModelStatus(self.config.name, state, reason, version)
 
     def snapshot(self) -> tuple[ModelStatus, WorkerProcess | None, bytes | None]:
         with self.view_lock:
             return self.status, self.worker, self.metadata
+
+    def enter_call(self) -> tuple[ModelStatus, WorkerProcess | None, object]:
+        """(status, worker, hop) for one inference call, the worker's in-flight count raised under the
+        view lock: a hand-over that swaps workers after this sees the call and drains it."""
+        with self.view_lock:
+            status, worker = self.status, self.worker
+            hop = worker.hop() if worker is not None and status.state == State.READY else None
+            if hop is not None:
+                worker.inflight += 1
+            return status, worker, hop
 
     @property
     def state(self) -> State:
@@ -113,10 +126,13 @@ class Supervisor:
         self.spawner = Spawner()
         self.stopped = threading.Event()
         self.initial_load_done = threading.Event()
+        self.reload_lock = threading.Lock()   # one configuration reload at a time
+        self.draining: set[WorkerProcess] = set()   # replaced workers finishing their calls
+        self._spawns = itertools.count(1)   # unique worker directory names, across hand-overs
 
-    def profile_for(self, model: ModelConfig) -> SandboxProfile:
+    def profile_for(self, model: ModelConfig, config: Config | None = None) -> SandboxProfile:
         """This model's sandbox: [workers] settings with the model's overrides (decided in SandboxProfile)."""
-        w = self.config.workers
+        w = (config or self.config).workers
         return SandboxProfile.for_model(
             model.format, user=w.user, python=w.python,
             memory_bytes=model.memory_bytes or w.memory_bytes, pids_max=model.pids_max or w.pids_max,
@@ -154,24 +170,40 @@ class Supervisor:
             model = self.models[name]
             model.set_state(State.UNAVAILABLE, f"internal error while loading: {exc!r}")
 
-    def load(self, name: str) -> None:
-        """Verify, launch, wait until ready. Raises LoadRefused or ModelUnavailable."""
+    def load(self, name: str, config: ModelConfig | None = None) -> None:
+        """Verify, launch, wait until ready. Raises LoadRefused or ModelUnavailable.
+
+        A model that is serving keeps serving until its replacement is READY (`_hand_over`); a
+        refused or failed replacement leaves it serving. `config` replaces the model's config (a
+        reload) once the model runs on it."""
         from ..trust import VerificationError, verify_model  # noqa: the trust library
 
         model = self.get(name)
         with model.lock:
             if self.stopped.is_set():
                 raise ModelUnavailable("the daemon is stopping")
-            cfg = model.config
+            cfg = config or model.config
+            status, worker, _ = model.snapshot()
+            serving = status.state == State.READY and worker is not None
+            if not serving:
+                model.set_state(State.LOADING, "verifying", config=cfg)
+            model.files_seen = files_fingerprint(cfg)   # before verifying: a change during it shows next time
             try:
-                verified = verify_model(name, cfg.path, cfg.policy, self.config.server.state_dir, self.audit)
+                verified = verify_model(name, cfg.path, cfg.policy, self.config.server.state_dir, self.audit,
+                                        record_version=False)   # recorded once the new worker is READY
             except VerificationError as exc:
                 self.metrics.verification(name, getattr(exc, "check", "unknown"), "refused")
                 reason = f"verification refused: {exc}"
-                if model.state != State.READY:  # a refused reload leaves a serving model serving
+                if serving:   # a refused new version leaves the serving one serving
+                    self.audit.event("model_update", model=name, verdict="refused", reason=reason,
+                                     serving=status.version)
+                else:
                     model.set_state(State.UNAVAILABLE, reason)
                 raise LoadRefused(reason) from None
             self.metrics.verification(name, "all", "accepted")
+            if serving:
+                self._hand_over(model, cfg, verified)
+                return
             try:
                 self._stop_worker(model, State.LOADING, "loading")
                 model.verified, model.failures = verified, 0
@@ -188,46 +220,134 @@ class Supervisor:
                 self.audit.event("model_load", model=name, verdict="failed", reason=model.reason)
                 raise ModelUnavailable(model.reason) from None
 
-    def _start_worker(self, model: ManagedModel) -> None:
-        """Launch a worker on model.verified and wait until it serves (caller holds model.lock)."""
+    def _launch(self, cfg: ModelConfig, verified) -> WorkerProcess:
+        """Start a sandboxed worker on `verified` (not waiting for it); ModelUnavailable if the sandbox
+        cannot be made ("sandbox unavailable: ..."). Touches no model state."""
         if self.stopped.is_set():
             raise ModelUnavailable("the daemon is stopping")
-        profile = self.profile_for(model.config)
-        name = model.config.name
-        model.generation += 1
-        generation = model.generation
+        profile = self.profile_for(cfg)
         socket_dir = None
-        started = time.monotonic()
         try:
-            # The pid keeps two daemons sharing a run_dir out of each other's way.
+            # The pid keeps two daemons sharing a run_dir out of each other's way (and names what a
+            # daemon that died left behind: cleaned up at the next start).
             socket_dir = launcher.make_socket_dir(self.config.server.run_dir,
-                                                  f"{os.getpid()}-{name}-{generation}", profile)
-            sandboxed = self.spawner.call(lambda: launcher.launch(profile, socket_dir, model.verified.files))
+                                                  f"{os.getpid()}-{cfg.name}-{next(self._spawns)}", profile)
+            sandboxed = self.spawner.call(lambda: launcher.launch(profile, socket_dir, verified.files))
         except Exception as exc:  # SandboxUnavailable, OSError, SubprocessError from a failed preexec
             if socket_dir:
                 shutil.rmtree(socket_dir, ignore_errors=True)
-            model.set_state(State.UNAVAILABLE, f"sandbox unavailable: {exc}", worker=None)
-            self.audit.event("worker_start", model=name, verdict="refused", reason=model.reason)
-            raise ModelUnavailable(model.reason) from None
-        worker = WorkerProcess(name, profile, socket_dir, sandboxed, self.config.server.max_message_bytes)
+            raise ModelUnavailable(f"sandbox unavailable: {exc}") from None
+        worker = WorkerProcess(cfg.name, profile, socket_dir, sandboxed, self.config.server.max_message_bytes)
         # Bound to this worker: its answers are stamped with the model it was started from.
-        worker.provenance = provenance = Provenance.of(model.verified)
-        worker.stamp = provenance.stamp()
+        worker.provenance = Provenance.of(verified)
+        worker.stamp = worker.provenance.stamp()
+        return worker
+
+    def _start_worker(self, model: ManagedModel) -> None:
+        """Launch a worker on model.verified and wait until it serves (caller holds model.lock)."""
+        name = model.config.name
+        model.generation += 1
+        generation = model.generation
+        started = time.monotonic()
+        try:
+            worker = self._launch(model.config, model.verified)
+        except ModelUnavailable as exc:
+            model.set_state(State.UNAVAILABLE, str(exc), worker=None)
+            self.audit.event("worker_start", model=name, verdict="refused", reason=model.reason)
+            raise
         model.set_state(State.LOADING, "loading", worker=worker)
         try:
-            metadata = self._served_metadata(model, worker.wait_ready(profile.load_timeout_s), provenance)
+            metadata = self._served_metadata(name, model.version, worker.wait_ready(worker.profile.load_timeout_s),
+                                             worker.provenance)
         except ModelUnavailable as exc:
             worker.kill()
             model.set_state(State.UNAVAILABLE, str(exc), worker=None)
             self.audit.event("model_load", model=name, verdict="failed", reason=model.reason)
             raise
         model.set_state(State.READY, metadata=metadata)
+        self._served(model, worker, generation, started)
+
+    def _served(self, model: ManagedModel, worker: WorkerProcess, generation: int, started: float, **audit) -> None:
+        """A worker just became the model's READY worker: record the version, audit, watch it."""
+        name = model.config.name
         worker.ready_at = time.monotonic()
         self.metrics.load_duration(name, worker.ready_at - started, model.version)
-        self.audit.event("model_load", model=name, verdict="ready", **provenance.audit_fields(),
-                         engine=model.config.format, worker_pid=sandboxed.proc.pid)
+        self._record_version(model)
+        self.audit.event("model_load", model=name, verdict="ready", **worker.provenance.audit_fields(),
+                         engine=model.config.format, worker_pid=worker.proc.pid, **audit)
         threading.Thread(target=self._watch, args=(model, worker, generation), daemon=True,
                          name=f"watch-{name}").start()
+
+    def _record_version(self, model: ManagedModel) -> None:
+        """Rollback protection: the version counts as accepted once a worker serves it, never before
+        (a version that verifies but fails to load must not lock out the one serving)."""
+        from ..trust import VerificationError, record_version
+        version = getattr(model.verified, "version", None)
+        if version and self.config.server.state_dir:
+            try:
+                record_version(self.config.server.state_dir, model.config.name, version,
+                               getattr(model.verified, "record_digest", None))
+            except (OSError, VerificationError) as exc:
+                log.error("model %s: cannot record version %s in %s: %s", model.config.name, version,
+                          self.config.server.state_dir, exc)
+
+    def _hand_over(self, model: ManagedModel, cfg: ModelConfig, verified) -> None:
+        """Replace a serving model without downtime (caller holds model.lock): start the new worker
+        on `verified` and wait until it is READY (warmed up) while the old one keeps serving, then
+        swap worker, metadata, status, verified and config in one step, then let the old worker
+        finish the calls it has in flight and stop it. A replacement that fails leaves the old one
+        serving, audited; ModelUnavailable says why."""
+        name = cfg.name
+        old_status, old_worker, _ = model.snapshot()
+        old_verified = model.verified
+        version = verified.version or ""
+        started = time.monotonic()
+        keeps = f"version '{old_status.version}' keeps serving" if old_status.version else "the old version keeps serving"
+        try:
+            worker = self._launch(cfg, verified)
+        except ModelUnavailable as exc:
+            verified.close()
+            self.audit.event("model_update", model=name, verdict="failed", reason=str(exc), serving=old_status.version)
+            raise ModelUnavailable(f"{exc}; {keeps}") from None
+        try:
+            metadata = self._served_metadata(name, version, worker.wait_ready(worker.profile.load_timeout_s),
+                                             worker.provenance)
+        except ModelUnavailable as exc:
+            worker.kill()
+            verified.close()
+            self.audit.event("model_update", model=name, verdict="failed", reason=str(exc), serving=old_status.version)
+            raise ModelUnavailable(f"{exc}; {keeps}") from None
+        model.generation += 1   # the old worker's watcher and restart timers stand down
+        generation = model.generation
+        model.failures = 0
+        model.set_state(State.READY, "", version, worker=worker, metadata=metadata, verified=verified, config=cfg)
+        self._served(model, worker, generation, started, replaced=old_status.version)
+        self._drain_soon(name, old_worker, old_verified)
+
+    def _drain_soon(self, name: str, worker: WorkerProcess | None, verified) -> None:
+        """Let a replaced worker finish the calls in flight on it (bounded by its inference timeout),
+        then stop it and close its sealed copies; on a thread of its own."""
+        if worker is None:
+            if verified is not None:
+                verified.close()
+            return
+        self.draining.add(worker)
+
+        def drain():
+            deadline = time.monotonic() + worker.profile.infer_timeout_s
+            while worker.inflight > 0 and time.monotonic() < deadline and worker.proc.poll() is None:
+                time.sleep(0.005)
+            left = worker.inflight
+            try:
+                worker.kill()
+            except Exception:
+                log.exception("model %s: stopping the replaced worker failed", name)
+            finally:
+                self.draining.discard(worker)
+                if verified is not None:
+                    verified.close()
+            self.audit.event("worker_drained", model=name, worker_pid=worker.proc.pid, cut_calls=left)
+        threading.Thread(target=drain, daemon=True, name=f"drain-{name}").start()
 
     STABLE_S = 60.0  # a worker that lived this long (or served a call) before dying starts the backoff afresh
 
@@ -254,7 +374,7 @@ class Supervisor:
                     model.set_state(State.UNAVAILABLE, "worker died; see the daemon log")
 
     @staticmethod
-    def _served_metadata(model: ManagedModel, answer: bytes, provenance: Provenance) -> bytes:
+    def _served_metadata(name: str, version: str, answer: bytes, provenance: Provenance) -> bytes:
         """The ModelMetadataResponse clients get, made once per load from the worker's (bounded) answer;
         its parameters are the supervisor's provenance only."""
         from google.protobuf.message import DecodeError
@@ -262,8 +382,8 @@ class Supervisor:
             response = pb.ModelMetadataResponse.FromString(answer)
         except DecodeError:
             raise ModelUnavailable("the worker's metadata answer is malformed") from None
-        response.name = model.config.name
-        response.versions[:] = [model.version] if model.version else []
+        response.name = name
+        response.versions[:] = [version] if version else []
         response.parameters.clear()
         for key, value in provenance.parameters().items():
             response.parameters[key].string_param = value
@@ -307,6 +427,114 @@ class Supervisor:
             self._stop_worker(model, State.UNLOADED, "unloaded")
         self.audit.event("model_unload", model=name)
 
+    # -- configuration reload (SIGHUP)
+    def reload_file(self) -> bool:
+        """Re-read the config file and apply it (reload). A config that does not parse or check,
+        or asks for a sandbox layer this host lacks, changes nothing: the running one stays, the
+        reason is logged and audited. Never raises. Runs on a thread (never on the event loop)."""
+        from ..sandbox.launcher import SandboxUnavailable
+        path = self.config.path
+        try:
+            config = load_config(path)
+            self.reload(config)
+            return True
+        except (ConfigError, SandboxUnavailable) as exc:
+            log.error("config reload refused, the running config is kept: %s", exc)
+            self.audit.event("config_reload", config=path, verdict="refused", reason=str(exc))
+        except Exception as exc:  # never die on a reload
+            log.exception("config reload failed, the running config is kept")
+            self.audit.event("config_reload", config=path, verdict="refused", reason=f"internal error: {exc!r}")
+        return False
+
+    def _launch_key(self, model: ModelConfig, config: Config) -> tuple:
+        """What a worker is made from, apart from the model's files: a change needs a new worker."""
+        return dataclasses.replace(model, load=True), self.profile_for(model, config)
+
+    def reload(self, config: Config) -> None:
+        """Apply a new configuration without downtime: models added are loaded (load = true),
+        removed ones drained and dropped, changed ones (path, format, policy, limits, [workers]) and
+        ones whose files changed on disk verified again and handed over to a new worker while the
+        old one serves. [server] changes need a restart: logged, the running values kept."""
+        with self.reload_lock:
+            if self.stopped.is_set():
+                return
+            old = self.config
+            for field in dataclasses.fields(old.server):
+                if getattr(old.server, field.name) != getattr(config.server, field.name):
+                    log.warning("config reload: [server] %s changed: needs a restart; the running value is kept",
+                                field.name)
+            config = dataclasses.replace(config, server=old.server)
+            if config.workers != old.workers:
+                for line in preflight(config):   # SandboxUnavailable: refused, nothing changed
+                    log.warning("%s", line)
+            added = [n for n in config.models if n not in self.models]
+            removed = [n for n in self.models if n not in config.models]
+            self.config = config
+            models = dict(self.models)
+            for n in added:
+                models[n] = ManagedModel(config.models[n])
+            self.models = models   # replaced whole: readers iterating the old dict are undisturbed
+            outcome: dict[str, str] = {}
+            jobs = [threading.Thread(target=self._reload_model, args=(n, config.models[n], config, added, outcome),
+                                     daemon=True, name=f"reload-{n}") for n in config.models]
+            jobs += [threading.Thread(target=self._remove, args=(n, outcome), daemon=True, name=f"remove-{n}")
+                     for n in removed]
+            for job in jobs:
+                job.start()
+            for job in jobs:
+                job.join()
+            changes = {k: sorted(n for n, v in outcome.items() if v == k)
+                       for k in ("added", "removed", "replaced", "loaded", "refused", "failed")}
+            log.info("config reloaded from %s: %s", config.path,
+                     "; ".join(f"{k} {', '.join(v)}" for k, v in changes.items() if v) or "no model changed")
+            self.audit.event("config_reload", config=config.path, verdict="accepted",
+                             **{k: v for k, v in changes.items() if v})
+
+    def _reload_model(self, name: str, cfg: ModelConfig, config: Config, added: list, outcome: dict) -> None:
+        model = self.models[name]
+        with model.lock:
+            status, worker, _ = model.snapshot()
+            loaded = status.state == State.READY or model.verified is not None
+            changed = self._launch_key(model.config, config) != self._launch_key(cfg, config)
+            files_changed = model.files_seen is not None and files_fingerprint(cfg) != model.files_seen
+            if loaded and not (changed or files_changed):
+                model.set_state(status.state, status.reason, config=cfg)   # `load` only, say
+                return
+            if not loaded and not (cfg.load and (changed or files_changed or model.files_seen is None)):
+                model.set_state(status.state, status.reason, config=cfg)
+                return
+            what = "added" if name in added else ("replaced" if loaded else "loaded")
+            try:
+                self.load(name, cfg)
+                outcome[name] = what
+            except LoadRefused as exc:
+                outcome[name] = "refused"
+                log.warning("model %s not (re)loaded: %s", name, exc)
+            except ModelUnavailable as exc:
+                outcome[name] = "failed"
+                log.warning("model %s not (re)loaded: %s", name, exc)
+            except Exception as exc:
+                outcome[name] = "failed"
+                log.exception("model %s: internal error while reloading", name)
+                if model.state != State.READY:
+                    model.set_state(State.UNAVAILABLE, f"internal error while loading: {exc!r}")
+
+    def _remove(self, name: str, outcome: dict) -> None:
+        """A model removed from the config: gone for new calls at once, its worker drained."""
+        model = self.models[name]
+        with model.lock:
+            model.generation += 1
+            _status, worker, _ = model.snapshot()
+            verified = model.verified
+            model.set_state(State.UNLOADED, "removed from the configuration", worker=None, metadata=None,
+                            verified=None)
+            models = dict(self.models)
+            models.pop(name, None)
+            self.models = models
+            self._drain_soon(name, worker, verified)
+        outcome[name] = "removed"
+        self.audit.event("model_unload", model=name, reason="removed from the configuration")
+
     # -- the narrow interface the public server uses
     def names(self) -> list[str]:
         return sorted(self.models)
@@ -342,10 +570,15 @@ class Supervisor:
         errors.ClientError with a fixed, sealbox-made text: the model's reason under the view
         lock, never the transport's text, a path or a pid."""
         model = self.get(name)
-        status, worker, _ = model.snapshot()
-        hop = worker.hop() if worker is not None and status.state == State.READY else None
+        status, worker, hop = model.enter_call()
         if hop is None:
             raise errors.unavailable(name, _reason(status))
+        try:
+            return await self._infer_at(name, model, worker, hop, request)
+        finally:
+            worker.inflight -= 1   # a replaced worker is stopped once its calls are done
+
+    async def _infer_at(self, name: str, model: ManagedModel, worker: WorkerProcess, hop, request: bytes) -> bytes:
         timeout = worker.profile.infer_timeout_s
         try:
             response = await hop.infer(request, timeout)
@@ -387,16 +620,53 @@ class Supervisor:
         return "worker connection failed"
 
     def ready(self) -> bool:
-        return self.initial_load_done.is_set() and not self.stopped.is_set()
+        """ServerReady and grpc health: the initial loads are done and, with [server]
+        strict_readiness (the default, Triton's --strict-readiness), every load = true model is READY."""
+        if not self.initial_load_done.is_set() or self.stopped.is_set():
+            return False
+        if not self.config.server.strict_readiness:
+            return True
+        return all(m.status.state == State.READY for m in self.models.values() if m.config.load)
 
     def shutdown(self) -> None:
         self.stopped.set()
+        for worker in list(self.draining):
+            try:
+                worker.kill()
+            except Exception:
+                log.exception("stopping a replaced worker failed")
         for model in self.models.values():
             with model.lock:
                 try:
                     self._stop_worker(model, State.UNLOADED, "daemon stopped")
                 except Exception:  # stop every other model regardless
                     log.exception("model %s: stopping its worker failed", model.config.name)
+
+
+def files_fingerprint(cfg: ModelConfig) -> tuple:
+    """What a reload compares to see whether a model's files changed since its last verification,
+    without reading them: (name, size, mtime, ctime, inode) of every entry under the model's path,
+    of its signature and release files and of a pinned manifest. Cheap; a change here means verify
+    again, never "trust it": the verification decides."""
+    entries = []
+
+    def add(path: str) -> None:
+        try:
+            st = os.lstat(path)
+            link = os.readlink(path) if os.path.islink(path) else None
+            entries.append((path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode, link))
+        except OSError as exc:
+            entries.append((path, exc.errno))
+    add(cfg.path)
+    base = cfg.path if os.path.isdir(cfg.path) else os.path.dirname(cfg.path)
+    for top, dirs, files in os.walk(cfg.path):
+        dirs.sort()
+        for n in sorted(dirs + files):
+            add(os.path.join(top, n))
+    for extra in (cfg.policy.signature, cfg.policy.release, cfg.policy.pinned_manifest):
+        if extra:
+            add(os.path.join(base, extra))
+    return tuple(entries)
 
 
 def _reason(status: ModelStatus) -> str:

@@ -91,6 +91,7 @@ class WorkerProcess:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
         self.stopping = False
         self.ready_at: float | None = None
+        self.inflight = 0   # inference calls on its hop (event loop only); a replaced worker drains them
         self.max_message_bytes = max_message_bytes
         self.provenance = None   # set by the supervisor: the verified model it was started from
         self.stamp = b""         # that provenance as response parameters (daemon/provenance.py)
@@ -102,6 +103,7 @@ class WorkerProcess:
                                                  response_deserializer=_identity)
         self._hop = None
         self._hop_lock = threading.Lock()
+        self._killed = False
         self._stderr_reader = threading.Thread(target=self._drain_stderr, name=f"stderr-{name}", daemon=True)
         self._stderr_reader.start()
 
@@ -162,8 +164,11 @@ class WorkerProcess:
         return reason
 
     def kill(self):
+        """Stop the worker and close its channels; idempotent (a drain and a shutdown may race)."""
         with self._hop_lock:
-            self.stopping = True
+            if self._killed:
+                return
+            self._killed = self.stopping = True
             hop, self._hop = self._hop, None
         if hop is not None:
             hop.close_soon()

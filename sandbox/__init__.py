@@ -6,7 +6,7 @@
 | launcher.py | renders a profile into bubblewrap's command line and the worker's `WorkerSpec`; starts a worker |
 | seccomp.py | the per-engine syscall allowlists (two stages) and loading a filter from an fd |
 | landlock.py | the worker's filesystem/network/scope restrictions, applied by the worker to itself |
-| cgroups.py | one cgroup per worker (memory, pids; v2 or v1), OOM detection, cgroup.kill |
+| cgroups.py | one cgroup per worker (memory, pids; v2 or v1), OOM detection, cgroup.kill, removal of stale groups |
 | limits.py | rlimits and the environment every worker runs with |
 | hostcheck.py | which layers this host can apply (`sealbox sandbox check`, the daemon's preflight) |
 | macos.py | the Seatbelt (sandbox-exec) profile text for macOS workers |

@@ -180,6 +180,52 @@ def prepare_delegated_subtree(controllers=None, mount: str | None = None) -> dic
         return result
 
 
+def worker_group_parents(existing_only: bool = True) -> list[str]:
+    """The <own>/sealbox directories that hold this process's worker groups, one per hierarchy in
+    use (v2, and v1 memory/pids on hybrid hosts); by default only those that exist."""
+    support = cgroup_support()
+    own_v2, own_v1 = _own_cgroups()
+    parents = []
+    if support["v2_mount"]:
+        base = own_v2.rstrip("/") or "/"
+        if os.path.basename(base) == LEAF_DIR:   # the daemon in its leaf: workers beside it
+            base = os.path.dirname(base) or "/"
+        parents.append(os.path.join(support["v2_mount"], base.lstrip("/"), GROUP_DIR))
+    for c in _CONTROLLERS:
+        if support[c] == "v1":
+            parents.append(os.path.join(support["v1_mounts"][c], own_v1.get(c, "/").lstrip("/"), GROUP_DIR))
+    return [p for p in dict.fromkeys(parents) if not existing_only or os.path.isdir(p)]
+
+
+def remove_stale_groups(is_stale, timeout: float = 5.0) -> list[str]:
+    """Kill and remove the worker groups whose names `is_stale` picks (left by a daemon that died);
+    returns the removed paths. Other groups are never touched."""
+    removed = []
+    for parent in worker_group_parents():
+        for name in sorted(os.listdir(parent)):
+            path = os.path.join(parent, name)
+            if not os.path.isdir(path) or not is_stale(name):
+                continue
+            try:
+                if os.path.exists(os.path.join(path, "cgroup.kill")):
+                    _write(os.path.join(path, "cgroup.kill"), "1")
+                deadline = time.monotonic() + timeout
+                while pids := _procs(path):
+                    for pid in pids:
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+                    if time.monotonic() > deadline:
+                        raise CgroupError(f"cgroups: processes {sorted(pids)} in {path} survived SIGKILL")
+                    time.sleep(0.01)
+                os.rmdir(path)
+                removed.append(path)
+            except OSError as exc:
+                raise CgroupError(f"cgroups: cannot remove the stale group {path}: {exc.strerror}") from None
+    return removed
+
+
 class WorkerCgroup:
     """One worker's groups (up to three directories on hybrid hosts). Build with `create`."""
 

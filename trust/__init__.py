@@ -25,6 +25,6 @@ The public face is this module and the modules without a leading underscore:
 from . import signing
 from .errors import VerificationError
 from .policy import TrustPolicy
-from .verifying import AuditSink, VerifiedModel, verify_model
+from .verifying import AuditSink, VerifiedModel, record_version, verify_model
 
-__all__ = ["AuditSink", "TrustPolicy", "VerificationError", "VerifiedModel", "signing", "verify_model"]
+__all__ = ["AuditSink", "TrustPolicy", "VerificationError", "VerifiedModel", "record_version", "signing", "verify_model"]

@@ -8,8 +8,9 @@ digests) and the signed model name (if the policy binds one), the manifest
 digest pin, the signed file set against the files present (ignore paths
 dropped), the rollback check (a signed release, or the version the operator
 states), hashing into sealed memfds, the digests; only then is the version
-recorded. One audit event per decision; every failure, a bug included, leaves
-as a VerificationError.
+recorded (or, with record_version=False, by the caller through record_version once the
+model actually serves: the daemon records it when the new worker is READY). One audit event per
+decision; every failure, a bug included, leaves as a VerificationError.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ from ._storage import Source, Tree, open_tree, read_checked, resolve_symlinks, w
 from .errors import VerificationError
 from .policy import TrustPolicy, parse_version
 
-__all__ = ["AuditSink", "VerificationError", "VerifiedModel", "verify_model", "check_source", "parse_pin_manifest",
-           "inside"]
+__all__ = ["AuditSink", "VerificationError", "VerifiedModel", "verify_model", "record_version", "check_source",
+           "parse_pin_manifest", "inside"]
 
 _state_lock = threading.Lock()  # one read-check-record of versions.json at a time
 
@@ -50,6 +51,7 @@ class VerifiedModel:
     signer: str | None           # pinned identity or "key:sha256:<fingerprint>"; None when pinned by digest
     digest: str                  # "sha256:<hex>": OMS subject digest, or the same over the pinned digests
     ignored: tuple[str, ...] = ()  # present but under ignore_paths: never verified, never handed over
+    record_digest: str | None = None  # recorded with the version when the operator stated it
     _closed: bool = field(default=False, repr=False)
 
     def close(self) -> None:
@@ -145,10 +147,11 @@ def _pinned_manifest(policy: TrustPolicy, real: str) -> tuple[Manifest, str]:
 
 
 def verify_model(name: str, model_dir: str, policy: TrustPolicy, state_dir: str | None, audit: AuditSink | None,
-                 now: datetime.datetime | None = None) -> VerifiedModel:
+                 now: datetime.datetime | None = None, record_version: bool = True) -> VerifiedModel:
     """Verifies one model; raises VerificationError naming the file and the check.
 
-    state_dir=None skips the rollback state (the publisher's `verify`)."""
+    state_dir=None skips the rollback state (the publisher's `verify`). record_version=False checks
+    the version against the state but leaves recording it to the caller (the function record_version)."""
     record = {"model": name, "source": model_dir, "policy": policy.describe()}
     source: Source | None = None
     tree: Tree | None = None
@@ -231,13 +234,13 @@ def verify_model(name: str, model_dir: str, policy: TrustPolicy, state_dir: str 
                     where = tree.files[n].path + (f" bytes {rng[0]}-{rng[1]}" if manifest.method == "shards" else "")
                     raise VerificationError(where, "digest", f"{manifest.hash_type} digest differs from the one in {manifest_where}")
 
-        if store is not None and version is not None:
+        if record_version and store is not None and version is not None:
             with _state_lock:
                 store.record(name, version, digest if stated else None)
         label = (lambda n: os.path.basename(real)) if tree.single_file else (lambda n: n)
         model = VerifiedModel(name, real, {label(n): h.memfd for n, h in hashed.items()},
                               {label(n): h.size for n, h in hashed.items()}, version, signer, digest,
-                              tuple(dropped))
+                              tuple(dropped), record_digest=digest if stated else None)
         hashed = None  # owned by `model` now
         if audit:
             audit.event("model.verify", **record, verdict="accepted", reason="all checks passed", files=len(model.files))
@@ -276,6 +279,14 @@ def _check_name(manifest: Manifest, sig_path: str, policy: TrustPolicy) -> None:
     if policy.model_name is not None and manifest.subject_name != policy.model_name:
         raise VerificationError(sig_path, "name", f"signed for model {manifest.subject_name!r}, but the policy's "
                                 f"model_name is {policy.model_name!r}")
+
+
+def record_version(state_dir: str, name: str, version: str, digest: str | None = None) -> None:
+    """Raise the accepted version of `name` in state_dir to `version` (rollback protection); `digest`
+    is recorded with it for a version the operator stated (VerifiedModel.record_digest)."""
+    store = VersionStore(state_dir)
+    with _state_lock:
+        store.record(name, version, digest)
 
 
 def _check_file_set(tree: Tree, manifest: Manifest, real: str) -> None:

@@ -112,6 +112,9 @@ def test_sighup_reopens_audit_log_and_log_file_and_keeps_serving(ops_daemon, dem
     os.rename(log_file, tmp_path / "sealboxd.log.1")
     daemon.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: log_file.exists() and "SIGHUP: reopened" in log_file.read_text(), what="the reopened log file")
+    # ... and then reloads the config (unchanged here: no model touched), into the reopened audit log.
+    wait_for(lambda: daemon.audit_log.exists() and "config_reload" in daemon.audit_log.read_text(),
+             what="the config reload's audit event")
     assert daemon.proc.poll() is None  # SIGHUP no longer kills the daemon
     with daemon.client() as client:
         client.unload("demo")
@@ -119,7 +122,8 @@ def test_sighup_reopens_audit_log_and_log_file_and_keeps_serving(ops_daemon, dem
         assert client.status("demo").state == "READY"
     new = [json.loads(line) for line in daemon.audit_log.read_text().splitlines()]
     old = [json.loads(line) for line in rotated_audit.read_text().splitlines()]
-    assert [e["event"] for e in new] == ["model_unload", "model_verify", "model_load"]
+    assert [e["event"] for e in new] == ["config_reload", "model_unload", "model_verify", "model_load"]
+    assert new[0]["verdict"] == "accepted" and set(new[0]) == {"time", "event", "config", "verdict"}
     assert old[0]["event"] == "daemon_start" and not any(e["event"] == "model_unload" for e in old)
     assert all(ISO_MS.match(e["time"]) for e in new + old)
 

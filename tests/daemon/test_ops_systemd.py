@@ -242,7 +242,10 @@ def wait_ready(proc, socket_path, stderr_path, timeout=120.0):
         if os.path.exists(socket_path):
             try:
                 with Client(f"unix:{socket_path}", timeout=5) as client:
-                    if client.ready():
+                    # Ready, or (strict readiness: not ready while a model is not READY) every initial
+                    # load has its outcome.
+                    if client.ready() or (client.live() and all(m.state in ("READY", "UNAVAILABLE")
+                                                                for m in client.models())):
                         return
             except Exception:
                 pass

@@ -22,6 +22,7 @@ class Daemon:
     def __init__(self, directory: pathlib.Path, models: dict[str, dict], public_key: pathlib.Path,
                  workers: str = "", tcp: bool = False, extra: str = "", server: str = "", socket_dir=None):
         self.dir = directory
+        self.models = models
         self.run_dir = f"{RUN_ROOT}/{uuid.uuid4().hex[:12]}"
         sockets = pathlib.Path(socket_dir or directory)
         self.socket = str(sockets / "sealbox.sock")
@@ -68,14 +69,20 @@ class Daemon:
         return self
 
     def wait_ready(self, timeout: float = 90.0) -> None:
+        """Until every initial load has an outcome: ServerReady, or (strict readiness: not ready while
+        a load = true model is not READY) every load = true model READY or UNAVAILABLE."""
         from sealbox.client import Client
         deadline = time.monotonic() + timeout
-        with Client(self.target, timeout=5) as client:
+        initial = {name for name, model in self.models.items() if model.get("load") is not False}
+        with Client(self.target, timeout=5, admin_target=self.admin_target) as client:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"sealboxd exited {self.proc.returncode}: {self.stderr_path.read_text()}")
                 try:
                     if client.ready():
+                        return
+                    states = {m.name: m.state for m in client.models()}
+                    if client.live() and all(states.get(n) in ("READY", "UNAVAILABLE") for n in initial):
                         return
                 except Exception:
                     pass

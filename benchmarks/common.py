@@ -33,7 +33,7 @@ class DemoDaemon:
     """sealboxd serving the signed demo model and an echo model from a temporary directory: the
     test suite's daemon runner (tests.support.daemon.Daemon) with the benchmark's two models."""
 
-    def __init__(self, extra_workers: str = "", more_models: dict | None = None):
+    def __init__(self, extra_workers: str = "", more_models: dict | None = None, server: str = ""):
         import pathlib
 
         from sealbox.client import publisher
@@ -50,7 +50,7 @@ class DemoDaemon:
         publisher.main(["sign", "key", str(root / "model"), "--private-key", str(self.private_key)])
         self._add_echo_model()
         models = {"demo": {"path": root / "model"}, "echo": {"path": root / "echo"}, **(more_models or {})}
-        self.daemon = Daemon(root, models, public, workers=extra_workers)
+        self.daemon = Daemon(root, models, public, workers=extra_workers, server=server)
         self.config, self.target = str(self.daemon.config), self.daemon.target
 
     def _add_echo_model(self) -> None:

@@ -103,6 +103,16 @@ def test_scan_accepts_valid_gguf(tmp_path):
     assert result.stdout.splitlines() == [f"{path}: accepted (GGUF v3, 4 tensors, {path.stat().st_size} bytes)"]
 
 
+def test_scan_accepts_an_exported_function_by_its_version_field(tmp_path):
+    import mlx.core as mx
+    path = tmp_path / "graph.bin"
+    mx.export_function(str(path), lambda x: x * 2, mx.zeros((1, 4)), shapeless=True)
+    result = scan(path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"{path}: accepted (mlxfn, MLX {mx.__version__}, shapeless, {path.stat().st_size} bytes)"]
+
+
 def test_scan_refuses_an_mlxfn_from_another_mlx(tmp_path):
     path = tmp_path / "f.mlxfn"
     path.write_bytes(struct.pack("<Q", 6) + b"0.31.0" + b"\x00" * 64)

@@ -161,7 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: ~/.local/share/sealbox/demo)")
     p.add_argument("--once", action="store_true", help="stop the daemon after the first call")
     p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("scan", help="scan a BSON.jl file (inside the sandbox) and say whether sealbox would run it")
+    p = sub.add_parser("scan", help="scan a model file: BSON.jl, safetensors, GGUF or .mlxfn (inside the sandbox) "
+                       "and say whether sealbox would load it",
+                       description="Check one model file with the reader the worker would use, inside exactly that "
+                                   "worker's sandbox: GGUF by its magic, safetensors by its header (a u64 length, "
+                                   "then '{'), .mlxfn by its version field or suffix, anything else as a Flux.jl "
+                                   "BSON file. Exit status: 0 accepted, 1 refused, 2 usage or I/O error.")
     p.add_argument("file")
     p.add_argument("--json", action="store_true", help="machine-readable verdict")
     p.set_defaults(func=cmd_scan)

@@ -1,4 +1,5 @@
-"""Operator tools that run inside exactly a worker's sandbox: `sealbox scan` and `sealbox sandbox run-python`."""
+"""Operator tools that run inside exactly a worker's sandbox: `sealbox scan` (BSON.jl, safetensors, GGUF, .mlxfn)
+and `sealbox sandbox run-python`."""
 from __future__ import annotations
 
 import os
@@ -61,8 +62,27 @@ def sealed_copy(path: str, max_bytes: int = 1 << 30) -> int:
         raise
 
 
+MLXFN_VERSION = re.compile(rb"[0-9]+\.[0-9]+\.[0-9]+[0-9a-z.+-]*")
+SUFFIXES = {".safetensors": "safetensors", ".gguf": "gguf", ".mlxfn": "mlxfn"}
+
+
+def scan_kind(head: bytes, path: str) -> str:
+    """Which reader scans the file: "safetensors", "gguf", "mlxfn" or "bson", from its first bytes
+    (at most 40 are looked at; nothing is parsed on the host) and, failing that, its name's suffix."""
+    if head[:4] == b"GGUF":
+        return "gguf"
+    if head[8:9] == b"{":                     # u64 header length, then the JSON header's '{'
+        return "safetensors"
+    if len(head) >= 9:                        # u64 version length, then an MLX version ("0.32.4")
+        length = int.from_bytes(head[:8], "little")
+        if 1 <= length <= 32 and MLXFN_VERSION.fullmatch(head[8:8 + length]):
+            return "mlxfn"
+    return SUFFIXES.get(os.path.splitext(path)[1].lower(), "bson")
+
+
 def scan_file(path: str, as_json: bool = False) -> int:
-    """The BSON.jl scanner, run confined: the file is hostile until scanned."""
+    """The file's strict reader (BSON.jl scanner, safetensors, GGUF or .mlxfn), run confined in exactly the
+    sandbox of the worker that would load it: the file is hostile until scanned."""
     _require_root("scan")
     try:
         fd = sealed_copy(path)
@@ -70,10 +90,15 @@ def scan_file(path: str, as_json: bool = False) -> int:
         print(f"sealbox scan: {path}: {exc.strerror}", file=sys.stderr)
         return 2
     try:
+        kind = scan_kind(os.pread(fd, 40, 0), path)
         args = [f"/proc/self/fd/{fd}", "--name", path] + (["--json"] if as_json else [])
-        code = run_tool(SandboxProfile.for_model("flux"),
-                        ToolRun("module", "sealbox.worker.flux.scan_cli", tuple(args)),
-                        files={"model.bson": fd})
+        if kind == "bson":
+            engine, module, slot = "flux", "sealbox.worker.flux.scan_cli", "model.bson"
+        else:
+            engine, module, slot = "mlx", "sealbox.worker.formats.scan_cli", f"model.{kind}"
+            args += ["--format", kind]
+        code = run_tool(SandboxProfile.for_model(engine), ToolRun("module", module, tuple(args)),
+                        files={slot: fd})
     except SandboxUnavailable as exc:
         print(f"sealbox scan: {exc}", file=sys.stderr)
         return 2

@@ -11,4 +11,5 @@ the file and the defect, before MLX ever sees the bytes.
 | `safetensors`  | the safetensors header reader, and the cross-check of what MLX loaded |
 | `gguf`         | the GGUF (v2/v3) header, metadata and tensor-info reader              |
 | `mlxfn`        | the `.mlxfn` (mx.export_function) file reader: version, size, graph   |
+| `scan_cli`     | `sealbox scan` of a safetensors, GGUF or .mlxfn file, in the sandbox  |
 """

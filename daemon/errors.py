@@ -100,3 +100,7 @@ def malformed() -> ClientError:
 
 def unknown_model(name: str) -> ClientError:
     return ClientError(SC.NOT_FOUND, f"unknown model '{clean(name, 64)}'")
+
+
+def no_version(name: str, asked: str, loaded: str) -> ClientError:
+    return ClientError(SC.NOT_FOUND, f"model '{name}' has no version '{clean(asked, 64)}' (loaded: '{loaded}')")

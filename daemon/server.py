@@ -92,8 +92,7 @@ class FrontDoor:
 
     async def _routed(self, name: str, version: str, status, request: bytes, timing: "_Timing") -> bytes:
         if version and version != status.version:
-            raise ClientError(grpc.StatusCode.NOT_FOUND, f"model '{name}' has no version "
-                              f"'{errors.clean(version, 64)}' (loaded: '{status.version}')")
+            raise errors.no_version(name, version, status.version)
         if status.state != State.READY:
             raise errors.unavailable(name, status.reason or status.state.value.lower())
         gate = self.admission.model(name)
@@ -185,7 +184,8 @@ class FrontDoor:
         return pb.ServerMetadataResponse(name="sealbox", version=__version__,
                                          extensions=["model_repository", "health", "sandboxed_workers"])
 
-    async def ModelMetadata(self, request, context):
+    async def _metadata(self, request, context) -> bytes:
+        """The served ModelMetadataResponse (serialized once per load) of request.name/version, or abort."""
         failure = None
         try:
             status, metadata = self.sup.metadata(request.name)
@@ -195,30 +195,20 @@ class FrontDoor:
             failure = errors.unavailable(request.name, str(exc))
         else:
             if request.version and request.version != status.version:
-                failure = ClientError(grpc.StatusCode.NOT_FOUND, f"model '{request.name}' has no version "
-                                      f"'{errors.clean(request.version, 64)}' (loaded: '{status.version}')")
+                failure = errors.no_version(request.name, request.version, status.version)
         if failure:
             await context.abort(failure.code, failure.message)
-        return metadata   # serialized once per load (response_serializer=None)
+        return metadata
+
+    async def ModelMetadata(self, request, context):
+        return await self._metadata(request, context)   # bytes: response_serializer=None
 
     async def ModelConfig(self, request, context):
         """Triton's model configuration, made from what ModelMetadata serves (so it tells the same
         truth): the engine as platform, tensors with Triton's data types and the metadata's dims
         (-1 = any size), max_batch_size 0 (the model takes whole tensors; a client batches in the
         first dimension), and the provenance parameters."""
-        failure = None
-        try:
-            status, metadata = self.sup.metadata(request.name)
-        except KeyError:
-            failure = errors.unknown_model(request.name)
-        except ModelUnavailable as exc:
-            failure = errors.unavailable(request.name, str(exc))
-        else:
-            if request.version and request.version != status.version:
-                failure = ClientError(grpc.StatusCode.NOT_FOUND, f"model '{request.name}' has no version "
-                                      f"'{errors.clean(request.version, 64)}' (loaded: '{status.version}')")
-        if failure:
-            await context.abort(failure.code, failure.message)
+        metadata = await self._metadata(request, context)
         return pb.ModelConfigResponse(config=model_config(pb.ModelMetadataResponse.FromString(metadata)))
 
     async def ModelStatistics(self, request, context):

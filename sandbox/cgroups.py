@@ -130,6 +130,24 @@ def _procs(path: str) -> set[int]:
     return {int(p) for p in _read(os.path.join(path, "cgroup.procs")).split()}
 
 
+def _empty_group(pids_of, kill_file: str | None, timeout: float, what: str) -> None:
+    """Kill every process of a group and wait until it is empty: one write to its cgroup.kill where
+    it has one (atomic: forks cannot outrun it), else SIGKILL what is seen, again until nothing is left."""
+    if kill_file:
+        _write(kill_file, "1")
+    deadline = time.monotonic() + timeout
+    while pids := pids_of():
+        if not kill_file:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        if time.monotonic() > deadline:
+            raise CgroupError(f"cgroups: processes {pids} of {what} survived SIGKILL for {timeout}s")
+        time.sleep(0.01)
+
+
 def prepare_delegated_subtree(controllers=None, mount: str | None = None) -> dict:
     """Make the daemon's own v2 cgroup able to give workers `controllers` (default: those this
     host supplies through v2). Returns {"base": the v2 cgroup (relative to the mount) that
@@ -207,18 +225,9 @@ def remove_stale_groups(is_stale, timeout: float = 5.0) -> list[str]:
             if not os.path.isdir(path) or not is_stale(name):
                 continue
             try:
-                if os.path.exists(os.path.join(path, "cgroup.kill")):
-                    _write(os.path.join(path, "cgroup.kill"), "1")
-                deadline = time.monotonic() + timeout
-                while pids := _procs(path):
-                    for pid in pids:
-                        try:
-                            os.kill(pid, signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
-                    if time.monotonic() > deadline:
-                        raise CgroupError(f"cgroups: processes {sorted(pids)} in {path} survived SIGKILL")
-                    time.sleep(0.01)
+                kill_file = os.path.join(path, "cgroup.kill")
+                _empty_group(lambda: sorted(_procs(path)), kill_file if os.path.exists(kill_file) else None,
+                             timeout, path)
                 os.rmdir(path)
                 removed.append(path)
             except OSError as exc:
@@ -354,19 +363,8 @@ class WorkerCgroup:
 
     def kill(self, timeout: float = 5.0) -> None:
         """Kill every process of the worker and wait until the groups are empty."""
-        if self.v2_dir:
-            _write(os.path.join(self.v2_dir, "cgroup.kill"), "1")  # atomic: forks cannot outrun it
-        deadline = time.monotonic() + timeout
-        while pids := self.pids():
-            if not self.v2_dir:  # v1 only: SIGKILL what we see, again until nothing is left
-                for pid in pids:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-            if time.monotonic() > deadline:
-                raise CgroupError(f"cgroups: processes {pids} of worker {self.name} survived SIGKILL for {timeout}s")
-            time.sleep(0.01)
+        _empty_group(self.pids, os.path.join(self.v2_dir, "cgroup.kill") if self.v2_dir else None, timeout,
+                     f"worker {self.name}")
 
     def _counter(self, path: str, key: str) -> int | None:
         try:

@@ -8,14 +8,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 import urllib.request
 
 import grpc
 import psutil
 import pytest
 
-from tests.support import PYTHON
+from tests.support import PYTHON, wait_for
 from tests.support.daemon import Daemon
 
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -66,14 +65,6 @@ def tampered_model(demo_model, tmp_path):
     return path
 
 
-def wait_for(predicate, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_notify_ready_after_every_initial_load_has_an_outcome_then_stopping(ops_daemon, demo_model, tampered_model,

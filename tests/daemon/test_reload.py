@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from sealbox.proto import inference_pb2 as pb
-from tests.support import PYTHON
+from tests.support import PYTHON, wait_for
 from tests.support.models import reference
 from tests.support.pki import sealbox_cli
 
@@ -74,14 +74,6 @@ class Caller:
         return len(window), window[min(len(window) - 1, int(len(window) * 0.99))] * 1000
 
 
-def wait_for(predicate, timeout=90.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def state(daemon, name):
@@ -97,7 +89,7 @@ def hup(daemon):
     before = sum(e["event"] == "config_reload" for e in daemon.audit_events())
     daemon.proc.send_signal(signal.SIGHUP)
     return wait_for(lambda: [e for e in daemon.audit_events() if e["event"] == "config_reload"][before:],
-                    what="the reload's audit event")[0]
+                    what="the reload's audit event", timeout=90)[0]
 
 
 def model_section(name, path):
@@ -134,7 +126,8 @@ def test_sighup_adds_and_removes_models_while_the_others_never_fail(tmp_path, da
         assert state(daemon, "second").state == "READY"
         with daemon.client() as client:
             np.testing.assert_allclose(client.infer("second", {"x": X})["y"], reference(X), rtol=1e-5, atol=1e-5)
-        second_pids = wait_for(lambda: worker_pids_of(daemon, "second"), what="the second model's worker")
+        second_pids = wait_for(lambda: worker_pids_of(daemon, "second"), what="the second model's worker",
+                               timeout=90)
         # Removed: gone for new calls, its worker stopped.
         daemon.config.write_text(base)
         event = hup(daemon)
@@ -145,7 +138,7 @@ def test_sighup_adds_and_removes_models_while_the_others_never_fail(tmp_path, da
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         assert err.value.details() == "unknown model 'second'"
         wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                                 for p in second_pids), what="the removed model's worker to stop")
+                                 for p in second_pids), what="the removed model's worker to stop", timeout=90)
     assert caller.failures == [] and len(caller.latencies) > 10
     assert len(loads(daemon, "demo")) == 1   # the unchanged model was never touched
     unload = [e for e in daemon.audit_events() if e["event"] == "model_unload"]
@@ -172,7 +165,7 @@ def test_sighup_with_a_new_version_hands_over_without_a_failed_call(tmp_path, da
         assert state(daemon, "demo").version == "2.0"
         assert json.loads(versions.read_text()) == {"demo": "2.0"}
         drained = wait_for(lambda: [e for e in daemon.audit_events() if e["event"] == "worker_drained"],
-                           what="the old worker drained")
+                           what="the old worker drained", timeout=90)
         assert drained[0]["cut_calls"] == 0
         time.sleep(1)
         caller.mark("in place")

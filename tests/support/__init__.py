@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pathlib
 import sys
+import time
 
 import pytest
 
@@ -35,3 +36,14 @@ def require_shared(sub: str) -> pathlib.Path:
 def needs_shared():
     return pytest.mark.skipif(not (SHARED / "interop" / "model-transparency-test-vectors.json").exists(),
                               reason=f"{SHARED} (upstream test vectors) is absent")
+
+
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition", interval: float = 0.05):
+    """predicate()'s first truthy value, polled every `interval` s; AssertionError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")

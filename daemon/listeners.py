@@ -124,13 +124,13 @@ def _wrap(handler: grpc.RpcMethodHandler, guard):
     factory) around the original behavior.  Works for all four RPC kinds, for behaviors that are
     coroutines (return / context.write) or async generators (yield)."""
     if handler.unary_unary:
-        kind, behavior, factory = "unary_unary", handler.unary_unary, grpc.unary_unary_rpc_method_handler
+        behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
     elif handler.unary_stream:
-        kind, behavior, factory = "unary_stream", handler.unary_stream, grpc.unary_stream_rpc_method_handler
+        behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
     elif handler.stream_unary:
-        kind, behavior, factory = "stream_unary", handler.stream_unary, grpc.stream_unary_rpc_method_handler
+        behavior, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
     else:
-        kind, behavior, factory = "stream_stream", handler.stream_stream, grpc.stream_stream_rpc_method_handler
+        behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
 
     # guard(context) returns a context manager whose __enter__ may raise ClientError (refusal):
     # that becomes `await context.abort(...)` (grpc.aio's abort is a coroutine and must be the one

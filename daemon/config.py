@@ -8,6 +8,9 @@
     admin_socket_mode = "0600"             #   included; default: admin.sock next to `socket`, 0600
     tcp = "127.0.0.1:8001"                 # optional: an inference-only listener, loopback IP literal
     max_message_mb = 256                   # gRPC message limit, every hop
+    shared_memory_owners = ["alice"]       # optional: users whose /dev/shm regions callers of the
+                                           #   inference socket may register (Triton's system shared
+                                           #   memory); also a key of each [[server.listeners]]
 
     [[server.listeners]]                   # optional extra listeners (see SECURITY.md: Who may call what)
     name = "team-a"                        # a Unix socket:
@@ -78,6 +81,7 @@ from __future__ import annotations
 import dataclasses
 import grp
 import os
+import pwd
 import re
 import sys
 import tomllib
@@ -208,6 +212,20 @@ def _group(table: _Table, key: str) -> int | None:
         raise ConfigError(f"{table.where}: key '{key}': group {group!r} does not exist") from None
 
 
+def _owners(table: _Table, key: str) -> frozenset[int]:
+    """A list of user names or uids (the shared-memory owners a listener accepts)."""
+    uids = set()
+    for user in table.get(key, list, []):
+        if isinstance(user, int) and not isinstance(user, bool) and user >= 0:
+            uids.add(user)
+            continue
+        try:
+            uids.add(pwd.getpwnam(user).pw_uid)
+        except (KeyError, TypeError):
+            raise ConfigError(f"{table.where}: key '{key}': {user!r} is not a user name or uid on this host") from None
+    return frozenset(uids)
+
+
 def _roles(table: _Table, key: str, default: frozenset[str]) -> frozenset[str]:
     roles = table.get(key, list, None)
     if roles is None:
@@ -249,7 +267,7 @@ def _listener(table: _Table, index: int) -> ListenerSpec:
     roles = _roles(table, "roles", INFERENCE_ROLES)
     if socket_path is not None:
         spec = ListenerSpec(name, "unix", socket_path, roles, mode=_mode(table, "mode", 0o660),
-                            group=_group(table, "group") or 0)
+                            group=_group(table, "group") or 0, shm_owners=_owners(table, "shared_memory_owners"))
     else:
         _tcp_address(table, "address", address, loopback_only=False)
         identities = _Table(table.get("identities", dict, {}), f"{table.where}.identities")
@@ -261,7 +279,7 @@ def _listener(table: _Table, index: int) -> ListenerSpec:
             identity_roles[ident] = _roles(identities, ident, frozenset())
         spec = ListenerSpec(name, "tcp", address, roles, tls_cert=_read_pem(table, "tls_cert"),
                             tls_key=_read_pem(table, "tls_key"), client_ca=_read_pem(table, "client_ca"),
-                            identity_roles=identity_roles)
+                            identity_roles=identity_roles, shm_owners=_owners(table, "shared_memory_owners"))
     table.finish()
     return spec
 
@@ -305,8 +323,8 @@ def _server(table: _Table) -> ServerConfig:
     max_message_bytes = int(max_mb * 2**20)
     base = table.where.removesuffix("[server]")
     limits = _limits(_Table(table.get("limits", dict, {}), f"{base}[server.limits]"), max_message_bytes)
-    specs = [(ListenerSpec("public", "unix", socket_path, INFERENCE_ROLES, mode=socket_mode, group=socket_group or 0),
-              table.where),
+    specs = [(ListenerSpec("public", "unix", socket_path, INFERENCE_ROLES, mode=socket_mode, group=socket_group or 0,
+                           shm_owners=_owners(table, "shared_memory_owners")), table.where),
              (ListenerSpec("admin", "unix", admin_socket, R.ALL_ROLES, mode=admin_mode), table.where)]
     if tcp is not None:
         specs.append((ListenerSpec("tcp", "tcp", tcp, INFERENCE_ROLES), table.where))

@@ -69,6 +69,9 @@ class ListenerSpec:
     tls_key: bytes | None = None
     client_ca: bytes | None = None              # set -> mutual TLS, require_client_auth=True
     identity_roles: Mapping[str, frozenset[str]] = dataclasses.field(default_factory=dict)
+    # uids whose /dev/shm objects a caller on this listener may register (daemon/shared_memory.py);
+    # empty: no shared memory on this listener
+    shm_owners: frozenset[int] = frozenset()
 
     @property
     def transport(self) -> str:

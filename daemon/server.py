@@ -43,6 +43,7 @@ from .admission import Admission, Limits, read_one
 from .call_audit import CallAudit, current_caller
 from .errors import ClientError
 from .listeners import BindError, Listener, start_all
+from .shared_memory import SharedMemoryRegistry
 from .supervisor import LoadRefused, ModelUnavailable, State, Supervisor
 
 log = logging.getLogger("sealboxd")
@@ -57,6 +58,8 @@ class FrontDoor:
         # Blocking supervisor work (load/unload: seconds, takes model locks) runs in its own small
         # pool: it never blocks the loop and never queues behind other executor work.
         self.admin_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="admin")
+        self.shm = SharedMemoryRegistry()
+        self.shm_owners = {spec.name: spec.shm_owners for spec in supervisor.config.server.listeners}
 
     # -- inference ----------------------------------------------------------------------------------
     async def _forward(self, request: bytes) -> bytes:
@@ -284,9 +287,37 @@ class FrontDoor:
         await self._admin(self.sup.unload, name)
         return pb.RepositoryModelUnloadResponse()
 
-    async def no_shared_memory(self, request, context):
+    # -- Triton's system shared-memory extension (daemon/shared_memory.py) -------------------------
+    async def SystemSharedMemoryRegister(self, request, context):
+        caller = current_caller.get()
+        try:
+            self.shm.register(caller.listener, self.shm_owners.get(caller.listener, frozenset()),
+                              request.name, request.key, request.offset, request.byte_size)
+        except ClientError as e:   # the caller hears why; not audited (a caller could flood the log)
+            await context.abort(e.code, e.message)
+        self.audit.event("shm_register", region=request.name, key=request.key, offset=request.offset,
+                         byte_size=request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryStatus(self, request, context):
+        try:
+            regions = self.shm.status(current_caller.get().listener, request.name)
+        except ClientError as e:
+            await context.abort(e.code, e.message)
+        response = pb.SystemSharedMemoryStatusResponse()
+        for r in regions:
+            response.regions[r.name].MergeFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size))
+        return response
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        self.shm.unregister(current_caller.get().listener, request.name)
+        self.audit.event("shm_unregister", region=request.name or "*")
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def no_cuda_shared_memory(self, request, context):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "sealbox does not support shared-memory tensors (system or CUDA): send tensors in the request")
+                            "sealbox has no CUDA shared memory (no GPU): use system shared memory or send tensors")
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         def unary(fn, req, resp):
@@ -309,11 +340,12 @@ class FrontDoor:
             "RepositoryModelUnload": unary(self.RepositoryModelUnload, pb.RepositoryModelUnloadRequest,
                                            pb.RepositoryModelUnloadResponse),
         }
-        for prefix in ("System", "Cuda"):
-            for verb in ("Status", "Register", "Unregister"):
-                method = f"{prefix}SharedMemory{verb}"
-                methods[method] = unary(self.no_shared_memory, getattr(pb, method + "Request"),
-                                        getattr(pb, method + "Response"))
+        for verb in ("Status", "Register", "Unregister"):
+            system, cuda = f"SystemSharedMemory{verb}", f"CudaSharedMemory{verb}"
+            methods[system] = unary(getattr(self, system), getattr(pb, system + "Request"),
+                                    getattr(pb, system + "Response"))
+            methods[cuda] = unary(self.no_cuda_shared_memory, getattr(pb, cuda + "Request"),
+                                  getattr(pb, cuda + "Response"))
         return grpc.method_handlers_generic_handler(SERVICE, methods)
 
 
@@ -455,5 +487,6 @@ async def serve(supervisor: Supervisor, audit: CallAudit, hooks=None) -> int:
         task.cancel()
     await loop.run_in_executor(None, supervisor.shutdown)
     door.admin_pool.shutdown(wait=False)
+    door.shm.close()
     await asyncio.sleep(0)   # let the workers' channels close on this loop
     return 0

@@ -89,30 +89,41 @@ def check_complete(message: bytes, max_fields: int = MAX_TOP_LEVEL_FIELDS) -> No
 
 def _scan(request: bytes, max_fields: int, pick: bool) -> tuple[bytes, bytes]:
     """Walk the top-level fields; with `pick`, return the raw model name and version."""
-    end = len(request)
+    picked = {INFER_REQUEST_MODEL_NAME: b"", INFER_REQUEST_MODEL_VERSION: b""}
+
+    def on_field(field: int, pos: int, length: int) -> None:
+        if pick and field in picked:
+            if length > MAX_NAME_BYTES:
+                raise PeekError("model name too long")
+            picked[field] = bytes(request[pos:pos + length])
+
+    walk_fields(request, max_fields, on_field)
+    return picked[INFER_REQUEST_MODEL_NAME], picked[INFER_REQUEST_MODEL_VERSION]
+
+
+def walk_fields(message: bytes, max_fields: int, on_len_field) -> None:
+    """The one bounded walk over a message's TOP-LEVEL fields: `on_len_field(field, start, length)`
+    for each length-delimited one (its payload is skipped, never decoded). Raises PeekError on a
+    malformed message, after `max_fields` fields, or if the message does not end on a field boundary."""
+    end = len(message)
     pos = fields = 0
-    name = version = b""
     try:
         while pos < end:
             fields += 1
             if fields > max_fields:
                 raise PeekError("too many fields")
-            key, pos = read_varint(request, pos)
+            key, pos = read_varint(message, pos)
             field, wire = key >> 3, key & 7
             if field == 0:
                 raise PeekError("field number 0")
             if wire == WIRE_LEN:
-                length, pos = read_varint(request, pos)
+                length, pos = read_varint(message, pos)
                 if pos + length > end:
                     raise PeekError("truncated field")
-                if pick and field in (INFER_REQUEST_MODEL_NAME, INFER_REQUEST_MODEL_VERSION):
-                    if length > MAX_NAME_BYTES:
-                        raise PeekError("model name too long")
-                    value = bytes(request[pos:pos + length])
-                    name, version = (value, version) if field == INFER_REQUEST_MODEL_NAME else (name, value)
+                on_len_field(field, pos, length)
                 pos += length
             elif wire == WIRE_VARINT:
-                _, pos = read_varint(request, pos)
+                _, pos = read_varint(message, pos)
             elif wire == WIRE_FIXED64:
                 pos += 8
             elif wire == WIRE_FIXED32:
@@ -125,7 +136,6 @@ def _scan(request: bytes, max_fields: int, pick: bool) -> tuple[bytes, bytes]:
         raise PeekError(str(exc)) from None
     if pos != end:
         raise PeekError("truncated message")
-    return name, version
 
 
 def stream_wrap(infer_response: bytes) -> bytes:
@@ -153,3 +163,30 @@ def string_parameters(field: int, parameters: dict[str, str]) -> bytes:
 def message_options(limit: int) -> list[tuple[str, int]]:
     """gRPC channel/server options raising the 4 MB default message size to `limit` (every hop uses this)."""
     return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+
+
+# Shared-memory references (Triton's system shared-memory extension) ---------------------------------
+INFER_REQUEST_INPUTS, INFER_REQUEST_OUTPUTS = 5, 6   # ModelInferRequest.inputs / .outputs
+SHM_REGION = b"shared_memory_region"                 # the parameter naming a registered region
+
+
+def shared_memory_tensors(request: bytes, max_fields: int = MAX_TOP_LEVEL_FIELDS) -> list[tuple[int, int, bytes]]:
+    """(field, index, tensor message bytes) of every input (field 5) and requested output (field 6)
+    whose message mentions the shared-memory parameter, in request order.
+
+    The same bounded top-level scan as peek_model; a tensor message is copied out only when its bytes
+    contain "shared_memory_region", so a request without shared memory costs one substring search
+    per tensor message (never over raw_input_contents). The caller decodes the few small messages
+    this returns with protobuf. Raises PeekError.
+    """
+    found: list[tuple[int, int, bytes]] = []
+    counts = {INFER_REQUEST_INPUTS: 0, INFER_REQUEST_OUTPUTS: 0}
+
+    def on_field(field: int, pos: int, length: int) -> None:
+        if field in counts:
+            if request.find(SHM_REGION, pos, pos + length) >= 0:
+                found.append((field, counts[field], bytes(request[pos:pos + length])))
+            counts[field] += 1
+
+    walk_fields(request, max_fields, on_field)
+    return found

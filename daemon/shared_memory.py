@@ -1,0 +1,200 @@
+"""Triton's system shared-memory extension: regions of /dev/shm that a local client registers by name.
+
+A client creates a POSIX shared-memory object (`/dev/shm/KEY`, e.g. with tritonclient.utils.
+shared_memory), registers `name -> (key, offset, byte_size)` with SystemSharedMemoryRegister, and then
+names the region in an input's or a requested output's parameters (`shared_memory_region`,
+`shared_memory_byte_size`, `shared_memory_offset`) instead of sending the bytes.
+
+Who may register (grpcio exposes no peer uid, so the listener is the identity): a listener's
+configuration lists the uids whose regions it accepts (`shared_memory_owners`); a region file owned
+by any other uid is refused, and a listener with no owners refuses every registration. Regions live
+in the registering listener's own namespace: a caller on another listener can neither use, see nor
+unregister them.
+
+The root supervisor never maps a client's region. A client can truncate its region at any time, and a
+mapped page past the end of a file raises SIGBUS, which would kill the supervisor: it uses pread and
+pwrite on the region's descriptor only (a short read is the client's error; a write past the end
+just grows the file). The worker never receives a descriptor of a client's region at all: inputs
+reach it as a sealed copy (shm_input_memfd) and outputs come back in a sealed memfd of its own, which
+the supervisor copies once into the client's range (write_output).
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import mmap
+import os
+import re
+import stat
+import threading
+
+from ..proto.contract import MEMFD_SEALS
+from . import errors
+from .errors import ClientError
+
+SHM_DIR = "/dev/shm"
+MAX_REGIONS_PER_LISTENER = 64
+# A POSIX shm name as tritonclient passes it: "/name" or "name", one path component.
+_KEY = re.compile(r"/?([A-Za-z0-9_.-]{1,200})")
+_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+SC = errors.SC
+
+
+def _refuse(code, text: str) -> ClientError:
+    return ClientError(code, f"shared memory: {text}")
+
+
+@dataclasses.dataclass
+class Region:
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+    fd: int             # O_RDWR, CLOEXEC; pread/pwrite only, never mapped here
+    owner: int
+    users: int = 0      # calls using the region right now
+    dropped: bool = False
+
+    def check_range(self, offset: int, size: int, what: str) -> int:
+        """The absolute file offset of [offset, offset + size) inside this region; refuse what leaves it."""
+        if offset < 0 or size < 0 or offset + size > self.byte_size:
+            raise _refuse(SC.INVALID_ARGUMENT, f"{what}: bytes [{offset}, {offset + size}) are outside region"
+                                               f" '{self.name}' of {self.byte_size} bytes")
+        return self.offset + offset
+
+
+class SharedMemoryRegistry:
+    def __init__(self, shm_dir: str = SHM_DIR, max_regions: int = MAX_REGIONS_PER_LISTENER):
+        self.shm_dir, self.max_regions = shm_dir, max_regions
+        self._regions: dict[tuple[str, str], Region] = {}
+        self._lock = threading.Lock()
+
+    # -- the three RPCs ---------------------------------------------------------------------------
+    def register(self, listener: str, owners: frozenset[int], name: str, key: str, offset: int,
+                 byte_size: int) -> Region:
+        if not owners:
+            raise _refuse(SC.PERMISSION_DENIED, "this listener accepts no shared-memory regions"
+                                                " (its configuration lists no shared_memory_owners)")
+        if not _NAME.fullmatch(name):
+            raise _refuse(SC.INVALID_ARGUMENT, "a region name is 1-128 letters, digits or _.:-")
+        m = _KEY.fullmatch(key)
+        if m is None or m.group(1) in (".", ".."):
+            raise _refuse(SC.INVALID_ARGUMENT, "the key must name one shared-memory object (\"/name\")")
+        if byte_size <= 0:
+            raise _refuse(SC.INVALID_ARGUMENT, "byte_size must be positive")
+        try:
+            dir_fd = os.open(self.shm_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                fd = os.open(m.group(1), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:
+            raise _refuse(SC.INVALID_ARGUMENT, f"cannot open shared-memory object '{m.group(1)}'") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise _refuse(SC.INVALID_ARGUMENT, f"'{m.group(1)}' is not a shared-memory object")
+            if st.st_uid not in owners:
+                raise _refuse(SC.PERMISSION_DENIED, f"'{m.group(1)}' is owned by a user this listener does"
+                                                    " not accept regions from")
+            if offset < 0 or offset + byte_size > st.st_size:
+                raise _refuse(SC.INVALID_ARGUMENT, f"[{offset}, {offset + byte_size}) is outside '{m.group(1)}'"
+                                                   f" ({st.st_size} bytes)")
+            region = Region(name, "/" + m.group(1), offset, byte_size, fd, st.st_uid)
+            with self._lock:
+                if (listener, name) in self._regions:
+                    raise _refuse(SC.ALREADY_EXISTS, f"region '{name}' is already registered")
+                if sum(1 for (lst, _) in self._regions if lst == listener) >= self.max_regions:
+                    raise _refuse(SC.RESOURCE_EXHAUSTED, f"at most {self.max_regions} regions per listener")
+                self._regions[(listener, name)] = region
+            return region
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def status(self, listener: str, name: str) -> list[Region]:
+        with self._lock:
+            if name:
+                region = self._regions.get((listener, name))
+                if region is None:
+                    raise _refuse(SC.NOT_FOUND, f"no region '{name}' is registered")
+                return [region]
+            return [r for (lst, _), r in self._regions.items() if lst == listener]
+
+    def unregister(self, listener: str, name: str) -> None:
+        """One region, or every region of this listener when name is empty (as Triton does)."""
+        with self._lock:
+            keys = [k for k in self._regions if k[0] == listener and (not name or k[1] == name)]
+            regions = [self._regions.pop(k) for k in keys]
+        for region in regions:
+            self._drop(region)
+
+    def close(self) -> None:
+        with self._lock:
+            regions = list(self._regions.values())
+            self._regions.clear()
+        for region in regions:
+            self._drop(region)
+
+    # -- use by one call --------------------------------------------------------------------------
+    def acquire(self, listener: str, name: str) -> Region:
+        with self._lock:
+            region = self._regions.get((listener, name))
+            if region is None:
+                raise _refuse(SC.INVALID_ARGUMENT, f"no region '{name}' is registered")
+            region.users += 1
+            return region
+
+    def release(self, region: Region) -> None:
+        with self._lock:
+            region.users -= 1
+            close = region.dropped and region.users == 0
+        if close:
+            os.close(region.fd)
+
+    def _drop(self, region: Region) -> None:
+        with self._lock:
+            region.dropped = True
+            close = region.users == 0
+        if close:
+            os.close(region.fd)
+
+
+def shm_input_memfd(region: Region, offset: int, size: int, what: str) -> int:
+    """A sealed memfd holding a copy of [offset, offset + size) of the region: what the worker gets.
+
+    One copy (pread straight into the memfd's pages). The worker never sees the client's region, and
+    the client can neither change the bytes under the model nor crash its worker by truncating them."""
+    start = region.check_range(offset, size, what)
+    fd = os.memfd_create("sealbox-shm-input", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        if size:
+            pages = mmap.mmap(fd, size)
+            try:
+                with memoryview(pages) as view:
+                    done = 0
+                    while done < size:
+                        # preadv into the memfd's own pages: a short read means the client truncated its region.
+                        n = os.preadv(region.fd, [view[done:]], start + done)
+                        if n <= 0:
+                            raise _refuse(SC.INVALID_ARGUMENT, f"{what}: region '{region.name}' is shorter than"
+                                                               " registered (truncated by its owner)")
+                        done += n
+            finally:
+                pages.close()   # no writable mapping may remain, or F_SEAL_WRITE fails with EBUSY
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, MEMFD_SEALS)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def write_output(region: Region, offset: int, data, what: str) -> None:
+    """Copy an output's bytes (a buffer, e.g. a read-only mapping of the worker's sealed memfd) into
+    the client's range: pwrite only, so a truncated region cannot raise SIGBUS here."""
+    start = region.check_range(offset, len(data), what)
+    view, done = memoryview(data), 0
+    while done < len(view):
+        done += os.pwrite(region.fd, view[done:], start + done)

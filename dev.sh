@@ -25,6 +25,9 @@ setup() {
   # The unit file's test runs `systemd-analyze verify`; the alert rules' test reads YAML.
   command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
   dpkg -s python3-yaml >/dev/null 2>&1 || missing+=(python3-yaml)
+  # The transfer tests serve signed models over HTTPS from a real nginx on loopback; the benchmark compares with curl.
+  command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
+  command -v curl >/dev/null 2>&1 || missing+=(curl)
   if [ ${#missing[@]} -gt 0 ]; then
     echo "dev.sh: installing ${missing[*]}" >&2
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
@@ -36,7 +39,7 @@ setup() {
     "$VENV/bin/pip" install -q --upgrade pip
   fi
   # Non-editable install: the worker user sees only the venv, never this checkout.
-  "$VENV/bin/pip" install -q --disable-pip-version-check ".[test]"
+  "$VENV/bin/pip" install -q --disable-pip-version-check ".[test,fetch]"
 }
 
 case "${1:-}" in

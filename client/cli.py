@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import publisher  # hash, sign, verify: sealbox.trust, the daemon's own verifier and policy
     publisher.add_commands(sub)
+    from . import transfer_cli  # fetch, store ls|gc: sealbox.transfer
+    transfer_cli.add_commands(sub)
 
     sandbox = sub.add_parser("sandbox", help="inspect the worker sandbox").add_subparsers(
         dest="sandbox_command", required=True, metavar="SUBCOMMAND")

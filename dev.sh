@@ -33,6 +33,8 @@ setup() {
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
   id "$WORKER_USER" >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin "$WORKER_USER"
+  # The fetch helper's own uid (sealbox.transfer: the HTTPS client runs sandboxed as this user).
+  id sealbox-fetch >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin sealbox-fetch
   if [ ! -x "$VENV/bin/python" ]; then
     mkdir -p "$(dirname "$VENV")"
     /usr/bin/python3 -m venv "$VENV"

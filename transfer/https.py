@@ -25,12 +25,11 @@ TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
 
 class HttpsTransport:
     def __init__(self, location: str, allowed: tuple[str, ...], ca_bundle: str | None = None,
-                 connect_timeout: float = 10.0, read_timeout: float = 30.0):
+                 connect_timeout: float = 10.0, read_timeout: float = 30.0, cadata: str | None = None):
         self.location = location   # checked by fetch.check_location: https://, '/'-terminated
         self.allowed = allowed     # the policy's source URL prefixes, for redirects
-        ctx = ssl.create_default_context(cafile=ca_bundle)  # CERT_REQUIRED, hostname checked
-        if ca_bundle is None:
-            ctx.load_default_certs()
+        # CERT_REQUIRED, hostname checked; a pinned bundle (a file, or its PEM text) replaces the system CAs.
+        ctx = ssl.create_default_context(cafile=ca_bundle, cadata=cadata)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         self.pool = urllib3.PoolManager(ssl_context=ctx, retries=False, maxsize=2,
                                         timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout))

@@ -110,17 +110,26 @@ def store_policy(policy: TrustPolicy, store: Store) -> TrustPolicy:
 
 def fetch_model(name: str, location: str, policy: TrustPolicy, store: Store, transport: Transport,
                 state_dir: str | None, progress: Callable[[str, int, int | None], None] | None = None,
-                now=None) -> Fetched:
-    """Fetches a model into the store; raises VerificationError (check 'transfer' for transport failures)."""
+                now=None, timeout_s: float | None = None) -> Fetched:
+    """Fetches a model into the store; raises VerificationError (check 'transfer' for transport failures).
+
+    timeout_s bounds the whole fetch (checked per chunk and between retries; a stalled read is
+    bounded by the transport's read timeout)."""
     location = check_location(location, policy)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+    def in_time(url: str) -> None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise VerificationError(url, "transfer", f"the fetch took longer than its {timeout_s:g} s")
     sig_name, release_name = metadata_name(policy.signature), metadata_name(policy.release)
     try:
         sig = release = None
         if policy.require_signature:
-            sig = _retrying(location + sig_name, lambda: transport.metadata(sig_name, MAX_METADATA_BYTES))
+            sig = _retrying(location + sig_name, lambda: transport.metadata(sig_name, MAX_METADATA_BYTES), in_time)
             if sig is None:
                 raise VerificationError(location + sig_name, "transfer", "missing (the location has no signature)")
-            release = _retrying(location + release_name, lambda: transport.metadata(release_name, MAX_METADATA_BYTES))
+            release = _retrying(location + release_name, lambda: transport.metadata(release_name, MAX_METADATA_BYTES),
+                                in_time)
         signed = verify_manifest(name, location, sig, release, policy, state_dir, now)
         manifest = signed.manifest
         if len(manifest.resources) > MAX_FILES:
@@ -138,7 +147,8 @@ def fetch_model(name: str, location: str, policy: TrustPolicy, store: Store, tra
                 result.reused.append(res)
                 budget -= os.path.getsize(store.blob_path(result.files[res]))
                 continue
-            hexdigest, size, received = _fetch_file(location, res, manifest, store, transport, budget, policy, progress)
+            hexdigest, size, received = _fetch_file(location, res, manifest, store, transport, budget, policy,
+                                                    progress, in_time)
             result.files[res] = hexdigest
             result.downloaded += received
             budget -= size
@@ -154,8 +164,9 @@ def fetch_model(name: str, location: str, policy: TrustPolicy, store: Store, tra
         raise VerificationError(location, "io", f"the store: {e.strerror or e}") from None
 
 
-def _retrying(url: str, call):
+def _retrying(url: str, call, in_time=lambda url: None):
     for attempt in range(1, ATTEMPTS + 1):
+        in_time(url)
         try:
             return call()
         except Interrupted as e:
@@ -165,7 +176,7 @@ def _retrying(url: str, call):
 
 
 def _fetch_file(location: str, res: str, manifest, store: Store, transport: Transport, budget: int,
-                policy: TrustPolicy, progress) -> tuple[str, int, int]:
+                policy: TrustPolicy, progress, in_time) -> tuple[str, int, int]:
     """Streams one signed file into a blob; returns (sha256 hex, size, bytes received)."""
     url = location + res
     shards = manifest.method == "shards"
@@ -185,6 +196,7 @@ def _fetch_file(location: str, res: str, manifest, store: Store, transport: Tran
         while True:
             try:
                 for chunk in transport.stream(res, w.size):
+                    in_time(url)
                     if w.size + len(chunk) > limit:
                         if shards:
                             raise VerificationError(url, "size", f"longer than the {size} bytes signed; cut at byte {size}")
@@ -207,6 +219,7 @@ def _fetch_file(location: str, res: str, manifest, store: Store, transport: Tran
                     w.truncate(0)
                     state = fresh()
                 time.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S)) - 1])
+                in_time(url)
         if shards:
             if w.size != size:
                 raise VerificationError(url, "size", f"{w.size} bytes, shorter than the {size} bytes signed")

@@ -10,6 +10,10 @@ fetched model is then verified from the store exactly like a local directory.
 | `store.py` | the content-addressed store under state_dir: blobs (temp file, fsync, rename), per-version views of hard links, the in-use locks, `ls` and `gc` |
 | `fetch.py` | the pipeline: `check_location` (scheme and policy sources, before any connection), `fetch_model` (signature first, then the signed files only, size cut, digests, resume), `store_policy` |
 | `https.py` | `HttpsTransport` (urllib3, extra `[fetch]`): verified TLS (system CAs or a pinned bundle), redirects only to trusted https:// prefixes, timeouts, Range resume |
+| `helper.py` | the fetch helper's main (`python -m sealbox.transfer.helper SPEC`), run sandboxed: Landlock on itself, then `HttpsTransport`, answering in frames |
+| `frames.py` | the helper's pipe protocol: requests in, bounded frames out (data, end, absent, interrupted, refused) |
+| `sandboxed.py` | `SandboxedTransport`: the root side; starts the helper (sandbox.launcher.launch_helper), reads only frames |
 
-The HTTP client is an optional dependency (extra `fetch`); the root daemon does not import `https.py`.
+The HTTP client is an optional dependency (extra `fetch`); the root daemon imports only `store.py`,
+`fetch.py`, `frames.py` and `sandboxed.py` (tests/transfer checks no network client is imported).
 """

@@ -28,6 +28,8 @@ setup() {
   # The transfer tests serve signed models over HTTPS from a real nginx on loopback; the benchmark compares with curl.
   command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
   command -v curl >/dev/null 2>&1 || missing+=(curl)
+  # ... and OCI artifacts from a real registry (distribution 2.8) on loopback.
+  command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
   if [ ${#missing[@]} -gt 0 ]; then
     echo "dev.sh: installing ${missing[*]}" >&2
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -23,13 +24,14 @@ DEFAULT_STATE_DIR = "/var/lib/sealbox"
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("fetch", help="fetch a signed model from an https:// location, verify it, write it to DIR",
+    p = sub.add_parser("fetch", help="fetch a signed model from an https:// or oci:// location, verify it, write it to DIR",
                        description="Fetch the signature at LOCATION first and verify it with the trust flags "
                                    "(as `sealbox verify`), then exactly the files it signs, each hashed while it "
                                    "streams and refused on a digest mismatch or past its signed size; resumed "
                                    "when interrupted. Nothing unsigned is requested. http://, ftp:// and file:// "
                                    "are refused. Exit 0 fetched and verified, 1 refused, 2 usage or I/O error.")
-    p.add_argument("location", metavar="LOCATION", help="https://HOST/PATH/ (a directory holding model.sig)")
+    p.add_argument("location", metavar="LOCATION", help="https://HOST/PATH/ (a directory holding model.sig) or "
+                   "oci://REGISTRY/REPOSITORY:TAG (or @sha256:DIGEST)")
     p.add_argument("--to", required=True, metavar="DIR", help="a new directory for the verified model")
     add_trust_flags(p)
     p.add_argument("--ca-bundle", metavar="PEM", help="trust only these CAs for the server's TLS certificate "
@@ -75,13 +77,17 @@ def cmd_fetch(args) -> int:
     except (OSError, ValueError) as e:
         print(f"sealbox fetch: {e}", file=sys.stderr)
         return 2
-    location = args.location if args.location.endswith("/") else args.location + "/"
-    name = args.model_name or urlsplit(location).path.rstrip("/").rsplit("/", 1)[-1] or "model"
+    oci = args.location.startswith("oci://")
+    location = args.location if oci or args.location.endswith("/") else args.location + "/"
+    if oci:   # the repository's last component
+        name = args.model_name or re.split(r"[:@]", location.rsplit("/", 1)[-1])[0] or "model"
+    else:
+        name = args.model_name or urlsplit(location).path.rstrip("/").rsplit("/", 1)[-1] or "model"
     # The command line names the location: it is the one allowed source.
     policy = TrustPolicy(source_urls=(location,), public_keys=keys, certificates=roots, where="command line")
     try:
         check_location(args.location, policy)  # refused before any connection
-        from ..transfer.https import HttpsTransport  # the HTTP client: only here, never in the daemon's imports
+        from ..transfer.helper import client_for  # the network clients: only here, never in the daemon's imports
         work = tempfile.mkdtemp(prefix=".sealbox-fetch-", dir=os.path.dirname(target))
     except VerificationError as e:
         print(f"sealbox fetch: refused: {e}", file=sys.stderr)
@@ -91,7 +97,7 @@ def cmd_fetch(args) -> int:
         return 2
     try:
         store = Store(work)
-        transport = HttpsTransport(location, policy.source_urls, args.ca_bundle, args.timeout, args.timeout)
+        transport = client_for(location, policy.source_urls, args.ca_bundle, args.timeout, args.timeout)
         try:
             with _progress(args.quiet) as progress:
                 got = fetch_model(name, location, policy, store, transport, None, progress)

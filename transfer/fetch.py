@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,11 +31,22 @@ from ..trust._storage import MAX_METADATA_BYTES
 from ..trust.verifying import SignedManifest, verify_manifest
 from .store import Store
 
-SCHEMES = ("https://",)    # what this build fetches from (oci:// and sftp:// are recognised, not yet fetched)
+SCHEMES = ("https://", "oci://")   # what this build fetches from (sftp:// is recognised, not yet fetched)
 KNOWN = ("https://", "oci://", "sftp://")
 MAX_FILES = 10_000         # a model with more signed files than this is refused before any is requested
 ATTEMPTS = 5               # per file: the first try and four resumes
 BACKOFF_S = (0.5, 1, 2, 4)
+
+
+# oci://HOST[:PORT]/REPOSITORY:TAG or @sha256:HEX (the distribution spec's repository name grammar).
+OCI_REFERENCE = re.compile(r"^oci://([^/@:]+(?::[0-9]{1,5})?)/([a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+                           r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
+                           r"(?::([A-Za-z0-9_][A-Za-z0-9._-]{0,127})|@(sha256:[0-9a-f]{64}))$")
+
+
+def file_where(location: str, name: str) -> str:
+    """How messages name a file of a location: URL + name, or (OCI) reference#title."""
+    return location + ("#" if location.startswith("oci://") else "") + name
 
 
 class Interrupted(Exception):
@@ -78,18 +90,26 @@ def check_location(location: str, policy: TrustPolicy) -> str:
                                 if scheme != "no scheme" else "not a URL (https://, oci:// or sftp://)")
     if not lower.startswith(SCHEMES):
         raise VerificationError(location, "source", f"{location.split('://')[0]}:// locations are not fetched by this "
-                                "version of sealbox; use https://")
+                                "version of sealbox; use https:// or oci://")
+    if lower.startswith("oci://"):
+        if not OCI_REFERENCE.match(location):
+            raise VerificationError(location, "source", "must be oci://REGISTRY/REPOSITORY:TAG or "
+                                    "oci://REGISTRY/REPOSITORY@sha256:DIGEST")
+    else:
+        location = _check_https(location)
+    if not any(location.startswith(p) for p in policy.source_urls):
+        allowed = ", ".join(policy.source_urls) or "none configured"
+        raise VerificationError(location, "source", f"not under an allowed source URL ({allowed})")
+    return location
+
+
+def _check_https(location: str) -> str:
     parts = urlsplit(location)
     if not parts.hostname or parts.query or parts.fragment or parts.username or parts.password:
         raise VerificationError(location, "source", "must be https://HOST[:PORT]/PATH/ without user, query or fragment")
     if ".." in parts.path.split("/"):
         raise VerificationError(location, "source", "a '..' path segment is refused")
-    if not location.endswith("/"):
-        location += "/"
-    if not any(location.startswith(p) for p in policy.source_urls):
-        allowed = ", ".join(policy.source_urls) or "none configured"
-        raise VerificationError(location, "source", f"not under an allowed source URL ({allowed})")
-    return location
+    return location if location.endswith("/") else location + "/"
 
 
 def under_sources(url: str, policy: TrustPolicy) -> bool:
@@ -125,18 +145,18 @@ def fetch_model(name: str, location: str, policy: TrustPolicy, store: Store, tra
     try:
         sig = release = None
         if policy.require_signature:
-            sig = _retrying(location + sig_name, lambda: transport.metadata(sig_name, MAX_METADATA_BYTES), in_time)
+            sig = _retrying(file_where(location, sig_name), lambda: transport.metadata(sig_name, MAX_METADATA_BYTES), in_time)
             if sig is None:
-                raise VerificationError(location + sig_name, "transfer", "missing (the location has no signature)")
-            release = _retrying(location + release_name, lambda: transport.metadata(release_name, MAX_METADATA_BYTES),
+                raise VerificationError(file_where(location, sig_name), "transfer", "missing (the location has no signature)")
+            release = _retrying(file_where(location, release_name), lambda: transport.metadata(release_name, MAX_METADATA_BYTES),
                                 in_time)
-        signed = verify_manifest(name, location, sig, release, policy, state_dir, now)
+        signed = verify_manifest(name, file_where(location, ""), sig, release, policy, state_dir, now)
         manifest = signed.manifest
         if len(manifest.resources) > MAX_FILES:
-            raise VerificationError(location + sig_name, "size", f"signs {len(manifest.resources)} files, more than "
+            raise VerificationError(file_where(location, sig_name), "size", f"signs {len(manifest.resources)} files, more than "
                                     f"the {MAX_FILES} fetched for one model")
         if "." in manifest.resources:
-            raise VerificationError(location + sig_name, "manifest", "a single-file model cannot be fetched from a "
+            raise VerificationError(file_where(location, sig_name), "manifest", "a single-file model cannot be fetched from a "
                                     "directory location; sign it inside a directory")
         result = Fetched(location, "", signed, None, {})
         budget = policy.max_bytes
@@ -178,7 +198,7 @@ def _retrying(url: str, call, in_time=lambda url: None):
 def _fetch_file(location: str, res: str, manifest, store: Store, transport: Transport, budget: int,
                 policy: TrustPolicy, progress, in_time) -> tuple[str, int, int]:
     """Streams one signed file into a blob; returns (sha256 hex, size, bytes received)."""
-    url = location + res
+    url = file_where(location, res)
     shards = manifest.method == "shards"
     signed = manifest.resources[res]
     size = max(end for _, end in signed) if shards else None  # shards sign the file's size

@@ -13,6 +13,16 @@ import json
 import sys
 
 
+def client_for(location: str, allowed: tuple[str, ...], ca_bundle: str | None, connect_timeout: float,
+               read_timeout: float, cadata: str | None = None):
+    """The network client for a location (checked by fetch.check_location): HTTPS or an OCI registry."""
+    if location.startswith("oci://"):
+        from .oci import OciTransport
+        return OciTransport(location, allowed, ca_bundle, connect_timeout, read_timeout, cadata)
+    from .https import HttpsTransport
+    return HttpsTransport(location, allowed, ca_bundle, connect_timeout, read_timeout, cadata)
+
+
 def main() -> int:
     spec = json.loads(sys.argv[1])
     if spec.get("landlock"):
@@ -20,11 +30,10 @@ def main() -> int:
         restrict_self(read_only=spec["read_only"], read_write=[], deny_tcp=False)
     out = sys.stdout.buffer
     from .frames import MAX_DATA, frame
-    from .https import HttpsTransport
     from .fetch import Interrupted, Refused
     # A pinned CA bundle comes as PEM text: the helper sees no file of the operator's.
-    transport = HttpsTransport(spec["location"], tuple(spec["allowed"]), None, spec["connect_timeout"],
-                               spec["read_timeout"], cadata=spec.get("ca_pem"))
+    transport = client_for(spec["location"], tuple(spec["allowed"]), None, spec["connect_timeout"],
+                           spec["read_timeout"], cadata=spec.get("ca_pem"))
     for line in sys.stdin.buffer:
         req = json.loads(line)
         try:

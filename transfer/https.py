@@ -78,8 +78,8 @@ class HttpsTransport:
         host = urlsplit(url).netloc
         self.peer = f"{host} ({addr[0]}:{addr[1]}){subject}" if addr else host + subject
 
-    def metadata(self, name: str, limit: int) -> bytes | None:
-        r = self._get(name, {})
+    def metadata(self, name: str, limit: int, headers: dict[str, str] | None = None) -> bytes | None:
+        r = self._get(name, headers or {})
         try:
             if r.status == 404:
                 return None

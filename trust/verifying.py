@@ -303,24 +303,25 @@ class SignedManifest:
     version: str | None
 
 
-def verify_manifest(name: str, location: str, sig_bytes: bytes | None, release_bytes: bytes | None,
+def verify_manifest(name: str, prefix: str, sig_bytes: bytes | None, release_bytes: bytes | None,
                     policy: TrustPolicy, state_dir: str | None, now: datetime.datetime | None = None) -> SignedManifest:
     """The checks of verify_model that need no model file: the signature (or the policy's pins), the
     name and manifest digest pins, the release statement and rollback; nothing is recorded.
 
-    `location` names the model in messages (a URL); the signature is `location` + policy.signature.
-    verify_model still runs every check again on the fetched files."""
+    `prefix` + a file name names that file in messages (a directory URL, or an OCI reference + '#');
+    the signature and release are policy.signature and policy.release there. verify_model still runs
+    every check again on the fetched files."""
     record: dict = {}
-    sig_where = location + policy.signature
+    model_where = prefix.rstrip("#")
     try:
-        manifest, _, signer = _manifest(policy, sig_bytes if policy.require_signature else None, sig_where, None,
-                                        record, now)
-        version = _check_version(name, release_bytes, location + policy.release, location, policy, signer,
-                                 manifest, now, state_dir, record)[0]
+        manifest, _, signer = _manifest(policy, sig_bytes if policy.require_signature else None,
+                                        prefix + os.path.basename(policy.signature), None, record, now)
+        version = _check_version(name, release_bytes, prefix + os.path.basename(policy.release), model_where, policy,
+                                 signer, manifest, now, state_dir, record)[0]
     except VerificationError:
         raise
     except Exception as e:  # a bug, still a refusal with a reason
-        raise VerificationError(location, "internal", f"verification failed: {e!r}") from e
+        raise VerificationError(model_where, "internal", f"verification failed: {e!r}") from e
     return SignedManifest(manifest, signer, record["digest"], version)
 
 

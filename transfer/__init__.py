@@ -10,6 +10,7 @@ fetched model is then verified from the store exactly like a local directory.
 | `store.py` | the content-addressed store under state_dir: blobs (temp file, fsync, rename), per-version views of hard links, the in-use locks, `ls` and `gc` |
 | `fetch.py` | the pipeline: `check_location` (scheme and policy sources, before any connection), `fetch_model` (signature first, then the signed files only, size cut, digests, resume), `store_policy` |
 | `https.py` | `HttpsTransport` (urllib3, extra `[fetch]`): verified TLS (system CAs or a pinned bundle), redirects only to trusted https:// prefixes, timeouts, Range resume |
+| `oci.py` | `OciTransport`: OCI artifacts over the distribution API (layers by ORAS title, the signature as a layer or through the referrers fallback tag) |
 | `helper.py` | the fetch helper's main (`python -m sealbox.transfer.helper SPEC`), run sandboxed: Landlock on itself, then `HttpsTransport`, answering in frames |
 | `frames.py` | the helper's pipe protocol: requests in, bounded frames out (data, end, absent, interrupted, refused) |
 | `sandboxed.py` | `SandboxedTransport`: the root side; starts the helper (sandbox.launcher.launch_helper), reads only frames |

@@ -30,6 +30,8 @@ setup() {
   command -v curl >/dev/null 2>&1 || missing+=(curl)
   # ... and OCI artifacts from a real registry (distribution 2.8) on loopback.
   command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
+  # ... and over SFTP from a real sshd.
+  [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
   if [ ${#missing[@]} -gt 0 ]; then
     echo "dev.sh: installing ${missing[*]}" >&2
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

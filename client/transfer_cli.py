@@ -15,7 +15,7 @@ import sys
 import tempfile
 from urllib.parse import urlsplit
 
-from ..transfer.fetch import check_location, fetch_model, store_policy
+from ..transfer.fetch import Refused, check_location, fetch_model, store_policy
 from ..transfer.store import Store
 from ..trust import TrustPolicy, VerificationError, verify_model
 from .publisher import add_trust_flags, trust_from_flags
@@ -36,6 +36,9 @@ def add_commands(sub) -> None:
     add_trust_flags(p)
     p.add_argument("--ca-bundle", metavar="PEM", help="trust only these CAs for the server's TLS certificate "
                    "(default: the system's CAs)")
+    p.add_argument("--ssh-key", metavar="KEY", help="sftp://: the private key (key authentication only)")
+    p.add_argument("--known-hosts", metavar="FILE", help="sftp://: the server's pinned host key "
+                   "(entries for a non-default port read [HOST]:PORT); an unknown key is refused")
     p.add_argument("--model-name", help="the model's name for its release statement (default: LOCATION's last segment)")
     p.add_argument("--timeout", type=float, default=30.0, metavar="S", help="connect and read timeout (default 30)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary; only errors")
@@ -97,7 +100,13 @@ def cmd_fetch(args) -> int:
         return 2
     try:
         store = Store(work)
-        transport = client_for(location, policy.source_urls, args.ca_bundle, args.timeout, args.timeout)
+        def text(path):
+            if path is None:
+                return None
+            with open(path, encoding="ascii") as f:
+                return f.read(1 << 20)
+        transport = client_for(location, policy.source_urls, args.ca_bundle, args.timeout, args.timeout,
+                               ssh_key=text(args.ssh_key), known_hosts=text(args.known_hosts))
         try:
             with _progress(args.quiet) as progress:
                 got = fetch_model(name, location, policy, store, transport, None, progress)
@@ -109,6 +118,9 @@ def cmd_fetch(args) -> int:
                        + (f", version {model.version}" if model.version else "") + f", from {got.peer} -> {target}")
         os.rename(got.view, target)
     except VerificationError as e:
+        print(f"sealbox fetch: refused: {e}", file=sys.stderr)
+        return 1
+    except Refused as e:   # the client could not be made (an SSH key that does not load, say)
         print(f"sealbox fetch: refused: {e}", file=sys.stderr)
         return 1
     except OSError as e:

@@ -70,6 +70,7 @@
     # or, instead of path: fetched into the store under state_dir (sealbox.transfer), then verified
     # source = "https://models.example.com/NAME/"   # under the policy's sources URL prefixes
     # source_ca = "/etc/sealbox/models-ca.pem"       # optional: trust only this CA for its TLS
+    # (source = "oci://REGISTRY/REPO:TAG" or "sftp://USER@HOST/PATH/" with ssh_key and known_hosts)
     # fetch_timeout_s = 600                          # the whole fetch (start-up READY is not held longer)
     format = "mlx"                          # mlx | flux | julia
     load = true                             # load at start
@@ -157,6 +158,8 @@ class ModelConfig:
     source: str | None = None
     source_ca: str | None = None       # a pinned CA bundle for the source's TLS (default: the system CAs)
     fetch_timeout_s: float = 600.0
+    ssh_key: str | None = None         # sftp:// only: the private key (key authentication only)
+    known_hosts: str | None = None     # sftp:// only: the pinned host key(s); no trust on first use
 
 
 @dataclasses.dataclass(frozen=True)
@@ -570,7 +573,7 @@ def load_config(path: str) -> Config:
         source = table.get("source", str, None)
         if (model_path is None) == (source is None):
             raise ConfigError(f"{where}: exactly one of the keys 'path' (a local directory) and 'source' "
-                              "(an https:// location) is required")
+                              "(an https://, oci:// or sftp:// location) is required")
         fmt = table.get("format", str, "mlx")
         if fmt not in ENGINE_NAMES:
             raise ConfigError(f"{where}: key 'format' must be one of {sorted(ENGINE_NAMES)}, not {fmt!r}")
@@ -580,6 +583,16 @@ def load_config(path: str) -> Config:
         infer_timeout = table.positive("infer_timeout_s", None)
         source_ca = table.get("source_ca", str, None)
         fetch_timeout = table.positive("fetch_timeout_s", None)
+        ssh_key, known_hosts = table.get("ssh_key", str, None), table.get("known_hosts", str, None)
+        sftp = source is not None and source.startswith("sftp://")
+        if sftp and (ssh_key is None or known_hosts is None):
+            raise ConfigError(f"{where}: an sftp:// source needs 'ssh_key' (key authentication only) and "
+                              "'known_hosts' (the pinned host key; no trust on first use)")
+        if not sftp and (ssh_key is not None or known_hosts is not None):
+            raise ConfigError(f"{where}: keys 'ssh_key' and 'known_hosts' are for an sftp:// source only")
+        for key, value in (("ssh_key", ssh_key), ("known_hosts", known_hosts)):
+            if value is not None and not os.path.isabs(value):
+                raise ConfigError(f"{where}: key '{key}' must be an absolute path")
         if source is not None:
             from ..transfer.fetch import check_location   # the pipeline's own check, before any connection
             from ..trust import VerificationError
@@ -597,6 +610,7 @@ def load_config(path: str) -> Config:
         models[name] = ModelConfig(
             name=name, path=os.path.join(base, model_path) if model_path is not None else "", source=source,
             source_ca=source_ca, fetch_timeout_s=float(fetch_timeout) if fetch_timeout else 600.0,
+            ssh_key=ssh_key, known_hosts=known_hosts,
             format=fmt, load=table.get("load", bool, True),
             policy=policy, memory_bytes=int(memory_mb * 2**20) if memory_mb else None,
             pids_max=table.positive("pids_max", None, int),

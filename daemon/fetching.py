@@ -83,7 +83,8 @@ class Fetcher:
         try:
             transport = SandboxedTransport(cfg.source, cfg.policy.source_urls, self.profile(),
                                            os.path.join(self.config.server.run_dir, "fetch"), cfg.source_ca,
-                                           read_timeout=min(30.0, cfg.fetch_timeout_s))
+                                           read_timeout=min(30.0, cfg.fetch_timeout_s), ssh_key=cfg.ssh_key,
+                                           known_hosts=cfg.known_hosts)
             got = fetch_model(cfg.name, cfg.source, cfg.policy, store, transport, self.config.server.state_dir,
                               advance, timeout_s=cfg.fetch_timeout_s)
         except VerificationError as exc:

@@ -31,7 +31,7 @@ from ..trust._storage import MAX_METADATA_BYTES
 from ..trust.verifying import SignedManifest, verify_manifest
 from .store import Store
 
-SCHEMES = ("https://", "oci://")   # what this build fetches from (sftp:// is recognised, not yet fetched)
+SCHEMES = ("https://", "oci://", "sftp://")   # what this build fetches from
 KNOWN = ("https://", "oci://", "sftp://")
 MAX_FILES = 10_000         # a model with more signed files than this is refused before any is requested
 ATTEMPTS = 5               # per file: the first try and four resumes
@@ -90,8 +90,10 @@ def check_location(location: str, policy: TrustPolicy) -> str:
                                 if scheme != "no scheme" else "not a URL (https://, oci:// or sftp://)")
     if not lower.startswith(SCHEMES):
         raise VerificationError(location, "source", f"{location.split('://')[0]}:// locations are not fetched by this "
-                                "version of sealbox; use https:// or oci://")
-    if lower.startswith("oci://"):
+                                "version of sealbox; use https://, oci:// or sftp://")
+    if lower.startswith("sftp://"):
+        location = _check_sftp(location)
+    elif lower.startswith("oci://"):
         if not OCI_REFERENCE.match(location):
             raise VerificationError(location, "source", "must be oci://REGISTRY/REPOSITORY:TAG or "
                                     "oci://REGISTRY/REPOSITORY@sha256:DIGEST")
@@ -101,6 +103,16 @@ def check_location(location: str, policy: TrustPolicy) -> str:
         allowed = ", ".join(policy.source_urls) or "none configured"
         raise VerificationError(location, "source", f"not under an allowed source URL ({allowed})")
     return location
+
+
+def _check_sftp(location: str) -> str:
+    parts = urlsplit(location)
+    if not parts.hostname or not parts.username or parts.password is not None or parts.query or parts.fragment:
+        raise VerificationError(location, "source", "must be sftp://USER@HOST[:PORT]/PATH/ (key authentication "
+                                "only: no password in the URL), without query or fragment")
+    if ".." in parts.path.split("/") or not parts.path.startswith("/"):
+        raise VerificationError(location, "source", "the path must be absolute, without '..'")
+    return location if location.endswith("/") else location + "/"
 
 
 def _check_https(location: str) -> str:

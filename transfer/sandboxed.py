@@ -24,12 +24,15 @@ HELPER = "sealbox.transfer.helper"
 
 class SandboxedTransport:
     def __init__(self, location: str, allowed: tuple[str, ...], profile: SandboxProfile, run_dir: str,
-                 ca_bundle: str | None = None, connect_timeout: float = 10.0, read_timeout: float = 30.0):
-        ca_pem = None
-        if ca_bundle is not None:
-            with open(ca_bundle, encoding="ascii") as f:  # read by root; the helper gets the text
-                ca_pem = f.read(1 << 20)
-        self.spec = json.dumps({"location": location, "allowed": list(allowed), "ca_pem": ca_pem,
+                 ca_bundle: str | None = None, connect_timeout: float = 10.0, read_timeout: float = 30.0,
+                 ssh_key: str | None = None, known_hosts: str | None = None):
+        def text(path):   # read by root; the helper gets the text (it sees no file of the operator's)
+            if path is None:
+                return None
+            with open(path, encoding="ascii") as f:
+                return f.read(1 << 20)
+        self.spec = json.dumps({"location": location, "allowed": list(allowed), "ca_pem": text(ca_bundle),
+                                "ssh_key": text(ssh_key), "known_hosts": text(known_hosts),
                                 "connect_timeout": connect_timeout, "read_timeout": read_timeout,
                                 "landlock": profile.landlock,
                                 "read_only": [*profile.runtime_paths, *profile.extra_ro_paths, "/dev/urandom"]})
@@ -45,7 +48,12 @@ class SandboxedTransport:
             self.parent = tempfile.mkdtemp(prefix="fetch-", dir=self.run_dir)
             os.chmod(self.parent, 0o711)
             socket_dir = make_socket_dir(self.parent, "sock", self.profile)  # bound, unused: bwrap_args wants one
-            self.helper = launch_helper(self.profile, socket_dir, HELPER, self.spec)
+            self.helper = launch_helper(self.profile, socket_dir, HELPER, "stdin")
+            try:   # the spec on stdin, not argv: it may hold an SSH private key
+                self.helper.proc.stdin.write(self.spec.encode() + b"\n")
+            except OSError:
+                self._kill()
+                raise Interrupted("the fetch helper died at start") from None
         return self.helper
 
     def _request(self, **req) -> None:

@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 
 import grpc
@@ -119,7 +118,9 @@ def test_fetch_timeout_does_not_hold_startup(nginx, keys, daemon_factory, tmp_pa
         m = c.status("t")
     assert m.state == "UNAVAILABLE"
     assert m.reason.startswith(f"verification refused: {url}big.bin: transfer: the fetch took longer than its 1 s")
-    assert os.listdir(d.dir / "state/store/sha256") == [] or True  # config.json may be stored; big.bin is not
+    import hashlib
+    big = (nginx.docroot / "slow/timeout/big.bin").read_bytes()
+    assert hashlib.sha256(big).hexdigest() not in os.listdir(d.dir / "state/store/sha256")
     assert os.listdir(d.dir / "state/store/tmp") == []
     assert [e for e in d.audit_events() if e["event"] == "model_fetch"][-1]["verdict"] == "refused"
 
@@ -142,3 +143,20 @@ def test_tampered_remote_model_refused_nothing_served(nginx, demo_model, keys, d
                         "not stored")
     assert d.worker_pids() == []
     assert os.listdir(d.dir / "state/store/views") == []
+
+
+def test_remote_model_from_an_oci_registry_served(demo_model, keys, daemon_factory, tmp_path):
+    from tests.support.registry import Registry
+    registry = Registry(tmp_path / "registry")
+    try:
+        digest = registry.push(demo_model, "models/demo:v1")
+        source = f"oci://{registry.host}/models/demo:v1"
+        d = daemon_factory({"demo": {"source": source, "options": f'source_ca = "{registry.ca}"'}}, keys[1]).start()
+        with d.client() as c:
+            assert c.status("demo").state == "READY"
+            x = np.ones((1, 4), dtype=np.float32)
+            np.testing.assert_allclose(c.infer("demo", {"x": x})["y"], reference(x), rtol=1e-5)
+        fetch = [e for e in d.audit_events() if e["event"] == "model_fetch"][-1]
+        assert fetch["verdict"] == "accepted" and fetch["peer"].endswith(f"; manifest {digest}")
+    finally:
+        registry.stop()

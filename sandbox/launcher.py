@@ -39,7 +39,7 @@ def worker_identity(profile: SandboxProfile) -> tuple[int, int]:
         entry = pwd.getpwnam(profile.worker_user)
     except KeyError:
         raise SandboxUnavailable(f"uid: worker user {profile.worker_user!r} does not exist "
-                                 "(create it: useradd --system --no-create-home sealbox-worker)") from None
+                                 f"(create it: useradd --system --no-create-home {profile.worker_user})") from None
     if entry.pw_uid == 0 or entry.pw_gid == 0:
         raise SandboxUnavailable(f"uid: worker user {profile.worker_user!r} must not be uid/gid 0")
     return entry.pw_uid, entry.pw_gid

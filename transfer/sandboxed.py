@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 
-from ..sandbox.launcher import launch_helper, make_socket_dir
+from ..sandbox.launcher import SandboxUnavailable, launch_helper, make_socket_dir
 from ..sandbox.profile import SandboxProfile
 from .fetch import Interrupted, Refused
 from .frames import FrameError, read_frame, text
@@ -47,8 +48,14 @@ class SandboxedTransport:
             os.makedirs(self.run_dir, mode=0o711, exist_ok=True)
             self.parent = tempfile.mkdtemp(prefix="fetch-", dir=self.run_dir)
             os.chmod(self.parent, 0o711)
-            socket_dir = make_socket_dir(self.parent, "sock", self.profile)  # bound, unused: bwrap_args wants one
-            self.helper = launch_helper(self.profile, socket_dir, HELPER, "stdin")
+            try:
+                # Bound, unused (bwrap_args wants one); its unique name also names the helper's cgroup.
+                socket_dir = make_socket_dir(self.parent, os.path.basename(self.parent), self.profile)
+                self.helper = launch_helper(self.profile, socket_dir, HELPER, "stdin")
+            except (SandboxUnavailable, OSError, subprocess.SubprocessError) as exc:
+                shutil.rmtree(self.parent, ignore_errors=True)
+                self.parent = None
+                raise Refused(f"the fetch helper's sandbox is unavailable: {exc}") from None
             try:   # the spec on stdin, not argv: it may hold an SSH private key
                 self.helper.proc.stdin.write(self.spec.encode() + b"\n")
             except OSError:

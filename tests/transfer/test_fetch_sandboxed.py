@@ -115,3 +115,18 @@ def test_root_side_imports_no_network_client():
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_no_sandbox_for_the_helper_no_fetch(nginx, key, tmp_path):
+    url = published(nginx, key, tmp_path, "models/nosandbox")
+    pol = policy_from_toml({"sources": [nginx.url + "models/"], "public_keys": [str(key[1])]}, "t")
+    profile = SandboxProfile.for_fetch_helper(user="sealbox-no-such-user", python=sys.executable)
+    t = SandboxedTransport(url, pol.source_urls, profile, os.path.join(RUN_ROOT, "fetch"), ca_bundle=str(nginx.ca))
+    before = len(nginx.requests())
+    with pytest.raises(VerificationError) as info:
+        fetch_model("m", url, pol, Store(str(tmp_path / "s")), t, None)
+    t.close()
+    assert str(info.value) == (f"{url}: transfer: the fetch helper's sandbox is unavailable: uid: worker user "
+                               "'sealbox-no-such-user' does not exist (create it: useradd --system "
+                               "--no-create-home sealbox-no-such-user)")
+    assert nginx.requests()[before:] == []

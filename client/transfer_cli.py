@@ -1,4 +1,4 @@
-"""`sealbox fetch` (a signed model from an https:// location into a directory) and `sealbox store ls|gc`.
+"""`sealbox fetch` (a signed model from an https://, oci:// or sftp:// location into a directory) and `sealbox store ls|gc`.
 
 `fetch` is for publishers and CI: the same trust flags as `verify`; the model is fetched through the
 daemon's own pipeline (sealbox.transfer: signature first, then only the signed files) into a
@@ -24,14 +24,15 @@ DEFAULT_STATE_DIR = "/var/lib/sealbox"
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("fetch", help="fetch a signed model from an https:// or oci:// location, verify it, write it to DIR",
+    p = sub.add_parser("fetch", help="fetch a signed model from an https://, oci:// or sftp:// location, verify it, "
+                       "write it to DIR",
                        description="Fetch the signature at LOCATION first and verify it with the trust flags "
                                    "(as `sealbox verify`), then exactly the files it signs, each hashed while it "
                                    "streams and refused on a digest mismatch or past its signed size; resumed "
                                    "when interrupted. Nothing unsigned is requested. http://, ftp:// and file:// "
                                    "are refused. Exit 0 fetched and verified, 1 refused, 2 usage or I/O error.")
-    p.add_argument("location", metavar="LOCATION", help="https://HOST/PATH/ (a directory holding model.sig) or "
-                   "oci://REGISTRY/REPOSITORY:TAG (or @sha256:DIGEST)")
+    p.add_argument("location", metavar="LOCATION", help="https://HOST/PATH/ (a directory holding model.sig), "
+                   "oci://REGISTRY/REPOSITORY:TAG (or @sha256:DIGEST) or sftp://USER@HOST[:PORT]/PATH/")
     p.add_argument("--to", required=True, metavar="DIR", help="a new directory for the verified model")
     add_trust_flags(p)
     p.add_argument("--ca-bundle", metavar="PEM", help="trust only these CAs for the server's TLS certificate "

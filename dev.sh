@@ -25,18 +25,27 @@ setup() {
   # The unit file's test runs `systemd-analyze verify`; the alert rules' test reads YAML.
   command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
   dpkg -s python3-yaml >/dev/null 2>&1 || missing+=(python3-yaml)
+  # The transfer tests serve signed models over HTTPS from a real nginx on loopback; the benchmark compares with curl.
+  command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
+  command -v curl >/dev/null 2>&1 || missing+=(curl)
+  # ... and OCI artifacts from a real registry (distribution 2.8) on loopback.
+  command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
+  # ... and over SFTP from a real sshd.
+  [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
   if [ ${#missing[@]} -gt 0 ]; then
     echo "dev.sh: installing ${missing[*]}" >&2
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
   id "$WORKER_USER" >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin "$WORKER_USER"
+  # The fetch helper's own uid (sealbox.transfer: the HTTPS client runs sandboxed as this user).
+  id sealbox-fetch >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin sealbox-fetch
   if [ ! -x "$VENV/bin/python" ]; then
     mkdir -p "$(dirname "$VENV")"
     /usr/bin/python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip
   fi
   # Non-editable install: the worker user sees only the venv, never this checkout.
-  "$VENV/bin/pip" install -q --disable-pip-version-check ".[test]"
+  "$VENV/bin/pip" install -q --disable-pip-version-check ".[test,fetch]"
 }
 
 case "${1:-}" in

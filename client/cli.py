@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the models, their state and why a model is not ready (admin target)",
                        description="List every configured model, one line each: name, state (READY, LOADING, "
-                                   "UNAVAILABLE, UNLOADED), version ('-' without a signed release) and the reason "
+                                   "FETCHING, UNAVAILABLE, UNLOADED), version ('-' without a signed release) and the reason "
                                    "a model is not ready. Asks the admin socket (--admin-target).")
     p.set_defaults(func=cmd_models)
     p = sub.add_parser("status", help="state, version, engine and tensors of one model (admin target); "
@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import publisher  # hash, sign, verify: sealbox.trust, the daemon's own verifier and policy
     publisher.add_commands(sub)
+    from . import transfer_cli  # fetch, store ls|gc: sealbox.transfer
+    transfer_cli.add_commands(sub)
 
     sandbox = sub.add_parser("sandbox", help="inspect the worker sandbox").add_subparsers(
         dest="sandbox_command", required=True, metavar="SUBCOMMAND")

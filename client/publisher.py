@@ -71,17 +71,32 @@ def add_commands(subparsers) -> None:
     v.add_argument("model_dir", metavar="MODEL_DIR")
     v.add_argument("--signature", metavar="SIG", help=f"the signature bundle (default MODEL_DIR/{DEFAULT_SIGNATURE}); "
                    f"a release statement is read from {DEFAULT_RELEASE} beside it")
-    trust = v.add_mutually_exclusive_group(required=True)
-    trust.add_argument("--public-key", action="append", metavar="KEY.pub")
-    trust.add_argument("--certificate-chain", action="append", metavar="ROOT.pem",
-                       help="trust anchors (repeatable)")
-    v.add_argument("--identity", action="append", default=[],
-                   help="pinned signer identity: email:ADDR (or a bare ADDR), uri:URI or subject:NAME (repeatable)")
+    add_trust_flags(v)
     v.add_argument("--ignore-paths", action="append", default=[], metavar="NAME",
                    help="files or directories the signature does not cover, to skip (as upstream's verify "
                         "--ignore-paths; they would never reach a worker; repeatable)")
     v.add_argument("--model-name", help="expected model name in the release statement (default: the directory name)")
     v.set_defaults(func=cmd_verify)
+
+
+def add_trust_flags(p) -> None:
+    """Who may have signed the model: the flags of `verify`, shared with `sealbox fetch`."""
+    trust = p.add_mutually_exclusive_group(required=True)
+    trust.add_argument("--public-key", action="append", metavar="KEY.pub")
+    trust.add_argument("--certificate-chain", action="append", metavar="ROOT.pem",
+                       help="trust anchors (repeatable)")
+    p.add_argument("--identity", action="append", default=[],
+                   help="pinned signer identity: email:ADDR (or a bare ADDR), uri:URI or subject:NAME (repeatable)")
+
+
+def trust_from_flags(args, prog: str) -> tuple[tuple[TrustedKey, ...], tuple[TrustedRoots, ...]]:
+    """The keys or roots the flags name (OSError/ValueError for unreadable ones); warns on unpinned roots."""
+    keys = tuple(TrustedKey.load(p) for p in args.public_key or ())
+    identities = tuple(normalize_identity(i) for i in args.identity) or (ANY_IDENTITY,)
+    roots = tuple(TrustedRoots.load(p, identities) for p in args.certificate_chain or ())
+    if roots and not args.identity:
+        print(f"{prog}: warning: no --identity given, any signer chaining to the roots is accepted", file=sys.stderr)
+    return keys, roots
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,14 +230,10 @@ def cmd_verify(args) -> int:
     real = os.path.realpath(args.model_dir)
     sig = os.path.abspath(args.signature or os.path.join(real, DEFAULT_SIGNATURE))
     try:
-        keys = tuple(TrustedKey.load(p) for p in args.public_key or ())
-        identities = tuple(normalize_identity(i) for i in args.identity) or (ANY_IDENTITY,)
-        roots = tuple(TrustedRoots.load(p, identities) for p in args.certificate_chain or ())
+        keys, roots = trust_from_flags(args, "sealbox verify")
     except (OSError, ValueError) as e:
         print(f"sealbox verify: {e}", file=sys.stderr)
         return 2
-    if roots and not args.identity:
-        print("sealbox verify: warning: no --identity given, any signer chaining to the roots is accepted", file=sys.stderr)
     # The source is the model directory itself (a single-file model: its directory): the command line
     # names the model, so nothing above it is walked or checked.
     source = real if os.path.isdir(real) else os.path.dirname(real)

@@ -70,6 +70,11 @@
 
     [models.NAME]
     path = "/srv/models/NAME"
+    # or, instead of path: fetched into the store under state_dir (sealbox.transfer), then verified
+    # source = "https://models.example.com/NAME/"   # under the policy's sources URL prefixes
+    # source_ca = "/etc/sealbox/models-ca.pem"       # optional: trust only this CA for its TLS
+    # (source = "oci://REGISTRY/REPO:TAG" or "sftp://USER@HOST/PATH/" with ssh_key and known_hosts)
+    # fetch_timeout_s = 600                          # the whole fetch (start-up READY is not held longer)
     format = "mlx"                          # mlx | flux | julia
     load = true                             # load at start
     memory_mb = 512                         # optional per-model overrides of [workers]:
@@ -153,6 +158,12 @@ class ModelConfig:
     pids_max: int | None = None
     load_timeout_s: float | None = None
     infer_timeout_s: float | None = None
+    # A remote model (instead of `path`): fetched into the store under state_dir, then verified there.
+    source: str | None = None
+    source_ca: str | None = None       # a pinned CA bundle for the source's TLS (default: the system CAs)
+    fetch_timeout_s: float = 600.0
+    ssh_key: str | None = None         # sftp:// only: the private key (key authentication only)
+    known_hosts: str | None = None     # sftp:// only: the pinned host key(s); no trust on first use
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,6 +395,9 @@ def _workers(table: _Table) -> WorkerConfig:
     return cfg
 
 
+URL_SCHEMES = ("https://", "oci://", "sftp://")   # remote sources (sealbox.transfer)
+
+
 def policy_from_toml(table: Any, where: str, defaults: TrustPolicy | None = None, *,
                      one_model: bool = True) -> TrustPolicy:
     """The trust policy of a [policy] or [models.NAME.policy] table; keys absent
@@ -421,14 +435,16 @@ def policy_from_toml(table: Any, where: str, defaults: TrustPolicy | None = None
     changes: dict = {"where": where}
     if "sources" in table:
         dirs, urls = [], []
-        for s in get("sources", list, "a list of absolute directories or https:// URL prefixes"):
-            if isinstance(s, str) and s.startswith("https://") and len(s) > len("https://"):
+        for s in get("sources", list, "a list of absolute directories or https://, oci:// or sftp:// URL prefixes"):
+            scheme = next((p for p in URL_SCHEMES if isinstance(s, str) and s.startswith(p)), None)
+            if scheme and len(s) > len(scheme):
                 urls.append(s)
             elif isinstance(s, str) and os.path.isabs(s):
                 # Resolved once here; below it a model path is walked with O_NOFOLLOW at verify time.
                 dirs.append(os.path.realpath(s))
             else:
-                raise err("sources", f"{s!r} is neither an absolute directory nor an https:// URL prefix")
+                raise err("sources", f"{s!r} is neither an absolute directory nor an https://, oci:// or sftp:// "
+                                     "URL prefix (http://, ftp:// and file:// are not secure transfers)")
         changes["sources"], changes["source_urls"] = tuple(dirs), tuple(urls)
     if "public_keys" in table:
         keys = []
@@ -572,8 +588,10 @@ def load_config(path: str) -> Config:
             raise ConfigError(f"{where}: model name must match {MODEL_NAME.pattern}")
         table = _Table(raw, where)
         model_path = table.get("path", str, None)
-        if model_path is None:
-            raise ConfigError(f"{where}: key 'path' is required")
+        source = table.get("source", str, None)
+        if (model_path is None) == (source is None):
+            raise ConfigError(f"{where}: exactly one of the keys 'path' (a local directory) and 'source' "
+                              "(an https://, oci:// or sftp:// location) is required")
         fmt = table.get("format", str, "mlx")
         if fmt not in ENGINE_NAMES:
             raise ConfigError(f"{where}: key 'format' must be one of {sorted(ENGINE_NAMES)}, not {fmt!r}")
@@ -581,8 +599,37 @@ def load_config(path: str) -> Config:
         memory_mb = table.positive("memory_mb", None)
         load_timeout = table.positive("load_timeout_s", None)
         infer_timeout = table.positive("infer_timeout_s", None)
+        source_ca = table.get("source_ca", str, None)
+        fetch_timeout = table.positive("fetch_timeout_s", None)
+        ssh_key, known_hosts = table.get("ssh_key", str, None), table.get("known_hosts", str, None)
+        sftp = source is not None and source.startswith("sftp://")
+        if sftp and (ssh_key is None or known_hosts is None):
+            raise ConfigError(f"{where}: an sftp:// source needs 'ssh_key' (key authentication only) and "
+                              "'known_hosts' (the pinned host key; no trust on first use)")
+        if not sftp and (ssh_key is not None or known_hosts is not None):
+            raise ConfigError(f"{where}: keys 'ssh_key' and 'known_hosts' are for an sftp:// source only")
+        for key, value in (("ssh_key", ssh_key), ("known_hosts", known_hosts)):
+            if value is not None and not os.path.isabs(value):
+                raise ConfigError(f"{where}: key '{key}' must be an absolute path")
+        if source is not None:
+            from ..transfer.fetch import check_location   # the pipeline's own check, before any connection
+            from ..trust import VerificationError
+            try:
+                source = check_location(source, policy)
+            except VerificationError as exc:
+                raise ConfigError(f"{where}: key 'source': {exc.detail}") from None
+            if os.path.isabs(policy.signature) or os.path.isabs(policy.release):
+                raise ConfigError(f"{where}.policy: a fetched model's signature and release are named relative "
+                                  "to its source, not absolute paths")
+        elif source_ca is not None or fetch_timeout is not None:
+            raise ConfigError(f"{where}: keys 'source_ca' and 'fetch_timeout_s' need 'source'")
+        if source_ca is not None and not os.path.isabs(source_ca):
+            raise ConfigError(f"{where}: key 'source_ca' must be an absolute path")
         models[name] = ModelConfig(
-            name=name, path=os.path.join(base, model_path), format=fmt, load=table.get("load", bool, True),
+            name=name, path=os.path.join(base, model_path) if model_path is not None else "", source=source,
+            source_ca=source_ca, fetch_timeout_s=float(fetch_timeout) if fetch_timeout else 600.0,
+            ssh_key=ssh_key, known_hosts=known_hosts,
+            format=fmt, load=table.get("load", bool, True),
             policy=policy, memory_bytes=int(memory_mb * 2**20) if memory_mb else None,
             pids_max=table.positive("pids_max", None, int),
             load_timeout_s=float(load_timeout) if load_timeout else None,

@@ -30,6 +30,7 @@ from . import errors
 from .audit import AuditLog
 from .metrics import Metrics, death_kind
 from .config import Config, ConfigError, ModelConfig, load_config
+from .fetching import Fetcher, FetchBusy
 from .preflight import preflight
 from .provenance import Provenance
 from .worker_process import ModelUnavailable, Spawner, WorkerProcess, describe_exit
@@ -42,6 +43,7 @@ __all__ = ["LoadRefused", "ModelStatus", "ModelUnavailable", "State", "Superviso
 class State(str, enum.Enum):
     UNLOADED = "UNLOADED"
     LOADING = "LOADING"
+    FETCHING = "FETCHING"   # a remote model's files are being fetched into the store (reason: progress)
     READY = "READY"
     UNAVAILABLE = "UNAVAILABLE"
 
@@ -129,6 +131,7 @@ class Supervisor:
         self.reload_lock = threading.Lock()   # one configuration reload at a time
         self.draining: set[WorkerProcess] = set()   # replaced workers finishing their calls
         self._spawns = itertools.count(1)   # unique worker directory names, across hand-overs
+        self.fetcher = Fetcher(config, audit)   # remote models (source = "https://..."): the store
 
     def profile_for(self, model: ModelConfig, config: Config | None = None) -> SandboxProfile:
         """This model's sandbox: [workers] settings with the model's overrides (decided in SandboxProfile)."""
@@ -179,6 +182,10 @@ class Supervisor:
         from ..trust import VerificationError, verify_model  # noqa: the trust library
 
         model = self.get(name)
+        wanted = config or model.config
+        if wanted.source is not None and name in self.fetcher.active:
+            # Refused, not queued: a caller cannot pile up fetches behind the one running.
+            raise ModelUnavailable(f"model '{name}' is being fetched already")
         with model.lock:
             if self.stopped.is_set():
                 raise ModelUnavailable("the daemon is stopping")
@@ -189,8 +196,12 @@ class Supervisor:
                 model.set_state(State.LOADING, "verifying", config=cfg)
             model.files_seen = files_fingerprint(cfg)   # before verifying: a change during it shows next time
             try:
-                verified = verify_model(name, cfg.path, cfg.policy, self.config.server.state_dir, self.audit,
-                                        record_version=False)   # recorded once the new worker is READY
+                path, policy = cfg.path, cfg.policy
+                if cfg.source is not None:   # fetched into the store, then verified there like a directory
+                    path, policy = self._fetch(model, cfg, serving)
+                verified = verify_model(name, path, policy, self.config.server.state_dir, self.audit,
+                                        record_version=False,   # recorded once the new worker is READY
+                                        store_links=cfg.source is not None)
             except VerificationError as exc:
                 self.metrics.verification(name, getattr(exc, "check", "unknown"), "refused")
                 reason = f"verification refused: {exc}"
@@ -201,6 +212,8 @@ class Supervisor:
                     model.set_state(State.UNAVAILABLE, reason)
                 raise LoadRefused(reason) from None
             self.metrics.verification(name, "all", "accepted")
+            if cfg.source is not None:
+                self.fetcher.hold(name, path)   # store gc keeps this view while the model may serve it
             if serving:
                 self._hand_over(model, cfg, verified)
                 return
@@ -219,6 +232,19 @@ class Supervisor:
                 model.set_state(State.UNAVAILABLE, f"internal error while loading: {exc!r}", worker=None)
                 self.audit.event("model_load", model=name, verdict="failed", reason=model.reason)
                 raise ModelUnavailable(model.reason) from None
+
+    def _fetch(self, model: ManagedModel, cfg: ModelConfig, serving: bool):
+        """A remote model's view in the store and the policy to verify it with (caller holds model.lock);
+        FETCHING with progress in the reason unless an older version keeps serving."""
+        def progress(text: str) -> None:
+            if not serving:
+                model.set_state(State.FETCHING, text)
+        try:
+            return self.fetcher.fetch(cfg, progress)
+        except FetchBusy as exc:
+            if not serving:
+                model.set_state(State.UNAVAILABLE, str(exc))
+            raise ModelUnavailable(str(exc)) from None
 
     def _launch(self, cfg: ModelConfig, verified) -> WorkerProcess:
         """Start a sandboxed worker on `verified` (not waiting for it); ModelUnavailable if the sandbox
@@ -425,6 +451,7 @@ class Supervisor:
         model = self.get(name)
         with model.lock:
             self._stop_worker(model, State.UNLOADED, "unloaded")
+            self.fetcher.release(name)
         self.audit.event("model_unload", model=name)
 
     # -- configuration reload (SIGHUP)
@@ -464,6 +491,7 @@ class Supervisor:
                     log.warning("config reload: [server] %s changed: needs a restart; the running value is kept",
                                 field.name)
             config = dataclasses.replace(config, server=old.server)
+            self.fetcher.config = config
             if config.workers != old.workers:
                 for line in preflight(config):   # SandboxUnavailable: refused, nothing changed
                     log.warning("%s", line)
@@ -532,6 +560,7 @@ class Supervisor:
             models.pop(name, None)
             self.models = models
             self._drain_soon(name, worker, verified)
+            self.fetcher.release(name)
         outcome[name] = "removed"
         self.audit.event("model_unload", model=name, reason="removed from the configuration")
 
@@ -648,6 +677,8 @@ def files_fingerprint(cfg: ModelConfig) -> tuple:
     without reading them: (name, size, mtime, ctime, inode) of every entry under the model's path,
     of its signature and release files and of a pinned manifest. Cheap; a change here means verify
     again, never "trust it": the verification decides."""
+    if cfg.source is not None:
+        return (cfg.source,)   # fetched: its signature is fetched again on every load, never compared here
     entries = []
 
     def add(path: str) -> None:

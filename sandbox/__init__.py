@@ -2,9 +2,9 @@
 
 | module | what it holds |
 |---|---|
-| profile.py | `SandboxProfile` and `SandboxProfile.for_model`: the one place a worker's confinement is decided |
-| launcher.py | renders a profile into bubblewrap's command line and the worker's `WorkerSpec`; starts a worker |
-| seccomp.py | the per-engine syscall allowlists (two stages) and loading a filter from an fd |
+| profile.py | `SandboxProfile` and `SandboxProfile.for_model`: the one place a worker's confinement is decided; `for_fetch_helper`: the fetch helper's (sealbox.transfer) |
+| launcher.py | renders a profile into bubblewrap's command line and the worker's `WorkerSpec`; starts a worker, or a helper on pipes (`launch_helper`) |
+| seccomp.py | the per-engine syscall allowlists (two stages; `fetch`: the fetch helper's, with inet sockets) and loading a filter from an fd |
 | landlock.py | the worker's filesystem/network/scope restrictions, applied by the worker to itself |
 | cgroups.py | one cgroup per worker (memory, pids; v2 or v1), OOM detection, cgroup.kill, removal of stale groups |
 | limits.py | rlimits and the environment every worker runs with |

@@ -39,7 +39,7 @@ def worker_identity(profile: SandboxProfile) -> tuple[int, int]:
         entry = pwd.getpwnam(profile.worker_user)
     except KeyError:
         raise SandboxUnavailable(f"uid: worker user {profile.worker_user!r} does not exist "
-                                 "(create it: useradd --system --no-create-home sealbox-worker)") from None
+                                 f"(create it: useradd --system --no-create-home {profile.worker_user})") from None
     if entry.pw_uid == 0 or entry.pw_gid == 0:
         raise SandboxUnavailable(f"uid: worker user {profile.worker_user!r} must not be uid/gid 0")
     return entry.pw_uid, entry.pw_gid
@@ -180,25 +180,66 @@ def launch(profile: SandboxProfile, socket_dir: str, files: Mapping[str, int],
         command = [bwrap_path(), *bwrap_args(profile, socket_dir, stage1, extra_ro_files), "--",
                    profile.python, "-m", "sealbox.worker.main",
                    worker_spec(profile, files, run, stage2, tuple((extra_ro_files or {}).values())).to_json()]
-        from .limits import apply_rlimits
-
-        def preexec():
-            # As root: join the worker's cgroup (before any fork inside), enter a fresh network
-            # namespace (only a downed lo), then drop to the worker uid.
-            if cgroup is not None:
-                cgroup.attach_self()
-            if _libc.unshare(CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET) failed")
-            apply_rlimits(nofile=profile.nofile, fsize=profile.fsize_bytes, core=0)
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
 
         proc = subprocess.Popen(
             command, pass_fds=(*files.values(), *owned_fds),
             stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
             env={"PATH": "/usr/bin:/bin"},  # bwrap's own environment is visible in /proc/1/environ
-            cwd="/", preexec_fn=preexec, close_fds=True)
+            cwd="/", preexec_fn=_preexec(profile, cgroup, uid, gid), close_fds=True)
+    except BaseException:
+        if cgroup is not None:
+            cgroup.remove()
+        raise
+    finally:
+        for fd in owned_fds:
+            os.close(fd)
+    return SandboxedWorker(proc, cgroup)
+
+
+def _preexec(profile: SandboxProfile, cgroup, uid: int, gid: int):
+    from .limits import apply_rlimits
+
+    def preexec():
+        # As root: join the worker's cgroup (before any fork inside), enter a fresh network
+        # namespace (only a downed lo; not for the fetch helper), then drop to the worker uid.
+        if cgroup is not None:
+            cgroup.attach_self()
+        if not profile.network and _libc.unshare(CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET) failed")
+        apply_rlimits(nofile=profile.nofile, fsize=profile.fsize_bytes, core=0)
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    return preexec
+
+
+def launch_helper(profile: SandboxProfile, socket_dir: str, module: str, argument: str) -> SandboxedWorker:
+    """Start a helper (`python -m MODULE ARGUMENT`) in the profile's sandbox, talking over stdin/stdout
+    pipes; the same layers as a worker (bubblewrap, uid, seccomp stage 1, cgroup, rlimits), and the
+    host's network when the profile says so. The helper applies its own Landlock rules."""
+    uid, gid = worker_identity(profile)
+    owned_fds: list[int] = []
+    cgroup = None
+    try:
+        stage1 = None
+        if profile.seccomp:
+            from . import seccomp
+            try:
+                stage1 = seccomp.bpf_memfd(seccomp.stage1_bpf(profile.engine))
+                owned_fds.append(stage1)
+            except seccomp.SeccompError as exc:
+                raise SandboxUnavailable(str(exc)) from None
+        if profile.cgroups:
+            from . import cgroups
+            try:
+                cgroup = cgroups.WorkerCgroup.create(f"{os.getpid()}-{os.path.basename(socket_dir)}",
+                                                     profile.memory_bytes, profile.pids_max)
+            except cgroups.CgroupError as exc:
+                raise SandboxUnavailable(str(exc)) from None
+        command = [bwrap_path(), *bwrap_args(profile, socket_dir, stage1), "--", profile.python, "-m", module, argument]
+        proc = subprocess.Popen(command, pass_fds=tuple(owned_fds), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin"}, cwd="/",
+                                preexec_fn=_preexec(profile, cgroup, uid, gid), close_fds=True, bufsize=0)
     except BaseException:
         if cgroup is not None:
             cgroup.remove()

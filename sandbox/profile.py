@@ -64,6 +64,8 @@ class SandboxProfile:
     seccomp: bool = True
     landlock: bool = True
     cgroups: bool = True
+    # The host's network namespace (the fetch helper only; every model worker gets a fresh, empty one).
+    network: bool = False
 
     @classmethod
     def for_model(cls, engine: str, *, user: str = "sealbox-worker", python: str = sys.executable,
@@ -88,6 +90,19 @@ class SandboxProfile:
                    memory_bytes=memory_bytes, pids_max=pids_max, load_timeout_s=load_timeout_s,
                    infer_timeout_s=infer_timeout_s, seccomp=seccomp, landlock=landlock, cgroups=cgroups,
                    preload=(blas,) if blas else (), max_message_bytes=max_message_bytes)
+
+    @classmethod
+    def for_fetch_helper(cls, *, user: str = "sealbox-fetch", python: str = sys.executable,
+                         memory_bytes: int = 512 * 2**20, seccomp: bool = True, landlock: bool = True,
+                         cgroups: bool = True) -> "SandboxProfile":
+        """The fetch helper (sealbox.transfer.helper): its own uid, the host's network, and of the
+        filesystem only the runtime plus what name lookups and the system CAs need, read-only.
+        Its syscall allowlist is seccomp's "fetch" (inet sockets), applied by bubblewrap."""
+        etc = tuple(p for p in ("/etc/ssl/certs", "/etc/ssl/openssl.cnf", "/etc/resolv.conf", "/etc/hosts",
+                                "/etc/nsswitch.conf", "/etc/gai.conf") if os.path.exists(p))
+        return cls(engine="fetch", worker_user=user, python=python, extra_ro_paths=etc, memory_bytes=memory_bytes,
+                   pids_max=32, tmpfs_size=1 << 20, fsize_bytes=0, load_timeout_s=0, infer_timeout_s=0,
+                   seccomp=seccomp, landlock=landlock, cgroups=cgroups, network=True)
 
     def __post_init__(self):
         if not self.runtime_paths:

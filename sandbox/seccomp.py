@@ -62,7 +62,15 @@ _ENGINE_EXTRA = {
     "mlx": ((("memfd_create",),
              "GGUF weights: MLX maps its file shared and writable, so the worker hands it a private copy"),),
     "flux": (),   # numpy only: nothing beyond the common list
+    # The fetch helper (sealbox.transfer.helper), not a model worker: TCP/TLS clients and name lookups.
+    "fetch": ((("connect", "sendto", "recvfrom", "sendmmsg", "poll", "ppoll"),
+               "HTTPS: connect, send and receive on inet sockets, wait with timeouts (urllib3), DNS over UDP"),),
 }
+
+# Socket families each filter allows (everything else fails with EAFNOSUPPORT): a worker talks only
+# over its Unix socket; the fetch helper also opens IPv4/IPv6 sockets (its network namespace is the host's).
+_AF_INET, _AF_INET6 = 2, 10
+_SOCKET_FAMILIES = {"fetch": (1, _AF_INET, _AF_INET6)}
 
 # Syscalls that stage 2 kills: exec and the confinement calls, only needed at start.
 _START_ONLY = ("execve", "execveat", "landlock_create_ruleset", "landlock_add_rule",
@@ -76,7 +84,7 @@ _AF_UNIX = 1
 _CLONE_THREAD = 0x00010000
 _PR_SET_NAME, _PR_SET_NO_NEW_PRIVS, _PR_SET_VMA = 15, 38, 0x53564D41
 _SECCOMP_SET_MODE_FILTER, _SECCOMP_FILTER_FLAG_TSYNC = 1, 1
-_TCGETS, _FIOCLEX, _TIOCGWINSZ = 0x5401, 0x5451, 0x5413
+_TCGETS, _FIOCLEX, _TIOCGWINSZ, _FIONBIO = 0x5401, 0x5451, 0x5413, 0x5421
 _F_GETFD, _F_SETFD, _F_GETFL, _F_SETFL = 1, 2, 3, 4
 _SIGABRT = 6
 _NR_SECCOMP_X86_64 = 317
@@ -133,17 +141,25 @@ def stage1_bpf(engine: str) -> bytes:
     for names, _why in (*_ALLOW, *_ENGINE_EXTRA[engine]):
         for name in names:
             f.add_rule(sc.ALLOW, name)
-    # Sockets: Unix only. gRPC probes AF_INET/AF_INET6 at start, so those fail softly.
-    f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, _AF_UNIX))
-    f.add_rule(sc.ERRNO(errno.EAFNOSUPPORT), "socket", sc.Arg(0, sc.NE, _AF_UNIX))
+    # Sockets: Unix only (the fetch helper: and inet). gRPC probes AF_INET/AF_INET6 at start, so
+    # those fail softly.
+    families = _SOCKET_FAMILIES.get(engine, (_AF_UNIX,))
+    for family in families:
+        f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, family))
+    if families == (_AF_UNIX,):
+        f.add_rule(sc.ERRNO(errno.EAFNOSUPPORT), "socket", sc.Arg(0, sc.NE, _AF_UNIX))
+    else:
+        for family in (f_ for f_ in range(0, max(families)) if f_ not in families):
+            f.add_rule(sc.ERRNO(errno.EAFNOSUPPORT), "socket", sc.Arg(0, sc.EQ, family))
+        f.add_rule(sc.ERRNO(errno.EAFNOSUPPORT), "socket", sc.Arg(0, sc.GT, max(families)))
     # Threads yes, processes no. clone3 hides its flags in memory where BPF cannot look:
     # ENOSYS makes glibc fall back to clone, whose flags we check.
     f.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, _CLONE_THREAD, _CLONE_THREAD))
     f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
     # ioctl: isatty() on stdio, close-on-exec, and the window size argparse asks for (measured:
     # `sealbox scan` in the sandbox); all three only read or set fd flags, none reaches a device.
-    for request in (_TCGETS, _FIOCLEX, _TIOCGWINSZ):
-        f.add_rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.EQ, request))
+    for request in (_TCGETS, _FIOCLEX, _TIOCGWINSZ, *((_FIONBIO,) if engine == "fetch" else ())):
+        f.add_rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.EQ, request))  # FIONBIO: Python's socket timeouts
     # fcntl: descriptor and status flags only (F_SETOWN/F_SETSIG would turn SIGIO into a signal channel).
     for command in (_F_GETFD, _F_SETFD, _F_GETFL, _F_SETFL):
         f.add_rule(sc.ALLOW, "fcntl", sc.Arg(1, sc.EQ, command))

@@ -16,7 +16,7 @@ import pytest
 from tests.support.daemon import Daemon
 from tests.support.pki import make_ec_key, upstream_sign
 
-ROOT_LAYERS = ("sandbox", "daemon")
+ROOT_LAYERS = ("sandbox", "daemon", "transfer")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -184,7 +184,7 @@ def _os_reason(e: OSError) -> str:
 
 
 def open_tree(model_path: str, exclude: set[str], strict: bool = True,
-              at: tuple[int, str | None] | None = None) -> Tree:
+              at: tuple[int, str | None] | None = None, store_links: bool = False) -> Tree:
     """Opens and checks every entry of a model directory, or a single-file model.
 
     `model_path` must already be a real path (no symlinks); with `at`
@@ -195,7 +195,9 @@ def open_tree(model_path: str, exclude: set[str], strict: bool = True,
     they are skipped without being opened. Symlinks are recorded, not
     followed; one that leaves the directory is refused here. `strict` adds the
     owner, mode and hard-link checks (the daemon); the publisher signs its
-    own files without them.
+    own files without them. `store_links` (a view of the daemon's content-addressed
+    store) accepts extra hard links on files nobody may write (mode without any write
+    bit, owned as checked): the store's own blob and other views of the same content.
     """
     dir_fd, name = at if at is not None else (None, model_path)
     try:
@@ -213,7 +215,7 @@ def open_tree(model_path: str, exclude: set[str], strict: bool = True,
         except BaseException:
             os.close(fd)
             raise
-        _check_hardlinks(tree, strict)
+        _check_hardlinks(tree, strict, store_links)
         return tree
     if not stat.S_ISDIR(st.st_mode):
         raise VerificationError(model_path, "storage", f"{_kind(st.st_mode)}, not a model directory or file")
@@ -225,7 +227,7 @@ def open_tree(model_path: str, exclude: set[str], strict: bool = True,
     try:
         _opened_as_checked(model_path, fd, st, strict)
         _walk(tree, fd, "", exclude, strict)
-        _check_hardlinks(tree, strict)
+        _check_hardlinks(tree, strict, store_links)
     except BaseException:
         tree.close()
         raise
@@ -287,7 +289,7 @@ def _walk(tree: Tree, dir_fd: int, rel_dir: str, exclude: set[str], strict: bool
             raise VerificationError(path, "storage", f"{_kind(mode)}, not a regular file")
 
 
-def _check_hardlinks(tree: Tree, strict: bool) -> None:
+def _check_hardlinks(tree: Tree, strict: bool, store_links: bool = False) -> None:
     """A file with more links than we found inside can be changed from outside."""
     if not strict:
         return
@@ -295,7 +297,10 @@ def _check_hardlinks(tree: Tree, strict: bool) -> None:
     for f in tree.files.values():
         inside[f.dev_ino] = inside.get(f.dev_ino, 0) + 1
     for f in tree.files.values():
-        nlink = os.fstat(f.fd).st_nlink
+        st = os.fstat(f.fd)
+        nlink = st.st_nlink
+        if store_links and not st.st_mode & 0o222:
+            continue  # a read-only store blob (owner checked on open): no link can change it
         if nlink > inside[f.dev_ino]:
             raise VerificationError(f.path, "storage", f"has {nlink} hard links, {nlink - inside[f.dev_ino]} of them outside the model directory")
 

@@ -29,8 +29,8 @@ from ._storage import Source, Tree, open_tree, read_checked, resolve_symlinks, w
 from .errors import VerificationError
 from .policy import TrustPolicy, parse_version
 
-__all__ = ["AuditSink", "VerificationError", "VerifiedModel", "verify_model", "record_version", "check_source",
-           "parse_pin_manifest", "inside"]
+__all__ = ["AuditSink", "SignedManifest", "VerificationError", "VerifiedModel", "verify_manifest", "verify_model",
+           "record_version", "check_source", "parse_pin_manifest", "inside"]
 
 _state_lock = threading.Lock()  # one read-check-record of versions.json at a time
 
@@ -131,10 +131,11 @@ def parse_pin_manifest(data: bytes, where: str) -> dict[str, str]:
     return pins
 
 
-def _pinned_manifest(policy: TrustPolicy, real: str) -> tuple[Manifest, str]:
+def _pinned_manifest(policy: TrustPolicy, real: str | None) -> tuple[Manifest, str]:
+    """`real`: the model directory (None for a model not yet fetched)."""
     if policy.pinned_manifest is not None:
         where = policy.pinned_manifest
-        if inside(os.path.realpath(where), real) is not None:
+        if real is not None and inside(os.path.realpath(where), real) is not None:
             raise VerificationError(where, "pin", "the pin manifest is inside the model directory it pins")
         pins = parse_pin_manifest(read_checked(where), where)
     else:
@@ -143,15 +144,18 @@ def _pinned_manifest(policy: TrustPolicy, real: str) -> tuple[Manifest, str]:
     names = sorted(pins, key=lambda n: n.split("/"))
     resources = {check_name(n, where): {(0, None): bytes.fromhex(pins[n])} for n in names}
     digest = hashlib.sha256(b"".join(bytes.fromhex(pins[n]) for n in names)).hexdigest()
-    return Manifest(os.path.basename(real), digest, "files", "sha256", None, False, (), resources), where
+    return Manifest(os.path.basename(real or ""), digest, "files", "sha256", None, False, (), resources), where
 
 
 def verify_model(name: str, model_dir: str, policy: TrustPolicy, state_dir: str | None, audit: AuditSink | None,
-                 now: datetime.datetime | None = None, record_version: bool = True) -> VerifiedModel:
+                 now: datetime.datetime | None = None, record_version: bool = True,
+                 store_links: bool = False) -> VerifiedModel:
     """Verifies one model; raises VerificationError naming the file and the check.
 
     state_dir=None skips the rollback state (the publisher's `verify`). record_version=False checks
-    the version against the state but leaves recording it to the caller (the function record_version)."""
+    the version against the state but leaves recording it to the caller (the function record_version).
+    store_links=True: the model is a view of the daemon's content-addressed store (sealbox.transfer),
+    whose read-only files have hard links into the store."""
     record = {"model": name, "source": model_dir, "policy": policy.describe()}
     source: Source | None = None
     tree: Tree | None = None
@@ -170,23 +174,10 @@ def verify_model(name: str, model_dir: str, policy: TrustPolicy, state_dir: str 
         release_bytes = None
         if policy.require_signature and os.path.lexists(release_path):
             release_bytes = read_checked(release_path)
-        tree = open_tree(real, exclude, at=source.at)
+        tree = open_tree(real, exclude, at=source.at, store_links=store_links)
 
-        signer = None
-        if sig_bytes is not None:
-            bundle = parse_bundle(sig_bytes, sig_path)
-            refuse_legacy_format(bundle)  # by its predicate, before its signature fails for another reason
-            signer = verify_bundle(bundle, policy, now)
-            record["signer"] = signer
-            manifest, manifest_where = parse_statement(bundle.payload, sig_path), sig_path
-            _check_name(manifest, sig_path, policy)
-        else:
-            manifest, manifest_where = _pinned_manifest(policy, real)
+        manifest, manifest_where, signer = _manifest(policy, sig_bytes, sig_path, real, record, now)
         digest = f"sha256:{manifest.subject_digest}"
-        record["digest"] = digest
-        if policy.manifest_digest is not None and digest != policy.manifest_digest:
-            raise VerificationError(manifest_where, "pin", f"manifest digest {digest} is not the manifest_digest "
-                                    f"{policy.manifest_digest} the policy pins")
 
         # Files under the signed (or the policy's) ignore_paths are not
         # authenticated: they are dropped, never handed over.
@@ -206,24 +197,9 @@ def verify_model(name: str, model_dir: str, policy: TrustPolicy, state_dir: str 
         if total > policy.max_bytes:
             raise VerificationError(real, "size", f"{total} bytes, more than the policy's max_bytes {policy.max_bytes}")
 
-        version, stated = None, False
-        if release_bytes is not None:
-            version = _check_release(name, release_bytes, release_path, policy, signer, manifest, now)
-            if policy.version is not None and parse_version(policy.version) != parse_version(version):
-                raise VerificationError(release_path, "rollback", f"the signed release says version {version}, "
-                                        f"the policy states version {policy.version}")
-        elif policy.version is not None:
-            # No release statement (an upstream-signed model, say): the operator states the version.
-            version, stated = policy.version, True
-        record["version"] = version
-        if stated:
-            record["version_stated"] = True
-        rollback_where = real if stated else release_path
+        version, stated = _check_version(name, release_bytes, release_path, real, policy, signer, manifest, now,
+                                         state_dir, record)
         store = VersionStore(state_dir) if state_dir is not None else None
-        with _state_lock:
-            recorded = store.entry(name) if store else None
-            check_version(name, version, rollback_where, policy, recorded[0] if recorded else None,
-                          stated=stated, digest=digest, recorded_digest=recorded[1] if recorded else None)
 
         hashed = hash_into_memfds(list(tree.files.values()), manifest.hash_type, manifest.shard_size)
         for n, h in hashed.items():
@@ -268,6 +244,85 @@ def verify_model(name: str, model_dir: str, policy: TrustPolicy, state_dir: str 
         if hashed:
             for h in hashed.values():
                 os.close(h.memfd)
+
+
+def _manifest(policy: TrustPolicy, sig_bytes: bytes | None, sig_path: str, real: str | None, record: dict,
+              now) -> tuple[Manifest, str, str | None]:
+    """The signed manifest (signature verified against the policy, name and manifest digest pins
+    checked), or the operator's pins as one; with the signer (None when pinned)."""
+    signer = None
+    if sig_bytes is not None:
+        bundle = parse_bundle(sig_bytes, sig_path)
+        refuse_legacy_format(bundle)  # by its predicate, before its signature fails for another reason
+        signer = verify_bundle(bundle, policy, now)
+        record["signer"] = signer
+        manifest, manifest_where = parse_statement(bundle.payload, sig_path), sig_path
+        _check_name(manifest, sig_path, policy)
+    else:
+        manifest, manifest_where = _pinned_manifest(policy, real)
+    digest = f"sha256:{manifest.subject_digest}"
+    record["digest"] = digest
+    if policy.manifest_digest is not None and digest != policy.manifest_digest:
+        raise VerificationError(manifest_where, "pin", f"manifest digest {digest} is not the manifest_digest "
+                                f"{policy.manifest_digest} the policy pins")
+    return manifest, manifest_where, signer
+
+
+def _check_version(name: str, release_bytes: bytes | None, release_path: str, real: str, policy: TrustPolicy,
+                   signer: str | None, manifest: Manifest, now, state_dir: str | None,
+                   record: dict) -> tuple[str | None, bool]:
+    """The model's version (signed release, or stated by the operator), checked against rollback."""
+    version, stated = None, False
+    if release_bytes is not None:
+        version = _check_release(name, release_bytes, release_path, policy, signer, manifest, now)
+        if policy.version is not None and parse_version(policy.version) != parse_version(version):
+            raise VerificationError(release_path, "rollback", f"the signed release says version {version}, "
+                                    f"the policy states version {policy.version}")
+    elif policy.version is not None:
+        # No release statement (an upstream-signed model, say): the operator states the version.
+        version, stated = policy.version, True
+    record["version"] = version
+    if stated:
+        record["version_stated"] = True
+    rollback_where = real if stated else release_path
+    store = VersionStore(state_dir) if state_dir is not None else None
+    digest = f"sha256:{manifest.subject_digest}"
+    with _state_lock:
+        recorded = store.entry(name) if store else None
+        check_version(name, version, rollback_where, policy, recorded[0] if recorded else None,
+                      stated=stated, digest=digest, recorded_digest=recorded[1] if recorded else None)
+    return version, stated
+
+
+@dataclass(frozen=True)
+class SignedManifest:
+    """What a model must consist of, decided before any of its files exists here (sealbox.transfer)."""
+    manifest: Manifest
+    signer: str | None
+    digest: str          # "sha256:<hex>", as VerifiedModel.digest
+    version: str | None
+
+
+def verify_manifest(name: str, prefix: str, sig_bytes: bytes | None, release_bytes: bytes | None,
+                    policy: TrustPolicy, state_dir: str | None, now: datetime.datetime | None = None) -> SignedManifest:
+    """The checks of verify_model that need no model file: the signature (or the policy's pins), the
+    name and manifest digest pins, the release statement and rollback; nothing is recorded.
+
+    `prefix` + a file name names that file in messages (a directory URL, or an OCI reference + '#');
+    the signature and release are policy.signature and policy.release there. verify_model still runs
+    every check again on the fetched files."""
+    record: dict = {}
+    model_where = prefix.rstrip("#")
+    try:
+        manifest, _, signer = _manifest(policy, sig_bytes if policy.require_signature else None,
+                                        prefix + os.path.basename(policy.signature), None, record, now)
+        version = _check_version(name, release_bytes, prefix + os.path.basename(policy.release), model_where, policy,
+                                 signer, manifest, now, state_dir, record)[0]
+    except VerificationError:
+        raise
+    except Exception as e:  # a bug, still a refusal with a reason
+        raise VerificationError(model_where, "internal", f"verification failed: {e!r}") from e
+    return SignedManifest(manifest, signer, record["digest"], version)
 
 
 def _check_name(manifest: Manifest, sig_path: str, policy: TrustPolicy) -> None:

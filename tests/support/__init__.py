@@ -8,6 +8,9 @@
 | models.py | reference computations and helpers for models served in tests |
 | flux.py | BSON.jl encodings of Flux models, built in the tests |
 | formats.py | malformed safetensors, GGUF and .mlxfn files, generated |
+| https.py | `Nginx`: a real HTTPS server on loopback with a test CA (transfer tests) |
+| registry.py | `Registry`: Debian's docker-registry with TLS, pushing through the `oras` SDK |
+| sshd.py | `Sshd`: Debian's openssh-server for SFTP, a test host key and a key-only test user |
 | frontdoor.py | unprivileged users, test PKI for mutual TLS, raw requests for the front-door tests |
 """
 from __future__ import annotations

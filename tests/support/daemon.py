@@ -43,11 +43,14 @@ class Daemon:
             lines.append(f'tcp = "{self.tcp_target}"')
         default_python = [] if "python =" in workers else [f'python = "{PYTHON}"']
         lines += ["[workers]", *default_python, "load_timeout_s = 60", "restart_backoff_s = [0.2, 2]", workers]
-        sources = sorted({str(pathlib.Path(m["path"]).parent) for m in models.values()})
+        # A fetched model ("source": an https:// URL) is allowed by its URL's parent prefix.
+        sources = sorted({str(pathlib.Path(m["path"]).parent) for m in models.values() if "path" in m}
+                         | {m["source"].rstrip("/").rsplit("/", 1)[0] + "/" for m in models.values() if "source" in m})
         lines += ["[policy]", f"sources = {sources!r}".replace("'", '"'),
                   f'public_keys = ["{public_key}"]']
         for name, model in models.items():
-            lines += [f"[models.{name}]", f'path = "{model["path"]}"', f'format = "{model.get("format", "mlx")}"']
+            where = f'source = "{model["source"]}"' if "source" in model else f'path = "{model["path"]}"'
+            lines += [f"[models.{name}]", where, f'format = "{model.get("format", "mlx")}"']
             if model.get("load") is False:
                 lines.append("load = false")
             if model.get("options"):

@@ -62,7 +62,8 @@ def test_documented_example_loads_with_defaults(files):
 @pytest.mark.parametrize("table, message", [
     ({"sources": ["/srv"], "public_keys": ["/x.pub"], "colour": 1}, "colour: unknown key (known: "),
     ({"public_keys": ["PUB"]}, "sources: is required: the directories models may be loaded from"),
-    ({"sources": ["srv/models"], "public_keys": ["PUB"]}, "sources: 'srv/models' is neither an absolute directory nor an https:// URL prefix"),
+    ({"sources": ["srv/models"], "public_keys": ["PUB"]}, "sources: 'srv/models' is neither an absolute directory nor an https://, oci:// or sftp:// URL prefix (http://, ftp:// and file:// are not secure transfers)"),
+    ({"sources": ["http://models.example.com/"], "public_keys": ["PUB"]}, "sources: 'http://models.example.com/' is neither an absolute directory nor an https://, oci:// or sftp:// URL prefix (http://, ftp:// and file:// are not secure transfers)"),
     ({"sources": ["/srv"]}, "require_signature: is true but none of public_keys, certificates or sigstore is set"),
     ({"sources": ["/srv"], "public_keys": ["relative.pub"]}, "public_keys: 'relative.pub' must be an absolute path"),
     ({"sources": ["/srv"], "public_keys": ["/nonexistent.pub"]}, "public_keys: /nonexistent.pub: [Errno 2] No such file or directory: '/nonexistent.pub'"),

@@ -62,6 +62,11 @@ _ENGINE_EXTRA = {
     "mlx": ((("memfd_create",),
              "GGUF weights: MLX maps its file shared and writable, so the worker hands it a private copy"),),
     "flux": (),   # numpy only: nothing beyond the common list
+    # Measured with strace -f on LlmEngine (load, chat template, sampled and streamed generation), then in
+    # the real sandbox through the daemon; an llm-specific set, the common list untouched.
+    "mlx-lm": ((("mkdir", "symlink"),
+                "the private model directory in the worker's own tmpfs: symlinks to the sealed memfds"),
+               (("statx",), "the tokenizers library (Rust std) stats files and its cgroup's cpu limits with it")),
 }
 
 # Syscalls that stage 2 kills: exec and the confinement calls, only needed at start.

@@ -352,7 +352,9 @@ class LlmEngine(Engine):
                 if found:
                     yield piece(min(found))
                     return
-                if cancelled.is_set() or time.monotonic() > deadline:
+                if cancelled.is_set():   # nobody reads the rest
+                    return
+                if time.monotonic() > deadline:   # the budget is spent: send what there is
                     break
                 safe = len(text) - hold
                 if safe > sent:   # a token whose text is still incomplete (part of a UTF-8 character) waits

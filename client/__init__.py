@@ -10,4 +10,4 @@
 """
 from .client import AsyncClient, Client, StreamError
 
-__all__ = ["AsyncClient", "Client"]
+__all__ = ["AsyncClient", "Client", "StreamError"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import importlib
+import threading  # Engine.responses' signature names threading.Event
 from typing import Mapping
 
 import numpy as np

@@ -101,9 +101,13 @@ def check_architecture(config: dict) -> str:
     """The mlx-lm module that implements config's model_type, or ModelError naming config.json."""
     import pkgutil
 
-    import mlx_lm
-    import mlx_lm.models
-    from mlx_lm.utils import MODEL_REMAPPING
+    try:
+        import mlx_lm
+        import mlx_lm.models
+        from mlx_lm.utils import MODEL_REMAPPING
+    except ImportError as exc:
+        raise ModelError(f"format \"mlx-lm\" needs the [llm] extra in the workers' environment "
+                         f"(pip install 'sealbox[llm]'): {exc}") from None
 
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not re.fullmatch(r"[a-z0-9_]{1,64}", model_type):

@@ -20,7 +20,8 @@ Loading, in this order, all inside the sandbox:
 
 Requests follow Triton's vLLM backend: `text_input` (BYTES [1]) or `messages` (BYTES [1], a JSON chat list
 rendered through the model's chat template by transformers, whose Jinja environment is jinja2's
-ImmutableSandboxedEnvironment), optional `stream` (BOOL [1]) and `sampling_parameters` (BYTES [1], JSON:
+ImmutableSandboxedEnvironment), optional `stream` (BOOL [1]: pieces through ModelStreamInfer only when true)
+and `sampling_parameters` (BYTES [1], JSON:
 max_tokens, temperature, top_p, seed, stop). Outputs: `text_output` (BYTES [1]) and, only when asked for,
 `output_ids` (INT64 [-1], the generated token ids, EOS excluded; TensorRT-LLM's name).
 """
@@ -311,12 +312,13 @@ class LlmEngine(Engine):
         return next(self.responses(inputs, streaming=False, cancelled=threading.Event()))
 
     def responses(self, inputs, *, streaming: bool, cancelled: threading.Event) -> Iterator[dict]:
-        """One response per generated piece of text when streaming, else one; stops when cancelled is set,
-        at max_tokens, at EOS, at a stop string, or when the per-request time budget is spent."""
+        """One response per generated piece of text when the call is a stream and its `stream` input is true
+        (as Triton's vLLM backend: without it, one response), else one; stops when cancelled is set, at
+        max_tokens, at EOS, at a stop string, or when the per-request time budget is spent."""
         params = self._sampling(inputs)
         prompt = self._prompt(inputs)
         pieces = self._generate(prompt, params, cancelled)
-        if streaming:
+        if streaming and "stream" in inputs and bool(inputs["stream"].reshape(-1)[0]):
             yield from pieces
             return
         text, ids = [], []

@@ -41,8 +41,8 @@ def engine(tiny):
     return LlmEngine.load(sealed_files(tiny), max_new_tokens=64)
 
 
-def _inputs(sampling: dict, text: str = PROMPT) -> dict:
-    return {"text_input": np.array([text.encode()], dtype=object),
+def _inputs(sampling: dict, text: str = PROMPT, stream: bool = True) -> dict:
+    return {"text_input": np.array([text.encode()], dtype=object), "stream": np.array([stream]),
             "sampling_parameters": np.array([json.dumps(sampling).encode()], dtype=object)}
 
 
@@ -56,9 +56,11 @@ def test_streaming_pieces_equal_mlx_lm_token_for_token(engine, tiny):
     assert len(pieces) > 1
     assert [i for p in pieces for i in p["output_ids"].tolist()] == expected_ids
     assert b"".join(p["text_output"][0] for p in pieces).decode() == "".join(r.text for r in reference)
-    # Unary: one response holding the whole generation.
-    whole = list(engine.responses(_inputs({"max_tokens": 40}), streaming=False, cancelled=threading.Event()))
-    assert len(whole) == 1 and whole[0]["output_ids"].tolist() == expected_ids
+    # Unary, or a stream whose `stream` input is false or absent (vLLM's convention): one response.
+    for inputs, streaming in ((_inputs({"max_tokens": 40}), False), (_inputs({"max_tokens": 40}, stream=False), True),
+                              ({k: v for k, v in _inputs({"max_tokens": 40}).items() if k != "stream"}, True)):
+        whole = list(engine.responses(inputs, streaming=streaming, cancelled=threading.Event()))
+        assert len(whole) == 1 and whole[0]["output_ids"].tolist() == expected_ids
     assert engine.infer(_inputs({"max_tokens": 40}))["output_ids"].tolist() == expected_ids
     assert reference_generate(tiny, PROMPT, 40) == expected_ids
 

@@ -7,7 +7,7 @@
 # Set-up: Debian's bubblewrap, libseccomp2, OpenBLAS and Python venv packages; the
 # unprivileged worker user; a virtualenv at $SEALBOX_VENV made from Debian's
 # /usr/bin/python3 (a Python the worker user can execute), with sealbox and its
-# test dependencies installed into it.
+# test dependencies and the mlx-lm engine's extra installed into it.
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${SEALBOX_VENV:-/opt/sealbox/venv}
@@ -45,7 +45,7 @@ setup() {
     "$VENV/bin/pip" install -q --upgrade pip
   fi
   # Non-editable install: the worker user sees only the venv, never this checkout.
-  "$VENV/bin/pip" install -q --disable-pip-version-check ".[test,fetch]"
+  "$VENV/bin/pip" install -q --disable-pip-version-check ".[test,fetch,llm]"
 }
 
 case "${1:-}" in

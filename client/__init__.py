@@ -9,6 +9,6 @@
 | demo.py | `sealbox demo`: build, sign and serve the demo model, call it once |
 | demo_model.py | the built-in demo model (an exported MLX function and its weights) |
 """
-from .client import AsyncClient, Client
+from .client import AsyncClient, Client, StreamError
 
-__all__ = ["AsyncClient", "Client"]
+__all__ = ["AsyncClient", "Client", "StreamError"]

@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import __version__
 from ..proto import tensors
-from .client import DEFAULT_ADMIN_TARGET, DEFAULT_TARGET, Client
+from .client import DEFAULT_ADMIN_TARGET, DEFAULT_TARGET, Client, StreamError
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
@@ -68,6 +68,17 @@ def cmd_infer(args) -> int:
             print(f"{name}: {array.dtype} {list(array.shape)} -> {path}")
         else:
             print(f"{name}: {array.dtype} {list(array.shape)}\n{array}")
+    return EXIT_OK
+
+
+def cmd_generate(args) -> int:
+    """Tokens to the terminal as they come; a closed pipe or Ctrl-C cancels the call (generation stops)."""
+    with _client(args) as c:
+        for piece in c.generate(args.model, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                                top_p=args.top_p, seed=args.seed, stop=args.stop or None, timeout=args.timeout):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
     return EXIT_OK
 
 
@@ -144,6 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", action="append", metavar="NAME", help="only return these outputs")
     p.add_argument("--output-dir", metavar="DIR", help="save each output as DIR/NAME.npy instead of printing")
     p.set_defaults(func=cmd_infer)
+    p = sub.add_parser("generate", help="stream text from a language model (format = \"mlx-lm\") to the terminal",
+                       description="Send PROMPT to MODEL over ModelStreamInfer (Triton vLLM-backend tensors) and "
+                                   "print the text as it is generated. Unset options take the model's defaults "
+                                   "(greedy, at most its max_new_tokens).")
+    p.add_argument("model")
+    p.add_argument("prompt")
+    p.add_argument("--max-tokens", type=int, metavar="N")
+    p.add_argument("--temperature", type=float, metavar="T", help="0 (the default) is greedy")
+    p.add_argument("--top-p", type=float, metavar="P")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeat)")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="S", help="for the whole call (default 300)")
+    p.set_defaults(func=cmd_generate)
     p = sub.add_parser("load", help="verify and (re)load a configured model (admin target)",
                        description="Verify a model configured in sealboxd's config against its trust policy and "
                                    "start a new sandboxed worker on the verified bytes (a serving model whose new "
@@ -199,6 +223,8 @@ def main(argv=None) -> int:
         status = args.func(args)
         sys.stdout.flush()   # here, so that a closed pipe is caught below
         return status
+    except KeyboardInterrupt:   # Ctrl-C during `sealbox generate`: the call was cancelled
+        return 130
     except BrokenPipeError:
         # The reader went away (`sealbox models | head -1`): no traceback. Point stdout at /dev/null so
         # the interpreter's own flush at exit cannot fail again.
@@ -215,6 +241,9 @@ def main(argv=None) -> int:
     except UsageError as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
+    except StreamError as exc:
+        print(f"sealbox: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     except tensors.TensorError as exc:  # an input the protocol cannot carry, or a malformed response
         print(f"sealbox: {exc}", file=sys.stderr)
         return EXIT_REFUSED

@@ -14,6 +14,7 @@ Errors are grpc.RpcError with the server's status code and message.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Iterable, Mapping
 
@@ -38,6 +39,10 @@ def admin_target_for(target: str) -> str:
     return DEFAULT_ADMIN_TARGET
 
 
+class StreamError(Exception):
+    """An error the server sent inside a ModelStreamInfer stream (error_message), as Triton does."""
+
+
 def _channel(module, target, credentials, options):
     if credentials is not None:
         return module.secure_channel(target, credentials, options=options)
@@ -53,6 +58,9 @@ class Client:
         self._infer_raw = self.channel.unary_unary(  # request bytes encoded by tensors.encode_request
             "/inference.GRPCInferenceService/ModelInfer", request_serializer=None,
             response_deserializer=pb.ModelInferResponse.FromString)
+        self._stream_raw = self.channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer", request_serializer=None,
+            response_deserializer=pb.ModelStreamInferResponse.FromString)
         self.timeout = timeout
         self.admin_target = admin_target or admin_target_for(target)
         self.admin_channel = self.channel if self.admin_target == target else \
@@ -102,6 +110,43 @@ class Client:
         request = tensors.encode_request(name, dict(inputs), outputs)
         response = self._infer_raw(request, timeout=timeout or self.timeout)
         return tensors.response_outputs(response)
+
+    def generate(self, name: str, prompt: str | None = None, *, messages: list[dict] | None = None,
+                 max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                 seed: int | None = None, stop: list[str] | None = None, timeout: float | None = None):
+        """Text from a language model (format = "mlx-lm"), piece by piece as it is generated (str each).
+
+        One ModelStreamInfer request in Triton's vLLM-backend tensors (`text_input` or `messages`,
+        `stream` = true, `sampling_parameters`); ends at the response flagged `triton_final_response`
+        (Triton's decoupled convention) or when the server closes the stream. Closing the iterator early
+        cancels the call: the daemon stops the generation. An error is grpc.RpcError."""
+        inputs = {"stream": np.array([True])}
+        if (prompt is None) == (messages is None):
+            raise ValueError("generate: give a prompt or messages, not both")
+        if prompt is not None:
+            inputs["text_input"] = np.array([prompt.encode("utf-8")], dtype=object)
+        else:
+            inputs["messages"] = np.array([json.dumps(messages).encode("utf-8")], dtype=object)
+        sampling = {k: v for k, v in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
+                                      ("seed", seed), ("stop", stop)) if v is not None}
+        if sampling:
+            inputs["sampling_parameters"] = np.array([json.dumps(sampling).encode("utf-8")], dtype=object)
+        request = tensors.encode_request(name, inputs)
+        call = self._stream_raw(iter([request]), timeout=timeout or self.timeout)
+        try:
+            for message in call:
+                if message.error_message:
+                    raise StreamError(message.error_message)
+                outputs = tensors.response_outputs(message.infer_response)
+                if "text_output" in outputs and outputs["text_output"].size:
+                    piece = outputs["text_output"].reshape(-1)[0]
+                    if piece:
+                        yield piece.decode("utf-8", errors="replace")
+                final = message.infer_response.parameters.get("triton_final_response")
+                if final is not None and final.bool_param:
+                    return
+        finally:
+            call.cancel()   # a no-op once the stream ended; stops the generation when the caller quits early
 
     # -- admin (over admin_target)
     def models(self) -> list[pb.RepositoryIndexResponse.ModelIndex]:

@@ -75,10 +75,13 @@
     # source_ca = "/etc/sealbox/models-ca.pem"       # optional: trust only this CA for its TLS
     # (source = "oci://REGISTRY/REPO:TAG" or "sftp://USER@HOST/PATH/" with ssh_key and known_hosts)
     # fetch_timeout_s = 600                          # the whole fetch (start-up READY is not held longer)
-    format = "mlx"                          # mlx | flux | julia
+    format = "mlx"                          # mlx | flux | julia | mlx-lm
     load = true                             # load at start
     memory_mb = 512                         # optional per-model overrides of [workers]:
     pids_max = 32                           #   memory_mb, pids_max, load_timeout_s, infer_timeout_s
+    max_prompt_tokens = 4096                # format = "mlx-lm" only: generation limits (defaults shown);
+    max_new_tokens = 512                    #   request_time_s is its per-request time budget and
+    request_time_s = 120                    #   replaces infer_timeout_s (refused for these models)
     [models.NAME.policy]                    # overrides of the default policy
 """
 from __future__ import annotations
@@ -164,6 +167,13 @@ class ModelConfig:
     fetch_timeout_s: float = 600.0
     ssh_key: str | None = None         # sftp:// only: the private key (key authentication only)
     known_hosts: str | None = None     # sftp:// only: the pinned host key(s); no trust on first use
+    # format = "mlx-lm" only: its generation limits (max_prompt_tokens, max_new_tokens, request_time_s),
+    # given to the worker's engine; request_time_s replaces infer_timeout_s for such a model.
+    engine_options: tuple[tuple[str, float], ...] = ()
+
+
+# The limits an mlx-lm model may set in its table, and their kinds (defaults: worker/llm_engine.py).
+LLM_LIMITS = {"max_prompt_tokens": int, "max_new_tokens": int, "request_time_s": (int, float)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -625,6 +635,16 @@ def load_config(path: str) -> Config:
             raise ConfigError(f"{where}: keys 'source_ca' and 'fetch_timeout_s' need 'source'")
         if source_ca is not None and not os.path.isabs(source_ca):
             raise ConfigError(f"{where}: key 'source_ca' must be an absolute path")
+        engine_options = []
+        for key, kind in LLM_LIMITS.items():
+            if key in table.data and fmt != "mlx-lm":
+                raise ConfigError(f"{where}: key '{key}' is for format = \"mlx-lm\" models only")
+            value = table.positive(key, None, kind)
+            if value is not None:
+                engine_options.append((key, value))
+        if fmt == "mlx-lm" and infer_timeout is not None:
+            raise ConfigError(f"{where}: key 'infer_timeout_s' does not apply to format = \"mlx-lm\": "
+                              "its per-request time budget is 'request_time_s'")
         models[name] = ModelConfig(
             name=name, path=os.path.join(base, model_path) if model_path is not None else "", source=source,
             source_ca=source_ca, fetch_timeout_s=float(fetch_timeout) if fetch_timeout else 600.0,
@@ -633,7 +653,7 @@ def load_config(path: str) -> Config:
             policy=policy, memory_bytes=int(memory_mb * 2**20) if memory_mb else None,
             pids_max=table.positive("pids_max", None, int),
             load_timeout_s=float(load_timeout) if load_timeout else None,
-            infer_timeout_s=float(infer_timeout) if infer_timeout else None)
+            infer_timeout_s=float(infer_timeout) if infer_timeout else None, engine_options=tuple(engine_options))
         table.finish()
     top.finish()
     return Config(path=os.path.abspath(path), server=server, workers=workers, models=models,

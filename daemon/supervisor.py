@@ -133,7 +133,8 @@ class Supervisor:
         self._spawns = itertools.count(1)   # unique worker directory names, across hand-overs
         self.fetcher = Fetcher(config, audit)   # remote models (source = "https://..."): the store
 
-    def profile_for(self, model: ModelConfig, config: Config | None = None) -> SandboxProfile:
+    def profile_for(self, model: ModelConfig, config: Config | None = None,
+                    weights_bytes: int | None = None) -> SandboxProfile:
         """This model's sandbox: [workers] settings with the model's overrides (decided in SandboxProfile)."""
         w = (config or self.config).workers
         return SandboxProfile.for_model(
@@ -142,7 +143,8 @@ class Supervisor:
             load_timeout_s=model.load_timeout_s or w.load_timeout_s,
             infer_timeout_s=model.infer_timeout_s or w.infer_timeout_s,
             seccomp=w.seccomp, landlock=w.landlock, cgroups=w.cgroups, openblas=w.openblas,
-            julia=w.julia, julia_depot=w.julia_depot, max_message_bytes=self.config.server.max_message_bytes)
+            julia=w.julia, julia_depot=w.julia_depot, max_message_bytes=self.config.server.max_message_bytes,
+            engine_options=model.engine_options, weights_bytes=weights_bytes)
 
     def preflight(self) -> list[str]:
         """Refuse to run if workers cannot be sandboxed as configured; return warnings to log."""
@@ -251,7 +253,7 @@ class Supervisor:
         cannot be made ("sandbox unavailable: ..."). Touches no model state."""
         if self.stopped.is_set():
             raise ModelUnavailable("the daemon is stopping")
-        profile = self.profile_for(cfg)
+        profile = self.profile_for(cfg, weights_bytes=sum(verified.sizes.values()))
         socket_dir = None
         try:
             # The pid keeps two daemons sharing a run_dir out of each other's way (and names what a

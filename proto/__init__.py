@@ -6,7 +6,7 @@
 | worker.proto, worker_pb2*.py | the internal supervisor <-> worker service, generated stubs |
 | generate.py | regenerates the stubs (the tests check they are current) |
 | wire.py | hand-written protobuf wire helpers: varints, routing-field peek, the completeness check and provenance parameters of a worker's response, stream framing |
-| tensors.py | tensors <-> numpy arrays, raw contents appended by hand |
+| tensors.py | tensors <-> numpy arrays, raw contents appended by hand; BYTES (length-prefixed) and BF16 (ml_dtypes.bfloat16) |
 | contract.py | the worker contract: WorkerSpec, exit codes, engine names, RPC paths, memfd seals |
 """
 from .wire import message_options

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 # The model formats a worker can load (a model's `format` in the daemon config).
 # Which module implements each is the worker's business (sealbox.worker.engine).
-ENGINE_NAMES = ("mlx", "flux", "julia")
+ENGINE_NAMES = ("mlx", "flux", "julia", "mlx-lm")
 
 # Worker exit codes and what the supervisor reports for each.
 EXIT_STOPPED = 0            # stopped by SIGTERM
@@ -65,6 +65,7 @@ class SandboxSpec:
     socket_dirs: tuple[str, ...] = ()     # Landlock: only a socket may be made here
     seccomp_stage2_fd: int | None = None  # the second seccomp stage, built by the supervisor
     preload: tuple[str, ...] = ()         # shared libraries loaded globally after confinement
+    symlink_dirs: tuple[str, ...] = ()    # Landlock: symlinks may be made here too (mlx-lm's private model dir)
     socket: str = f"{SOCKET_DIR_IN_SANDBOX}/{SOCKET_NAME}"
 
 
@@ -73,6 +74,7 @@ class ModelHandoff:
     """What arrives with the model: its verified bytes as sealed fds, and per-model limits."""
     files: Mapping[str, int] = dataclasses.field(default_factory=dict)   # signed name -> inherited fd
     max_message_bytes: int = 256 * 2**20
+    engine_options: Mapping[str, float] = dataclasses.field(default_factory=dict)   # e.g. mlx-lm's limits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +109,9 @@ class WorkerSpec:
             raise SpecError(f"unknown engine {sandbox.engine!r}")
         if not all(isinstance(k, str) and isinstance(v, int) for k, v in model.files.items()):
             raise SpecError("files must map names to file descriptors")
+        if not all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                   for k, v in model.engine_options.items()):
+            raise SpecError("engine_options must map names to numbers")
         if run is not None and run.kind not in ("script", "module"):
             raise SpecError(f"unknown run kind {run.kind!r}")
         return cls(sandbox, model, run)

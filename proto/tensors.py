@@ -2,9 +2,19 @@
 
 Raw contents are row-major, little-endian, unpadded. Outputs are always sent
 raw: tritonclient's as_numpy() ignores typed contents.
+
+Two datatypes have no plain numpy dtype:
+- BYTES: a numpy object array whose elements are `bytes` (str elements are sent UTF-8 encoded), as
+  tritonclient holds them. Raw, each element is a 4-byte little-endian length then its bytes, row-major;
+  typed, one `bytes_contents` entry per element.
+- BF16: numpy arrays of `ml_dtypes.bfloat16` (the bfloat16 numpy dtype JAX and tritonclient use), so a BF16
+  tensor stays distinct from UINT16 and is never widened on the wire. BF16 only travels raw.
 """
 from __future__ import annotations
 
+import struct
+
+import ml_dtypes
 import numpy as np
 
 from . import inference_pb2 as pb
@@ -15,13 +25,14 @@ DATATYPES = {
     "UINT32": np.dtype("<u4"), "UINT64": np.dtype("<u8"), "INT8": np.dtype("i1"),
     "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"),
     "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "BYTES": np.dtype(object),
 }
 # Which typed-contents field carries each datatype (FP16/BF16 only travel raw).
 TYPED_FIELD = {
     "BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
     "UINT32": "uint_contents", "UINT64": "uint64_contents", "INT8": "int_contents",
     "INT16": "int_contents", "INT32": "int_contents", "INT64": "int64_contents",
-    "FP32": "fp32_contents", "FP64": "fp64_contents",
+    "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
 }
 MAX_DIMS = 16
 MAX_TENSOR_BYTES = 2**31  # above gRPC's own message limit: no valid request carries more
@@ -32,6 +43,8 @@ class TensorError(ValueError):
 
 
 def datatype_of(array: np.ndarray) -> str:
+    if array.dtype.kind in "SUO":  # bytes, str and object arrays travel as BYTES
+        return "BYTES"
     for name, dtype in DATATYPES.items():
         if array.dtype.newbyteorder("<") == dtype or array.dtype == dtype:
             return name
@@ -64,17 +77,20 @@ def request_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
         count = 1
         for dim in shape:  # Python ints: no int64 wrap-around to a small count
             count *= dim
-        if count * dtype.itemsize > MAX_TENSOR_BYTES:
+        if dtype.kind != "O" and count * dtype.itemsize > MAX_TENSOR_BYTES:
             raise TensorError(f"input '{name}': shape {list(shape)} of {tensor.datatype} is larger than "
                               f"{MAX_TENSOR_BYTES} bytes")
         if raw:
             if tensor.HasField("contents"):
                 raise TensorError(f"input '{name}': both raw and typed contents given")
             data = raw[index]
-            if len(data) != count * dtype.itemsize:
+            if tensor.datatype == "BYTES":
+                array = decode_bytes(data, count, f"input '{name}'").reshape(shape)
+            elif len(data) != count * dtype.itemsize:
                 raise TensorError(f"input '{name}': {len(data)} bytes of raw contents, shape {list(shape)} "
                                   f"of {tensor.datatype} needs {count * dtype.itemsize}")
-            array = np.frombuffer(data, dtype=dtype).reshape(shape)
+            else:
+                array = np.frombuffer(data, dtype=dtype).reshape(shape)
         else:
             field = TYPED_FIELD.get(tensor.datatype)
             if field is None:
@@ -83,19 +99,67 @@ def request_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
             if len(values) != count:
                 raise TensorError(f"input '{name}': {len(values)} values in {field}, shape {list(shape)} "
                                   f"needs {count}")
-            array = np.asarray(values, dtype=dtype).reshape(shape)
+            array = _typed_array(values, dtype, shape)
         arrays[name] = array
     return arrays
 
 
+def _typed_array(values, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    if dtype.kind != "O":
+        return np.asarray(values, dtype=dtype).reshape(shape)
+    array = np.empty(len(values), dtype=object)  # element by element: numpy would make a bytes_ array
+    array[:] = list(values)
+    return array.reshape(shape)
+
+
+def decode_bytes(data: bytes, count: int, what: str) -> np.ndarray:
+    """The raw BYTES encoding of `count` elements -> a flat object array of bytes; every byte accounted for."""
+    out = np.empty(count, dtype=object)
+    view, offset = memoryview(data), 0
+    for i in range(count):
+        if offset + 4 > len(view):
+            raise TensorError(f"{what}: BYTES contents end inside the length of element {i} of {count}")
+        (size,) = struct.unpack_from("<I", view, offset)
+        offset += 4
+        if size > len(view) - offset:
+            raise TensorError(f"{what}: BYTES element {i} declares {size} bytes, only {len(view) - offset} remain")
+        out[i] = bytes(view[offset:offset + size])
+        offset += size
+    if offset != len(view):
+        raise TensorError(f"{what}: {len(view) - offset} bytes after the last of {count} BYTES elements")
+    return out
+
+
+def _element_bytes(value) -> bytes:
+    if isinstance(value, (bytes, np.bytes_)):
+        return bytes(value)
+    if isinstance(value, (str, np.str_)):
+        return str(value).encode("utf-8")
+    raise TensorError(f"a BYTES element must be bytes or str, not {type(value).__name__}")
+
+
+def encode_bytes(array: np.ndarray) -> bytes:
+    """An array of bytes/str elements in the raw BYTES encoding (4-byte little-endian length, then the bytes)."""
+    parts = []
+    for value in np.asarray(array, dtype=object).reshape(-1):
+        data = _element_bytes(value)
+        parts += [struct.pack("<I", len(data)), data]
+    return b"".join(parts)
+
+
 def _raw_field(number: int, array: np.ndarray) -> list:
     """One length-delimited protobuf field holding the array's bytes, as [header, buffer]."""
-    data = memoryview(np.require(array, requirements="C").reshape(-1).view(np.uint8))
+    if array.dtype.kind == "O":
+        data = memoryview(encode_bytes(array))
+    else:
+        data = memoryview(np.require(array, requirements="C").reshape(-1).view(np.uint8))
     return [length_delimited_header(number, data.nbytes), data]
 
 
 def _wire_array(array: np.ndarray) -> tuple[str, np.ndarray]:
     datatype = datatype_of(array)
+    if datatype == "BYTES":
+        return datatype, np.asarray(array, dtype=object)
     # np.require keeps 0-d arrays 0-d (np.ascontiguousarray would make them 1-d).
     return datatype, np.require(array.astype(DATATYPES[datatype], copy=False), requirements="C")
 
@@ -121,11 +185,13 @@ def response_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
         try:
             dtype = DATATYPES[tensor.datatype]
             shape = tuple(tensor.shape)
-            if raw:
+            if raw and dtype.kind == "O":
+                arrays[tensor.name] = decode_bytes(raw[index], int(np.prod(shape)), "output").reshape(shape)
+            elif raw:
                 arrays[tensor.name] = np.frombuffer(raw[index], dtype=dtype).reshape(shape)
             else:
-                arrays[tensor.name] = np.asarray(getattr(tensor.contents, TYPED_FIELD[tensor.datatype]),
-                                                 dtype=dtype).reshape(shape)
+                arrays[tensor.name] = _typed_array(getattr(tensor.contents, TYPED_FIELD[tensor.datatype]),
+                                                   dtype, shape)
         except (KeyError, IndexError, ValueError) as exc:
             raise TensorError(f"malformed output '{tensor.name}' ({tensor.datatype} {list(tensor.shape)}) "
                               f"in the response: {exc}") from None

@@ -104,7 +104,8 @@ def _thread_count() -> int:
 
 
 def restrict_self(read_only: list[str], read_write: list[str], deny_tcp: bool = True,
-                  scope_signals_and_abstract_unix: bool = True, socket_dirs: list[str] = ()) -> int:
+                  scope_signals_and_abstract_unix: bool = True, socket_dirs: list[str] = (),
+                  symlink_dirs: list[str] = ()) -> int:
     """Confine this process for good; returns the Landlock ABI the ruleset was built for.
 
     deny_tcp needs ABI 4 and scope_signals_and_abstract_unix ABI 6: asking for
@@ -134,7 +135,8 @@ def restrict_self(read_only: list[str], read_write: list[str], deny_tcp: bool = 
     except OSError as exc:
         raise LandlockError(f"landlock: landlock_create_ruleset failed: {exc.strerror}") from None
     try:
-        for paths, rights in ((read_only, READ_ONLY), (read_write, READ_WRITE), (socket_dirs, SOCKET_ONLY)):
+        for paths, rights in ((read_only, READ_ONLY), (read_write, READ_WRITE), (socket_dirs, SOCKET_ONLY),
+                              (symlink_dirs, FS_MAKE_SYM)):   # rules on one path add up
             for path in paths:
                 _add_path_rule(libc, ruleset_fd, path, rights & handled_fs)
         if ctypes.CDLL(None).prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:

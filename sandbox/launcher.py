@@ -100,8 +100,10 @@ def worker_spec(profile: SandboxProfile, files: Mapping[str, int], run: ToolRun 
         read_write=("/tmp", "/dev/null"),
         socket_dirs=(SOCKET_DIR_IN_SANDBOX,),
         seccomp_stage2_fd=seccomp_stage2_fd,
-        preload=profile.preload)
-    return WorkerSpec(sandbox, ModelHandoff(files=dict(files), max_message_bytes=profile.max_message_bytes), run)
+        preload=profile.preload,
+        symlink_dirs=profile.symlink_dirs)
+    return WorkerSpec(sandbox, ModelHandoff(files=dict(files), max_message_bytes=profile.max_message_bytes,
+                                            engine_options=dict(profile.engine_options)), run)
 
 
 def make_socket_dir(parent: str, name: str, profile: SandboxProfile) -> str:

@@ -40,6 +40,13 @@ def find_openblas() -> str | None:
     return real if real and real.startswith("/usr/") else None
 
 
+# mlx-lm workers (SandboxProfile.for_model): see there for why.
+LLM_NOFILE = 4096
+LLM_REQUEST_TIME_S = 120.0
+LLM_GRACE_S = 10.0
+LLM_MEMORY_BASE = 512 * 2**20
+
+
 @dataclasses.dataclass(frozen=True)
 class SandboxProfile:
     engine: str                       # "mlx", "flux", "julia": selects engine and syscall allowlist
@@ -60,6 +67,8 @@ class SandboxProfile:
     # threads when loaded, and Landlock must be applied while the worker has one thread.
     preload: tuple[str, ...] = ()
     extra_env: tuple[tuple[str, str], ...] = ()   # engine-specific, e.g. where Julia and its depot are
+    symlink_dirs: tuple[str, ...] = ()     # where the worker may make symlinks (mlx-lm: its private model dir)
+    engine_options: tuple[tuple[str, float], ...] = ()   # passed to the engine's load (mlx-lm: its limits)
     # Layers beyond namespaces; each can only be turned off explicitly in the config.
     seccomp: bool = True
     landlock: bool = True
@@ -72,7 +81,9 @@ class SandboxProfile:
                   memory_bytes: int = 2 * 2**30, pids_max: int = 64, load_timeout_s: float = 60.0,
                   infer_timeout_s: float = 30.0, seccomp: bool = True, landlock: bool = True,
                   cgroups: bool = True, openblas: bool = True, julia: str | None = None,
-                  julia_depot: str | None = None, max_message_bytes: int = 256 * 2**20) -> "SandboxProfile":
+                  julia_depot: str | None = None, max_message_bytes: int = 256 * 2**20,
+                  engine_options: tuple[tuple[str, float], ...] = (),
+                  weights_bytes: int | None = None) -> "SandboxProfile":
         """The profile of a worker for `engine`: the one place a worker's confinement is decided.
 
         The daemon passes its [workers] settings and a model's overrides; operator tools
@@ -85,11 +96,25 @@ class SandboxProfile:
             extra_ro = tuple(p for p in (julia_root, julia_depot) if p)
             extra_env = tuple((k, v) for k, v in (("PYTHON_JULIAPKG_EXE", julia),
                                                  ("JULIA_DEPOT_PATH", julia_depot)) if v)
+        nofile, symlink_dirs = 256, ()
+        if engine == "mlx-lm":
+            # `import mlx_lm` calls setrlimit(RLIMIT_NOFILE, (2048, 4096)) and raises ValueError under a lower
+            # hard limit; mlx_lm.load wants a directory: symlinks to the sealed memfds in the private /tmp.
+            nofile, symlink_dirs = LLM_NOFILE, ("/tmp",)
+            extra_env += (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_HOME", "/tmp/hf"))
+            # The per-request time budget replaces the inference timeout: the worker ends a generation at
+            # the budget; the supervisor kills it only if it overruns that by LLM_GRACE_S.
+            infer_timeout_s = dict(engine_options).get("request_time_s", LLM_REQUEST_TIME_S) + LLM_GRACE_S
+            # Sized from the weights: MLX holds them once, plus transient copies while loading (sanitize,
+            # quantization) and the interpreter with transformers; [workers]/model memory_mb is the floor.
+            if weights_bytes is not None:
+                memory_bytes = max(memory_bytes, LLM_MEMORY_BASE + 2 * weights_bytes)
         blas = find_openblas() if openblas else None
         return cls(engine=engine, worker_user=user, python=python, extra_ro_paths=extra_ro, extra_env=extra_env,
                    memory_bytes=memory_bytes, pids_max=pids_max, load_timeout_s=load_timeout_s,
                    infer_timeout_s=infer_timeout_s, seccomp=seccomp, landlock=landlock, cgroups=cgroups,
-                   preload=(blas,) if blas else (), max_message_bytes=max_message_bytes)
+                   preload=(blas,) if blas else (), max_message_bytes=max_message_bytes, nofile=nofile,
+                   symlink_dirs=symlink_dirs, engine_options=tuple(engine_options))
 
     @classmethod
     def for_fetch_helper(cls, *, user: str = "sealbox-fetch", python: str = sys.executable,

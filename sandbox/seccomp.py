@@ -65,6 +65,11 @@ _ENGINE_EXTRA = {
     # The fetch helper (sealbox.transfer.helper), not a model worker: TCP/TLS clients and name lookups.
     "fetch": ((("connect", "sendto", "recvfrom", "sendmmsg", "poll", "ppoll"),
                "HTTPS: connect, send and receive on inet sockets, wait with timeouts (urllib3), DNS over UDP"),),
+    # Measured with strace -f on LlmEngine (load, chat template, sampled and streamed generation), then in
+    # the real sandbox through the daemon; an llm-specific set, the common list untouched.
+    "mlx-lm": ((("mkdir", "symlink"),
+                "the private model directory in the worker's own tmpfs: symlinks to the sealed memfds"),
+               (("statx",), "the tokenizers library (Rust std) stats files and its cgroup's cpu limits with it")),
 }
 
 # Socket families each filter allows (everything else fails with EAFNOSUPPORT): a worker talks only

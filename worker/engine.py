@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import importlib
+import threading  # Engine.responses' signature names threading.Event
 from typing import Mapping
 
 import numpy as np
@@ -88,6 +89,8 @@ class Engine(abc.ABC):
     platform: str = ""
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
+    #: outputs sent when a request names none (None = all outputs)
+    default_outputs: tuple[str, ...] | None = None
 
     @classmethod
     @abc.abstractmethod
@@ -97,6 +100,12 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model on checked inputs; return one array per output spec, by name."""
+
+    def responses(self, inputs, *, streaming: bool, cancelled: "threading.Event"):
+        """The responses to one request, one dict of outputs (name -> np.ndarray) each. streaming is True when
+        the call came through ModelStreamInfer (the engine may then yield several); the worker stops iterating
+        and drops the rest once cancelled is set. Default: one response from infer()."""
+        yield self.infer(inputs)
 
     def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> None:
         """Raise InputError unless inputs are exactly this model's inputs, each fitting its spec."""
@@ -112,6 +121,7 @@ ENGINES = {
     "mlx": "sealbox.worker.mlx_engine:MlxEngine",
     "flux": "sealbox.worker.flux.native_engine:FluxNativeEngine",
     "julia": "sealbox.worker.flux.julia_engine:JuliaEngine",
+    "mlx-lm": "sealbox.worker.llm_engine:LlmEngine",
 }
 
 

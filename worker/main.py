@@ -24,7 +24,7 @@ def confine(spec: SandboxSpec) -> None:
     if spec.landlock:
         from ..sandbox import landlock
         landlock.restrict_self(read_only=list(spec.read_only), read_write=list(spec.read_write),
-                               socket_dirs=list(spec.socket_dirs))
+                               socket_dirs=list(spec.socket_dirs), symlink_dirs=list(spec.symlink_dirs))
     if spec.seccomp_stage2_fd is not None:  # built by the supervisor: no libseccomp needed here
         from ..sandbox import seccomp
         seccomp.load_stage2_from_fd(spec.seccomp_stage2_fd)
@@ -56,7 +56,7 @@ def serve(spec: WorkerSpec, engine, engine_thread: futures.ThreadPoolExecutor) -
             try:
                 inputs = tensors.request_inputs(request)
                 engine.check_inputs(inputs)
-                wanted = [o.name for o in request.outputs]
+                wanted = [o.name for o in request.outputs] or list(engine.default_outputs or ())
                 known = [o.name for o in engine.outputs]
                 unknown = sorted(set(wanted) - set(known))
                 if unknown:
@@ -129,7 +129,7 @@ def main(argv: list[str]) -> int:
     # One thread owns the engine: MLX streams are per thread, and engines need not be thread-safe.
     engine_thread = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
     try:
-        engine = engine_thread.submit(engine_cls.load, files).result()
+        engine = engine_thread.submit(engine_cls.load, files, **spec.model.engine_options).result()
     except ModelError as exc:
         print(f"{STDERR_PREFIX}model refused: {exc}", file=sys.stderr, flush=True)
         # Leave at once: a parser that refused hostile bytes may have left its heap corrupt, and

@@ -226,7 +226,7 @@ def test_malformed_config_names_file_and_key(tmp_path):
     result = subprocess.run([PYTHON, "-m", "sealbox.daemon.main", "--config", str(config)],
                             capture_output=True, text=True)
     assert result.returncode == 2
-    assert "[models.m]: key 'format' must be one of ['flux', 'julia', 'mlx'], not 'onnx'" in result.stderr
+    assert "[models.m]: key 'format' must be one of ['flux', 'julia', 'mlx', 'mlx-lm'], not 'onnx'" in result.stderr
     config.write_text('[server]\nmax_message_mb = 4096\n')
     result = subprocess.run([PYTHON, "-m", "sealbox.daemon.main", "--config", str(config)],
                             capture_output=True, text=True)

@@ -59,7 +59,77 @@ def test_typed_contents_and_unsupported_datatypes():
     tensor = request.inputs.add(name="x", datatype="FP32", shape=[2])
     tensor.contents.fp32_contents.extend([1.5, -2.0])
     np.testing.assert_array_equal(tensors.request_inputs(request)["x"], np.array([1.5, -2.0], np.float32))
-    request.inputs.add(name="s", datatype="BYTES", shape=[1])
+    request.inputs.add(name="s", datatype="STRING", shape=[1])
     with pytest.raises(tensors.TensorError) as err:
         tensors.request_inputs(request)
-    assert str(err.value).startswith("input 's': datatype 'BYTES' is not supported")
+    assert str(err.value).startswith("input 's': datatype 'STRING' is not supported")
+
+
+# BYTES and BF16 (issue 14): against the protocol's encoding, and tritonclient's own codec as an independent reference.
+STRINGS = np.array([[b"hello", b""], ["w\u00f6rld", b"\x00\xff" * 300]], dtype=object)
+STRINGS_AS_BYTES = np.array([[b"hello", b""], ["w\u00f6rld".encode(), b"\x00\xff" * 300]], dtype=object)
+
+
+def _protocol_bytes(elements) -> bytes:  # the protocol's definition, written out
+    return b"".join(len(e).to_bytes(4, "little") + e for e in elements)
+
+
+def test_bytes_raw_encoding_is_the_protocols_and_tritonclients():
+    from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
+
+    raw = tensors.encode_bytes(STRINGS)
+    assert raw == _protocol_bytes(STRINGS_AS_BYTES.reshape(-1))
+    assert raw == serialize_byte_tensor(STRINGS).item()
+    assert list(deserialize_bytes_tensor(raw)) == list(STRINGS_AS_BYTES.reshape(-1))
+
+
+def test_bytes_and_bf16_round_trip_through_requests_and_responses():
+    import ml_dtypes
+
+    bf16 = np.array([[1.0, -2.5, 3.14159], [0.0, 1e30, -1e-30]], dtype=ml_dtypes.bfloat16)
+    arrays = {"s": STRINGS, "b": bf16, "one": np.array([b"x"], dtype=object)}
+    request = pb.ModelInferRequest.FromString(tensors.encode_request("m", arrays))
+    assert [t.datatype for t in request.inputs] == ["BYTES", "BF16", "BYTES"]
+    assert request.raw_input_contents[0] == _protocol_bytes(STRINGS_AS_BYTES.reshape(-1))
+    # BF16 on the wire: the upper 16 bits of each float32, little-endian.
+    upper = (bf16.astype(np.float32).view("<u4") >> 16).astype("<u2")
+    assert request.raw_input_contents[1] == upper.tobytes()
+    decoded = tensors.request_inputs(request)
+    assert decoded["s"].dtype == object and decoded["s"].tolist() == STRINGS_AS_BYTES.tolist()
+    assert decoded["b"].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(decoded["b"].view(np.uint16), bf16.view(np.uint16))
+    response = pb.ModelInferResponse.FromString(tensors.encode_response(pb.ModelInferResponse(), arrays))
+    outputs = tensors.response_outputs(response)
+    assert outputs["s"].tolist() == STRINGS_AS_BYTES.tolist() and outputs["one"].tolist() == [b"x"]
+    np.testing.assert_array_equal(outputs["b"].view(np.uint16), bf16.view(np.uint16))
+
+
+def test_typed_bytes_contents():
+    request = pb.ModelInferRequest(model_name="m")
+    tensor = request.inputs.add(name="s", datatype="BYTES", shape=[2])
+    tensor.contents.bytes_contents.extend([b"ab", b"c"])
+    decoded = tensors.request_inputs(request)["s"]
+    assert decoded.dtype == object and decoded.tolist() == [b"ab", b"c"]
+
+
+@pytest.mark.parametrize("shape, contents, message", [
+    ([2], _protocol_bytes([b"ab"]), "input 's': BYTES contents end inside the length of element 1 of 2"),
+    ([1], b"\x05\x00\x00\x00abc", "input 's': BYTES element 0 declares 5 bytes, only 3 remain"),
+    ([1], _protocol_bytes([b"ab"]) + b"!", "input 's': 1 bytes after the last of 1 BYTES elements"),
+    ([1], b"\x01\x00", "input 's': BYTES contents end inside the length of element 0 of 1"),
+])
+def test_malformed_bytes_are_refused(shape, contents, message):
+    request = pb.ModelInferRequest(model_name="m")
+    request.inputs.add(name="s", datatype="BYTES", shape=shape)
+    request.raw_input_contents.append(contents)
+    with pytest.raises(tensors.TensorError) as err:
+        tensors.request_inputs(request)
+    assert str(err.value) == message
+
+
+def test_bf16_only_travels_raw():
+    request = pb.ModelInferRequest(model_name="m")
+    request.inputs.add(name="b", datatype="BF16", shape=[1])
+    with pytest.raises(tensors.TensorError) as err:
+        tensors.request_inputs(request)
+    assert str(err.value) == "input 'b': datatype BF16 only travels as raw contents"

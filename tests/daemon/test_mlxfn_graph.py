@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests.support.daemon import Daemon
+from tests.support.formats import add_chain
 from tests.support.pki import upstream_sign
 from sealbox.worker.engine import ModelError, TensorSpec
 from sealbox.worker.formats import mlxfn
@@ -25,36 +26,12 @@ Y = [TensorSpec("y", "FP32", (-1, 4))]
 REFUSED = "worker exited with code 3 (model refused by the engine) while loading: model refused: "
 
 
-def _str(b: bytes) -> bytes:
-    return struct.pack("<Q", len(b)) + b
-
-
-def _f32_2x4() -> bytes:
-    return struct.pack("<Q", 2) + struct.pack("<ii", 2, 4) + struct.pack("<iB", 10, 4)
-
-
-def add_chain(nodes: int) -> bytes:
-    """An .mlxfn in MLX 0.32.4's own layout (mlx/export.cpp): y = x + x + ... + x as `nodes` Add nodes, each
-    adding the input to the previous node. test_the_synthesised_chain_is_a_real_mlx_graph shows MLX imports
-    and runs it: exporting a 200 000-node loop with mx.export_function takes minutes, writing it takes 0.3 s."""
-    import mlx.core as mx
-    out = [_str(mx.__version__.encode()), struct.pack("<i", 1), b"\x01", _str(b""), struct.pack("<Q", 0)]
-    out += [struct.pack("<QQ", 1, 1), struct.pack("<Q", 1), _f32_2x4()]          # input ids [1], input (2, 4) f32
-    out += [struct.pack("<QQ", 1, nodes + 1), struct.pack("<Q", nodes + 1)]     # output id, tape size
-    out.append(struct.pack("<QBB", 1, 0, 0))                                     # the input, referenced
-    add = _str(b"Add") + struct.pack("<Q", 0) + _f32_2x4()
-    for i in range(nodes):
-        node_id, prev = i + 2, (i + 1)
-        out.append(struct.pack("<QBQQQ", node_id, 1, 2, prev, 1) + struct.pack("<iii", 0, 0, 0) + add)
-    return b"".join(out)
-
-
 def test_the_synthesised_chain_is_a_real_mlx_graph(tmp_path):
     import mlx.core as mx
     path = tmp_path / "c.mlxfn"
     path.write_bytes(add_chain(5))
     assert mlxfn.check_file(str(path), "c.mlxfn", mx.__version__) == {"version": mx.__version__, "shapeless": True}
-    assert mlxfn.check_graph(str(path), "c.mlxfn", X, Y, {}) == {"nodes": 6}
+    assert mlxfn.check_graph(str(path), "c.mlxfn", X, Y, {}) == {"nodes": 6, "depth": 5}
     (y,) = mx.import_function(str(path))(mx.ones((3, 4)))
     np.testing.assert_array_equal(np.array(y), np.full((3, 4), 6, np.float32))
 

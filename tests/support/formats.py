@@ -305,6 +305,36 @@ GGUF_DAEMON_DEFECTS = ("zero_dimension", "invalid_type")
 
 # ---- .mlxfn (see sealbox/worker/formats/mlxfn.py)
 
+def _str(b: bytes) -> bytes:
+    return struct.pack("<Q", len(b)) + b
+
+
+F32_2X4 = struct.pack("<Q", 2) + struct.pack("<ii", 2, 4) + struct.pack("<iB", 10, 4)   # shape (2, 4), float32
+
+
+def add_node(node_id: int, args, name: bytes = b"Add", state: bytes = b"") -> bytes:
+    """One primitive node of a tape in MLX 0.32.4's layout: id, has-primitive, input ids, stream (0, cpu, 0),
+    primitive name, its state, no siblings, output shape and dtype."""
+    return (struct.pack("<QBQ", node_id, 1, len(args)) + struct.pack(f"<{len(args)}Q", *args)
+            + struct.pack("<iii", 0, 0, 0) + _str(name) + state + struct.pack("<Q", 0) + F32_2X4)
+
+
+def add_chain(nodes: int, wide: bool = False, tape: list[bytes] | None = None, output: int | None = None) -> bytes:
+    """An .mlxfn in MLX 0.32.4's own layout (mlx/export.cpp): y = x + x + ... + x as `nodes` Add nodes, each
+    adding the input to the previous node (wide: each adds the input to itself, a graph of depth 1).
+    test_the_synthesised_chain_is_a_real_mlx_graph shows MLX imports and runs it: exporting a 200 000-node loop
+    with mx.export_function takes minutes, writing it takes 0.3 s. tape: nodes to use instead of the Adds
+    (the input's reference, id 1, comes first); output: the output id (default: the last node's)."""
+    import mlx.core as mx
+    if tape is None:
+        tape = [add_node(i + 2, (1, 1) if wide else (i + 1, 1)) for i in range(nodes)]
+    out = [_str(mx.__version__.encode()), struct.pack("<i", 1), b"\x01", _str(b""), struct.pack("<Q", 0)]
+    out += [struct.pack("<QQ", 1, 1), struct.pack("<Q", 1), F32_2X4]          # input ids [1], input (2, 4) f32
+    out += [struct.pack("<QQ", 1, output or len(tape) + 1), struct.pack("<Q", len(tape) + 1)]  # output, tape size
+    out.append(struct.pack("<QBB", 1, 0, 0))                                   # the input, referenced
+    return b"".join(out + tape)
+
+
 def mlxfn_with_version(data: bytes, version: bytes) -> bytes:
     """An exported function's bytes with another version field."""
     (length,) = struct.unpack("<Q", data[:8])

@@ -1,12 +1,14 @@
-""".mlxfn function header, checked before MLX imports the file: one function, arity against model.json and the
-weights, node count bounded (worker/formats/mlxfn.py, check_graph). Refusals name the file and the defect;
-through a real daemon nothing is served."""
+""".mlxfn function table, checked before MLX imports the file: one function, arity against model.json and the
+weights, node count bounded, the tape walked (known primitives, depth bounded) (worker/formats/mlxfn.py,
+check_graph). Refusals name the file and the defect; through a real daemon nothing is served, and another
+model answers throughout."""
 from __future__ import annotations
 
 import json
 import os
 import pathlib
 import struct
+import threading
 import time
 
 import grpc
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.support.daemon import Daemon
-from tests.support.formats import add_chain
+from tests.support.formats import add_chain, add_node
 from tests.support.pki import upstream_sign
 from sealbox.worker.engine import ModelError, TensorSpec
 from sealbox.worker.formats import mlxfn
@@ -123,19 +125,41 @@ def _model(directory: pathlib.Path, graph: bytes, outputs: int, key) -> pathlib.
     return directory
 
 
-def test_through_the_daemon_big_graphs_and_wrong_arity_are_refused_and_nothing_is_served(tmp_path, keys):
+def test_through_the_daemon_big_deep_unknown_graphs_and_wrong_arity_are_refused_and_nothing_is_served(tmp_path, keys):
+    deep = mlxfn.MAX_DEPTH + 1      # MLX itself imports and serves this chain in a fraction of a second
     models = {"chain": {"path": _model(tmp_path / "m" / "chain", add_chain(1000), 1, keys[0])},
               "big": {"path": _model(tmp_path / "m" / "big", add_chain(200_000), 1, keys[0]), "load": False},
+              "deep": {"path": _model(tmp_path / "m" / "deep", add_chain(deep), 1, keys[0]), "load": False},
+              "unknown": {"path": _model(tmp_path / "m" / "unknown",
+                                         add_chain(0, tape=[add_node(2, (1, 1), name=b"Foo")]), 1, keys[0]),
+                          "load": False},
               "arity": {"path": _model(tmp_path / "m" / "arity", add_chain(10), 2, keys[0]), "load": False}}
     (tmp_path / "d").mkdir()
     daemon = Daemon(tmp_path / "d", models, keys[1]).start()
     try:
         x = np.arange(8, dtype=np.float32).reshape(2, 4)
+        answers, failures, done = [], [], threading.Event()
+
+        def answering():                  # the served chain, called all the while the others are refused
+            with daemon.client() as other:
+                while not done.wait(0.02):
+                    try:
+                        np.testing.assert_array_equal(other.infer("chain", {"x": x})["y0"], 1001 * x)
+                        answers.append(1)
+                    except Exception as exc:  # noqa: BLE001 - any failure fails the test
+                        failures.append(repr(exc))
+
         with daemon.client() as client:
             np.testing.assert_array_equal(client.infer("chain", {"x": x})["y0"], 1001 * x)
+            thread = threading.Thread(target=answering, daemon=True)
+            thread.start()
             for model, reason, most_s in (
                     ("big", "model.mlxfn: a graph of 200001 nodes, more than the 100000 an exported function "
                             "may have", 20),
+                    ("deep", f"model.mlxfn: node {deep + 1} lies {deep} primitives deep, more than the "
+                             f"{mlxfn.MAX_DEPTH} an exported function may have", 60),
+                    ("unknown", "model.mlxfn: node 2 uses primitive 'Foo', which this reader does not know "
+                                "(MLX 0.32.4)", 60),
                     ("arity", "model.mlxfn: the function returns 1 outputs, but model.json lists 2 (y0, y1)", 60)):
                 started = time.monotonic()
                 with pytest.raises(grpc.RpcError) as err:
@@ -148,6 +172,9 @@ def test_through_the_daemon_big_graphs_and_wrong_arity_are_refused_and_nothing_i
                 with pytest.raises(grpc.RpcError) as err:
                     client.infer(model, {"x": x})
                 assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            done.set()
+            thread.join(timeout=60)
+            assert not failures and answers, failures
             np.testing.assert_array_equal(client.infer("chain", {"x": x})["y0"], 1001 * x)
     finally:
         daemon.stop()

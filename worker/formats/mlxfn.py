@@ -47,7 +47,6 @@ dimension is -1).
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import struct
 
@@ -61,6 +60,7 @@ MAX_NODES = 100_000               # an MLP export has tens of nodes, a transform
                                   # MLX 0.32.4 imports ~20 000 nodes a second on a 2-core machine
 MIN_NODE_BYTES = 10               # u64 id + u8 has-primitive + u8 is-constant: the smallest tape node
 MAX_METADATA_BYTES = 1 << 20
+WINDOW_BYTES = 1 << 20            # the reader's window onto the file
 MAX_TENSORS = 4096                # inputs, keyword names, outputs
 MAX_NAME_BYTES = 1024             # a keyword (weight) name
 MAX_RANK = 16
@@ -163,10 +163,15 @@ def check_file(path: str, name: str, running_mlx: str) -> dict:
 
 
 class _Reader:
-    """Bounded little-endian reads from the file's bytes; every length is checked against what is left."""
+    """Bounded little-endian reads from the open file; every length is checked against what is left.
 
-    def __init__(self, data, name: str, offset: int, size: int):
-        self.data, self.name, self.pos, self.size = data, name, offset, size
+    Reads go through a window of at most WINDOW_BYTES (or one item's length) read at the current position:
+    the walk reads the graph and seeks over constants' bytes, so memory does not grow with the file. (Not
+    mmap: Python's mmap dup()s the descriptor, which the worker's seccomp filter does not allow.)"""
+
+    def __init__(self, f, name: str, offset: int, size: int):
+        self.f, self.name, self.pos, self.size = f, name, offset, size
+        self.window, self.base = b"", 0
 
     def left(self) -> int:
         return self.size - self.pos
@@ -176,15 +181,28 @@ class _Reader:
             raise ModelError(f"{self.name}: {what} at byte {self.pos} runs past the end of the file")
         self.pos += n
 
-    def take(self, n: int, what: str) -> bytes:
-        start = self.pos
+    def _at(self, n: int, what: str) -> int:
+        """Where the next n bytes start in the window (refilled if they are not all in it)."""
+        start = self.pos - self.base
+        if 0 <= start and start + n <= len(self.window):
+            return start
         self.skip(n, what)
-        return bytes(self.data[start:self.pos])
+        self.pos -= n
+        self.f.seek(self.pos)
+        self.window, self.base = self.f.read(max(n, WINDOW_BYTES)), self.pos
+        if len(self.window) < n:
+            raise ModelError(f"{self.name}: the file ended at byte {self.pos + len(self.window)} while reading "
+                             f"{what}; it is shorter than its size said")
+        return 0
+
+    def take(self, n: int, what: str) -> bytes:
+        start = self._at(n, what)
+        self.pos += n
+        return self.window[start:start + n]
 
     def _unpack(self, fmt: struct.Struct, what: str):
-        if fmt.size > self.size - self.pos:
-            raise ModelError(f"{self.name}: {what} at byte {self.pos} runs past the end of the file")
-        value = fmt.unpack_from(self.data, self.pos)[0]
+        start = self._at(fmt.size, what)       # first: it may refill the window
+        value = fmt.unpack_from(self.window, start)[0]
         self.pos += fmt.size
         return value
 
@@ -245,17 +263,14 @@ def check_graph(path: str, name: str, inputs, outputs, keywords: dict[str, tuple
     "depth": the graph's depth}. Call after check_file (which has checked the size and the version)."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        if size > MAX_BYTES:   # check_file refused it already; the map below must stay bounded all the same
+        if size > MAX_BYTES:   # check_file refused it already; the walk must stay bounded all the same
             raise ModelError(f"{name}: {size} bytes, more than the {MAX_BYTES} an exported function may have")
-        if size < 8:
-            raise ModelError(f"{name}: {size} bytes: too short for an MLX exported function")
-        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as data:   # constants are skipped, never read
-            return _check_graph(data, size, name, inputs, outputs, keywords)
+        r = _Reader(f, name, 0, size)
+        r = _Reader(f, name, 8 + r.u64("the version field's length"), size)
+        return _check_graph(r, name, inputs, outputs, keywords)
 
 
-def _check_graph(data, size: int, name: str, inputs, outputs, keywords) -> dict:
-    (length,) = _U64.unpack_from(data, 0)
-    r = _Reader(data, name, 8 + length, size)
+def _check_graph(r: _Reader, name: str, inputs, outputs, keywords) -> dict:
     functions = r.i32("the function count")
     if functions != 1:
         raise ModelError(f"{name}: holds {functions} functions; sealbox serves files with exactly one "

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.support.daemon import Daemon
-from tests.support.formats import add_chain, add_node
+from tests.support.formats import add_chain, add_node, crashing_mlxfn_seeds, mutated_mlxfn
 from tests.support.pki import upstream_sign
 from sealbox.worker.engine import ModelError, TensorSpec
 from sealbox.worker.formats import mlxfn
@@ -54,6 +54,28 @@ def test_what_mlx_exports_passes_with_its_node_count(tmp_path):
                        mx.zeros((2, 4)), shapeless=True)
     two_in = [TensorSpec("a", "FP32", (-1, 4)), TensorSpec("b", "FP32", (-1, 4))]
     assert mlxfn.check_graph(str(tmp_path / "two.mlxfn"), "two.mlxfn", two_in, Y * 2, {})["nodes"] in range(4, 9)
+
+
+def test_mutants_that_crash_mlx_import_are_refused_by_the_walk_first(tmp_path):
+    """Two-byte mutants of the demo graph on which plain MLX 0.32.4's mx.import_function dies of a signal
+    (about 1 in 100): the strict reader refuses each of them, naming the file, before MLX would read a byte."""
+    import mlx.core as mx
+    from sealbox.client.demo_model import build_demo_model
+    build_demo_model(str(tmp_path / "demo"))
+    graph = (tmp_path / "demo" / "model.mlxfn").read_bytes()
+    seeds = crashing_mlxfn_seeds(graph)
+    assert seeds, "no mutated graph crashed MLX's import in the search"
+    meta = json.loads((tmp_path / "demo" / "model.json").read_text())
+    inputs = [TensorSpec.from_json(t, "inputs") for t in meta["inputs"]]
+    outputs = [TensorSpec.from_json(t, "outputs") for t in meta["outputs"]]
+    keywords = {k: (v.ndim, "FP32") for k, v in mx.load(str(tmp_path / "demo" / "weights.safetensors")).items()}
+    for seed in seeds:
+        path = tmp_path / f"mutant{seed}.mlxfn"
+        path.write_bytes(mutated_mlxfn(graph, seed))
+        with pytest.raises(ModelError) as err:
+            mlxfn.check_file(str(path), "model.mlxfn", mx.__version__)
+            mlxfn.check_graph(str(path), "model.mlxfn", inputs, outputs, keywords)
+        assert str(err.value).startswith("model.mlxfn: "), seed
 
 
 def _refusal(path, inputs=X, outputs=Y, keywords=None) -> str:

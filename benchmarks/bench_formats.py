@@ -124,9 +124,9 @@ def bench_mlxfn() -> None:
                 mx.eval(y)
 
             graph = walk()
-            check = statistics.median(timed(walk, ROUNDS))
-            imported = statistics.median(timed(lambda: mx.import_function(path), ROUNDS))
-            called = statistics.median(timed(first_call, ROUNDS))
+            rounds = [(timed(walk, 1)[0], timed(lambda: mx.import_function(path), 1)[0], timed(first_call, 1)[0])
+                      for _ in range(ROUNDS)]          # interleaved: the machine's load drifts alike for all three
+            check, imported, called = (statistics.median(column) for column in zip(*rounds))
             print(f"  {label}: {graph['nodes']} nodes, depth {graph['depth']}, {os.path.getsize(path)} bytes")
             print(f"    tape walk (check_file + check_graph)        {ms(check)}")
             print(f"    mx.import_function                          {ms(imported)}")

@@ -217,11 +217,14 @@ class _Reader:
         self.pos += n
         return self.window[start:start + n]
 
-    def _unpack(self, fmt: struct.Struct, what: str):
+    def fields(self, fmt: struct.Struct, what: str) -> tuple:
         start = self._at(fmt.size, what)       # first: it may refill the window
-        value = fmt.unpack_from(self.window, start)[0]
+        values = fmt.unpack_from(self.window, start)
         self.pos += fmt.size
-        return value
+        return values
+
+    def _unpack(self, fmt: struct.Struct, what: str):
+        return self.fields(fmt, what)[0]
 
     def u64(self, what: str) -> int:
         return self._unpack(_U64, what)
@@ -252,7 +255,7 @@ class _Reader:
 
     def dtype(self, what: str) -> tuple[int, str]:
         """(size in bytes, Open Inference Protocol datatype)"""
-        val, size = self.i32(f"the dtype of {what}"), self.u8(f"the dtype size of {what}")
+        val, size = self.fields(_DTYPE, f"the dtype of {what}")
         if val not in DTYPES or DTYPES[val][0] != size:
             raise ModelError(f"{self.name}: {what} has dtype ({val}, {size} bytes), not an MLX dtype")
         return size, DTYPES[val][1]
@@ -270,6 +273,9 @@ class _Reader:
 
 
 _U64, _I32, _U8 = struct.Struct("<Q"), struct.Struct("<i"), struct.Struct("<B")
+_DTYPE = struct.Struct("<iB")                   # Dtype::Val, size
+_NODE = struct.Struct("<QB")                    # id, has-primitive
+_STREAM_NAME = struct.Struct("<iiiQ")           # stream (index, device type, device index), name length
 
 
 def check_graph(path: str, name: str, inputs, outputs, keywords: dict[str, tuple[int, str]]) -> dict:
@@ -356,8 +362,11 @@ def _walk_tape(r: _Reader, nodes: int, input_ids) -> dict[int, int]:
     depth: dict[int, int] = {}
     for node in range(1, nodes + 1):
         where = f"node {node}"
-        node_id = r.u64(f"the id of {where}")
-        if r.boolean(f"the has-primitive flag of {where}"):
+        node_id, has_primitive = r.fields(_NODE, f"the id of {where}")
+        if has_primitive > 1:
+            raise ModelError(f"{name}: the has-primitive flag of {where} at byte {r.pos - 1} is {has_primitive}, "
+                             "not a bool (0 or 1)")
+        if has_primitive:
             n_args = r.count(f"inputs of {where}", MAX_NODE_INPUTS, 8)
             args = struct.unpack_from(f"<{n_args}Q", r.take(8 * n_args, f"the input ids of {where}"))
             deepest = 0
@@ -371,17 +380,21 @@ def _walk_tape(r: _Reader, nodes: int, input_ids) -> dict[int, int]:
             if level > MAX_DEPTH:
                 raise ModelError(f"{name}: {where} lies {level} primitives deep, more than the {MAX_DEPTH} "
                                  "an exported function may have")
-            stream_index, device_type, device_index = (r.i32(f"the stream of {where}") for _ in range(3))
+            stream_index, device_type, device_index, length = r.fields(_STREAM_NAME, f"the stream of {where}")
             if stream_index < 0 or device_type not in (0, 1) or not 0 <= device_index < MAX_DEVICES:
                 raise ModelError(f"{name}: {where} runs on stream ({stream_index}, {device_type}, {device_index}), "
                                  "not an MLX stream")
-            raw = r.string(f"the primitive name of {where}", MAX_PRIMITIVE_NAME_BYTES)
+            if length > MAX_PRIMITIVE_NAME_BYTES:
+                raise ModelError(f"{name}: the primitive name of {where} of {length} bytes, more than "
+                                 f"{MAX_PRIMITIVE_NAME_BYTES}")
+            raw = r.take(length, f"the primitive name of {where}")
             layout = PRIMITIVES.get(raw.decode("ascii", "replace"))
             if layout is None:
                 shown = f"'{raw.decode()}'" if raw.isascii() and raw.decode().isidentifier() else repr(raw)
                 raise ModelError(f"{name}: {where} uses primitive {shown}, which this reader does not know "
                                  f"(MLX {', '.join(KNOWN_VERSIONS)})")
-            _read_state(r, layout, f"the state of {where}'s {raw.decode()}")
+            if layout:
+                _read_state(r, layout, f"the state of {where}'s {raw.decode()}")
             siblings = r.u64(f"the sibling count of {where}")
             if siblings == 0:
                 r.tensor(f"the output of {where}")

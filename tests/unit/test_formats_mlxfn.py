@@ -176,7 +176,7 @@ def test_an_enum_out_of_range_in_a_primitive_state_is_refused(tmp_path):
         "model.mlxfn: the state of node 2's Reduce holds 9, not one of its 6 enum values")
 
 
-def test_a_constant_longer_than_the_file_is_refused(tmp_path):
+def test_a_constant_whose_shape_disagrees_with_its_bytes_is_refused(tmp_path):
     import mlx.core as mx
     data = bytearray(_export(tmp_path, lambda x: x + mx.array([1.0, 2.0, 3.0, 4.0])))
     header = struct.pack("<Qi", 1, 4) + struct.pack("<iB", 10, 4)      # the constant: shape [4], float32

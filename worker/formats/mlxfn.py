@@ -289,7 +289,7 @@ def check_graph(path: str, name: str, inputs, outputs, keywords: dict[str, tuple
         if size > MAX_BYTES:   # check_file refused it already; the walk must stay bounded all the same
             raise ModelError(f"{name}: {size} bytes, more than the {MAX_BYTES} an exported function may have")
         r = _Reader(f, name, 0, size)
-        r = _Reader(f, name, 8 + r.u64("the version field's length"), size)
+        r.skip(r.u64("the version field's length"), "the version field")   # checked by check_file
         return _check_graph(r, name, inputs, outputs, keywords)
 
 

@@ -206,7 +206,10 @@ def test_a_constant_whose_shape_disagrees_with_its_bytes_is_refused(tmp_path):
      "the state of node 2's Equal at byte 172 is 2, not a bool (0 or 1)"),
     ([add_node(2, (1, 1)).replace(b"\x00" * 12 + b"\x03", b"\x00\x00\x00\x00\x07\x00\x00\x00\x00\x00\x00\x00\x03")],
      None, "node 2 runs on stream (0, 7, 0), not an MLX stream"),
-], ids=["dangling", "forward", "self", "twice", "input-id-again", "not-an-input", "output", "bool", "stream"])
+    ([add_node(2, (1,))], None, "node 2 gives Add 1 inputs; it takes 2"),
+    ([add_node(2, (1, 1, 1), name=b"Negative")], None, "node 2 gives Negative 3 inputs; it takes 1"),
+], ids=["dangling", "forward", "self", "twice", "input-id-again", "not-an-input", "output", "bool", "stream",
+        "arity-binary", "arity-unary"])
 def test_references_and_fields_of_the_tape(tmp_path, tape, output, message):
     assert _walk_refusal(add_chain(0, tape=tape, output=output), tmp_path) == "model.mlxfn: " + message
 

@@ -42,7 +42,8 @@ Checked here, before mx.import_function sees a byte (check_file, then check_grap
   * the whole tape, node by node in one pass (no recursion; the file is read through a bounded window
     and constants' bytes are skipped, not read): every primitive is in PRIMITIVES (unknown ones are
     refused by name: fail closed) and its state has exactly the layout listed there (bools 0 or 1,
-    enums in range, vectors bounded); every input id of a node is defined by an earlier node, an input
+    enums in range, vectors bounded); the primitives with a fixed number of inputs (ARITY: elementwise,
+    select, matmul) have that many; every input id of a node is defined by an earlier node, an input
     or a constant (no forward, dangling or self reference); no id is defined twice; an input reference
     names a function input; streams are cpu or gpu; every shape has rank at most MAX_RANK and no
     negative dimension, every dtype is an MLX dtype; a constant's bytes (shape x dtype size) lie inside
@@ -102,15 +103,17 @@ MAX_STATE_ITEMS = 4096            # items of one vector in a primitive's state (
 # [0, n). A fast primitive's state starts with a nullptr, which writes nothing. Left out on purpose:
 # AsStrided (arbitrary strides reach any memory), CustomKernel (source code), and everything no sealbox
 # model uses and no test exports (linear algebra, FFT, quantization, random bits, scatter, ...).
+_UNARY = (
+    "Abs", "ArcCos", "ArcCosh", "ArcSin", "ArcSinh", "ArcTan", "ArcTanh", "Ceil", "Copy", "Cos", "Cosh",
+    "Erf", "ErfInv", "Exp", "Expm1", "Floor", "Imag", "Log1p", "LogicalNot", "Negative", "Real", "Round",
+    "Sigmoid", "Sign", "Sin", "Sinh", "Square", "StopGradient", "Tan", "Tanh")
+_BINARY = (
+    "Add", "ArcTan2", "Divide", "Greater", "GreaterEqual", "Less", "LessEqual", "LogAddExp", "LogicalAnd",
+    "LogicalOr", "Maximum", "Minimum", "Multiply", "NotEqual", "Power", "Remainder", "Subtract")
 _REDUCE = ("enum", 6)             # Reduce::ReduceType: And, Or, Sum, Prod, Min, Max
 PRIMITIVES: dict[str, tuple] = {
-    **{unary: () for unary in (
-        "Abs", "ArcCos", "ArcCosh", "ArcSin", "ArcSinh", "ArcTan", "ArcTanh", "Ceil", "Copy", "Cos", "Cosh",
-        "Erf", "ErfInv", "Exp", "Expm1", "Floor", "Imag", "Log1p", "LogicalNot", "Negative", "Real", "Round",
-        "Sigmoid", "Sign", "Sin", "Sinh", "Square", "StopGradient", "Tan", "Tanh")},
-    **{binary: () for binary in (
-        "Add", "ArcTan2", "Divide", "Greater", "GreaterEqual", "Less", "LessEqual", "LogAddExp", "LogicalAnd",
-        "LogicalOr", "Maximum", "Minimum", "Multiply", "NotEqual", "Power", "Remainder", "Subtract")},
+    **{unary: () for unary in _UNARY},
+    **{binary: () for binary in _BINARY},
     "Select": (),                               # where(condition, x, y)
     "Matmul": (),
     "Full": (),
@@ -149,6 +152,9 @@ PRIMITIVES: dict[str, tuple] = {
     "RoPE": ("i32", "bool", "f32", "f32", "bool"),  # dims, traditional, base, scale, forward
     "ScaledDotProductAttention": ("f32", "bool", "bool", "bool", "bool"),  # scale, causal, sinks, lse, fused
 }
+# How many inputs the primitives with a fixed count take: MLX's kernels index their inputs without checking.
+ARITY = {**{unary: 1 for unary in _UNARY}, **{binary: 2 for binary in _BINARY},
+         "Equal": 2, "Select": 3, "Matmul": 2, "AddMM": 3}
 
 
 def check_file(path: str, name: str, running_mlx: str) -> dict:
@@ -393,6 +399,9 @@ def _walk_tape(r: _Reader, nodes: int, input_ids) -> dict[int, int]:
                 shown = f"'{raw.decode()}'" if raw.isascii() and raw.decode().isidentifier() else repr(raw)
                 raise ModelError(f"{name}: {where} uses primitive {shown}, which this reader does not know "
                                  f"(MLX {', '.join(KNOWN_VERSIONS)})")
+            if ARITY.get(raw.decode("ascii", "replace"), n_args) != n_args:
+                raise ModelError(f"{name}: {where} gives {raw.decode()} {n_args} inputs; it takes "
+                                 f"{ARITY[raw.decode()]}")
             if layout:
                 _read_state(r, layout, f"the state of {where}'s {raw.decode()}")
             siblings = r.u64(f"the sibling count of {where}")

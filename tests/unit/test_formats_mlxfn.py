@@ -116,6 +116,8 @@ EXPORTS = {
     "attention": ("lambda x: mx.fast.scaled_dot_product_attention(x[None], x[None], x[None], scale=0.3, "
                   "mask='causal')[0]", 3),
     "transformer_block": ("_layer()", 3),
+    "convolution": ("lambda x: mx.conv1d(x, mx.ones((4, 3, 8)), stride=1, padding=1)"
+                    " + mx.conv_general(x, mx.ones((4, 3, 8)), padding=1, kernel_dilation=1, groups=1, flip=True)", 3),
 }
 
 FIXED_SHAPES = ("shape", "split", "rope")

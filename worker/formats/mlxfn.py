@@ -128,6 +128,8 @@ PRIMITIVES: dict[str, tuple] = {
     "Broadcast": ("ints",),                     # shape
     "BroadcastAxes": ("ints",),                 # ignored axes
     "Concatenate": ("i32",),                    # axis
+    "Convolution": ("ints", "ints", "ints", "ints", "ints", "i32", "bool"),  # strides, padding low and high,
+                                                # kernel and input dilation, groups, flip
     "Equal": ("bool",),                         # equal_nan
     "ExpandDims": ("ints",),                    # axes
     "Flatten": ("i32", "i32"),                  # start axis, end axis

@@ -7,12 +7,17 @@ directory; page cache warm; medians of BENCH_ROUNDS (default 5) of:
   * mx.load + mx.eval of the same file,
   * the post-load cross-check of what MLX returned against the header (check_loaded).
 The goal (the formats issue): the checks cost under 5 % of mx.load.
+
+Then the .mlxfn tape walk (worker/formats/mlxfn.py: check_file + check_graph) on the largest graph it
+accepts (MAX_NODES nodes, MAX_DEPTH deep: Add nodes side by side, then a chain of them) and on the demo
+model's graph, next to mx.import_function of the same file and its first call; medians of BENCH_ROUNDS.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import statistics
+import struct
 import tempfile
 
 from benchmarks.common import ms, timed
@@ -71,5 +76,66 @@ def main() -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def _largest_graph(nodes: int, depth: int) -> bytes:
+    """An .mlxfn in MLX's own layout (worker/formats/mlxfn.py): one (2, 4) float32 input x (id 1), then
+    nodes - 1 Add nodes: the first side by side (x + x, depth 1), the last depth - 1 of them a chain on top."""
+    import mlx.core as mx
+
+    def string(b: bytes) -> bytes:
+        return struct.pack("<Q", len(b)) + b
+
+    f32 = struct.pack("<Qii", 2, 2, 4) + struct.pack("<iB", 10, 4)
+    add = struct.pack("<iii", 0, 0, 0) + string(b"Add") + struct.pack("<Q", 0) + f32
+    out = [string(mx.__version__.encode()), struct.pack("<iB", 1, 1), string(b""), struct.pack("<Q", 0),
+           struct.pack("<QQ", 1, 1), struct.pack("<Q", 1), f32, struct.pack("<QQ", 1, nodes), struct.pack("<Q", nodes),
+           struct.pack("<QBB", 1, 0, 0)]
+    wide = nodes - depth + 1            # ids 2..wide at depth 1, then each one deeper: the last at `depth`
+    for node_id in range(2, nodes + 1):
+        first = 1 if node_id <= wide else node_id - 1
+        out.append(struct.pack("<QBQQQ", node_id, 1, 2, first, 1) + add)
+    return b"".join(out)
+
+
+def bench_mlxfn() -> None:
+    import mlx.core as mx
+    from sealbox.client.demo_model import build_demo_model
+    from sealbox.worker.engine import TensorSpec
+    from sealbox.worker.formats import mlxfn
+
+    directory = tempfile.mkdtemp(prefix="sealbox-bench-mlxfn-")
+    try:
+        build_demo_model(os.path.join(directory, "demo"))
+        largest = os.path.join(directory, "largest.mlxfn")
+        with open(largest, "wb") as f:
+            f.write(_largest_graph(mlxfn.MAX_NODES, mlxfn.MAX_DEPTH))
+        x = [TensorSpec("x", "FP32", (-1, 4))]
+        demo_weights = mx.load(os.path.join(directory, "demo", "weights.safetensors"))
+        cases = [("largest accepted", largest, x, [TensorSpec("y", "FP32", (-1, 4))], {}, {}),
+                 ("demo MLP", os.path.join(directory, "demo", "model.mlxfn"), x, [TensorSpec("y", "FP32", (-1, 3))],
+                  {k: (v.ndim, "FP32") for k, v in demo_weights.items()}, demo_weights)]
+        print(f".mlxfn tape walk vs MLX, medians of {ROUNDS}")
+        for label, path, inputs, outputs, keywords, weights in cases:
+            def walk():
+                mlxfn.check_file(path, "model.mlxfn", mx.__version__)
+                return mlxfn.check_graph(path, "model.mlxfn", inputs, outputs, keywords)
+
+            def first_call():
+                (y,) = mx.import_function(path)(mx.zeros((2, 4)), **weights)
+                mx.eval(y)
+
+            graph = walk()
+            rounds = [(timed(walk, 1)[0], timed(lambda: mx.import_function(path), 1)[0], timed(first_call, 1)[0])
+                      for _ in range(ROUNDS)]          # interleaved: the machine's load drifts alike for all three
+            check, imported, called = (statistics.median(column) for column in zip(*rounds))
+            print(f"  {label}: {graph['nodes']} nodes, depth {graph['depth']}, {os.path.getsize(path)} bytes")
+            print(f"    tape walk (check_file + check_graph)        {ms(check)}")
+            print(f"    mx.import_function                          {ms(imported)}")
+            print(f"    mx.import_function + first call (batch 2)   {ms(called)}")
+            print(f"    walk / import: {check / imported:.2f}x; walk / (import + first call): {check / called:.2f}x")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 if __name__ == "__main__":
     main()
+    bench_mlxfn()

@@ -107,7 +107,7 @@ class MlxEngine(Engine):
             path = _file(files, meta, "function", (".mlxfn",))
             announce(f"parsing {meta['function']} (the version field)")
             mlxfn.check_file(path, meta["function"], mx.__version__)
-            announce(f"parsing {meta['function']} (the function's header: arity, node count)")
+            announce(f"parsing {meta['function']} (the function's graph: arity, primitives, references, depth)")
             by_name = {numpy_name: datatype for _, datatype, numpy_name in mlxfn.DTYPES.values()}
             keywords = {k: (v.ndim, by_name.get(str(v.dtype).rsplit(".", 1)[-1], str(v.dtype)))
                         for k, v in weights.items()}

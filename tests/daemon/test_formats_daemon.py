@@ -46,7 +46,10 @@ def formats_daemon(tmp_path_factory, demo_model, keys):
     demo_files = {name: (demo_model / name).read_bytes() for name in ("model.json", "weights.safetensors")}
     demo_meta = json.loads(demo_files.pop("model.json"))
     graph = (demo_model / "model.mlxfn").read_bytes()
-    crashing = [(f"mlxfn-crash{i}", mutated_mlxfn(graph, seed)) for i, seed in enumerate(crashing_mlxfn_seeds(graph))]
+    # Mutants the strict reader accepts (it refuses every one that crashes MLX's import: test_mlxfn_graph.py) and
+    # on which MLX crashes all the same, in the warm-up calls: the reader does not re-infer shapes.
+    crashing = [(f"mlxfn-crash{i}", mutated_mlxfn(graph, seed))
+                for i, seed in enumerate(crashing_mlxfn_seeds(graph, 50_000, str(demo_model)))]
     for name, data in [("mlxfn-fixed-shapes", _fixed_shape_export()),
                        ("mlxfn-old-version", mlxfn_with_version(graph, b"0.31.0")), *crashing]:
         path = write_model(models_dir / name, demo_meta, {**demo_files, "model.mlxfn": data}, keys[0])
@@ -140,12 +143,15 @@ def test_mlxfn_of_an_unknown_version_is_refused(formats_daemon):
         "model.mlxfn: written by MLX 0.31.0; this reader knows the layout of MLX 0.32.4 only"))
 
 
-def test_a_parser_crash_names_the_file_and_does_not_blame_memory(formats_daemon):
-    """MLX's .mlxfn parser dies of a signal on some mutated graphs (found by crashing_mlxfn_seeds): the reason
-    says so, names the file it was parsing (the worker's last words), and says nothing of memory: the cgroup
-    reported no OOM kill. Mutants that do not crash in the worker are refused cleanly, by name."""
+def test_a_crash_while_loading_names_the_file_and_does_not_blame_memory(formats_daemon):
+    """MLX dies of a signal on some mutated graphs that pass the strict reader (found by crashing_mlxfn_seeds,
+    in plain MLX): the reason says so, names the file and the step (the worker's last words: the import, or a
+    warm-up call), and says nothing of memory unless the cgroup reported an OOM kill. Mutants that do not crash
+    in the worker are refused cleanly, by name."""
     candidates = sorted(m for m in formats_daemon.model_names if m.startswith("mlxfn-crash"))
-    assert candidates, "no mutated graph crashed MLX's import in the search"
+    assert candidates, "no mutated graph that the strict reader accepts crashed MLX in the search"
+    steps = ["parsing model.mlxfn (an MLX exported function, with mx.import_function)",
+             "warm-up call of model.mlxfn with 'x' [2, 4]", "warm-up call of model.mlxfn with 'x' [3, 4]"]
     crashed = []
     with Answering(formats_daemon), formats_daemon.client() as client:
         for model in candidates:
@@ -153,14 +159,19 @@ def test_a_parser_crash_names_the_file_and_does_not_blame_memory(formats_daemon)
                 client.load(model)
             status = client.status(model)
             assert status.state == "UNAVAILABLE" and client.model_ready(model) is False
-            if status.reason.startswith("worker killed by"):
+            if status.reason.startswith("worker killed by the OOM killer"):
+                # a mutant that asks for gigabytes (plain MLX then dies of SIGSEGV, its allocation failing): the
+                # cgroup reported the OOM kill, so memory is named, with the step
+                assert status.reason in [f"worker killed by the OOM killer while loading (memory limit 2048 MiB): "
+                                         f"{step}" for step in steps], status.reason
+            elif status.reason.startswith("worker killed by"):
                 # SIGSEGV; or glibc's abort on heap corruption, which seccomp may kill first (SIGSYS)
-                assert status.reason in [f"worker killed by {sig} while loading: parsing model.mlxfn (an MLX exported "
-                                         "function, with mx.import_function)"
+                assert status.reason in [f"worker killed by {sig} while loading: {step}" for step in steps
                                          for sig in ("SIGSEGV", "SIGABRT", "SIGBUS", "SIGSYS (seccomp violation)")]
                 crashed.append(status.reason)
             else:
-                # MLX's own refusal, or the strict header check's (worker/formats/mlxfn.py check_graph)
-                assert status.reason.startswith(REFUSED + "model.mlxfn: "), status.reason
-    assert crashed, "none of the mutants that crash plain MLX crashed the worker"
+                # MLX's own refusal, or the engine's (a warm-up call that raised)
+                assert status.reason.startswith("worker exited with code 3 (model refused by the engine) while "
+                                                "loading: model refused: model.mlxfn: "), status.reason
+    assert crashed, f"none of the mutants that crash plain MLX crashed the worker ({len(candidates)} tried)"
     assert not any("memory" in reason for reason in crashed)

@@ -1,12 +1,14 @@
-""".mlxfn function header, checked before MLX imports the file: one function, arity against model.json and the
-weights, node count bounded (worker/formats/mlxfn.py, check_graph). Refusals name the file and the defect;
-through a real daemon nothing is served."""
+""".mlxfn function table, checked before MLX imports the file: one function, arity against model.json and the
+weights, node count bounded, the tape walked (known primitives, depth bounded) (worker/formats/mlxfn.py,
+check_graph). Refusals name the file and the defect; through a real daemon nothing is served, and another
+model answers throughout."""
 from __future__ import annotations
 
 import json
 import os
 import pathlib
 import struct
+import threading
 import time
 
 import grpc
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 
 from tests.support.daemon import Daemon
+from tests.support.formats import add_chain, add_node, crashing_mlxfn_seeds, mutated_mlxfn
 from tests.support.pki import upstream_sign
 from sealbox.worker.engine import ModelError, TensorSpec
 from sealbox.worker.formats import mlxfn
@@ -25,36 +28,12 @@ Y = [TensorSpec("y", "FP32", (-1, 4))]
 REFUSED = "worker exited with code 3 (model refused by the engine) while loading: model refused: "
 
 
-def _str(b: bytes) -> bytes:
-    return struct.pack("<Q", len(b)) + b
-
-
-def _f32_2x4() -> bytes:
-    return struct.pack("<Q", 2) + struct.pack("<ii", 2, 4) + struct.pack("<iB", 10, 4)
-
-
-def add_chain(nodes: int) -> bytes:
-    """An .mlxfn in MLX 0.32.4's own layout (mlx/export.cpp): y = x + x + ... + x as `nodes` Add nodes, each
-    adding the input to the previous node. test_the_synthesised_chain_is_a_real_mlx_graph shows MLX imports
-    and runs it: exporting a 200 000-node loop with mx.export_function takes minutes, writing it takes 0.3 s."""
-    import mlx.core as mx
-    out = [_str(mx.__version__.encode()), struct.pack("<i", 1), b"\x01", _str(b""), struct.pack("<Q", 0)]
-    out += [struct.pack("<QQ", 1, 1), struct.pack("<Q", 1), _f32_2x4()]          # input ids [1], input (2, 4) f32
-    out += [struct.pack("<QQ", 1, nodes + 1), struct.pack("<Q", nodes + 1)]     # output id, tape size
-    out.append(struct.pack("<QBB", 1, 0, 0))                                     # the input, referenced
-    add = _str(b"Add") + struct.pack("<Q", 0) + _f32_2x4()
-    for i in range(nodes):
-        node_id, prev = i + 2, (i + 1)
-        out.append(struct.pack("<QBQQQ", node_id, 1, 2, prev, 1) + struct.pack("<iii", 0, 0, 0) + add)
-    return b"".join(out)
-
-
 def test_the_synthesised_chain_is_a_real_mlx_graph(tmp_path):
     import mlx.core as mx
     path = tmp_path / "c.mlxfn"
     path.write_bytes(add_chain(5))
     assert mlxfn.check_file(str(path), "c.mlxfn", mx.__version__) == {"version": mx.__version__, "shapeless": True}
-    assert mlxfn.check_graph(str(path), "c.mlxfn", X, Y, {}) == {"nodes": 6}
+    assert mlxfn.check_graph(str(path), "c.mlxfn", X, Y, {}) == {"nodes": 6, "depth": 5}
     (y,) = mx.import_function(str(path))(mx.ones((3, 4)))
     np.testing.assert_array_equal(np.array(y), np.full((3, 4), 6, np.float32))
 
@@ -75,6 +54,28 @@ def test_what_mlx_exports_passes_with_its_node_count(tmp_path):
                        mx.zeros((2, 4)), shapeless=True)
     two_in = [TensorSpec("a", "FP32", (-1, 4)), TensorSpec("b", "FP32", (-1, 4))]
     assert mlxfn.check_graph(str(tmp_path / "two.mlxfn"), "two.mlxfn", two_in, Y * 2, {})["nodes"] in range(4, 9)
+
+
+def test_mutants_that_crash_mlx_import_are_refused_by_the_walk_first(tmp_path):
+    """Two-byte mutants of the demo graph on which plain MLX 0.32.4's mx.import_function dies of a signal
+    (about 1 in 100): the strict reader refuses each of them, naming the file, before MLX would read a byte."""
+    import mlx.core as mx
+    from sealbox.client.demo_model import build_demo_model
+    build_demo_model(str(tmp_path / "demo"))
+    graph = (tmp_path / "demo" / "model.mlxfn").read_bytes()
+    seeds = crashing_mlxfn_seeds(graph)
+    assert seeds, "no mutated graph crashed MLX's import in the search"
+    meta = json.loads((tmp_path / "demo" / "model.json").read_text())
+    inputs = [TensorSpec.from_json(t, "inputs") for t in meta["inputs"]]
+    outputs = [TensorSpec.from_json(t, "outputs") for t in meta["outputs"]]
+    keywords = {k: (v.ndim, "FP32") for k, v in mx.load(str(tmp_path / "demo" / "weights.safetensors")).items()}
+    for seed in seeds:
+        path = tmp_path / f"mutant{seed}.mlxfn"
+        path.write_bytes(mutated_mlxfn(graph, seed))
+        with pytest.raises(ModelError) as err:
+            mlxfn.check_file(str(path), "model.mlxfn", mx.__version__)
+            mlxfn.check_graph(str(path), "model.mlxfn", inputs, outputs, keywords)
+        assert str(err.value).startswith("model.mlxfn: "), seed
 
 
 def _refusal(path, inputs=X, outputs=Y, keywords=None) -> str:
@@ -146,19 +147,41 @@ def _model(directory: pathlib.Path, graph: bytes, outputs: int, key) -> pathlib.
     return directory
 
 
-def test_through_the_daemon_big_graphs_and_wrong_arity_are_refused_and_nothing_is_served(tmp_path, keys):
+def test_through_the_daemon_big_deep_unknown_graphs_and_wrong_arity_are_refused_and_nothing_is_served(tmp_path, keys):
+    deep = mlxfn.MAX_DEPTH + 1      # MLX itself imports and serves this chain in a fraction of a second
     models = {"chain": {"path": _model(tmp_path / "m" / "chain", add_chain(1000), 1, keys[0])},
               "big": {"path": _model(tmp_path / "m" / "big", add_chain(200_000), 1, keys[0]), "load": False},
+              "deep": {"path": _model(tmp_path / "m" / "deep", add_chain(deep), 1, keys[0]), "load": False},
+              "unknown": {"path": _model(tmp_path / "m" / "unknown",
+                                         add_chain(0, tape=[add_node(2, (1, 1), name=b"Foo")]), 1, keys[0]),
+                          "load": False},
               "arity": {"path": _model(tmp_path / "m" / "arity", add_chain(10), 2, keys[0]), "load": False}}
     (tmp_path / "d").mkdir()
     daemon = Daemon(tmp_path / "d", models, keys[1]).start()
     try:
         x = np.arange(8, dtype=np.float32).reshape(2, 4)
+        answers, failures, done = [], [], threading.Event()
+
+        def answering():                  # the served chain, called all the while the others are refused
+            with daemon.client() as other:
+                while not done.wait(0.02):
+                    try:
+                        np.testing.assert_array_equal(other.infer("chain", {"x": x})["y0"], 1001 * x)
+                        answers.append(1)
+                    except Exception as exc:  # noqa: BLE001 - any failure fails the test
+                        failures.append(repr(exc))
+
         with daemon.client() as client:
             np.testing.assert_array_equal(client.infer("chain", {"x": x})["y0"], 1001 * x)
+            thread = threading.Thread(target=answering, daemon=True)
+            thread.start()
             for model, reason, most_s in (
                     ("big", "model.mlxfn: a graph of 200001 nodes, more than the 100000 an exported function "
                             "may have", 20),
+                    ("deep", f"model.mlxfn: node {deep + 1} lies {deep} primitives deep, more than the "
+                             f"{mlxfn.MAX_DEPTH} an exported function may have", 60),
+                    ("unknown", "model.mlxfn: node 2 uses primitive 'Foo', which this reader does not know "
+                                "(MLX 0.32.4)", 60),
                     ("arity", "model.mlxfn: the function returns 1 outputs, but model.json lists 2 (y0, y1)", 60)):
                 started = time.monotonic()
                 with pytest.raises(grpc.RpcError) as err:
@@ -171,6 +194,9 @@ def test_through_the_daemon_big_graphs_and_wrong_arity_are_refused_and_nothing_i
                 with pytest.raises(grpc.RpcError) as err:
                     client.infer(model, {"x": x})
                 assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            done.set()
+            thread.join(timeout=60)
+            assert not failures and answers, failures
             np.testing.assert_array_equal(client.infer("chain", {"x": x})["y0"], 1001 * x)
     finally:
         daemon.stop()

@@ -305,6 +305,36 @@ GGUF_DAEMON_DEFECTS = ("zero_dimension", "invalid_type")
 
 # ---- .mlxfn (see sealbox/worker/formats/mlxfn.py)
 
+def _str(b: bytes) -> bytes:
+    return struct.pack("<Q", len(b)) + b
+
+
+F32_2X4 = struct.pack("<Q", 2) + struct.pack("<ii", 2, 4) + struct.pack("<iB", 10, 4)   # shape (2, 4), float32
+
+
+def add_node(node_id: int, args, name: bytes = b"Add", state: bytes = b"") -> bytes:
+    """One primitive node of a tape in MLX 0.32.4's layout: id, has-primitive, input ids, stream (0, cpu, 0),
+    primitive name, its state, no siblings, output shape and dtype."""
+    return (struct.pack("<QBQ", node_id, 1, len(args)) + struct.pack(f"<{len(args)}Q", *args)
+            + struct.pack("<iii", 0, 0, 0) + _str(name) + state + struct.pack("<Q", 0) + F32_2X4)
+
+
+def add_chain(nodes: int, wide: bool = False, tape: list[bytes] | None = None, output: int | None = None) -> bytes:
+    """An .mlxfn in MLX 0.32.4's own layout (mlx/export.cpp): y = x + x + ... + x as `nodes` Add nodes, each
+    adding the input to the previous node (wide: each adds the input to itself, a graph of depth 1).
+    test_the_synthesised_chain_is_a_real_mlx_graph shows MLX imports and runs it: exporting a 200 000-node loop
+    with mx.export_function takes minutes, writing it takes 0.3 s. tape: nodes to use instead of the Adds
+    (the input's reference, id 1, comes first); output: the output id (default: the last node's)."""
+    import mlx.core as mx
+    if tape is None:
+        tape = [add_node(i + 2, (1, 1) if wide else (i + 1, 1)) for i in range(nodes)]
+    out = [_str(mx.__version__.encode()), struct.pack("<i", 1), b"\x01", _str(b""), struct.pack("<Q", 0)]
+    out += [struct.pack("<QQ", 1, 1), struct.pack("<Q", 1), F32_2X4]          # input ids [1], input (2, 4) f32
+    out += [struct.pack("<QQ", 1, output or len(tape) + 1), struct.pack("<Q", len(tape) + 1)]  # output, tape size
+    out.append(struct.pack("<QBB", 1, 0, 0))                                   # the input, referenced
+    return b"".join(out + tape)
+
+
 def mlxfn_with_version(data: bytes, version: bytes) -> bytes:
     """An exported function's bytes with another version field."""
     (length,) = struct.unpack("<Q", data[:8])
@@ -321,38 +351,65 @@ def mutated_mlxfn(data: bytes, seed: int) -> bytes:
 
 
 _CRASH_SEARCH = """
-import os, sys
+import json, os, signal, sys
 import numpy as np
 import mlx.core as mx
 from tests.support.formats import mutated_mlxfn
 data = open(sys.argv[1], "rb").read()
+tries, model = int(sys.argv[2]), sys.argv[3]
+if model:   # only mutants the strict reader accepts, imported and then called as the worker's warm-up does
+    from sealbox.worker.engine import ModelError, TensorSpec
+    from sealbox.worker.formats import mlxfn
+    meta = json.load(open(os.path.join(model, "model.json")))
+    inputs = [TensorSpec.from_json(t, "inputs") for t in meta["inputs"]]
+    outputs = [TensorSpec.from_json(t, "outputs") for t in meta["outputs"]]
+    weights_path = os.path.join(model, meta["weights"])
+    keywords = {k: (v.ndim, "FP32") for k, v in mx.load(weights_path).items()}
 found = []
-for seed in range(int(sys.argv[2])):
+for seed in range(tries):
     path = sys.argv[1] + ".candidate"
     with open(path, "wb") as f:
         f.write(mutated_mlxfn(data, seed))
+    if model:
+        try:
+            mlxfn.check_file(path, "model.mlxfn", mx.__version__)
+            mlxfn.check_graph(path, "model.mlxfn", inputs, outputs, keywords)
+        except ModelError:
+            continue
     pid = os.fork()
     if pid == 0:
         os.close(2)
+        if model:
+            signal.alarm(5)   # a mutant whose calls loop for ever is no crash
         try:
-            mx.import_function(path)
+            fn = mx.import_function(path)
+            if model:
+                weights = mx.load(weights_path)
+                for size in (2, 3):
+                    mx.eval(fn(mx.zeros((size, 4)), **weights))
         except Exception:
             pass
         os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
+    _, status, usage = os.wait4(pid, 0)
+    if model and usage.ru_maxrss > 512 * 1024:
+        continue              # nor is one that allocates gigabytes (the worker's memory limit ends it)
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) != signal.SIGALRM:
         found.append(seed)
-        if len(found) == 3:
+        if len(found) == (5 if model else 3):
             break
 print(" ".join(map(str, found)))
 """
 
 
-def crashing_mlxfn_seeds(data: bytes, tries: int = 3000) -> list[int]:
+def crashing_mlxfn_seeds(data: bytes, tries: int = 3000, model: str = "") -> list[int]:
     """Seeds of mutated_mlxfn(data, seed) on which MLX 0.32.4's mx.import_function dies of a signal
     (SIGSEGV, or SIGABRT on heap corruption), found by trying them in forked children of one process:
     about 1 in 100 two-byte mutations of the demo graph. The graph holds per-process ids, so the search
-    runs on the very bytes the test uses."""
+    runs on the very bytes the test uses.
+
+    With model (the directory of the model the graph belongs to: model.json, weights): only mutants that
+    worker/formats/mlxfn.py's strict reader accepts, and a crash at import or in the warm-up calls (batch 2
+    and 3, zeros) counts: about 1 in 5000 mutants of the demo graph."""
     import pathlib
     import subprocess
     import sys
@@ -360,7 +417,7 @@ def crashing_mlxfn_seeds(data: bytes, tries: int = 3000) -> list[int]:
     with tempfile.TemporaryDirectory() as tmp:
         path = pathlib.Path(tmp) / "graph.mlxfn"
         path.write_bytes(data)
-        out = subprocess.run([sys.executable, "-c", _CRASH_SEARCH, str(path), str(tries)],
+        out = subprocess.run([sys.executable, "-c", _CRASH_SEARCH, str(path), str(tries), model],
                              capture_output=True, text=True, timeout=600,
                              env={"MLX_DISABLE_COMPILE": "1", "MALLOC_ARENA_MAX": "2", "PATH": "/usr/bin:/bin",
                                   "PYTHONPATH": str(REPO)})

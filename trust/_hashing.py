@@ -11,9 +11,10 @@ same either way: only where the bytes go differs.
 Work is split into ranges (a whole file, or one shard) and spread over a
 thread pool: hashlib and blake3 release the GIL on large updates, and so do
 preadv/pwrite. Each range reads into buffers of its own, mapped for that
-range and unmapped when it is done: no buffer outlives a load (buffers that
-went through malloc stayed in glibc's per-thread arenas: the daemon's RSS
-rose by 130-230 MB after a few loads).
+range and unmapped when it is done: no buffer outlives a load (8 MiB
+buffers that went through malloc stayed in glibc's per-thread arenas:
++32-48 MiB after the first call on 2 cores with glibc's default settings,
+more with more cores; the daemon's fixed mmap threshold hid it).
 
 Measured on 1 GiB (4 files, 2 cores, page cache warm; README "Benchmarks"):
 1 MiB chunks hash and copy ~20 % faster than 8 MiB (the chunk is still in

@@ -68,7 +68,13 @@ def add_commands(subparsers) -> None:
                             "release statement (needed with --version); the daemon's policy key model_name can require it")
         s.set_defaults(func=cmd_sign)
 
-    v = subparsers.add_parser("verify", help="verify a model exactly as the daemon does")
+    v = subparsers.add_parser("verify", help="verify a model exactly as the daemon does",
+                              description="Run the daemon's verification (storage checks, signature, file set, "
+                                          "release statement, digests) on MODEL_DIR with a trust policy made from "
+                                          "these flags. It hashes the files without copying them into sealed "
+                                          "memory, which only the daemon needs (it hands those copies to a worker): "
+                                          "the same digests and verdict. Exit status: 0 verified, 1 refused, 2 "
+                                          "usage or I/O error.")
     v.add_argument("model_dir", metavar="MODEL_DIR")
     v.add_argument("--signature", metavar="SIG", help=f"the signature bundle (default MODEL_DIR/{DEFAULT_SIGNATURE}); "
                    f"a release statement is read from {DEFAULT_RELEASE} beside it")

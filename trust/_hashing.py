@@ -17,11 +17,12 @@ buffers that went through malloc stayed in glibc's per-thread arenas:
 more with more cores; the daemon's fixed mmap threshold hid it).
 
 Measured on 1 GiB (4 files, 2 cores, page cache warm; README "Benchmarks"):
-1 MiB chunks hash and copy ~20 % faster than 8 MiB (the chunk is still in
-the CPU cache when it is written); sendfile() into the memfd and hashing an
-mmap of it, or reading straight into a mapping of the memfd, were 10-20 %
-slower (page faults on fresh shmem pages); copy_file_range() into a memfd
-fails with EXDEV (another filesystem).
+at a quiet moment 1 MiB chunks hashed and copied in 560-575 ms against
+690-900 ms with 8 MiB (the chunk is still in the CPU cache when it is
+written); on a loaded machine the two are within noise, 1 MiB using a few
+% less CPU. sendfile() into the memfd and hashing an mmap of it, or reading
+straight into a mapping of the memfd, cost 20-40 % more CPU (page faults on
+fresh shmem pages); copy_file_range() into a memfd fails with EXDEV.
 """
 from __future__ import annotations
 

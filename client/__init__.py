@@ -9,6 +9,12 @@
 | demo.py | `sealbox demo`: build, sign and serve the demo model, call it once |
 | demo_model.py | the built-in demo model (an exported MLX function and its weights) |
 """
-from .client import AsyncClient, Client, StreamError
-
 __all__ = ["AsyncClient", "Client", "StreamError"]
+
+
+def __getattr__(name: str):
+    # Imported on first use: the publisher's commands (`sealbox verify`) need no grpc or numpy.
+    if name in __all__:
+        from . import client
+        return getattr(client, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

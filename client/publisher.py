@@ -2,7 +2,8 @@
 
 Mounted under the `sealbox` CLI by add_commands(); main(argv) runs them
 alone. `hash` and `sign` use sealbox.trust.signing; `verify` runs exactly
-the daemon's verify_model (sealbox.trust) with a policy built from the flags;
+the daemon's verify_model (sealbox.trust) with a policy built from the flags
+(hashing only: it hands no sealed copies over);
 `keygen` makes a signing key the trust policy accepts.
 Exit codes: 0 verified/done, 1 refused, 2 usage or I/O error.
 """
@@ -67,7 +68,13 @@ def add_commands(subparsers) -> None:
                             "release statement (needed with --version); the daemon's policy key model_name can require it")
         s.set_defaults(func=cmd_sign)
 
-    v = subparsers.add_parser("verify", help="verify a model exactly as the daemon does")
+    v = subparsers.add_parser("verify", help="verify a model exactly as the daemon does",
+                              description="Run the daemon's verification (storage checks, signature, file set, "
+                                          "release statement, digests) on MODEL_DIR with a trust policy made from "
+                                          "these flags. It hashes the files without copying them into sealed "
+                                          "memory, which only the daemon needs (it hands those copies to a worker): "
+                                          "the same digests and verdict. Exit status: 0 verified, 1 refused, 2 "
+                                          "usage or I/O error.")
     v.add_argument("model_dir", metavar="MODEL_DIR")
     v.add_argument("--signature", metavar="SIG", help=f"the signature bundle (default MODEL_DIR/{DEFAULT_SIGNATURE}); "
                    f"a release statement is read from {DEFAULT_RELEASE} beside it")
@@ -242,8 +249,10 @@ def cmd_verify(args) -> int:
                          ignore_paths=tuple(_as_model_names(real, args.ignore_paths)), where="command line")
     name = args.model_name or os.path.basename(real)
     try:
-        with verify_model(name, real, policy, None, None) as model:
-            print(f"verified: {len(model.files)} files, {model.digest}, signer {model.signer}"
+        # seal=False: the CLI hands nothing over, so it hashes without copying into sealed memfds
+        # (the same reads, digests and checks as the daemon's).
+        with verify_model(name, real, policy, None, None, seal=False) as model:
+            print(f"verified: {len(model.sizes)} files, {model.digest}, signer {model.signer}"
                   + (f", version {model.version}" if model.version else "")
                   + (f"; ignored (not verified): {', '.join(model.ignored)}" if model.ignored else ""))
     except VerificationError as e:

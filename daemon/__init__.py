@@ -7,6 +7,7 @@
 | preflight.py | start-up checks that every required sandbox layer is available; --check-config's checks; clean-up of a dead daemon's worker directories and cgroups |
 | fetching.py | remote models (`source = "https://..."`): fetched into the store through the sandboxed helper, one per model, bounded, audited |
 | supervisor.py | each model's state machine: verify, launch, restart, unload, hand-over to a new version, config reload (SIGHUP), readiness; the server's narrow interface |
+| phases.py | where a load's time goes: verify, hashing, spawn, READY, the worker's own account; for the `model_load` event and log line |
 | worker_process.py | one worker process: spawner thread, the channel to it, exit and death reasons |
 | server.py | the public gRPC API on grpc.aio (Open Inference Protocol, health, reflection): routing, `serve()` |
 | listeners.py | one grpc.aio server per listener (Unix sockets, TCP, mutual TLS), binding all-or-nothing, the access check |

@@ -29,6 +29,7 @@ from ..sandbox.profile import SandboxProfile
 from . import errors
 from .audit import AuditLog
 from .metrics import Metrics, death_kind
+from .phases import LoadPhases
 from .config import Config, ConfigError, ModelConfig, load_config
 from .fetching import Fetcher, FetchBusy
 from .preflight import preflight
@@ -197,6 +198,7 @@ class Supervisor:
             if not serving:
                 model.set_state(State.LOADING, "verifying", config=cfg)
             model.files_seen = files_fingerprint(cfg)   # before verifying: a change during it shows next time
+            phases = LoadPhases()
             try:
                 path, policy = cfg.path, cfg.policy
                 if cfg.source is not None:   # fetched into the store, then verified there like a directory
@@ -216,14 +218,15 @@ class Supervisor:
             self.metrics.verification(name, "all", "accepted")
             if cfg.source is not None:
                 self.fetcher.hold(name, path)   # store gc keeps this view while the model may serve it
+            phases.verified(verified.hash_s)
             if serving:
-                self._hand_over(model, cfg, verified)
+                self._hand_over(model, cfg, verified, phases)
                 return
             try:
                 self._stop_worker(model, State.LOADING, "loading")
                 model.verified, model.failures = verified, 0
                 model.set_state(State.LOADING, "loading", verified.version or "")
-                self._start_worker(model)
+                self._start_worker(model, phases)
             except Exception as exc:
                 verified.close()  # never served: free the sealed copies now
                 model.verified = None
@@ -271,12 +274,15 @@ class Supervisor:
         worker.stamp = worker.provenance.stamp()
         return worker
 
-    def _start_worker(self, model: ManagedModel) -> None:
-        """Launch a worker on model.verified and wait until it serves (caller holds model.lock)."""
+    def _start_worker(self, model: ManagedModel, phases: LoadPhases | None = None) -> None:
+        """Launch a worker on model.verified and wait until it serves (caller holds model.lock);
+        `phases` carries the load's verification time (a restart starts its own)."""
         name = model.config.name
         model.generation += 1
         generation = model.generation
         started = time.monotonic()
+        phases = phases or LoadPhases()
+        phases.spawning()
         try:
             worker = self._launch(model.config, model.verified)
         except ModelUnavailable as exc:
@@ -285,24 +291,30 @@ class Supervisor:
             raise
         model.set_state(State.LOADING, "loading", worker=worker)
         try:
-            metadata = self._served_metadata(name, model.version, worker.wait_ready(worker.profile.load_timeout_s),
-                                             worker.provenance)
+            answer = worker.wait_ready(worker.profile.load_timeout_s)
+            phases.answered(answer)
+            metadata = self._served_metadata(name, model.version, answer, worker.provenance)
         except ModelUnavailable as exc:
             worker.kill()
             model.set_state(State.UNAVAILABLE, str(exc), worker=None)
             self.audit.event("model_load", model=name, verdict="failed", reason=model.reason)
             raise
         model.set_state(State.READY, metadata=metadata)
-        self._served(model, worker, generation, started)
+        self._served(model, worker, generation, started, phases)
 
-    def _served(self, model: ManagedModel, worker: WorkerProcess, generation: int, started: float, **audit) -> None:
-        """A worker just became the model's READY worker: record the version, audit, watch it."""
+    def _served(self, model: ManagedModel, worker: WorkerProcess, generation: int, started: float,
+                phases: LoadPhases, **audit) -> None:
+        """A worker just became the model's READY worker: record the version, audit (with where the
+        load's time went), log, watch it."""
         name = model.config.name
         worker.ready_at = time.monotonic()
         self.metrics.load_duration(name, worker.ready_at - started, model.version)
         self._record_version(model)
+        timings = phases.fields(worker.ready_at)
         self.audit.event("model_load", model=name, verdict="ready", **worker.provenance.audit_fields(),
-                         engine=model.config.format, worker_pid=worker.proc.pid, **audit)
+                         engine=model.config.format, worker_pid=worker.proc.pid, **audit, **timings)
+        log.info("model %s%s %s", name, f" version {model.version}" if model.version else "",
+                 LoadPhases.describe(timings))
         threading.Thread(target=self._watch, args=(model, worker, generation), daemon=True,
                          name=f"watch-{name}").start()
 
@@ -319,7 +331,7 @@ class Supervisor:
                 log.error("model %s: cannot record version %s in %s: %s", model.config.name, version,
                           self.config.server.state_dir, exc)
 
-    def _hand_over(self, model: ManagedModel, cfg: ModelConfig, verified) -> None:
+    def _hand_over(self, model: ManagedModel, cfg: ModelConfig, verified, phases: LoadPhases) -> None:
         """Replace a serving model without downtime (caller holds model.lock): start the new worker
         on `verified` and wait until it is READY (warmed up) while the old one keeps serving, then
         swap worker, metadata, status, verified and config in one step, then let the old worker
@@ -330,6 +342,7 @@ class Supervisor:
         old_verified = model.verified
         version = verified.version or ""
         started = time.monotonic()
+        phases.spawning()
         keeps = f"version '{old_status.version}' keeps serving" if old_status.version else "the old version keeps serving"
         try:
             worker = self._launch(cfg, verified)
@@ -338,8 +351,9 @@ class Supervisor:
             self.audit.event("model_update", model=name, verdict="failed", reason=str(exc), serving=old_status.version)
             raise ModelUnavailable(f"{exc}; {keeps}") from None
         try:
-            metadata = self._served_metadata(name, version, worker.wait_ready(worker.profile.load_timeout_s),
-                                             worker.provenance)
+            answer = worker.wait_ready(worker.profile.load_timeout_s)
+            phases.answered(answer)
+            metadata = self._served_metadata(name, version, answer, worker.provenance)
         except ModelUnavailable as exc:
             worker.kill()
             verified.close()
@@ -349,7 +363,7 @@ class Supervisor:
         generation = model.generation
         model.failures = 0
         model.set_state(State.READY, "", version, worker=worker, metadata=metadata, verified=verified, config=cfg)
-        self._served(model, worker, generation, started, replaced=old_status.version)
+        self._served(model, worker, generation, started, phases, replaced=old_status.version)
         self._drain_soon(name, old_worker, old_verified)
 
     def _drain_soon(self, name: str, worker: WorkerProcess | None, verified) -> None:

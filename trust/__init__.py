@@ -15,10 +15,10 @@ The public face is this module and the modules without a leading underscore:
 |---|---|
 | `errors.py` | `VerificationError(file, check, detail)`: a model refused, the message `FILE: CHECK: what is wrong` |
 | `policy.py` | the trust policy as plain values: `TrustPolicy`, `TrustedKey`, `TrustedRoots`, `SigstoreRoot`; `parse_version`, `ANY_IDENTITY` (the daemon reads them from TOML in sealbox.daemon.config) |
-| `verifying.py` | `verify_model` -> `VerifiedModel` (one sealed memfd per signed file), the check order, the `AuditSink` it reports to, the source check (which root a model path lies under), operator pin manifests |
+| `verifying.py` | `verify_model` -> `VerifiedModel` (one sealed memfd per signed file; `seal=False`: only hashed, for `sealbox verify`), the check order, the `AuditSink` it reports to, the source check (which root a model path lies under), operator pin manifests |
 | `signing.py` | the publisher's side (`sealbox hash`, `sealbox sign`): model digests, the OMS statement, release statements, signed bundles |
 | `_storage.py` | storage checks: the walk from a source root down to the model, then every entry of the model, each opened `O_NOFOLLOW` relative to its parent's fd and checked on that fd (owner, mode, kind, hard links, symlinks) |
-| `_hashing.py` | hashing while copying each file into a sealed memfd, on a thread pool (sha256, blake2b, blake3; files or shards) |
+| `_hashing.py` | hashing each file in one pass of 1 MiB reads while copying it into a sealed memfd (or only hashing), on a thread pool (sha256, blake2b, blake3; files or shards); no buffer outlives a call |
 | `_oms.py` | the OpenSSF model-signing format: Sigstore bundle v0.3, DSSE, in-toto statement; parsing, signature and certificate-chain checks, keyless via sigstore; writing bundles; `strict_json`, the one bounded parser of untrusted JSON |
 | `_rollback.py` | signed release statements, operator-stated versions, and the highest version accepted per model (`versions.json`) |
 """

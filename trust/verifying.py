@@ -7,7 +7,8 @@ format refused by its predicate, the signature (or the operator's pinned
 digests) and the signed model name (if the policy binds one), the manifest
 digest pin, the signed file set against the files present (ignore paths
 dropped), the rollback check (a signed release, or the version the operator
-states), hashing into sealed memfds, the digests; only then is the version
+states), hashing (into sealed memfds, or with seal=False only hashing: the
+same digests and the same checks, for `sealbox verify`), the digests; only then is the version
 recorded (or, with record_version=False, by the caller through record_version once the
 model actually serves: the daemon records it when the new worker is READY). One audit event per
 decision; every failure, a bug included, leaves as a VerificationError.
@@ -19,6 +20,7 @@ import hashlib
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -45,13 +47,14 @@ class AuditSink(Protocol):
 class VerifiedModel:
     name: str
     source: str                  # the real path that was verified
-    files: dict[str, int]        # signed relative POSIX name -> sealed memfd (CLOEXEC), owned here
-    sizes: dict[str, int]
+    files: dict[str, int]        # signed relative POSIX name -> sealed memfd (CLOEXEC), owned here; {} unless sealed
+    sizes: dict[str, int]        # signed relative POSIX name -> size: every verified file
     version: str | None
     signer: str | None           # pinned identity or "key:sha256:<fingerprint>"; None when pinned by digest
     digest: str                  # "sha256:<hex>": OMS subject digest, or the same over the pinned digests
     ignored: tuple[str, ...] = ()  # present but under ignore_paths: never verified, never handed over
     record_digest: str | None = None  # recorded with the version when the operator stated it
+    hash_s: float = 0.0          # seconds spent hashing (and sealing) the files
     _closed: bool = field(default=False, repr=False)
 
     def close(self) -> None:
@@ -149,13 +152,15 @@ def _pinned_manifest(policy: TrustPolicy, real: str | None) -> tuple[Manifest, s
 
 def verify_model(name: str, model_dir: str, policy: TrustPolicy, state_dir: str | None, audit: AuditSink | None,
                  now: datetime.datetime | None = None, record_version: bool = True,
-                 store_links: bool = False) -> VerifiedModel:
+                 store_links: bool = False, seal: bool = True) -> VerifiedModel:
     """Verifies one model; raises VerificationError naming the file and the check.
 
     state_dir=None skips the rollback state (the publisher's `verify`). record_version=False checks
     the version against the state but leaves recording it to the caller (the function record_version).
     store_links=True: the model is a view of the daemon's content-addressed store (sealbox.transfer),
-    whose read-only files have hard links into the store."""
+    whose read-only files have hard links into the store.
+    seal=False hashes without copying into memfds (`sealbox verify`, which hands nothing over): the
+    same reads, digests and verdict, and a VerifiedModel whose `files` is empty."""
     record = {"model": name, "source": model_dir, "policy": policy.describe()}
     source: Source | None = None
     tree: Tree | None = None
@@ -201,7 +206,9 @@ def verify_model(name: str, model_dir: str, policy: TrustPolicy, state_dir: str 
                                          state_dir, record)
         store = VersionStore(state_dir) if state_dir is not None else None
 
-        hashed = hash_into_memfds(list(tree.files.values()), manifest.hash_type, manifest.shard_size)
+        started = time.monotonic()
+        hashed = hash_into_memfds(list(tree.files.values()), manifest.hash_type, manifest.shard_size, keep=seal)
+        hash_s = time.monotonic() - started
         for n, h in hashed.items():
             signed = manifest.resources[n]
             got = h.digests if manifest.method == "shards" else {(0, None): h.digests[(0, h.size)]}
@@ -214,12 +221,13 @@ def verify_model(name: str, model_dir: str, policy: TrustPolicy, state_dir: str 
             with _state_lock:
                 store.record(name, version, digest if stated else None)
         label = (lambda n: os.path.basename(real)) if tree.single_file else (lambda n: n)
-        model = VerifiedModel(name, real, {label(n): h.memfd for n, h in hashed.items()},
+        model = VerifiedModel(name, real, {label(n): h.memfd for n, h in hashed.items() if h.memfd >= 0},
                               {label(n): h.size for n, h in hashed.items()}, version, signer, digest,
-                              tuple(dropped), record_digest=digest if stated else None)
+                              tuple(dropped), record_digest=digest if stated else None, hash_s=hash_s)
         hashed = None  # owned by `model` now
         if audit:
-            audit.event("model.verify", **record, verdict="accepted", reason="all checks passed", files=len(model.files))
+            audit.event("model.verify", **record, verdict="accepted", reason="all checks passed", files=len(model.sizes),
+                        hash_s=round(hash_s, 4))
         return model
     except VerificationError as e:
         if audit:
@@ -243,7 +251,8 @@ def verify_model(name: str, model_dir: str, policy: TrustPolicy, state_dir: str 
             tree.close()
         if hashed:
             for h in hashed.values():
-                os.close(h.memfd)
+                if h.memfd >= 0:
+                    os.close(h.memfd)
 
 
 def _manifest(policy: TrustPolicy, sig_bytes: bytes | None, sig_path: str, real: str | None, record: dict,

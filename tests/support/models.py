@@ -23,3 +23,25 @@ def worker_python(daemon) -> psutil.Process:
         except psutil.Error:  # a worker being replaced right now
             continue
     raise AssertionError("no worker process found")
+
+
+def build_mlp_model(directory, mib: int) -> int:
+    """An MLX model of one square dense layer whose weights file is about `mib` MiB (the `mlp`
+    architecture over safetensors written by mx.save_safetensors), unsigned; returns the weights
+    file's size. For tests and benchmarks that need a big model (verification, load phases, RSS)."""
+    import json
+    import os
+    os.environ.setdefault("MLX_DISABLE_COMPILE", "1")
+    import mlx.core as mx
+    side = int((mib * 2**20 / 4) ** 0.5)
+    os.makedirs(directory, mode=0o755)
+    weights = {"layers.0.weight": mx.random.normal((side, side)), "layers.0.bias": mx.zeros((side,))}
+    path = os.path.join(directory, "weights.safetensors")
+    mx.save_safetensors(path, weights)
+    spec = {"name": "x", "datatype": "FP32", "shape": [-1, side]}
+    with open(os.path.join(directory, "model.json"), "w") as f:
+        json.dump({"architecture": {"type": "mlp"}, "weights": "weights.safetensors",
+                   "inputs": [spec], "outputs": [dict(spec, name="y")]}, f)
+    for name in ("weights.safetensors", "model.json"):
+        os.chmod(os.path.join(directory, name), 0o644)
+    return os.path.getsize(path)

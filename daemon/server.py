@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import contextvars
 import logging
 import os
@@ -62,14 +63,7 @@ class FrontDoor:
     async def _forward(self, request: bytes) -> bytes:
         """The answer's bytes (the worker's, stamped by the supervisor); raises ClientError.
         Measured for the metrics (and ModelStatistics) once the model is known to be configured."""
-        try:
-            name, version = peek_model(request)
-        except PeekError:
-            raise errors.malformed() from None
-        try:
-            status = self.sup.status(name)
-        except KeyError:
-            raise errors.unknown_model(name) from None
+        name, version, status = self._route(request)
         timing = _Timing(time.monotonic())
         code = grpc.StatusCode.OK
         metrics = self.sup.metrics
@@ -90,11 +84,64 @@ class FrontDoor:
                 metrics.observe_request(name, status.version, code, timing.queue_s, timing.compute_s,
                                         time.monotonic() - timing.start)
 
-    async def _routed(self, name: str, version: str, status, request: bytes, timing: "_Timing") -> bytes:
+    def _route(self, request: bytes):
+        """(model name, version asked, model status) of a request; ClientError for a malformed request
+        or an unknown model."""
+        try:
+            name, version = peek_model(request)
+        except PeekError:
+            raise errors.malformed() from None
+        try:
+            return name, version, self.sup.status(name)
+        except KeyError:
+            raise errors.unknown_model(name) from None
+
+    @staticmethod
+    def _check_ready(name: str, version: str, status) -> None:
         if version and version != status.version:
             raise errors.no_version(name, version, status.version)
         if status.state != State.READY:
             raise errors.unavailable(name, status.reason or status.state.value.lower())
+
+    async def _forward_stream(self, request: bytes):
+        """The answers to one ModelStreamInfer request (one or more, the last final). Several
+        responses are still ONE call: one turn of the model's gate, one byte reservation, one
+        request in the metrics. A client that goes away mid-stream cancels the call at the worker
+        (the hop sends CANCEL and waits for the worker to end it before the turn is given back)."""
+        name, version, status = self._route(request)
+        timing = _Timing(time.monotonic())
+        code = grpc.StatusCode.OK
+        metrics = self.sup.metrics
+        with metrics.inflight(name):
+            try:
+                self._check_ready(name, version, status)
+                gate = self.admission.model(name)
+                with self.admission.request_bytes(gate, len(request)):
+                    async with gate.turn(self.limits.model_queue_timeout_s):
+                        at_worker = time.monotonic()
+                        timing.queue_s = at_worker - timing.start
+                        try:
+                            async with contextlib.aclosing(self.sup.infer_stream(name, request)) as responses:
+                                del request
+                                async for response in responses:
+                                    yield response
+                        finally:
+                            timing.compute_s = time.monotonic() - at_worker
+            except ClientError as e:
+                code = e.code
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except BaseException:
+                code = grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                metrics.observe_request(name, status.version, code, timing.queue_s, timing.compute_s,
+                                        time.monotonic() - timing.start)
+
+    async def _routed(self, name: str, version: str, status, request: bytes, timing: "_Timing") -> bytes:
+        self._check_ready(name, version, status)
         gate = self.admission.model(name)
         reservation = self.admission.request_bytes(gate, len(request))
         reservation.__enter__()   # RESOURCE_EXHAUSTED at once beyond the byte caps
@@ -107,9 +154,9 @@ class FrontDoor:
             del task, request
 
     async def _at_worker(self, name: str, gate, request: bytes, reservation, timing: "_Timing") -> bytes:
-        """Wait for the model's turn (bounded queue), then call its worker. Shielded from the
-        client's cancellation once at the worker: the worker computes the call anyway, so the
-        turn and the request's bytes stay held until it answers or the inference timeout ends it."""
+        """Wait for the model's turn (bounded queue), then call its worker. When the client goes away
+        the call is cancelled at the worker (CANCEL: dropped if still queued there), and the turn and
+        the request's bytes stay held until the worker has ended it (or the inference timeout has)."""
         try:
             async with gate.turn(self.limits.model_queue_timeout_s):
                 at_worker = time.monotonic()
@@ -118,6 +165,7 @@ class FrontDoor:
                 try:
                     return await asyncio.shield(call)
                 except asyncio.CancelledError:
+                    call.cancel()   # the hop sends CANCEL and waits for the worker to end the call
                     await asyncio.wait([call])
                     raise
                 finally:
@@ -156,11 +204,12 @@ class FrontDoor:
                     if request is None:
                         return
                     try:
-                        response = stream_wrap(await self._forward(request))
+                        async with contextlib.aclosing(self._forward_stream(request)) as responses:
+                            del request
+                            async for response in responses:
+                                yield stream_wrap(response)
                     except ClientError as e:   # per-message errors stay in-band, as Triton does
-                        response = pb.ModelStreamInferResponse(error_message=e.message).SerializeToString()
-                    del request
-                    yield response
+                        yield pb.ModelStreamInferResponse(error_message=e.message).SerializeToString()
         except ClientError as e:
             failure = (e.code, e.message)
         if failure:

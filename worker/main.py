@@ -31,6 +31,14 @@ def confine(spec: SandboxSpec) -> None:
         seccomp.load_stage2_from_fd(spec.seccomp_stage2_fd)
 
 
+def serve(spec: WorkerSpec, engine, engine_thread: futures.ThreadPoolExecutor, phases: dict[str, float]) -> None:
+    """Serve the hop (worker/serving.py) until SIGTERM, every call on the engine's thread."""
+    from .serving import serve as serve_hop
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    serve_hop(engine, spec.sandbox.socket, spec.model.max_message_bytes, phases, engine_thread.submit, stopped)
+
+
 def run_instead_of_loader(run: ToolRun) -> int:
     """`sealbox sandbox run-python` (a script) and `sealbox scan` (a module's main) run here, confined."""
     if run.kind == "script":
@@ -77,10 +85,7 @@ def main(argv: list[str]) -> int:
         # running finalizers would turn a clean refusal into a crash at exit.
         os._exit(EXIT_MODEL_REFUSED)
     phases = {"load_s": time.perf_counter() - started, **engine.load_phases}
-    stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    from .serving import serve
-    serve(engine, spec.sandbox.socket, spec.model.max_message_bytes, phases, engine_thread.submit, stopped)
+    serve(spec, engine, engine_thread, phases)
     return 0
 
 

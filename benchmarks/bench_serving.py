@@ -79,7 +79,9 @@ def _cpu(processes) -> float:
 def _load(target: str, mode: str, n: int, threads: int = 8) -> dict:
     """benchmarks/triton_load.py in its own process (stock tritonclient)."""
     out = subprocess.run([sys.executable, "-m", "benchmarks.triton_load", target, "echo", mode, str(n), str(threads)],
-                         capture_output=True, text=True, check=True, timeout=900)
+                         capture_output=True, text=True, timeout=900)
+    if out.returncode:
+        raise RuntimeError(f"triton_load {target} {mode}: {out.stderr[-2000:]}")
     return json.loads(out.stdout)
 
 

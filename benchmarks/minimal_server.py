@@ -21,9 +21,12 @@ from sealbox.proto import tensors
 
 
 def main(socket_path: str, model_dir: str) -> None:
-    fn = mx.import_function(os.path.join(model_dir, "model.mlxfn"))
+    loaded = {}
 
     def infer(raw: bytes, context):
+        if "fn" not in loaded:   # on the handler thread: MLX streams belong to the thread that made them
+            loaded["fn"] = mx.import_function(os.path.join(model_dir, "model.mlxfn"))
+        fn = loaded["fn"]
         request = pb.ModelInferRequest.FromString(raw)
         x = tensors.request_inputs(request)["x"]
         out = fn(mx.array(x))[0]

@@ -52,7 +52,7 @@ class SandboxProfile:
     pids_max: int = 64
     nofile: int = 256
     fsize_bytes: int = 64 * 2**20
-    max_message_bytes: int = 256 * 2**20   # the worker's gRPC message limit (the supervisor's, passed on)
+    max_message_bytes: int = 256 * 2**20   # the worker's hop message limit (the supervisor's, passed on)
     load_timeout_s: float = 60.0
     infer_timeout_s: float = 30.0
     # Shared libraries the worker loads globally after confining itself, before the engine
@@ -87,7 +87,10 @@ class SandboxProfile:
         return cls(engine=engine, worker_user=user, python=python, extra_ro_paths=extra_ro, extra_env=extra_env,
                    memory_bytes=memory_bytes, pids_max=pids_max, load_timeout_s=load_timeout_s,
                    infer_timeout_s=infer_timeout_s, seccomp=seccomp, landlock=landlock, cgroups=cgroups,
-                   preload=(blas,) if blas else (), max_message_bytes=max_message_bytes)
+                   preload=(blas,) if blas else (), max_message_bytes=max_message_bytes,
+                   # RLIMIT_FSIZE also bounds memfds: a response leaves the worker in one (proto/hop.py),
+                   # so one file may be as large as a message; /tmp's tmpfs size still bounds the disk.
+                   fsize_bytes=max(64 * 2**20, max_message_bytes))
 
     def __post_init__(self):
         if not self.runtime_paths:

@@ -60,16 +60,19 @@ class FrontDoor:
         self.admin_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="admin")
 
     # -- inference ----------------------------------------------------------------------------------
-    async def _forward(self, request: bytes) -> bytes:
+    async def _forward(self, box: list) -> bytes:
         """The answer's bytes (the worker's, stamped by the supervisor); raises ClientError.
-        Measured for the metrics (and ModelStatistics) once the model is known to be configured."""
-        name, version, status = self._route(request)
+        Measured for the metrics (and ModelStatistics) once the model is known to be configured.
+
+        `box` holds the request's bytes: the worker hop takes them out once they are sent, so no frame
+        keeps a large request alive while the worker computes (memory: about one copy per call)."""
+        name, version, status = self._route(box[0])
         timing = _Timing(time.monotonic())
         code = grpc.StatusCode.OK
         metrics = self.sup.metrics
         with metrics.inflight(name):
             try:
-                return await self._routed(name, version, status, request, timing)
+                return await self._routed(name, version, status, box, timing)
             except ClientError as e:
                 code = e.code
                 raise
@@ -80,7 +83,6 @@ class FrontDoor:
                 code = grpc.StatusCode.UNKNOWN
                 raise
             finally:
-                del request
                 metrics.observe_request(name, status.version, code, timing.queue_s, timing.compute_s,
                                         time.monotonic() - timing.start)
 
@@ -140,20 +142,20 @@ class FrontDoor:
                 metrics.observe_request(name, status.version, code, timing.queue_s, timing.compute_s,
                                         time.monotonic() - timing.start)
 
-    async def _routed(self, name: str, version: str, status, request: bytes, timing: "_Timing") -> bytes:
+    async def _routed(self, name: str, version: str, status, box: list, timing: "_Timing") -> bytes:
         self._check_ready(name, version, status)
         gate = self.admission.model(name)
-        reservation = self.admission.request_bytes(gate, len(request))
+        reservation = self.admission.request_bytes(gate, len(box[0]))
         reservation.__enter__()   # RESOURCE_EXHAUSTED at once beyond the byte caps
-        task = asyncio.ensure_future(self._at_worker(name, gate, request, reservation, timing))
+        task = asyncio.ensure_future(self._at_worker(name, gate, box, reservation, timing))
         try:
             return await asyncio.shield(task)
         finally:
             # A failed task holds its exception, whose traceback holds this frame: without this `del`
-            # that cycle keeps the request bytes (up to the message limit) until the cyclic GC runs.
-            del task, request
+            # that cycle keeps the frames (and what they hold) until the cyclic GC runs.
+            del task
 
-    async def _at_worker(self, name: str, gate, request: bytes, reservation, timing: "_Timing") -> bytes:
+    async def _at_worker(self, name: str, gate, box: list, reservation, timing: "_Timing") -> bytes:
         """Wait for the model's turn (bounded queue), then call its worker. When the client goes away
         the call is cancelled at the worker (CANCEL: dropped if still queued there), and the turn and
         the request's bytes stay held until the worker has ended it (or the inference timeout has)."""
@@ -161,7 +163,7 @@ class FrontDoor:
             async with gate.turn(self.limits.model_queue_timeout_s):
                 at_worker = time.monotonic()
                 timing.queue_s = at_worker - timing.start
-                call = asyncio.ensure_future(self.sup.infer(name, request))
+                call = asyncio.ensure_future(self.sup.infer(name, box))
                 try:
                     return await asyncio.shield(call)
                 except asyncio.CancelledError:
@@ -172,26 +174,28 @@ class FrontDoor:
                     timing.compute_s = time.monotonic() - at_worker
                     del call   # no task <-> traceback cycle holding the request (see _forward)
         finally:
-            del request
+            box.clear()   # if the hop did not take the request (it failed first), it goes now
             reservation.__exit__(None, None, None)
 
     async def ModelInfer(self, request_iterator, context):
         """Registered as STREAM_UNARY: admitted BEFORE its (up to max_message) body is read."""
         caller = current_caller.get()
-        request = None
+        box: list = []   # the request's bytes, taken out by the hop once sent (see _forward)
         try:
             with self.admission.inference_call(caller.key, stream=False):
                 request = await read_one(context, self.limits.read_timeout_s)
                 if request is None:
                     raise errors.malformed()
-                return await self._forward(request)
+                box.append(request)
+                del request
+                return await self._forward(box)
         except ClientError as e:
             code, message = e.code, e.message
         # Memory (measured): abort() raises an AbortError that grpc.aio keeps in the RPC's state.
         # Raised inside the `except` block it would chain to the ClientError, whose traceback holds
         # the frames holding the request bytes (up to the message limit) until the cyclic GC runs.
         # So: leave the except block, drop the request, then abort.
-        del request
+        box.clear()
         await context.abort(code, message)
 
     async def ModelStreamInfer(self, request_iterator, context):

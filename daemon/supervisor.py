@@ -563,9 +563,11 @@ class Supervisor:
                 found.append((name, status.version, cgroup))
         return found
 
-    async def infer(self, name: str, request: bytes) -> bytes:
+    async def infer(self, name: str, request) -> bytes:
         """Forward one ModelInferRequest's bytes to the model's worker; runs on the server's event loop.
         The answer is the worker's bytes with the supervisor's provenance appended (provenance.py).
+        `request` is the bytes, or a one-element list holding them that the hop empties once they are
+        sent (so the caller's frames do not keep a large request alive while the worker computes).
 
         The caller holds one of the model's turns (admission.ModelGate), and the inference timeout
         runs from when the worker takes the call (worker_hop.py), so it measures the model, not a
@@ -575,16 +577,19 @@ class Supervisor:
         status, worker, hop = model.enter_call()
         if hop is None:
             raise errors.unavailable(name, _reason(status))
+        call = hop.infer(request, worker.profile.infer_timeout_s)
         try:
-            body = await self._at_hop(name, model, worker, hop.infer(request, worker.profile.infer_timeout_s))
-            del request
+            del request   # (the hop holds it until sent)
+            body = await self._at_hop(name, model, worker, call)
             return await self._stamped(name, model, worker, body, None)
         finally:
             worker.inflight -= 1   # a replaced worker is stopped once its calls are done
 
     async def infer_stream(self, name: str, request: bytes):
-        """The responses to one ModelStreamInfer request (an async iterator of bytes, each stamped, the
-        last with triton_final_response = true); the same errors as infer()."""
+        """The responses to one ModelStreamInfer request (an async iterator of bytes), each stamped and
+        carrying Triton's triton_final_response: true on the last. A decoupled engine's responses leave
+        as they are made (false), and the end is then an empty response with only the parameters (true),
+        as Triton sends it. The same errors as infer()."""
         model = self.get(name)
         status, worker, hop = model.enter_call()
         if hop is None:
@@ -629,10 +634,13 @@ class Supervisor:
             INFER_RESPONSE_PARAMETERS, {"triton_final_response": final})
         if len(body) <= OFFLOAD_BYTES:
             response = b"".join((body, tail))
-        else:   # a large copy runs off the event loop
-            response = await asyncio.get_running_loop().run_in_executor(None, b"".join, (body, tail))
-        release(body)
-        return response
+            release(body)
+            return response
+        # A large copy runs off the event loop; the memfd is unmapped once the copy is done, even if
+        # this call is cancelled meanwhile.
+        copy = asyncio.get_running_loop().run_in_executor(None, b"".join, (body, tail))
+        copy.add_done_callback(lambda _: release(body))
+        return await asyncio.shield(copy)
 
     async def _failure_reason(self, model: ManagedModel, worker: WorkerProcess) -> str:
         """Why the hop failed, in the supervisor's words: the watcher's reason once it has seen the

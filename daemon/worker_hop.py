@@ -155,14 +155,21 @@ class WorkerHop:
         except OSError:
             self.close("the worker's socket failed")
 
-    async def _start(self, request: bytes, timeout: float, stream: bool) -> _Call:
+    async def _start(self, request, timeout: float, stream: bool) -> _Call:
         if self.sock is None:
             self._connect()
+        if isinstance(request, list):   # the caller's box: from here only this frame holds the bytes
+            request = request.pop()
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
         call = _Call(self._next_id, stream, timeout, self.loop)
         flags = hop.STREAM if stream else 0
         if len(request) > OFFLOAD_BYTES:
-            record = await self.loop.run_in_executor(None, hop.Outgoing, hop.INFER, call.id, [request], flags)
+            made = self.loop.run_in_executor(None, hop.Outgoing, hop.INFER, call.id, [request], flags)
+            try:
+                record = await asyncio.shield(made)
+            except asyncio.CancelledError:   # the client went away meanwhile: close the memfd once it exists
+                made.add_done_callback(lambda f: f.exception() is None and f.result().close())
+                raise
             if self.sock is None:   # closed while the memfd was made
                 record.close()
                 raise HopClosed("the connection to the worker was closed")
@@ -248,9 +255,11 @@ class WorkerHop:
             self._taken(self.order[0])
 
     # -- the seam -----------------------------------------------------------------------------------
-    async def infer(self, request: bytes, timeout: float):
-        """The worker's one response body to a ModelInfer request."""
+    async def infer(self, request, timeout: float):
+        """The worker's one response body to a ModelInfer request (bytes, or a one-element list holding
+        them, emptied once they are sent)."""
         call = await self._start(request, timeout, stream=False)
+        del request
         try:
             body, _final = await call.next()
         except asyncio.CancelledError:

@@ -13,6 +13,8 @@ A record is a fixed header, then `side` bytes of per-call side data, then the bo
     INFER           supervisor -> worker   body = the public ModelInferRequest bytes, untouched;
                                            flag STREAM when it came through ModelStreamInfer
     RESPONSE        worker -> supervisor   body = ModelInferResponse bytes, untouched; FINAL on the last
+                                           (a FINAL one with an empty body ends a decoupled stream
+                                           without a response of its own)
     ERROR           worker -> supervisor   code = a gRPC status code, body = UTF-8 message; ends the call
     CANCEL          supervisor -> worker   the client went away: drop the call (it still ends with a record)
 
@@ -218,7 +220,8 @@ def _map_memfd(fd: int, length: int) -> mmap.mmap:
         raise ProtocolError("the attached memfd is not sealed")
     if st.st_size != length:
         raise ProtocolError(f"the attached memfd holds {st.st_size} bytes, its header says {length}")
-    return mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    # MAP_POPULATE: the pages are mapped in one call, not one fault each (measured faster for 64 MiB).
+    return mmap.mmap(fd, length, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
 
 
 def release(body) -> None:

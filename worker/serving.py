@@ -6,6 +6,11 @@ sets that event. The engine thread (the one that loaded the model: MLX streams a
 takes calls strictly in arrival order, so the supervisor knows when each call is taken (when the
 previous one ended) and can count the inference timeout from there. Every INFER ends with exactly
 one terminal record: RESPONSE with FINAL, or ERROR (CANCELLED for a dropped call).
+
+Through ModelStreamInfer, an engine that overrides `Engine.responses` is decoupled (Triton's word):
+each response it yields leaves at once as a RESPONSE record, and a FINAL RESPONSE with an empty body
+ends the call, so the first response never waits for the second. Every other call (ModelInfer, or an
+engine with the default one-response `responses`) is answered by exactly one RESPONSE, flagged FINAL.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from ..proto import hop
 from ..proto import inference_pb2 as pb
 from ..proto.contract import STDERR_PREFIX
 from ..proto import tensors
-from .engine import InferenceError, InputError
+from .engine import Engine, InferenceError, InputError
 
 MAX_CONNECTIONS = 4        # the supervisor uses one (plus one for Describe at load)
 MAX_QUEUED = 64            # calls queued per worker; the supervisor keeps far fewer in flight
@@ -134,17 +139,24 @@ class WorkerServer:
             inputs = tensors.request_inputs(request)
             self.engine.check_inputs(inputs)
             wanted = self._outputs(request)
-            pending = None   # one response held back: the last one is sent FINAL
             results = self.engine.responses(inputs, streaming=streaming, cancelled=cancelled)
             try:
-                for result in results:
-                    if cancelled.is_set():
-                        break
-                    if pending is not None:
-                        if not streaming:
+                if streaming and type(self.engine).responses is not Engine.responses:
+                    # A decoupled engine: each response leaves as soon as it is made, the end follows
+                    # as a FINAL record of its own (empty body), as Triton's decoupled models do.
+                    for result in results:
+                        if cancelled.is_set():
+                            break
+                        conn.send(hop.RESPONSE, record.call_id, self._encode(request, result, wanted))
+                    last = []
+                else:   # exactly one response, sent FINAL
+                    last = None
+                    for result in results:
+                        if cancelled.is_set():
+                            break
+                        if last is not None:
                             raise InferenceError("the engine answered a unary call more than once")
-                        conn.send(hop.RESPONSE, record.call_id, pending)
-                    pending = self._encode(request, result, wanted)
+                        last = self._encode(request, result, wanted)
             finally:
                 close = getattr(results, "close", None)
                 if close is not None:
@@ -152,7 +164,7 @@ class WorkerServer:
             if cancelled.is_set():
                 conn.error(record.call_id, hop.CANCELLED, "cancelled")
                 return
-            if pending is None:
+            if last is None:
                 raise InferenceError("the engine gave no response")
         except (InputError, tensors.TensorError) as exc:
             conn.error(record.call_id, hop.INVALID_ARGUMENT, str(exc))
@@ -163,7 +175,7 @@ class WorkerServer:
         except Exception as exc:   # an engine bug: one clean line
             conn.error(record.call_id, hop.INTERNAL, f"inference failed: {type(exc).__name__}: {exc}")
             return
-        conn.send(hop.RESPONSE, record.call_id, pending, flags=hop.FINAL)
+        conn.send(hop.RESPONSE, record.call_id, last, flags=hop.FINAL)
 
     def _outputs(self, request) -> list[str]:
         known = [o.name for o in self.engine.outputs]

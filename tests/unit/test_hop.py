@@ -64,6 +64,10 @@ class Echo(Engine):
                 cancelled.wait(10)
 
 
+class Plain(Echo):
+    responses = Engine.responses   # the default: one response from infer()
+
+
 class Twice(Echo):
     def responses(self, inputs, *, streaming, cancelled):
         yield self.infer(inputs)
@@ -208,19 +212,55 @@ def test_worker_errors_carry_their_status(worker):
 
 
 # ---- streams ---------------------------------------------------------------------------------------
-def test_stream_several_responses_the_last_final(worker):
+def test_decoupled_stream_several_responses_then_the_end(worker):
+    """An engine overriding responses() streams: each response leaves at once, a FINAL record with an
+    empty body ends the call (Triton's decoupled convention)."""
     w = worker()
     x = np.full((3, 2), 7, np.float32)   # 3 rows: the engine streams 3 responses
+
+    async def main():
+        channel = WorkerHop(w.path, MAX)
+        seen = [(bytes(body), final) async for body, final in channel.stream(request(x), 10)]
+        channel.close()
+        return seen
+    seen = run(main())
+    assert [final for _, final in seen] == [False, False, False, True]
+    assert seen[-1][0] == b""
+    for step, (body, _) in enumerate(seen[:3]):
+        np.testing.assert_array_equal(outputs(body)["y"], x + step)
+
+
+def test_a_one_response_engine_streams_one_final_response(worker):
+    w = worker(Plain())
+    x = np.full((3, 2), 7, np.float32)
 
     async def main():
         channel = WorkerHop(w.path, MAX)
         seen = [(outputs(body)["y"], final) async for body, final in channel.stream(request(x), 10)]
         channel.close()
         return seen
-    seen = run(main())
-    assert [final for _, final in seen] == [False, False, True]
-    for step, (y, _) in enumerate(seen):
-        np.testing.assert_array_equal(y, x + step)
+    (y, final), = run(main())
+    assert final is True
+    np.testing.assert_array_equal(y, x)
+
+
+def test_a_decoupled_response_is_not_held_back_for_the_next(worker):
+    """The first response reaches the supervisor while the engine is still making the second."""
+    engine = Echo()
+    w = worker(engine)
+
+    async def main():
+        channel = WorkerHop(w.path, MAX)
+        responses = channel.stream(request(np.full((5, 1), -1, np.float32)), 10)   # waits after each
+        start = time.monotonic()
+        body, final = await responses.__anext__()
+        first = time.monotonic() - start
+        hop.release(body)
+        await responses.aclose()
+        channel.close()
+        return first, final
+    first, final = run(main())
+    assert final is False and first < 5
 
 
 def test_a_unary_call_answered_twice_is_internal(worker):
@@ -466,3 +506,24 @@ def test_header_layout():
     assert hop.HEADER.size == 20
     assert hop.header(hop.RESPONSE, 7, 300, flags=hop.FINAL, code=3, side=5) == struct.pack(
         "<BBHIIQ", 4, 1, 3, 7, 5, 300)
+
+
+def test_cancel_while_the_request_memfd_is_made_leaks_nothing(worker):
+    """A client gone while its large request is still being copied into a memfd (off the loop)."""
+    w = worker()
+    before = open_fds()
+
+    async def main():
+        channel = WorkerHop(w.path, MAX)
+        big = np.ones((2**21, 4), np.float32)   # 32 MiB: the memfd is made on a thread
+        for _ in range(3):
+            task = asyncio.ensure_future(channel.infer(request(big), 10))
+            await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        body = await channel.infer(request(np.ones((1, 1), np.float32)), 10)   # still serves
+        await asyncio.sleep(0.3)   # the executor finishes the abandoned copies
+        channel.close()
+        return outputs(body)
+    assert run(main())["y"].tolist() == [[1.0]]
+    assert no_fd_left(before)

@@ -1,11 +1,18 @@
 """Serving: ModelInfer latency and large-tensor throughput through sealbox (client ->
-supervisor -> sandboxed worker) against the same MLX function in-process, and
-spawn-to-ready of a sandboxed worker against an unsandboxed one."""
+supervisor -> sandboxed worker) against the same MLX function in-process and against a
+minimal in-process Python gRPC ModelInfer server (benchmarks/minimal_server.py, the floor for
+Python gRPC) driven by stock tritonclient in the same run, and spawn-to-ready of a sandboxed
+worker against an unsandboxed one."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import statistics
 import subprocess
+import sys
+import tempfile
+import threading
 import time
 
 import numpy as np
@@ -58,14 +65,103 @@ def latency_and_throughput(daemon: DemoDaemon) -> None:
               f"ratio {remote['median'] / base['median']:.2f}x")
 
 
+def _cpu(processes) -> float:
+    total = 0.0
+    for p in processes:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except Exception:   # a process that ended
+            pass
+    return total
+
+
+def _load(target: str, mode: str, n: int, threads: int = 8) -> dict:
+    """benchmarks/triton_load.py in its own process (stock tritonclient)."""
+    out = subprocess.run([sys.executable, "-m", "benchmarks.triton_load", target, "echo", mode, str(n), str(threads)],
+                         capture_output=True, text=True, timeout=900)
+    if out.returncode:
+        raise RuntimeError(f"triton_load {target} {mode}: {out.stderr[-2000:]}")
+    return json.loads(out.stdout)
+
+
+def against_minimal_server(daemon: DemoDaemon, rounds: int = 3) -> None:
+    """sealbox against the minimal in-process gRPC server, interleaved, same client (tritonclient), same
+    MLX function (the echo model): small-call latency and CPU per call (supervisor + worker processes
+    against the server process), 8-thread calls/s, 64 MiB round trips and the supervisor's peak RSS."""
+    import psutil
+    sock = os.path.join(tempfile.mkdtemp(prefix="sealbox-minimal-"), "minimal.sock")
+    server = subprocess.Popen([sys.executable, "-m", "benchmarks.minimal_server", sock,
+                               os.path.join(daemon.dir, "echo")], stdout=subprocess.PIPE)
+    try:
+        assert server.stdout.readline().strip() == b"ready"
+        supervisor = psutil.Process(daemon.daemon.proc.pid)
+        sides = {"sealbox": (daemon.target, lambda: [supervisor, *supervisor.children(recursive=True)]),
+                 "minimal": (f"unix:{sock}", lambda: [psutil.Process(server.pid)])}
+        small = {k: [] for k in sides}
+        cpu = {k: 0.0 for k in sides}
+        per_second = {k: [] for k in sides}
+        big = {k: [] for k in sides}
+        for _ in range(rounds):
+            for name, (target, procs) in sides.items():
+                before = _cpu(procs())
+                run = _load(target, "small", CALLS)
+                cpu[name] += (_cpu(procs()) - before) / (CALLS + 20)
+                small[name] += run["samples"]
+                run = _load(target, "threads", CALLS // 5)
+                per_second[name].append(run["calls"] / run["elapsed"])
+        sampling, samples = threading.Event(), []
+        full = supervisor.memory_full_info()
+        base = (full.rss, full.uss)
+
+        def sample():
+            while not sampling.is_set():
+                m = supervisor.memory_full_info()   # rss counts the worker's memfd pages while mapped
+                samples.append((m.rss, m.uss))
+                time.sleep(0.002)
+        for _ in range(rounds):   # interleaved, like the small calls: the machine's load drifts
+            for name, (target, procs) in sides.items():
+                sampler = threading.Thread(target=sample)
+                if name == "sealbox":
+                    sampling.clear()
+                    sampler.start()
+                run = _load(target, "big", 3)
+                if name == "sealbox":
+                    sampling.set()
+                    sampler.join()
+                big[name] += [run["bytes"] / t / 2**20 for t in run["samples"]]
+        peak = {"rss": (max(s[0] for s in samples) - base[0]) / run["bytes"],
+                "uss": (max(s[1] for s in samples) - base[1]) / run["bytes"]}
+    finally:
+        server.terminate()
+        server.wait()
+
+    def p(samples, q):
+        return sorted(samples)[min(len(samples) - 1, int(len(samples) * q))]
+    sb, mn = small["sealbox"], small["minimal"]
+    print(f"small call (tritonclient, echo)   sealbox p50 {ms(p(sb, .5))} p99 {ms(p(sb, .99))}   "
+          f"minimal server p50 {ms(p(mn, .5))} p99 {ms(p(mn, .99))}   "
+          f"ratios p50 {p(sb, .5) / p(mn, .5):.2f}x p99 {p(sb, .99) / p(mn, .99):.2f}x (goal p50 <= 1.2x)")
+    print(f"CPU per small call                sealbox {cpu['sealbox'] / rounds * 1e6:7.0f} us (supervisor + worker)   "
+          f"minimal server {cpu['minimal'] / rounds * 1e6:7.0f} us   ratio {cpu['sealbox'] / cpu['minimal']:.2f}x "
+          "(goal <= 1.2x)")
+    s8, m8 = statistics.median(per_second["sealbox"]), statistics.median(per_second["minimal"])
+    print(f"8 client threads                  sealbox {s8:7.0f} calls/s   minimal server {m8:7.0f} calls/s   "
+          f"ratio {s8 / m8:.2f}x")
+    sbig, mbig = statistics.median(big["sealbox"]), statistics.median(big["minimal"])
+    print(f"64 MiB round trip (echo)          sealbox {sbig:6.1f} MiB/s   minimal server {mbig:6.1f} MiB/s   "
+          f"ratio {sbig / mbig:.2f}x (goal >= 0.9x)")
+    print(f"supervisor peak memory per in-flight 64 MiB call: RSS +{peak['rss']:.2f}x its size, private (USS) "
+          f"+{peak['uss']:.2f}x (goal <= 1x)")
+
+
 def spawn_to_ready(daemon: DemoDaemon, rounds: int = 15) -> None:
     """Launch the demo worker directly: sandboxed (bwrap + configured layers) and bare, same fds."""
-    import grpc
     from sealbox.daemon.config import load_config
     from sealbox.trust import verify_model
     from sealbox.sandbox import launcher
     from sealbox.daemon.supervisor import Supervisor
-    from sealbox.daemon.worker_hop import WORKER_RECONNECT
+    from sealbox.daemon.worker_hop import describe
     from sealbox.daemon.audit import AuditLog
 
     config = load_config(daemon.config)
@@ -76,11 +172,14 @@ def spawn_to_ready(daemon: DemoDaemon, rounds: int = 15) -> None:
     run_dir = "/run/sealbox/bench"
 
     def wait(proc, sock):
-        channel = grpc.insecure_channel(f"unix:{sock}", options=WORKER_RECONNECT)
-        describe = channel.unary_unary("/sealbox.worker.Worker/Describe", request_serializer=lambda x: x,
-                                       response_deserializer=lambda x: x)
-        describe(b"", wait_for_ready=True, timeout=60)
-        channel.close()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                describe(sock, 2**16, 60)
+                return
+            except OSError:   # not listening yet
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.002)
 
     def sandboxed(p):
         sock_dir = launcher.make_socket_dir(run_dir, "w", p)
@@ -120,5 +219,6 @@ def spawn_to_ready(daemon: DemoDaemon, rounds: int = 15) -> None:
 
 if __name__ == "__main__":
     with DemoDaemon(os.environ.get("BENCH_WORKERS", "")) as daemon:
+        against_minimal_server(daemon)
         latency_and_throughput(daemon)
         spawn_to_ready(daemon)

@@ -8,14 +8,14 @@
 | fetching.py | remote models (`source = "https://..."`): fetched into the store through the sandboxed helper, one per model, bounded, audited |
 | supervisor.py | each model's state machine: verify, launch, restart, unload, hand-over to a new version, config reload (SIGHUP), readiness; the server's narrow interface |
 | phases.py | where a load's time goes: verify, hashing, spawn, READY, the worker's own account; for the `model_load` event and log line |
-| worker_process.py | one worker process: spawner thread, the channel to it, exit and death reasons |
+| worker_process.py | one worker process: spawner thread, Describe at load, its hop, exit and death reasons |
 | server.py | the public gRPC API on grpc.aio (Open Inference Protocol, health, reflection): routing, `serve()` |
 | listeners.py | one grpc.aio server per listener (Unix sockets, TCP, mutual TLS), binding all-or-nothing, the access check |
 | roles.py | roles by protocol group, the method -> role table (default deny), the caller as the transport proved it |
 | admission.py | bounded cost: lanes, caps on calls, streams and bytes, per-model queues, `tune_malloc` |
 | errors.py | every status a client sees: fixed texts, worker statuses mapped and truncated |
 | provenance.py | which verified model answered (manifest digest, version, signer), stamped on every answer |
-| worker_hop.py | the supervisor -> worker inference hop on the event loop (grpc.aio channel) |
+| worker_hop.py | the supervisor's side of the hop (proto/hop.py) on the event loop: pipelined calls, streams, CANCEL, timeouts from the take; blocking Describe |
 | audit.py | the audit log: one JSON line per decision, in its own file; reopened on SIGHUP |
 | call_audit.py | the caller's identity on every audit event of a call; refusals rate-limited |
 | logs.py | operational logging: ISO-8601 timestamps, level, text or JSON (--log-format) |

@@ -16,9 +16,11 @@ Lanes
        (inference_rpcs + streams) x max_receive_message_length + HTTP/2 windows.
     2. after reading: the actual bytes against `inflight_bytes` (global) and the model's
        `model_bytes`; these bytes stay reserved until the response is sent.
-    3. per model: `model_concurrency` calls at the worker (1 today: one engine thread) and a
-       bounded FIFO queue of `model_queue` waiters; a full queue refuses immediately, so a hung
-       model holds at most model_concurrency + model_queue inference slots.
+    3. per model: `model_concurrency` calls at the worker (config `model_inflight`, default 2:
+       pipelined over the hop, the worker's one engine thread runs them in order) and a bounded
+       FIFO queue of `model_queue` waiters; a full queue refuses immediately, so a hung model
+       holds at most model_concurrency + model_queue inference slots. A ModelStreamInfer request
+       answered with several responses holds one turn for all of them.
   streams        ModelStreamInfer: idle timeout between messages (`stream_idle_s`); an idle
                  stream costs a coroutine and an HTTP/2 stream, no thread.
 """
@@ -44,7 +46,7 @@ class Limits:
     per_caller_rpcs: int = 32          # per Caller.key, unary + streams
     inflight_bytes: int = 1024 * MiB   # global, post-read, request bytes held
     model_bytes: int = 512 * MiB       # per model, post-read
-    model_concurrency: int = 1         # calls at the worker at once (a worker has one engine thread)
+    model_concurrency: int = 2         # calls at the worker at once (config `model_inflight`; pipelined)
     model_queue: int = 4               # waiters per model beyond that
     model_queue_timeout_s: float = 30.0
     control_rpcs: int = 64             # health/metadata/admin lane

@@ -35,6 +35,7 @@
     per_caller_rpcs = 32                   # per caller: a listener, or a certificate subject on mTLS
     inflight_mb = 1024                     # request bytes held, all models
     model_inflight_mb = 512                # request bytes held, per model
+    model_inflight = 2                     # calls at a model's worker at once (pipelined, taken in order)
     model_queue = 4                        # calls waiting for a busy model (beyond: refused at once)
     model_queue_timeout_s = 30
     control_rpcs = 64                      # health, metadata and admin calls (their own lane)
@@ -314,6 +315,7 @@ def _limits(table: _Table, max_message_bytes: int) -> Limits:
         per_caller_rpcs=count("per_caller_rpcs", d.per_caller_rpcs),
         inflight_bytes=int(table.positive("inflight_mb", d.inflight_bytes / MiB) * MiB),
         model_bytes=int(table.positive("model_inflight_mb", d.model_bytes / MiB) * MiB),
+        model_concurrency=count("model_inflight", d.model_concurrency),
         model_queue=table.get("model_queue", int, d.model_queue),
         model_queue_timeout_s=float(table.positive("model_queue_timeout_s", d.model_queue_timeout_s)),
         control_rpcs=count("control_rpcs", d.control_rpcs),
@@ -322,8 +324,9 @@ def _limits(table: _Table, max_message_bytes: int) -> Limits:
         max_streams_per_connection=count("max_streams_per_connection", d.max_streams_per_connection),
         max_connections=count("max_connections", d.max_connections))
     if limits.model_queue < 0 or limits.model_queue + limits.model_concurrency >= limits.inference_rpcs:
-        raise ConfigError(f"{table.where}: key 'model_queue' must be at least 0 and below inference_rpcs - 1"
-                          f" ({limits.inference_rpcs - 2}), so that a hung model cannot hold every inference slot")
+        raise ConfigError(f"{table.where}: key 'model_queue' must be at least 0 and below inference_rpcs - "
+                          f"model_inflight ({limits.inference_rpcs - limits.model_concurrency - 1}), so that a hung "
+                          "model cannot hold every inference slot")
     table.finish()
     return limits
 

@@ -1,12 +1,11 @@
 """Every status a client sees is made here: fixed codes, fixed or truncated texts.
 
 Rules (from the issue):
-* a worker's death, a connect failure, a closed channel, a hop timeout -> UNAVAILABLE with the
-  MODEL'S reason (the supervisor's own words), never the transport's text (grpc's
-  "failed to connect to all addresses; last error: ... unix:/run/sealbox/workers/x/...:
-  Connection refused" contains a path), a path or a pid;
-* a worker's own status codes are mapped onto a small fixed set and its message (model-authored
-  text) is truncated and stripped of control characters;
+* a worker's death, a connect failure, a closed connection, a hop timeout -> UNAVAILABLE with the
+  MODEL'S reason (the supervisor's own words), never the transport's text (an OSError's text
+  contains a path), a path or a pid;
+* a worker's own status codes (the hop's ERROR records) are mapped onto a small fixed set and its
+  message (model-authored text) is truncated and stripped of control characters;
 * Describe answers are bounded in size (MAX_DESCRIBE_BYTES) and kept once per load (the supervisor).
 """
 from __future__ import annotations
@@ -39,7 +38,7 @@ def clean(text: str | None, limit: int = MAX_DETAIL) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-# Codes a worker may legitimately answer with; its (truncated) message is passed on.
+# Codes a worker may legitimately answer with (in its hop ERROR record); its (truncated) message is passed on.
 _PASS_THROUGH = {
     SC.INVALID_ARGUMENT: SC.INVALID_ARGUMENT,
     SC.OUT_OF_RANGE: SC.INVALID_ARGUMENT,
@@ -47,9 +46,6 @@ _PASS_THROUGH = {
     SC.UNIMPLEMENTED: SC.UNIMPLEMENTED,
     SC.NOT_FOUND: SC.INVALID_ARGUMENT,   # e.g. "no input named x": the MODEL exists, the tensor does not
 }
-# Codes that gRPC itself produces on the hop (or that only a broken worker would claim):
-# the text is never passed on.
-TRANSPORT_CODES = {SC.UNAVAILABLE, SC.CANCELLED, SC.UNKNOWN, SC.INTERNAL, SC.DATA_LOSS, SC.ABORTED}
 
 
 def unavailable(model: str, reason: str) -> ClientError:
@@ -58,30 +54,17 @@ def unavailable(model: str, reason: str) -> ClientError:
     return ClientError(SC.UNAVAILABLE, f"model '{model}' is unavailable: {clean(reason)}")
 
 
-def from_worker_rpc_error(model: str, exc: grpc.RpcError, reason_if_dead: str | None,
-                          infer_timeout_s: float) -> ClientError:
-    """Map a grpc.aio.AioRpcError (or sync grpc.RpcError) from the worker hop.
-
-    reason_if_dead: the supervisor's reason when the worker process is gone (poll() is not None),
-    else None.  A hop DEADLINE_EXCEEDED means the supervisor kills the worker (as today).
-    """
-    code = exc.code()
-    if reason_if_dead is not None or code in TRANSPORT_CODES:
-        return unavailable(model, reason_if_dead or "worker connection failed")
-    if code == SC.DEADLINE_EXCEEDED:
-        return unavailable(model, f"inference timed out after {infer_timeout_s:g} s; worker restarted")
-    if code == SC.RESOURCE_EXHAUSTED:  # grpc's "message larger than max": no worker text needed
+def from_worker_status(model: str, code: grpc.StatusCode, details: str) -> ClientError:
+    """Map the status of a worker's ERROR record (worker_hop.WorkerStatus). The hop's own failures
+    (the worker died, a timeout, a broken record) never come here: the supervisor says UNAVAILABLE
+    with the model's reason."""
+    if code == SC.RESOURCE_EXHAUSTED:   # no worker text needed
         return ClientError(SC.RESOURCE_EXHAUSTED, f"model '{model}': response exceeds the message limit")
     if code in _PASS_THROUGH:
-        return ClientError(_PASS_THROUGH[code], clean(exc.details()))   # the model's own words, bounded
-    # PERMISSION_DENIED, UNAUTHENTICATED, ALREADY_EXISTS, OK-with-error...: a worker has no business there
+        return ClientError(_PASS_THROUGH[code], clean(details))   # the model's own words, bounded
+    # INTERNAL (the engine failed), and PERMISSION_DENIED, UNAVAILABLE, ...: a worker has no business
+    # there. A fixed text: the engine's own words about a failure may quote anything it holds.
     return ClientError(SC.INTERNAL, f"model '{model}' failed")
-
-
-def from_transport_exception(model: str, exc: BaseException) -> ClientError:
-    """OSError, ValueError("Cannot invoke RPC on closed channel!"), asyncio.TimeoutError, ...
-    raised by the hop itself: fixed text, the exception's str() is never shown."""
-    return unavailable(model, "worker connection failed")
 
 
 # Fixed texts for the front door's own refusals ----------------------------------------------------

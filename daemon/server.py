@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import contextvars
 import logging
 import os
@@ -62,23 +63,19 @@ class FrontDoor:
         self.shm_owners = {spec.name: spec.shm_owners for spec in supervisor.config.server.listeners}
 
     # -- inference ----------------------------------------------------------------------------------
-    async def _forward(self, request: bytes) -> bytes:
+    async def _forward(self, box: list) -> bytes:
         """The answer's bytes (the worker's, stamped by the supervisor); raises ClientError.
-        Measured for the metrics (and ModelStatistics) once the model is known to be configured."""
-        try:
-            name, version = peek_model(request)
-        except PeekError:
-            raise errors.malformed() from None
-        try:
-            status = self.sup.status(name)
-        except KeyError:
-            raise errors.unknown_model(name) from None
+        Measured for the metrics (and ModelStatistics) once the model is known to be configured.
+
+        `box` holds the request's bytes: the worker hop takes them out once they are sent, so no frame
+        keeps a large request alive while the worker computes (memory: about one copy per call)."""
+        name, version, status = self._route(box[0])
         timing = _Timing(time.monotonic())
         code = grpc.StatusCode.OK
         metrics = self.sup.metrics
         with metrics.inflight(name):
             try:
-                return await self._routed(name, version, status, request, timing)
+                return await self._routed(name, version, status, box, timing)
             except ClientError as e:
                 code = e.code
                 raise
@@ -89,64 +86,119 @@ class FrontDoor:
                 code = grpc.StatusCode.UNKNOWN
                 raise
             finally:
-                del request
                 metrics.observe_request(name, status.version, code, timing.queue_s, timing.compute_s,
                                         time.monotonic() - timing.start)
 
-    async def _routed(self, name: str, version: str, status, request: bytes, timing: "_Timing") -> bytes:
+    def _route(self, request: bytes):
+        """(model name, version asked, model status) of a request; ClientError for a malformed request
+        or an unknown model."""
+        try:
+            name, version = peek_model(request)
+        except PeekError:
+            raise errors.malformed() from None
+        try:
+            return name, version, self.sup.status(name)
+        except KeyError:
+            raise errors.unknown_model(name) from None
+
+    @staticmethod
+    def _check_ready(name: str, version: str, status) -> None:
         if version and version != status.version:
             raise errors.no_version(name, version, status.version)
         if status.state != State.READY:
             raise errors.unavailable(name, status.reason or status.state.value.lower())
+
+    async def _forward_stream(self, request: bytes):
+        """The answers to one ModelStreamInfer request (one or more, the last final). Several
+        responses are still ONE call: one turn of the model's gate, one byte reservation, one
+        request in the metrics. A client that goes away mid-stream cancels the call at the worker
+        (the hop sends CANCEL and waits for the worker to end it before the turn is given back)."""
+        name, version, status = self._route(request)
+        timing = _Timing(time.monotonic())
+        code = grpc.StatusCode.OK
+        metrics = self.sup.metrics
+        with metrics.inflight(name):
+            try:
+                self._check_ready(name, version, status)
+                gate = self.admission.model(name)
+                with self.admission.request_bytes(gate, len(request)):
+                    async with gate.turn(self.limits.model_queue_timeout_s):
+                        at_worker = time.monotonic()
+                        timing.queue_s = at_worker - timing.start
+                        try:
+                            async with contextlib.aclosing(self.sup.infer_stream(name, request)) as responses:
+                                del request
+                                async for response in responses:
+                                    yield response
+                        finally:
+                            timing.compute_s = time.monotonic() - at_worker
+            except ClientError as e:
+                code = e.code
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except BaseException:
+                code = grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                metrics.observe_request(name, status.version, code, timing.queue_s, timing.compute_s,
+                                        time.monotonic() - timing.start)
+
+    async def _routed(self, name: str, version: str, status, box: list, timing: "_Timing") -> bytes:
+        self._check_ready(name, version, status)
         gate = self.admission.model(name)
-        reservation = self.admission.request_bytes(gate, len(request))
+        reservation = self.admission.request_bytes(gate, len(box[0]))
         reservation.__enter__()   # RESOURCE_EXHAUSTED at once beyond the byte caps
-        task = asyncio.ensure_future(self._at_worker(name, gate, request, reservation, timing))
+        task = asyncio.ensure_future(self._at_worker(name, gate, box, reservation, timing))
         try:
             return await asyncio.shield(task)
         finally:
             # A failed task holds its exception, whose traceback holds this frame: without this `del`
-            # that cycle keeps the request bytes (up to the message limit) until the cyclic GC runs.
-            del task, request
+            # that cycle keeps the frames (and what they hold) until the cyclic GC runs.
+            del task
 
-    async def _at_worker(self, name: str, gate, request: bytes, reservation, timing: "_Timing") -> bytes:
-        """Wait for the model's turn (bounded queue), then call its worker. Shielded from the
-        client's cancellation once at the worker: the worker computes the call anyway, so the
-        turn and the request's bytes stay held until it answers or the inference timeout ends it."""
+    async def _at_worker(self, name: str, gate, box: list, reservation, timing: "_Timing") -> bytes:
+        """Wait for the model's turn (bounded queue), then call its worker. When the client goes away
+        the call is cancelled at the worker (CANCEL: dropped if still queued there), and the turn and
+        the request's bytes stay held until the worker has ended it (or the inference timeout has)."""
         try:
             async with gate.turn(self.limits.model_queue_timeout_s):
                 at_worker = time.monotonic()
                 timing.queue_s = at_worker - timing.start
-                call = asyncio.ensure_future(self.sup.infer(name, request))
+                call = asyncio.ensure_future(self.sup.infer(name, box))
                 try:
                     return await asyncio.shield(call)
                 except asyncio.CancelledError:
+                    call.cancel()   # the hop sends CANCEL and waits for the worker to end the call
                     await asyncio.wait([call])
                     raise
                 finally:
                     timing.compute_s = time.monotonic() - at_worker
                     del call   # no task <-> traceback cycle holding the request (see _forward)
         finally:
-            del request
+            box.clear()   # if the hop did not take the request (it failed first), it goes now
             reservation.__exit__(None, None, None)
 
     async def ModelInfer(self, request_iterator, context):
         """Registered as STREAM_UNARY: admitted BEFORE its (up to max_message) body is read."""
         caller = current_caller.get()
-        request = None
+        box: list = []   # the request's bytes, taken out by the hop once sent (see _forward)
         try:
             with self.admission.inference_call(caller.key, stream=False):
                 request = await read_one(context, self.limits.read_timeout_s)
                 if request is None:
                     raise errors.malformed()
-                return await self._forward(request)
+                box.append(request)
+                del request
+                return await self._forward(box)
         except ClientError as e:
             code, message = e.code, e.message
         # Memory (measured): abort() raises an AbortError that grpc.aio keeps in the RPC's state.
         # Raised inside the `except` block it would chain to the ClientError, whose traceback holds
         # the frames holding the request bytes (up to the message limit) until the cyclic GC runs.
         # So: leave the except block, drop the request, then abort.
-        del request
+        box.clear()
         await context.abort(code, message)
 
     async def ModelStreamInfer(self, request_iterator, context):
@@ -159,11 +211,12 @@ class FrontDoor:
                     if request is None:
                         return
                     try:
-                        response = stream_wrap(await self._forward(request))
+                        async with contextlib.aclosing(self._forward_stream(request)) as responses:
+                            del request
+                            async for response in responses:
+                                yield stream_wrap(response)
                     except ClientError as e:   # per-message errors stay in-band, as Triton does
-                        response = pb.ModelStreamInferResponse(error_message=e.message).SerializeToString()
-                    del request
-                    yield response
+                        yield pb.ModelStreamInferResponse(error_message=e.message).SerializeToString()
         except ClientError as e:
             failure = (e.code, e.message)
         if failure:

@@ -23,7 +23,8 @@ import time
 import grpc
 
 from ..proto import inference_pb2 as pb
-from ..proto.wire import PeekError, check_complete
+from ..proto.hop import release
+from ..proto.wire import INFER_RESPONSE_PARAMETERS, PeekError, bool_parameters, check_complete
 from ..sandbox import launcher
 from ..sandbox.profile import SandboxProfile
 from . import errors
@@ -34,6 +35,7 @@ from .config import Config, ConfigError, ModelConfig, load_config
 from .fetching import Fetcher, FetchBusy
 from .preflight import preflight
 from .provenance import Provenance
+from .worker_hop import OFFLOAD_BYTES, HopClosed, HopTimeout, WorkerStatus
 from .worker_process import ModelUnavailable, Spawner, WorkerProcess, describe_exit
 
 log = logging.getLogger("sealboxd")
@@ -606,51 +608,84 @@ class Supervisor:
                 found.append((name, status.version, cgroup))
         return found
 
-    async def infer(self, name: str, request: bytes) -> bytes:
+    async def infer(self, name: str, request) -> bytes:
         """Forward one ModelInferRequest's bytes to the model's worker; runs on the server's event loop.
         The answer is the worker's bytes with the supervisor's provenance appended (provenance.py).
+        `request` is the bytes, or a one-element list holding them that the hop empties once they are
+        sent (so the caller's frames do not keep a large request alive while the worker computes).
 
-        The caller holds the model's turn (one call at a time reaches a worker), so the
-        inference timeout measures the model, not a queue. Every failure leaves as an
-        errors.ClientError with a fixed, sealbox-made text: the model's reason under the view
-        lock, never the transport's text, a path or a pid."""
+        The caller holds one of the model's turns (admission.ModelGate), and the inference timeout
+        runs from when the worker takes the call (worker_hop.py), so it measures the model, not a
+        queue. Every failure leaves as an errors.ClientError with a fixed, sealbox-made text: the
+        model's reason under the view lock, never the transport's text, a path or a pid."""
         model = self.get(name)
         status, worker, hop = model.enter_call()
         if hop is None:
             raise errors.unavailable(name, _reason(status))
+        call = hop.infer(request, worker.profile.infer_timeout_s)
         try:
-            return await self._infer_at(name, model, worker, hop, request)
+            del request   # (the hop holds it until sent)
+            body = await self._at_hop(name, model, worker, call)
+            return await self._stamped(name, model, worker, body, None)
         finally:
             worker.inflight -= 1   # a replaced worker is stopped once its calls are done
 
-    async def _infer_at(self, name: str, model: ManagedModel, worker: WorkerProcess, hop, request: bytes) -> bytes:
+    async def infer_stream(self, name: str, request: bytes):
+        """The responses to one ModelStreamInfer request (an async iterator of bytes), each stamped and
+        carrying Triton's triton_final_response: true on the last. A decoupled engine's responses leave
+        as they are made (false), and the end is then an empty response with only the parameters (true),
+        as Triton sends it. The same errors as infer()."""
+        model = self.get(name)
+        status, worker, hop = model.enter_call()
+        if hop is None:
+            raise errors.unavailable(name, _reason(status))
+        responses = hop.stream(request, worker.profile.infer_timeout_s)
+        del request
+        try:
+            while True:
+                body, final = await self._at_hop(name, model, worker, responses.__anext__())
+                yield await self._stamped(name, model, worker, body, final)
+                if final:
+                    return
+        finally:
+            worker.inflight -= 1
+            await responses.aclose()
+
+    async def _at_hop(self, name: str, model: ManagedModel, worker: WorkerProcess, awaitable):
+        """Await one answer from the hop; every failure becomes a ClientError."""
         timeout = worker.profile.infer_timeout_s
         try:
-            response = await hop.infer(request, timeout)
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                reason = f"inference timed out after {timeout:g} s; worker killed"
-                self.audit.event("infer_timeout", model=name, reason=reason)
-                worker.sandboxed.kill()  # the watcher reports it and restarts with backoff
-                raise errors.unavailable(name, reason) from None
-            if code in errors.TRANSPORT_CODES:
-                raise errors.unavailable(name, await self._failure_reason(model, worker)) from None
-            raise errors.from_worker_rpc_error(name, exc, None, timeout) from None
-        except (OSError, ValueError, RuntimeError, grpc.RpcError):  # a channel closed under us, say
+            return await awaitable
+        except HopTimeout:
+            reason = f"inference timed out after {timeout:g} s; worker killed"
+            self.audit.event("infer_timeout", model=name, reason=reason)
+            worker.sandboxed.kill()  # the watcher reports it and restarts with backoff
+            raise errors.unavailable(name, reason) from None
+        except WorkerStatus as exc:
+            raise errors.from_worker_status(name, _status_code(exc.code), exc.message) from None
+        except (HopClosed, OSError):   # the worker died or was stopped under us
             raise errors.unavailable(name, await self._failure_reason(model, worker)) from None
-        except asyncio.CancelledError:
-            if asyncio.current_task().cancelling():
-                raise   # this call itself was cancelled
-            # grpc.aio cancels the calls of a channel being closed (the worker was stopped under
-            # us): that is an answer for the client, not a cancellation of its call.
-            raise errors.unavailable(name, await self._failure_reason(model, worker)) from None
-        model.failures = 0  # it served: the next death starts the backoff afresh
+
+    async def _stamped(self, name: str, model: ManagedModel, worker: WorkerProcess, body, final) -> bytes:
+        """The worker's response body + the supervisor's provenance (the last map entries win) and, on a
+        stream, triton_final_response; copied once out of a memfd body, which is then released."""
         try:
-            check_complete(response)   # nothing in it can swallow the stamp appended below
+            check_complete(body)   # nothing in it can swallow the parameters appended below (a memfd is sealed)
         except PeekError:
+            release(body)
             raise errors.ClientError(grpc.StatusCode.INTERNAL, f"model '{name}' failed") from None
-        return response + worker.stamp   # the supervisor's provenance: the last map entries win
+        model.failures = 0  # it served: the next death starts the backoff afresh
+        tail = worker.stamp if final is None else worker.stamp + bool_parameters(
+            INFER_RESPONSE_PARAMETERS, {"triton_final_response": final})
+        if len(body) <= OFFLOAD_BYTES:
+            response = b"".join((body, tail))
+            release(body)
+            return response
+        # A large copy runs off the event loop; the memfd is unmapped once the copy is done, even if
+        # this call is cancelled meanwhile.
+        copy = asyncio.get_running_loop().run_in_executor(None, b"".join, (body, tail))
+        copy.add_done_callback(lambda _: release(body))
+        return await asyncio.shield(copy)
 
     async def _failure_reason(self, model: ManagedModel, worker: WorkerProcess) -> str:
         """Why the hop failed, in the supervisor's words: the watcher's reason once it has seen the
@@ -714,6 +749,14 @@ def files_fingerprint(cfg: ModelConfig) -> tuple:
         if extra:
             add(os.path.join(base, extra))
     return tuple(entries)
+
+
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _status_code(number: int) -> grpc.StatusCode:
+    """A worker's ERROR record's code; a number gRPC does not know is UNKNOWN (mapped to INTERNAL)."""
+    return _STATUS_CODES.get(number, grpc.StatusCode.UNKNOWN)
 
 
 def _reason(status: ModelStatus) -> str:

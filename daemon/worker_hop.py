@@ -1,52 +1,310 @@
-"""The supervisor -> worker inference hop as seen from the public server's event loop.
+"""The supervisor -> worker hop as seen from the public server's event loop (proto/hop.py).
 
-One grpc.aio channel per worker process, made lazily on the event loop thread by the first call
-(grpc.aio channels belong to the loop they were made on) and closed on that loop when the worker
-is stopped (`close_soon()` may be called from any thread). An awaited call costs a pending
-coroutine, not a thread, so a hung worker holds nothing but its own model's turn
-(admission.ModelGate, one call at a time: the worker has one engine thread).
+One SOCK_SEQPACKET connection per worker process, made by the first call on the event loop
+thread; a reader (loop.add_reader) dispatches records by call id, sends are non-blocking (a
+record that does not fit the socket buffer waits for writability, in order). No thread per
+call: a pending call is a future. Several calls may be in flight (pipelining, up to the front
+door's per-model gate); the worker takes them strictly in order, so a call counts as taken when
+the call before it ended, and its inference timeout runs from then (and again from each of
+its streamed responses), never from when it was sent.
 
-This is the narrow seam the data-path work replaces: `await hop.infer(request_bytes, timeout)`
-returns the worker's response bytes or raises grpc.aio.AioRpcError / a transport exception; the
-supervisor (Supervisor.infer) turns every failure into a fixed client-facing error (errors.py).
-The sync channel of worker_process.WorkerProcess stays for Describe at load time.
+This is the one seam the supervisor and the server use:
+  `await hop.infer(request_bytes, timeout)`      -> the worker's response body
+  `hop.stream(request_bytes, timeout)`           -> async iterator of (response body, final)
+A response body is bytes, or a read-only mmap of the worker's sealed memfd for a large one: the
+caller copies what it needs and calls proto.hop.release(body).
+  `hop.close_soon()`                             (any thread, idempotent)
+Failures: WorkerStatus (the worker's ERROR record: a gRPC code and its text), HopTimeout (the
+supervisor then kills the worker), HopClosed (the connection ended: the worker died or was
+stopped; every pending call fails with it). Supervisor.infer turns each into a client error.
+Describe at load is `describe()`, a plain blocking exchange on a connection of its own.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
+import socket
+import time
 
-import grpc
+from ..proto import hop
 
-from ..proto import message_options
-from ..proto.contract import WORKER_INFER
+# Above this, building the request's memfd (and joining a response out of one) runs on a thread,
+# not on the event loop: 64 MiB takes ~10-20 ms to copy.
+OFFLOAD_BYTES = 1 << 20
 
-# The socket appears a few ms after spawn: retry quickly instead of gRPC's 1 s backoff.
-WORKER_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 5), ("grpc.min_reconnect_backoff_ms", 5),
-                    ("grpc.max_reconnect_backoff_ms", 100)]
+
+class HopError(Exception):
+    pass
+
+
+class HopClosed(HopError, ConnectionError):
+    """The connection to the worker ended (it died, was stopped, or broke the protocol)."""
+
+
+class HopTimeout(HopError):
+    """The worker took longer than the inference timeout on one call (counted from its take)."""
+
+
+class WorkerStatus(HopError):
+    """The worker ended a call with an ERROR record: `code` is a gRPC status code number."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class _Call:
+    __slots__ = ("id", "stream", "timeout", "items", "waiter", "timer", "ended", "cancelled")
+
+    def __init__(self, call_id: int, stream: bool, timeout: float, loop):
+        self.id, self.stream, self.timeout = call_id, stream, timeout
+        self.items: collections.deque = collections.deque()   # (body, final) or an exception
+        self.waiter = None
+        self.timer = None
+        self.ended = loop.create_future()   # set once the call's terminal record (or failure) arrived
+        self.cancelled = False
+
+    def push(self, item) -> None:
+        if self.cancelled:   # nobody will read it
+            if isinstance(item, tuple):
+                hop.release(item[0])
+            return
+        self.items.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def next(self):
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        item = self.items.popleft()
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
 
 class WorkerHop:
     def __init__(self, socket_path: str, max_message_bytes: int):
         self.loop = asyncio.get_running_loop()
-        opts = [*message_options(max_message_bytes), *WORKER_RECONNECT,
-                ("grpc.use_local_subchannel_pool", 1)]   # never share a connection with a replaced worker
-        self.channel = grpc.aio.insecure_channel(f"unix:{socket_path}", options=opts)
-        self._infer = self.channel.unary_unary(WORKER_INFER, request_serializer=None, response_deserializer=None)
+        self.socket_path, self.max_message_bytes = socket_path, max_message_bytes
+        self.sock: socket.socket | None = None
+        self.calls: dict[int, _Call] = {}
+        self.order: collections.deque[_Call] = collections.deque()   # sent, not ended, in sending order
+        self._next_id = 0
+        self._unsent: collections.deque = collections.deque()   # records waiting for the socket buffer
         self.closed = False
 
-    async def infer(self, request: bytes, timeout: float) -> bytes:
-        return await self._infer(request, timeout=timeout, wait_for_ready=False)
+    # -- connection ---------------------------------------------------------------------------------
+    def _connect(self) -> None:
+        if self.closed:
+            raise HopClosed("the hop is closed")
+        self.sock = hop.connect(self.socket_path, blocking=False)
+        self.loop.add_reader(self.sock.fileno(), self._readable)
 
-    async def close(self) -> None:
+    def close(self, reason: str = "the connection to the worker was closed") -> None:
+        """Fail every pending call with HopClosed and close the socket (on the loop thread)."""
         self.closed = True
-        await self.channel.close()
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            self.loop.remove_reader(sock.fileno())
+            self.loop.remove_writer(sock.fileno())
+            sock.close()
+        while self._unsent:
+            self._unsent.popleft().close()
+        calls, self.calls = self.calls, {}
+        self.order.clear()
+        for call in calls.values():
+            self._end(call, HopClosed(reason))
 
     def close_soon(self) -> None:
-        """Close the channel on its own loop; callable from any thread, idempotent."""
+        """Close on the hop's own loop; callable from any thread, idempotent."""
         if self.closed:
             return
         self.closed = True
         try:
-            self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.channel.close()))
+            self.loop.call_soon_threadsafe(self.close)
         except RuntimeError:   # the loop has ended (daemon shutdown): nothing left to close on
             pass
+
+    # -- sending ------------------------------------------------------------------------------------
+    def _send(self, record: hop.Outgoing) -> None:
+        if self.sock is None:
+            record.close()
+            raise HopClosed("the connection to the worker was closed")
+        if not self._unsent:
+            try:
+                record.send_on(self.sock)
+                record.close()
+                return
+            except BlockingIOError:
+                self.loop.add_writer(self.sock.fileno(), self._writable)
+            except OSError:
+                record.close()
+                self.close("the worker's socket failed")
+                raise HopClosed("the worker's socket failed") from None
+        self._unsent.append(record)
+
+    def _writable(self) -> None:
+        try:
+            while self._unsent:
+                self._unsent[0].send_on(self.sock)
+                self._unsent.popleft().close()
+            self.loop.remove_writer(self.sock.fileno())
+        except BlockingIOError:
+            pass
+        except OSError:
+            self.close("the worker's socket failed")
+
+    async def _start(self, request, timeout: float, stream: bool) -> _Call:
+        if self.sock is None:
+            self._connect()
+        if isinstance(request, list):   # the caller's box: from here only this frame holds the bytes
+            request = request.pop()
+        self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+        call = _Call(self._next_id, stream, timeout, self.loop)
+        flags = hop.STREAM if stream else 0
+        if len(request) > OFFLOAD_BYTES:
+            made = self.loop.run_in_executor(None, hop.Outgoing, hop.INFER, call.id, [request], flags)
+            try:
+                record = await asyncio.shield(made)
+            except asyncio.CancelledError:   # the client went away meanwhile: close the memfd once it exists
+                made.add_done_callback(lambda f: f.exception() is None and f.result().close())
+                raise
+            if self.sock is None:   # closed while the memfd was made
+                record.close()
+                raise HopClosed("the connection to the worker was closed")
+        else:
+            record = hop.Outgoing(hop.INFER, call.id, [request], flags)
+        self._send(record)
+        self.calls[call.id] = call
+        self.order.append(call)
+        if len(self.order) == 1:
+            self._taken(call)
+        return call
+
+    def _cancel(self, call: _Call) -> None:
+        """The client went away: tell the worker (it drops the call, or its engine stops iterating)."""
+        call.cancelled = True
+        while call.items:
+            item = call.items.popleft()
+            if isinstance(item, tuple):
+                hop.release(item[0])
+        if not call.ended.done() and self.sock is not None:
+            try:
+                self._send(hop.Outgoing(hop.CANCEL, call.id))
+            except HopClosed:
+                pass
+
+    # -- receiving ----------------------------------------------------------------------------------
+    def _readable(self) -> None:
+        while self.sock is not None:
+            try:
+                record = hop.recv(self.sock, self.max_message_bytes, hop.TO_SUPERVISOR)
+            except BlockingIOError:
+                return
+            except hop.Closed:
+                self.close("the worker closed its connection")
+                return
+            except hop.ProtocolError as exc:
+                self.close(f"the worker broke the hop protocol: {exc}")
+                return
+            except OSError:
+                self.close("the worker's socket failed")
+                return
+            call = self.calls.get(record.call_id)
+            if call is None or record.kind == hop.DESCRIBE_REPLY or (
+                    record.kind == hop.RESPONSE and not record.final and not call.stream):
+                hop.release(record.body)
+                self.close("the worker broke the hop protocol: an unexpected record")
+                return
+            if record.kind == hop.ERROR:
+                message = bytes(record.body[:hop.MAX_ERROR_BYTES]).decode("utf-8", "replace")
+                hop.release(record.body)
+                self._end(call, WorkerStatus(record.code, message))
+            elif record.final:
+                call.push((record.body, True))
+                self._end(call, None)
+            else:
+                call.push((record.body, False))
+                self._taken(call)   # a streamed response: the timeout starts afresh
+
+    def _taken(self, call: _Call) -> None:
+        if call.timer is not None:
+            call.timer.cancel()
+        call.timer = self.loop.call_later(call.timeout, self._expire, call)
+
+    def _expire(self, call: _Call) -> None:
+        self._end(call, HopTimeout(f"no answer within {call.timeout:g} s"))
+
+    def _end(self, call: _Call, failure: BaseException | None) -> None:
+        """The call's terminal record (or its failure): the next call in order is now taken."""
+        if call.ended.done():
+            return
+        if call.timer is not None:
+            call.timer.cancel()
+        self.calls.pop(call.id, None)
+        was_first = bool(self.order) and self.order[0] is call
+        try:
+            self.order.remove(call)
+        except ValueError:
+            pass
+        if failure is not None:
+            call.push(failure)
+        call.ended.set_result(None)
+        if was_first and self.order:
+            self._taken(self.order[0])
+
+    # -- the seam -----------------------------------------------------------------------------------
+    async def infer(self, request, timeout: float):
+        """The worker's one response body to a ModelInfer request (bytes, or a one-element list holding
+        them, emptied once they are sent)."""
+        call = await self._start(request, timeout, stream=False)
+        del request
+        try:
+            body, _final = await call.next()
+        except asyncio.CancelledError:
+            await self._abandon(call)
+            raise
+        return body
+
+    async def stream(self, request: bytes, timeout: float):
+        """(response, final) pairs of a ModelStreamInfer request; the last has final=True."""
+        call = await self._start(request, timeout, stream=True)
+        try:
+            while True:
+                body, final = await call.next()
+                yield body, final
+                if final:
+                    return
+        except (asyncio.CancelledError, GeneratorExit):   # the client went away, or stopped reading
+            await self._abandon(call)
+            raise
+
+    async def _abandon(self, call: _Call) -> None:
+        """The client went away: CANCEL, then wait (shielded) for the worker's terminal record, so the
+        call's turn is only given back once the worker is done with it."""
+        self._cancel(call)
+        if not call.ended.done():
+            await asyncio.shield(call.ended)
+
+
+def describe(socket_path: str, max_bytes: int, timeout: float) -> bytes:
+    """The worker's DESCRIBE_REPLY body: its serialized ModelMetadataResponse. Blocking (the load runs
+    on a thread). Raises OSError while the worker is not listening yet (the caller retries),
+    hop.ProtocolError for a malformed or oversized answer, TimeoutError."""
+    sock = hop.connect(socket_path)
+    try:
+        sock.settimeout(timeout)
+        hop.send(sock, hop.DESCRIBE, 1)
+        deadline = time.monotonic() + timeout
+        while True:
+            record = hop.recv(sock, max_bytes, hop.TO_SUPERVISOR)
+            if record.kind == hop.DESCRIBE_REPLY and record.call_id == 1:
+                body = bytes(record.body)
+                hop.release(record.body)
+                return body
+            hop.release(record.body)
+            if record.kind != hop.DESCRIBE_REPLY or time.monotonic() > deadline:
+                raise hop.ProtocolError("unexpected answer to DESCRIBE")
+    finally:
+        sock.close()

@@ -1,4 +1,4 @@
-"""One sandboxed worker process as the supervisor sees it: spawning, the channel to it, its death.
+"""One sandboxed worker process as the supervisor sees it: spawning, the hop to it, its death.
 
 The supervisor (daemon/supervisor.py) decides *when* a worker runs; this
 module knows *how* to talk to one and how to explain its end.
@@ -15,13 +15,11 @@ import signal
 import threading
 import time
 
-import grpc
-
-from ..proto import message_options
-from ..proto.contract import EXIT_REASONS, SOCKET_NAME, STDERR_PREFIX, WORKER_DESCRIBE
+from ..proto.contract import EXIT_REASONS, SOCKET_NAME, STDERR_PREFIX
+from ..proto.hop import ProtocolError
 from ..sandbox import launcher
 from ..sandbox.profile import SandboxProfile
-from .worker_hop import WORKER_RECONNECT, WorkerHop
+from .worker_hop import WorkerHop, describe
 from .errors import MAX_DESCRIBE_BYTES
 
 log = logging.getLogger("sealboxd")
@@ -76,13 +74,8 @@ class Spawner:
         return future.result()
 
 
-
-def _identity(x):
-    return x
-
-
 class WorkerProcess:
-    """One running sandboxed worker process and the channel to it."""
+    """One running sandboxed worker process and the hop to it."""
 
     def __init__(self, name: str, profile: SandboxProfile, socket_dir: str, sandboxed: launcher.SandboxedWorker,
                  max_message_bytes: int):
@@ -95,12 +88,9 @@ class WorkerProcess:
         self.max_message_bytes = max_message_bytes
         self.provenance = None   # set by the supervisor: the verified model it was started from
         self.stamp = b""         # that provenance as response parameters (daemon/provenance.py)
-        # Describe (at load) goes over this sync channel; inference over the event loop's hop
-        # (worker_hop.py), one call at a time per model (the server's admission.ModelGate).
-        opts = [*message_options(max_message_bytes), *WORKER_RECONNECT]
-        self.channel = grpc.insecure_channel(f"unix:{self.socket_path}", options=opts)
-        self.describe = self.channel.unary_unary(WORKER_DESCRIBE, request_serializer=_identity,
-                                                 response_deserializer=_identity)
+        # Describe (at load) is a blocking exchange of its own (worker_hop.describe); inference goes
+        # over the event loop's hop (worker_hop.WorkerHop), as many calls at once as the server's
+        # admission.ModelGate admits.
         self._hop = None
         self._hop_lock = threading.Lock()
         self._killed = False
@@ -139,14 +129,13 @@ class WorkerProcess:
                 self.kill()
                 raise ModelUnavailable(f"load timed out after {timeout:g} s; worker killed")
             try:
-                answer = self.describe(b"", timeout=min(left, 0.25), wait_for_ready=True)
-            except grpc.RpcError:
-                continue
-            if len(answer) > MAX_DESCRIBE_BYTES:
+                return describe(self.socket_path, MAX_DESCRIBE_BYTES, left)
+            except ProtocolError:
                 self.kill()
-                raise ModelUnavailable(f"the worker's metadata answer is larger than {MAX_DESCRIBE_BYTES} bytes;"
-                                       " worker killed")
-            return answer
+                raise ModelUnavailable(f"the worker's metadata answer is malformed or larger than "
+                                       f"{MAX_DESCRIBE_BYTES} bytes; worker killed") from None
+            except OSError:   # not listening yet (or it just died: polled above); TimeoutError: the deadline
+                time.sleep(0.005)
 
     def death_reason(self, when: str) -> str:
         rc = self.proc.wait()
@@ -164,7 +153,7 @@ class WorkerProcess:
         return reason
 
     def kill(self):
-        """Stop the worker and close its channels; idempotent (a drain and a shutdown may race)."""
+        """Stop the worker and close its hop; idempotent (a drain and a shutdown may race)."""
         with self._hop_lock:
             if self._killed:
                 return
@@ -173,5 +162,4 @@ class WorkerProcess:
         if hop is not None:
             hop.close_soon()
         self.sandboxed.stop()
-        self.channel.close()
         shutil.rmtree(self.socket_dir, ignore_errors=True)

@@ -3,6 +3,7 @@
 The launcher writes a `WorkerSpec` as the worker's single argument; the
 worker reads it back; the supervisor decodes the worker's exit code with
 `EXIT_REASONS`; the config checks a model's format against `ENGINE_NAMES`.
+The records both sides exchange on the worker's socket are proto/hop.py.
 None of them spells these values out on its own.
 
 A spec has two parts, the way nsjail has one declarative config rendered
@@ -40,11 +41,6 @@ STDERR_PREFIX = "sealbox worker: "
 # Where things appear inside the sandbox.
 SOCKET_DIR_IN_SANDBOX = "/run/sealbox"
 SOCKET_NAME = "worker.sock"
-
-# The worker's internal service (proto/worker.proto): full RPC paths.
-WORKER_SERVICE = "sealbox.worker.Worker"
-WORKER_DESCRIBE = f"/{WORKER_SERVICE}/Describe"
-WORKER_INFER = f"/{WORKER_SERVICE}/Infer"
 
 # Seals on every memfd handed to a worker: its bytes can never change after verification.
 MEMFD_SEALS = (fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE

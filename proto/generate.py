@@ -9,7 +9,7 @@ import sys
 import tempfile
 
 PROTO_DIR = pathlib.Path(__file__).resolve().parent
-PROTOS = ("inference.proto", "worker.proto")
+PROTOS = ("inference.proto",)   # the supervisor <-> worker hop is proto/hop.py, not gRPC
 
 
 def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:

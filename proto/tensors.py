@@ -164,8 +164,9 @@ def _wire_array(array: np.ndarray) -> tuple[str, np.ndarray]:
     return datatype, np.require(array.astype(DATATYPES[datatype], copy=False), requirements="C")
 
 
-def encode_response(response: pb.ModelInferResponse, outputs: dict[str, np.ndarray]) -> bytes:
-    """response (metadata only) plus raw output contents, serialized with one copy of the tensor bytes.
+def response_parts(response: pb.ModelInferResponse, outputs: dict[str, np.ndarray]) -> list:
+    """response (metadata only) plus raw output contents, as buffers whose concatenation is the
+    serialized response: the worker writes them to its socket or memfd without joining them.
 
     Protobuf's own serializer copies large bytes fields slowly; fields may come in any order on the wire.
     """
@@ -174,7 +175,12 @@ def encode_response(response: pb.ModelInferResponse, outputs: dict[str, np.ndarr
         datatype, array = _wire_array(array)
         response.outputs.add(name=name, datatype=datatype, shape=array.shape)
         parts += _raw_field(RAW_OUTPUT_FIELD, array)
-    return b"".join([response.SerializeToString(), *parts])
+    return [response.SerializeToString(), *parts]
+
+
+def encode_response(response: pb.ModelInferResponse, outputs: dict[str, np.ndarray]) -> bytes:
+    """response_parts joined: one copy of the tensor bytes."""
+    return b"".join(response_parts(response, outputs))
 
 
 def response_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:

@@ -20,6 +20,7 @@ INFER_RESPONSE_PARAMETERS = 4   # ModelInferResponse.parameters: map<string, Inf
 STREAM_INFER_RESPONSE = 2    # ModelStreamInferResponse.infer_response
 # A map<K, V> field is, on the wire, a repeated message field of entries {K key = 1; V value = 2}.
 MAP_KEY, MAP_VALUE = 1, 2
+PARAMETER_BOOL = 1           # InferParameter.bool_param (in its oneof)
 PARAMETER_STRING = 3         # InferParameter.string_param (in its oneof)
 
 WIRE_VARINT, WIRE_FIXED64, WIRE_LEN, WIRE_FIXED32 = 0, 1, 2, 5
@@ -155,6 +156,18 @@ def string_parameters(field: int, parameters: dict[str, str]) -> bytes:
     for key, value in parameters.items():
         k, v = key.encode("utf-8"), value.encode("utf-8")
         param = length_delimited_header(PARAMETER_STRING, len(v)) + v
+        entry = length_delimited_header(MAP_KEY, len(k)) + k + length_delimited_header(MAP_VALUE, len(param)) + param
+        out += length_delimited_header(field, len(entry)) + entry
+    return bytes(out)
+
+
+def bool_parameters(field: int, parameters: dict[str, bool]) -> bytes:
+    """Like string_parameters, with bool values (InferParameter.bool_param), e.g. Triton's
+    triton_final_response on a streamed response."""
+    out = bytearray()
+    for key, value in parameters.items():
+        k = key.encode("utf-8")
+        param = encode_varint((PARAMETER_BOOL << 3) | WIRE_VARINT) + encode_varint(int(value))
         entry = length_delimited_header(MAP_KEY, len(k)) + k + length_delimited_header(MAP_VALUE, len(param)) + param
         out += length_delimited_header(field, len(entry)) + entry
     return bytes(out)

@@ -59,7 +59,7 @@ class SandboxProfile:
     pids_max: int = 64
     nofile: int = 256
     fsize_bytes: int = 64 * 2**20
-    max_message_bytes: int = 256 * 2**20   # the worker's gRPC message limit (the supervisor's, passed on)
+    max_message_bytes: int = 256 * 2**20   # the worker's hop message limit (the supervisor's, passed on)
     load_timeout_s: float = 60.0
     infer_timeout_s: float = 30.0
     # Shared libraries the worker loads globally after confining itself, before the engine
@@ -114,7 +114,10 @@ class SandboxProfile:
                    memory_bytes=memory_bytes, pids_max=pids_max, load_timeout_s=load_timeout_s,
                    infer_timeout_s=infer_timeout_s, seccomp=seccomp, landlock=landlock, cgroups=cgroups,
                    preload=(blas,) if blas else (), max_message_bytes=max_message_bytes, nofile=nofile,
-                   symlink_dirs=symlink_dirs, engine_options=tuple(engine_options))
+                   symlink_dirs=symlink_dirs, engine_options=tuple(engine_options),
+                   # RLIMIT_FSIZE also bounds memfds: a response leaves the worker in one (proto/hop.py),
+                   # so one file may be as large as a message; /tmp's tmpfs size still bounds the disk.
+                   fsize_bytes=max(64 * 2**20, max_message_bytes))
 
     @classmethod
     def for_fetch_helper(cls, *, user: str = "sealbox-fetch", python: str = sys.executable,

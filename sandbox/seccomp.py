@@ -41,16 +41,20 @@ _ALLOW = (
      "OpenBLAS (numpy's, and Debian's when the profile preloads it): NUMA policy, yielding threads"),
     (("futex", "set_robust_list", "rseq", "set_tid_address", "gettid", "exit", "exit_group",
       "sched_getaffinity", "sched_getparam", "sched_getscheduler", "clock_nanosleep"),
-     "threads: glibc pthreads, gRPC's and MLX's thread pools, time.sleep"),
+     "threads: glibc pthreads, MLX's and OpenBLAS's thread pools, the hop's reader threads, time.sleep"),
     (("rt_sigaction", "rt_sigprocmask", "rt_sigreturn"), "signals: Python's SIGTERM handler"),
     (("restart_syscall",),
      "SIGSTOP then SIGCONT (a debugger, job control, a cgroup freezer) resumes an interrupted sleep with it"),
     (("arch_prctl", "getrandom", "sysinfo", "uname", "getpid"),
      "runtime start: TLS setup, hash seed, memory size, platform, getpid (abort(), logging)"),
-    (("bind", "listen", "accept4", "shutdown", "recvmsg", "sendmsg", "getsockname", "getpeername",
-      "getsockopt", "setsockopt", "unlink"),
-     "the gRPC server on its Unix socket (socket() itself is limited to AF_UNIX below)"),
-    (("epoll_create1", "epoll_ctl", "epoll_wait", "eventfd2"), "gRPC's event engine"),
+    (("bind", "listen", "accept4", "shutdown", "recvmsg", "sendmsg", "getsockname"),
+     "the hop on its Unix socket (proto/hop.py; socket() itself is limited to AF_UNIX below)"),
+    (("epoll_create1",), "`import socket` imports selectors, which probes epoll once"),
+    (("unlink",), "not used by the model worker since gRPC left it; kept for the operator tools run in the "
+                  "same sandbox (`sealbox sandbox run-python` scripts remove their scratch files in /tmp)"),
+    (("memfd_create",),
+     "the hop: a large response leaves in a sealed memfd; GGUF weights: MLX maps its file shared and "
+     "writable, so the worker hands it a private copy"),
     (("wait4",), "bubblewrap's pid 1 reaps the worker and exits with its status"),
     (("execve",), "bubblewrap execs the worker under this filter (stage 2 then forbids it)"),
     (("landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self"),
@@ -59,8 +63,7 @@ _ALLOW = (
 
 # What one engine needs beyond _ALLOW: {engine: ((syscalls, why), ...)}.
 _ENGINE_EXTRA = {
-    "mlx": ((("memfd_create",),
-             "GGUF weights: MLX maps its file shared and writable, so the worker hands it a private copy"),),
+    "mlx": (),
     "flux": (),   # numpy only: nothing beyond the common list
     # The fetch helper (sealbox.transfer.helper), not a model worker: TCP/TLS clients and name lookups.
     "fetch": ((("connect", "sendto", "recvfrom", "sendmmsg", "poll", "ppoll"),
@@ -87,10 +90,11 @@ ENGINES = tuple(_ENGINE_EXTRA)
 # Constants from <linux/sched.h>, <linux/prctl.h>, <linux/seccomp.h>, <asm-generic/ioctls.h>.
 _AF_UNIX = 1
 _CLONE_THREAD = 0x00010000
-_PR_SET_NAME, _PR_SET_NO_NEW_PRIVS, _PR_SET_VMA = 15, 38, 0x53564D41
+_PR_SET_NO_NEW_PRIVS, _PR_SET_VMA = 38, 0x53564D41
 _SECCOMP_SET_MODE_FILTER, _SECCOMP_FILTER_FLAG_TSYNC = 1, 1
 _TCGETS, _FIOCLEX, _TIOCGWINSZ, _FIONBIO = 0x5401, 0x5451, 0x5413, 0x5421
 _F_GETFD, _F_SETFD, _F_GETFL, _F_SETFL = 1, 2, 3, 4
+_F_ADD_SEALS, _F_GET_SEALS, _F_DUPFD_CLOEXEC = 1033, 1034, 1030
 _SIGABRT = 6
 _NR_SECCOMP_X86_64 = 317
 _BPF_INSN_SIZE = 8          # sizeof(struct sock_filter)
@@ -146,8 +150,8 @@ def stage1_bpf(engine: str) -> bytes:
     for names, _why in (*_ALLOW, *_ENGINE_EXTRA[engine]):
         for name in names:
             f.add_rule(sc.ALLOW, name)
-    # Sockets: Unix only (the fetch helper: and inet). gRPC probes AF_INET/AF_INET6 at start, so
-    # those fail softly.
+    # Sockets: Unix only (the fetch helper: and inet); other families fail softly (a library
+    # probing AF_INET6 does not kill the worker).
     families = _SOCKET_FAMILIES.get(engine, (_AF_UNIX,))
     for family in families:
         f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, family))
@@ -166,10 +170,12 @@ def stage1_bpf(engine: str) -> bytes:
     for request in (_TCGETS, _FIOCLEX, _TIOCGWINSZ, *((_FIONBIO,) if engine == "fetch" else ())):
         f.add_rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.EQ, request))  # FIONBIO: Python's socket timeouts
     # fcntl: descriptor and status flags only (F_SETOWN/F_SETSIG would turn SIGIO into a signal channel).
-    for command in (_F_GETFD, _F_SETFD, _F_GETFL, _F_SETFL):
+    # F_ADD_SEALS / F_GET_SEALS: the hop seals its memfds and checks the supervisor's; F_DUPFD_CLOEXEC:
+    # Python's mmap keeps a duplicate of the descriptor it maps.
+    for command in (_F_GETFD, _F_SETFD, _F_GETFL, _F_SETFL, _F_ADD_SEALS, _F_GET_SEALS, _F_DUPFD_CLOEXEC):
         f.add_rule(sc.ALLOW, "fcntl", sc.Arg(1, sc.EQ, command))
-    # prctl: thread names (gRPC), naming anonymous memory (glibc), no_new_privs before stage 2.
-    for option in (_PR_SET_NAME, _PR_SET_VMA, _PR_SET_NO_NEW_PRIVS):
+    # prctl: naming anonymous memory (glibc), no_new_privs before stage 2.
+    for option in (_PR_SET_VMA, _PR_SET_NO_NEW_PRIVS):
         f.add_rule(sc.ALLOW, "prctl", sc.Arg(0, sc.EQ, option))
     # Only our own rlimits (glibc's getrlimit is prlimit64(0, ...)).
     f.add_rule(sc.ALLOW, "prlimit64", sc.Arg(0, sc.EQ, 0))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import importlib
-import threading  # Engine.responses' signature names threading.Event
+import threading
 from typing import Mapping
 
 import numpy as np
@@ -83,7 +83,8 @@ class TensorSpec:
 
 
 class Engine(abc.ABC):
-    """A loaded model. Built once per worker by `load`; the worker calls `load` and `infer` from one thread."""
+    """A loaded model. Built once per worker by `load`; the worker calls `load` and `responses` (whose
+    default calls `infer`) from one thread."""
 
     #: reported as ModelMetadataResponse.platform
     platform: str = ""
@@ -91,6 +92,9 @@ class Engine(abc.ABC):
     outputs: tuple[TensorSpec, ...] = ()
     #: outputs sent when a request names none (None = all outputs)
     default_outputs: tuple[str, ...] | None = None
+    #: seconds per load phase the engine measured itself (e.g. {"deserialize_s": .., "warmup_s": ..}),
+    #: reported to the supervisor with the worker's own total `load_s`
+    load_phases: Mapping[str, float] = {}
 
     @classmethod
     @abc.abstractmethod
@@ -101,7 +105,7 @@ class Engine(abc.ABC):
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model on checked inputs; return one array per output spec, by name."""
 
-    def responses(self, inputs, *, streaming: bool, cancelled: "threading.Event"):
+    def responses(self, inputs, *, streaming: bool, cancelled: threading.Event):
         """The responses to one request, one dict of outputs (name -> np.ndarray) each. streaming is True when
         the call came through ModelStreamInfer (the engine may then yield several); the worker stops iterating
         and drops the rest once cancelled is set. Default: one response from infer()."""

@@ -3,8 +3,8 @@
 Started by the launcher as `python -m sealbox.worker.main SPEC_JSON` (a
 `WorkerSpec`, proto/contract.py). It confines itself further (Landlock, the
 exec ban), loads the model from the inherited sealed file descriptors, and
-serves the internal Worker gRPC service on a Unix socket in its socket
-directory. Its exit codes and their meaning are in proto/contract.py.
+serves the hop (proto/hop.py, worker/serving.py; no gRPC) on a Unix socket in
+its socket directory. Its exit codes and their meaning are in proto/contract.py.
 """
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import runpy
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
 
 from ..proto.contract import (EXIT_BAD_SPEC, EXIT_CONFINEMENT, EXIT_MODEL_REFUSED, STDERR_PREFIX,
-                                    WORKER_SERVICE, SandboxSpec, SpecError, ToolRun, WorkerSpec)
+                              SandboxSpec, SpecError, ToolRun, WorkerSpec)
 
 
 def confine(spec: SandboxSpec) -> None:
@@ -30,65 +31,12 @@ def confine(spec: SandboxSpec) -> None:
         seccomp.load_stage2_from_fd(spec.seccomp_stage2_fd)
 
 
-def serve(spec: WorkerSpec, engine, engine_thread: futures.ThreadPoolExecutor) -> None:
-    import grpc
-
-    from google.protobuf.message import DecodeError
-
-    from ..proto import inference_pb2 as pb
-    from ..proto import message_options, tensors
-    from .engine import InferenceError, InputError
-
-    class Worker:
-        def Describe(self, request, context):
-            response = pb.ModelMetadataResponse(platform=engine.platform)
-            for spec_list, field in ((engine.inputs, response.inputs), (engine.outputs, response.outputs)):
-                for t in spec_list:
-                    field.add(name=t.name, datatype=t.datatype, shape=t.shape)
-            return response
-
-        def Infer(self, raw: bytes, context):
-            # Parsed here, not by gRPC: a malformed request is the client's error, not INTERNAL.
-            try:
-                request = pb.ModelInferRequest.FromString(raw)
-            except DecodeError as exc:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed ModelInferRequest: {exc}")
-            try:
-                inputs = tensors.request_inputs(request)
-                engine.check_inputs(inputs)
-                wanted = [o.name for o in request.outputs] or list(engine.default_outputs or ())
-                known = [o.name for o in engine.outputs]
-                unknown = sorted(set(wanted) - set(known))
-                if unknown:
-                    raise InputError(f"requested outputs {unknown} do not exist (outputs: {known})")
-                results = engine.infer(inputs)  # already on the engine's thread (the server's only one)
-            except (InputError, tensors.TensorError) as exc:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            except InferenceError as exc:
-                context.abort(grpc.StatusCode.INTERNAL, str(exc))
-            except Exception as exc:  # an engine bug: still one clean line, not grpc's "Exception calling application"
-                context.abort(grpc.StatusCode.INTERNAL, f"inference failed: {type(exc).__name__}: {exc}")
-            response = pb.ModelInferResponse(model_name=request.model_name,
-                                             model_version=request.model_version, id=request.id)
-            return tensors.encode_response(response, {name: results[name] for name in wanted or known})
-
-    # The server runs every call on the engine's own thread: no hand-off per request.
-    server = grpc.server(engine_thread, options=message_options(spec.model.max_message_bytes))
-    worker = Worker()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(WORKER_SERVICE, {
-        "Describe": grpc.unary_unary_rpc_method_handler(
-            worker.Describe, request_deserializer=lambda raw: raw,
-            response_serializer=pb.ModelMetadataResponse.SerializeToString),
-        "Infer": grpc.unary_unary_rpc_method_handler(
-            worker.Infer, request_deserializer=None, response_serializer=None),  # bytes both ways
-    }),))
-    server.add_insecure_port("unix:" + spec.sandbox.socket)
-    server.start()
+def serve(spec: WorkerSpec, engine, engine_thread: futures.ThreadPoolExecutor, phases: dict[str, float]) -> None:
+    """Serve the hop (worker/serving.py) until SIGTERM, every call on the engine's thread."""
+    from .serving import serve as serve_hop
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    while not stopped.wait(1.0):  # polled: the signal may land on another thread (OpenBLAS's)
-        pass
-    server.stop(grace=1).wait()
+    serve_hop(engine, spec.sandbox.socket, spec.model.max_message_bytes, phases, engine_thread.submit, stopped)
 
 
 def run_instead_of_loader(run: ToolRun) -> int:
@@ -112,7 +60,7 @@ def main(argv: list[str]) -> int:
         return EXIT_BAD_SPEC
     files = {name: f"/proc/self/fd/{fd}" for name, fd in spec.model.files.items()}
     # Confine first, while the process has one thread (Landlock confines only the calling
-    # thread; numpy and grpc start threads on import). Fail closed: nothing is read unconfined.
+    # thread; numpy starts threads on import). Fail closed: nothing is read unconfined.
     try:
         confine(spec.sandbox)
     except Exception as exc:
@@ -128,6 +76,7 @@ def main(argv: list[str]) -> int:
     engine_cls = engine_class(spec.sandbox.engine)
     # One thread owns the engine: MLX streams are per thread, and engines need not be thread-safe.
     engine_thread = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+    started = time.perf_counter()
     try:
         engine = engine_thread.submit(engine_cls.load, files, **spec.model.engine_options).result()
     except ModelError as exc:
@@ -135,7 +84,8 @@ def main(argv: list[str]) -> int:
         # Leave at once: a parser that refused hostile bytes may have left its heap corrupt, and
         # running finalizers would turn a clean refusal into a crash at exit.
         os._exit(EXIT_MODEL_REFUSED)
-    serve(spec, engine, engine_thread)
+    phases = {"load_s": time.perf_counter() - started, **engine.load_phases}
+    serve(spec, engine, engine_thread, phases)
     return 0
 
 

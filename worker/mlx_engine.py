@@ -11,6 +11,7 @@ outputs in order.
 from __future__ import annotations
 
 import json
+import time
 from typing import Mapping
 
 import numpy as np
@@ -97,6 +98,7 @@ class MlxEngine(Engine):
     def load(cls, files: Mapping[str, str]) -> "MlxEngine":
         import mlx.core as mx
 
+        started = time.perf_counter()
         meta = _read_metadata(files)
         inputs = tuple(TensorSpec.from_json(t, f"{METADATA}: inputs") for t in meta.get("inputs", []))
         outputs = tuple(TensorSpec.from_json(t, f"{METADATA}: outputs") for t in meta.get("outputs", []))
@@ -128,7 +130,9 @@ class MlxEngine(Engine):
         else:
             raise ModelError(f"{METADATA}: needs 'function' (an .mlxfn) or 'architecture'")
         engine = cls(fn, weights, inputs, outputs, meta.get("function"))
+        deserialized = time.perf_counter()
         engine.warm_up()
+        engine.load_phases = {"deserialize_s": deserialized - started, "warmup_s": time.perf_counter() - deserialized}
         return engine
 
     def warm_up(self) -> None:

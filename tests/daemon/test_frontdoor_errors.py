@@ -91,13 +91,16 @@ def test_100_worker_kills_under_load_leak_nothing(daemon_factory, demo_model, ke
         assert client.infer("demo", {"x": x})["y"].shape == (2, 3)
 
 
-# ---- a hostile worker, over a real gRPC hop ------------------------------------------------------
+# ---- a hostile worker, over the real hop ---------------------------------------------------------
 def _hostile_worker_answers():
-    """Start a real gRPC server speaking the worker protocol on a Unix socket that answers Infer with
-    hostile statuses, call it through the supervisor's real hop (WorkerHop), map with errors.py."""
+    """A hostile worker on a real hop socket answers every call with an ERROR record of a hostile
+    status; the supervisor's real hop (WorkerHop) receives them and errors.py maps them."""
     import tempfile
+    import threading
     from sealbox.daemon import errors
-    from sealbox.daemon.worker_hop import WorkerHop
+    from sealbox.daemon.supervisor import _status_code
+    from sealbox.daemon.worker_hop import WorkerHop, WorkerStatus
+    from sealbox.proto import hop
 
     hostile = [
         (grpc.StatusCode.INVALID_ARGUMENT, "input 'x' bad; see /run/sealbox/workers/123-demo-4/worker.sock pid 4242 "
@@ -109,47 +112,44 @@ def _hostile_worker_answers():
         (grpc.StatusCode.OUT_OF_RANGE, "x" * 7000),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, "/etc/shadow is large"),
     ]
+    directory = tempfile.mkdtemp()
+    listener = hop.listen(f"{directory}/worker.sock")
+
+    def worker():
+        conn, _ = listener.accept()
+        for code, text in hostile:
+            record = hop.recv(conn, 2**20, hop.TO_WORKER)
+            hop.send_error(conn, record.call_id, code.value[0], text)
+        conn.close()
+    threading.Thread(target=worker, daemon=True).start()
 
     async def main():
-        directory = tempfile.mkdtemp()
-        index = {"i": 0}
-
-        async def infer(request, context):
-            code, text = hostile[index["i"]]
-            index["i"] += 1
-            await context.abort(code, text)
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "sealbox.worker.Worker", {"Infer": grpc.unary_unary_rpc_method_handler(infer)}),))
-        server.add_insecure_port(f"unix:{directory}/worker.sock")
-        await server.start()
-        hop = WorkerHop(f"{directory}/worker.sock", 2**20)
+        channel = WorkerHop(f"{directory}/worker.sock", 2**20)
         mapped = []
         for _ in hostile:
             try:
-                await hop.infer(b"", timeout=10)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in errors.TRANSPORT_CODES:
-                    error = errors.unavailable("demo", "worker connection failed")
-                else:
-                    error = errors.from_worker_rpc_error("demo", exc, None, 30)
+                await channel.infer(b"", timeout=10)
+            except WorkerStatus as exc:
+                error = errors.from_worker_status("demo", _status_code(exc.code), exc.message)
                 mapped.append((error.code, error.message))
-        await hop.close()
-        await server.stop(None)
+        channel.close()
         return mapped
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    finally:
+        listener.close()
 
 
 def test_hostile_worker_statuses_are_mapped_and_truncated():
     mapped = _hostile_worker_answers()
     codes = [code.name for code, _ in mapped]
-    assert codes == ["INVALID_ARGUMENT", "INTERNAL", "INTERNAL", "UNAVAILABLE", "UNAVAILABLE",
+    assert codes == ["INVALID_ARGUMENT", "INTERNAL", "INTERNAL", "INTERNAL", "INTERNAL",
                      "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"]
     assert all(len(message) <= 200 for _, message in mapped)
     first = mapped[0][1]
     assert first.startswith("input 'x' bad; see <path> pid 4242 AAAA") and "/run" not in first
-    assert mapped[1][1] == mapped[2][1] == "model 'demo' failed"
-    assert mapped[3][1] == mapped[4][1] == "model 'demo' is unavailable: worker connection failed"
+    # A worker's INTERNAL (the engine failed) and statuses it has no business sending: a fixed text.
+    assert mapped[1][1] == mapped[2][1] == mapped[3][1] == mapped[4][1] == "model 'demo' failed"
     assert mapped[6][1] == "model 'demo': response exceeds the message limit"
     assert all(c.isprintable() for _, message in mapped for c in message)
 

@@ -87,7 +87,8 @@ def test_provenance_config_statistics_and_metrics_through_tritonclient(daemon_fa
     # Provenance: on every answer, unary and streamed, equal to what `sealbox verify` printed.
     assert [call["parameters"] for call in out["infer"]] == [expected] * 3
     assert [call["shape"] for call in out["infer"]] == [[1, 3], [2, 3], [3, 3]]
-    assert out["stream"] == {"error": None, "parameters": expected}
+    # a stream's (last) response also says it is the last one (Triton's decoupled convention)
+    assert out["stream"] == {"error": None, "parameters": {**expected, "triton_final_response": True}}
     assert out["swallow"] is None   # the honest worker's "swallow" request is just a request
     metadata = pb.ModelMetadataResponse.FromString(bytes.fromhex(out["metadata_hex"]))
     assert {k: v.string_param for k, v in metadata.parameters.items()} == expected
@@ -153,18 +154,18 @@ if sys.argv[1] == "-c":   # the daemon's start-up check: python -c "import sealb
     sys.exit(0)
 import sealbox.worker.main as worker   # light: no thread may start before the worker confines itself
 serve = worker.serve
-def hostile_serve(spec, engine, engine_thread):   # called confined, with the model loaded
+def hostile_serve(*args):   # called confined, with the model loaded
     from sealbox.proto import tensors, wire
-    encode = tensors.encode_response
-    def encode_response(response, outputs):
+    parts = tensors.response_parts
+    def response_parts(response, outputs):
         for key, value in FORGED.items():
             response.parameters[key].string_param = value
-        raw = encode(response, outputs) + wire.string_parameters(wire.INFER_RESPONSE_PARAMETERS, FORGED)
+        raw = parts(response, outputs) + [wire.string_parameters(wire.INFER_RESPONSE_PARAMETERS, FORGED)]
         if response.id == "swallow":
-            raw += wire.length_delimited_header(wire.RAW_OUTPUT_FIELD, {len(stamp)})
+            raw.append(wire.length_delimited_header(wire.RAW_OUTPUT_FIELD, {len(stamp)}))
         return raw
-    tensors.encode_response = encode_response
-    return serve(spec, engine, engine_thread)
+    tensors.response_parts = response_parts
+    return serve(*args)
 worker.serve = hostile_serve
 sys.exit(worker.main(sys.argv[3:]))   # argv: SCRIPT -m sealbox.worker.main SPEC
 """)
@@ -181,7 +182,8 @@ def test_a_worker_cannot_forge_the_provenance(daemon_factory, released_model, ke
     expected = {"sealbox_manifest_digest": verified["digest"], "sealbox_version": verified["version"],
                 "sealbox_signer": verified["signer"]}
     assert [call["parameters"] for call in out["infer"]] == [expected] * 2
-    assert out["stream"] == {"error": None, "parameters": expected}
+    # a stream's (last) response also says it is the last one (Triton's decoupled convention)
+    assert out["stream"] == {"error": None, "parameters": {**expected, "triton_final_response": True}}
     # The response that would have swallowed the stamp never reaches the client.
     assert out["swallow"] == ["StatusCode.INTERNAL", "model 'demo' failed"]
     metadata = pb.ModelMetadataResponse.FromString(bytes.fromhex(out["metadata_hex"]))

@@ -41,6 +41,7 @@ def test_tritonclient_end_to_end(daemon_factory, demo_model, keys):
     assert out["ready_after_unload"] is False and out["ready_after_load"] is True
     assert [s["error"] for s in out["stream"]] == [None, None]
     assert [s["id"] for s in out["stream"]] == ["0", "1"]
+    assert [s["final"] for s in out["stream"]] == [True, True]   # one response each, so each is the last
     for s, x in zip(out["stream"], out["stream_inputs"]):
         np.testing.assert_allclose(np.array(s["y"]), reference(np.array(x, np.float32)), rtol=1e-5, atol=1e-5)
     assert out["cuda_shm"] == ["UNIMPLEMENTED", "sealbox does not support shared-memory tensors (system or CUDA): "

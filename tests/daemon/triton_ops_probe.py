@@ -18,7 +18,7 @@ out = {}
 
 
 def parameters(response) -> dict:
-    return {key: value.string_param for key, value in response.parameters.items()}
+    return {key: getattr(value, value.WhichOneof("parameter_choice")) for key, value in response.parameters.items()}
 
 
 def request(batch, request_id=""):

@@ -62,6 +62,8 @@ for _ in range(2):
     result, error = results.get(timeout=30)
     stream.append({"error": str(error) if error else None,
                    "id": result.get_response().id if result else None,
+                   # Triton's decoupled convention: the last response of a request says so
+                   "final": result.get_response().parameters["triton_final_response"].bool_param if result else None,
                    "y": result.as_numpy(out_name).tolist() if result else None})
 client.stop_stream()
 out["stream"] = stream

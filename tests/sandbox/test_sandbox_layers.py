@@ -107,15 +107,34 @@ def test_stage1_kills_what_a_worker_never_does(attempt):
     assert result.returncode == -SIGSYS
 
 
-@pytest.mark.parametrize("engine, survives", [("mlx", True), ("flux", False)])
-def test_engines_get_their_own_allowlist(engine, survives):
-    """memfd_create is MLX's (a private copy of GGUF weights); the numpy-only flux worker never needs it."""
+@pytest.mark.parametrize("engine", ["mlx", "flux"])
+def test_every_engine_may_seal_a_memfd_for_the_hop(engine):
+    """The hop (proto/hop.py) sends large responses as sealed memfds and maps the supervisor's."""
     result = run_filtered(seccomp.stage1_bpf(engine), """
-        os.close(os.memfd_create("copy"))
+        from sealbox.proto import hop
+        fd = hop.body_memfd([b"x" * 100])
+        body = hop._map_memfd(fd, 100)
+        os.close(fd)
+        print("survived", len(body))
+    """)
+    assert result.stdout.split() == ["confined", "survived", "100"], result.stderr
+    assert result.returncode == 0
+
+
+@pytest.mark.parametrize("call", ["eventfd2", "epoll_wait", "setsockopt"])
+def test_grpc_only_syscalls_are_gone(call):
+    """The worker serves no gRPC any more: its event engine's syscalls kill it (SECURITY.md)."""
+    args = {"eventfd2": "c_long(0), c_long(0)", "epoll_wait": "c_long(-1), c_long(0), c_long(1), c_long(0)",
+            "setsockopt": "c_long(-1), c_long(1), c_long(2), c_long(0), c_long(0)"}[call]
+    result = run_filtered(seccomp.stage1_bpf("mlx"), f"""
+        import ctypes
+        from ctypes import c_long
+        nr = {{"eventfd2": 290, "epoll_wait": 232, "setsockopt": 54}}["{call}"]
+        ctypes.CDLL(None).syscall(c_long(nr), {args})
         print("survived")
     """)
-    assert result.stdout.split() == ["confined", "survived"] if survives else ["confined"]
-    assert result.returncode == (0 if survives else -SIGSYS)
+    assert result.stdout.split() == ["confined"]
+    assert result.returncode == -SIGSYS
 
 
 def test_the_x32_attempt_is_harmless_without_a_filter():
@@ -175,27 +194,31 @@ def test_filters_refuse_unknown_engines_and_bad_programs():
     assert ok, detail
 
 
-# A stand-in worker: the real sequence (imports, stage 2 from an fd, gRPC on a Unix socket, MLX or numpy).
+# A stand-in worker: the real sequence (imports, stage 2 from an fd, the hop on a Unix socket with a
+# reader thread and one compute thread, MLX or numpy). Call id 1 doubles the body (float32), 2 probes
+# AF_INET, 3 execs a shell.
 WORKER = """
 import os, sys, signal, threading
 from concurrent import futures
 engine, sock, stage2_fd = sys.argv[1], sys.argv[2], int(sys.argv[3])
-import grpc
 import numpy as np
 if engine == "mlx":
     import mlx.core as mx
+from sealbox.proto import hop
 from sealbox.sandbox import seccomp
 seccomp.load_stage2_from_fd(stage2_fd)
-assert "pyseccomp" not in sys.modules
+assert "pyseccomp" not in sys.modules and "grpc" not in sys.modules
 compute = futures.ThreadPoolExecutor(max_workers=1)   # MLX streams belong to one thread
 
-def double(request, context):
-    x = np.frombuffer(request, np.float32)
+def double(body):
+    x = np.frombuffer(bytes(body), np.float32)
     if engine == "mlx":
         return compute.submit(lambda: np.array(mx.array(x) * 2).tobytes()).result()
-    return (x @ np.eye(x.size, dtype=np.float32) * 2).tobytes()
+    if x.size <= 64:   # OpenBLAS's matmul
+        return (x @ np.eye(x.size, dtype=np.float32) * 2).tobytes()
+    return (x * 2).tobytes()
 
-def probe(request, context):
+def probe():
     try:
         import socket
         socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -203,20 +226,23 @@ def probe(request, context):
     except OSError as exc:
         return str(exc.errno).encode()
 
-def execute(request, context):
-    os.execv("/bin/sh", ["sh", "-c", "echo escaped"])
+def serve(conn):
+    while True:
+        record = hop.recv(conn, 2**28, hop.TO_WORKER)
+        if record.call_id == 1:
+            hop.send(conn, hop.RESPONSE, 1, [double(record.body)], flags=hop.FINAL)
+        elif record.call_id == 2:
+            hop.send(conn, hop.RESPONSE, 2, [probe()], flags=hop.FINAL)
+        else:
+            os.execv("/bin/sh", ["sh", "-c", "echo escaped"])
+        hop.release(record.body)
 
-handlers = {"Double": double, "Probe": probe, "Exec": execute}
-server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-    "T", {k: grpc.unary_unary_rpc_method_handler(v) for k, v in handlers.items()}),))
-server.add_insecure_port("unix:" + sock)
-server.start()
-stop = threading.Event()
-signal.signal(signal.SIGTERM, lambda *_: stop.set())
+listener = hop.listen(sock)
+signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
 print("ready", flush=True)
-stop.wait()
-server.stop(grace=1).wait()
+while True:
+    conn, _ = listener.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
 """
 
 
@@ -255,9 +281,9 @@ def bwrap_worker(run_dir: pathlib.Path, engine: str, stage1_fd: int, stage2_fd: 
 
 @pytest.mark.skipif(not os.path.exists("/usr/bin/bwrap"), reason="bubblewrap is not installed")
 @pytest.mark.parametrize("engine", ["mlx", "flux"])
-def test_both_stages_in_bubblewrap_serve_grpc_and_kill_exec(run_dir, engine):
-    import grpc
+def test_both_stages_in_bubblewrap_serve_the_hop_and_kill_exec(run_dir, engine):
     import numpy as np
+    from sealbox.proto import hop
 
     stage1_fd, stage2_fd = filter_fd(seccomp.stage1_bpf(engine)), filter_fd(seccomp.stage2_bpf(engine))
     try:
@@ -267,15 +293,20 @@ def test_both_stages_in_bubblewrap_serve_grpc_and_kill_exec(run_dir, engine):
         os.close(stage2_fd)
     try:
         assert proc.stdout.readline().strip() == b"ready", proc.stderr.read().decode()
-        with grpc.insecure_channel(f"unix:{run_dir}/sock/s.sock") as channel:
-            double = channel.unary_unary("/T/Double")
-            x = np.arange(8, dtype=np.float32)
-            for _ in range(3):
-                assert np.array_equal(np.frombuffer(double(x.tobytes(), timeout=30), np.float32), x * 2)
-            assert channel.unary_unary("/T/Probe")(b"", timeout=30) == str(errno.EAFNOSUPPORT).encode()
-            with pytest.raises(grpc.RpcError) as call:
-                channel.unary_unary("/T/Exec")(b"", timeout=30)
-            assert call.value.code() == grpc.StatusCode.UNAVAILABLE
+        conn = hop.connect(f"{run_dir}/sock/s.sock")
+        conn.settimeout(30)
+        for rows in (8, 2**18):   # inline, then memfd-sized both ways
+            x = np.arange(rows, dtype=np.float32)
+            hop.send(conn, hop.INFER, 1, [x.tobytes()])
+            answer = hop.recv(conn, 2**28, hop.TO_SUPERVISOR)
+            assert np.array_equal(np.frombuffer(bytes(answer.body), np.float32), x * 2)
+            hop.release(answer.body)
+        hop.send(conn, hop.INFER, 2, [b""])
+        assert bytes(hop.recv(conn, 2**16, hop.TO_SUPERVISOR).body) == str(errno.EAFNOSUPPORT).encode()
+        hop.send(conn, hop.INFER, 3, [b""])
+        with pytest.raises(hop.Closed):
+            hop.recv(conn, 2**16, hop.TO_SUPERVISOR)
+        conn.close()
         # bubblewrap's pid 1 reports the worker's death by signal as 128 + signal.
         assert proc.wait(timeout=30) == 128 + SIGSYS
         assert b"escaped" not in proc.stdout.read()

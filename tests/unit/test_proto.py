@@ -14,8 +14,7 @@ def test_generated_stubs_are_current(tmp_path):
     spec.loader.exec_module(generate)
     written = generate.generate(tmp_path)
     assert {p.name for p in written} == {
-        "inference_pb2.py", "inference_pb2.pyi", "inference_pb2_grpc.py",
-        "worker_pb2.py", "worker_pb2.pyi", "worker_pb2_grpc.py"}
+        "inference_pb2.py", "inference_pb2.pyi", "inference_pb2_grpc.py"}
     for path in written:
         committed = REPO / "proto" / path.name
         assert committed.read_bytes() == path.read_bytes(), \

@@ -1,0 +1,61 @@
+"""A stock tritonclient[grpc] load driver, run in its own process (tritonclient's protobuf stubs clash with
+sealbox's own): `python -m benchmarks.triton_load TARGET MODEL MODE N [THREADS]` prints JSON.
+
+MODE small: N sequential calls with a (1, 4) FP32 input, per-call seconds.
+MODE threads: THREADS threads making N calls each, total calls and elapsed seconds.
+MODE big: N sequential round trips of a 64 MiB FP32 input (the echo model returns it), per-call seconds.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+
+import numpy as np
+import tritonclient.grpc as tc
+
+
+def call(client, model: str, x: np.ndarray) -> np.ndarray:
+    inp = tc.InferInput("x", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return client.infer(model, [inp]).as_numpy("y")
+
+
+def main(target: str, model: str, mode: str, n: int, threads: int = 8) -> dict:
+    options = [("grpc.max_receive_message_length", 256 * 2**20), ("grpc.max_send_message_length", 256 * 2**20)]
+    client = tc.InferenceServerClient(target, channel_args=options)
+    small = np.ones((1, 4), np.float32)
+    if mode == "small":
+        for _ in range(20):
+            call(client, model, small)
+        samples = []
+        for _ in range(n):
+            t = time.perf_counter()
+            call(client, model, small)
+            samples.append(time.perf_counter() - t)
+        return {"samples": samples}
+    if mode == "threads":
+        clients = [tc.InferenceServerClient(target, channel_args=options) for _ in range(threads)]
+        for c in clients:
+            call(c, model, small)
+        start = time.perf_counter()
+        workers = [threading.Thread(target=lambda c=c: [call(c, model, small) for _ in range(n)]) for c in clients]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return {"calls": n * threads, "elapsed": time.perf_counter() - start}
+    big = np.random.default_rng(0).standard_normal((4 * 2**20, 4)).astype(np.float32)   # 64 MiB
+    assert np.array_equal(call(client, model, big), big)
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        call(client, model, big)
+        samples.append(time.perf_counter() - t)
+    return {"samples": samples, "bytes": big.nbytes}
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    print(json.dumps(main(args[0], args[1], args[2], int(args[3]), *(int(a) for a in args[4:]))))

@@ -1,0 +1,248 @@
+"""The supervisor <-> worker hop: one small framed protocol over the worker's Unix socket.
+
+Both sides import this module and nothing else of each other; it imports neither grpc nor numpy
+(the worker needs no gRPC at all). The socket is AF_UNIX SOCK_SEQPACKET: the kernel keeps record
+boundaries, and a record may carry file descriptors (SCM_RIGHTS).
+
+A record is a fixed header, then `side` bytes of per-call side data, then the body:
+
+    kind u8 | flags u8 | code u16 | call id u32 | side length u32 | body length u64   (little-endian)
+
+    DESCRIBE        supervisor -> worker   body empty
+    DESCRIBE_REPLY  worker -> supervisor   body = serialized ModelMetadataResponse
+    INFER           supervisor -> worker   body = the public ModelInferRequest bytes, untouched;
+                                           flag STREAM when it came through ModelStreamInfer
+    RESPONSE        worker -> supervisor   body = ModelInferResponse bytes, untouched; FINAL on the last
+                                           (a FINAL one with an empty body ends a decoupled stream
+                                           without a response of its own)
+    ERROR           worker -> supervisor   code = a gRPC status code, body = UTF-8 message; ends the call
+    CANCEL          supervisor -> worker   the client went away: drop the call (it still ends with a record)
+
+Every INFER ends with exactly one terminal record (RESPONSE with FINAL, or ERROR), so both sides
+can count the calls in flight. The worker takes calls strictly in the order they arrive.
+
+A body longer than INLINE_MAX travels as a sealed memfd (contract.MEMFD_SEALS) attached to the
+record (flag MEMFD, the body length in the header, nothing inline): the receiver checks its
+seals and size, maps it read-only and closes the descriptor. Side data is reserved for per-call
+extras (today always empty on the wire, but carried and bounded); fds beyond the one memfd are
+refused until a kind needs them (MAX_FDS).
+
+Everything read is bounded: the body length against the receiver's max message bytes, side data
+against MAX_SIDE, inline bodies against INLINE_MAX, at most MAX_FDS descriptors; an unknown kind
+or flag, a truncated record, a wrong fd count or a memfd whose size or seals differ is a
+ProtocolError, after which the receiver closes the connection.
+"""
+from __future__ import annotations
+
+import array
+import fcntl
+import mmap
+import os
+import socket
+import stat
+import struct
+from typing import NamedTuple
+
+from .contract import MEMFD_SEALS
+
+HEADER = struct.Struct("<BBHIIQ")
+
+DESCRIBE, DESCRIBE_REPLY, INFER, RESPONSE, ERROR, CANCEL = 1, 2, 3, 4, 5, 6
+KIND_NAMES = {DESCRIBE: "DESCRIBE", DESCRIBE_REPLY: "DESCRIBE_REPLY", INFER: "INFER", RESPONSE: "RESPONSE",
+              ERROR: "ERROR", CANCEL: "CANCEL"}
+TO_WORKER = frozenset({DESCRIBE, INFER, CANCEL})
+TO_SUPERVISOR = frozenset({DESCRIBE_REPLY, RESPONSE, ERROR})
+
+FINAL = 0x01    # RESPONSE: the call's last record
+STREAM = 0x02   # INFER: came through ModelStreamInfer (the engine may answer several times)
+MEMFD = 0x04    # the body is the attached sealed memfd
+KNOWN_FLAGS = FINAL | STREAM | MEMFD
+
+# Bodies up to this size travel inline (one sendmsg copy); above it a sealed memfd is cheaper than
+# pushing the bytes through the socket (benchmarks/bench_hop.py measures the crossover). A record
+# must also fit the socket's send buffer, which is why inline bodies stay well below the usual
+# 208 KiB default.
+INLINE_MAX = 64 * 1024
+MAX_SIDE = 4096
+MAX_FDS = 1
+MAX_ERROR_BYTES = 4096   # an ERROR's message; the supervisor shows at most errors.MAX_DETAIL of it
+_RECV_BYTES = HEADER.size + MAX_SIDE + INLINE_MAX
+_RECV_ANC = socket.CMSG_SPACE(4 * (MAX_FDS + 1))   # room to SEE one fd too many (and refuse it)
+
+# gRPC status codes the worker sends in ERROR records (numbers from grpc's status.proto).
+OK, CANCELLED, INVALID_ARGUMENT, INTERNAL = 0, 1, 3, 13
+
+
+class ProtocolError(Exception):
+    """A malformed record: the connection is closed."""
+
+
+class Closed(ConnectionError):
+    """The peer closed the connection (or it was closed under us)."""
+
+
+class Record(NamedTuple):
+    kind: int
+    flags: int
+    code: int
+    call_id: int
+    side: bytes
+    body: object   # bytes (inline) or a read-only mmap (MEMFD): the receiver closes it
+
+    @property
+    def final(self) -> bool:
+        return bool(self.flags & FINAL)
+
+
+def header(kind: int, call_id: int, length: int, flags: int = 0, code: int = 0, side: int = 0) -> bytes:
+    return HEADER.pack(kind, flags, code, call_id, side, length)
+
+
+def body_memfd(parts) -> int:
+    """A sealed memfd holding the concatenated parts (bytes-like), the caller closes it."""
+    fd = os.memfd_create("sealbox-hop", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        for part in parts:
+            view = memoryview(part).cast("B")
+            while view:
+                view = view[os.write(fd, view):]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, MEMFD_SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class Outgoing:
+    """One record ready to send: its buffers and, for a large body, the sealed memfd carrying it.
+    Made once, sent with `send_on` (a non-blocking sender retries the same record); close() after."""
+    __slots__ = ("buffers", "ancillary", "fd")
+
+    def __init__(self, kind: int, call_id: int, parts=(), flags: int = 0, code: int = 0, side: bytes = b""):
+        if len(side) > MAX_SIDE:
+            raise ValueError(f"side data of {len(side)} bytes, at most {MAX_SIDE}")
+        length = sum(memoryview(p).nbytes for p in parts)
+        self.fd = None
+        if length > INLINE_MAX:
+            self.fd = body_memfd(parts)
+            flags |= MEMFD
+            self.buffers = [header(kind, call_id, length, flags, code, len(side)), side]
+            self.ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [self.fd]))]
+        else:
+            self.buffers = [header(kind, call_id, length, flags, code, len(side)), side, *parts]
+            self.ancillary = []
+
+    def send_on(self, sock: socket.socket) -> None:
+        """One sendmsg: a SEQPACKET record goes whole or not at all (BlockingIOError: retry)."""
+        sock.sendmsg(self.buffers, self.ancillary)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def send(sock: socket.socket, kind: int, call_id: int, parts=(), flags: int = 0, code: int = 0,
+         side: bytes = b"") -> None:
+    """Send one record on a blocking socket."""
+    record = Outgoing(kind, call_id, parts, flags, code, side)
+    try:
+        record.send_on(sock)
+    finally:
+        record.close()
+
+
+def send_error(sock: socket.socket, call_id: int, code: int, message: str) -> None:
+    send(sock, ERROR, call_id, [message.encode("utf-8", "replace")[:MAX_ERROR_BYTES]], code=code)
+
+
+def recv(sock: socket.socket, max_body: int, kinds: frozenset = TO_WORKER | TO_SUPERVISOR) -> Record:
+    """Receive and check one record. Closed at end of stream; ProtocolError (the caller closes the
+    connection) for anything malformed; BlockingIOError on a non-blocking socket with nothing to read.
+    Every descriptor received is closed or owned by the returned mmap, whatever happens."""
+    data, ancdata, msg_flags, _ = sock.recvmsg(_RECV_BYTES, _RECV_ANC)
+    fds = _fds(ancdata)
+    try:
+        if not data and not fds:
+            raise Closed("connection closed by the peer")
+        return _decode(data, msg_flags, fds, max_body, kinds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _fds(ancdata) -> list[int]:
+    fds = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            ints = array.array("i")
+            ints.frombytes(payload[:len(payload) - len(payload) % ints.itemsize])
+            fds.extend(ints)
+    return fds
+
+
+def _decode(data: bytes, msg_flags: int, fds: list[int], max_body: int, kinds: frozenset) -> Record:
+    if msg_flags & socket.MSG_CTRUNC or len(fds) > MAX_FDS:
+        raise ProtocolError(f"more than {MAX_FDS} file descriptor(s) attached to a record")
+    if msg_flags & socket.MSG_TRUNC:
+        raise ProtocolError(f"record longer than {_RECV_BYTES} bytes")
+    if len(data) < HEADER.size:
+        raise ProtocolError(f"record of {len(data)} bytes, shorter than the {HEADER.size}-byte header")
+    kind, flags, code, call_id, side_len, length = HEADER.unpack_from(data)
+    if kind not in kinds:
+        raise ProtocolError(f"unexpected record kind {kind}")
+    if flags & ~KNOWN_FLAGS:
+        raise ProtocolError(f"unknown flags {flags:#x} on a {KIND_NAMES[kind]} record")
+    if side_len > MAX_SIDE:
+        raise ProtocolError(f"side data of {side_len} bytes, at most {MAX_SIDE}")
+    if length > max_body:
+        raise ProtocolError(f"{KIND_NAMES[kind]} body of {length} bytes, above the limit of {max_body}")
+    side = data[HEADER.size:HEADER.size + side_len]
+    inline = HEADER.size + side_len
+    if flags & MEMFD:
+        if len(fds) != 1 or len(data) != inline:
+            raise ProtocolError("a memfd record needs exactly one descriptor and no inline body")
+        if length <= INLINE_MAX:
+            raise ProtocolError(f"memfd body of {length} bytes, which travels inline")
+        return Record(kind, flags, code, call_id, side, _map_memfd(fds[0], length))
+    if fds:
+        raise ProtocolError("file descriptor attached to a record without a memfd body")
+    if len(data) != inline + length:
+        raise ProtocolError(f"record carries {len(data) - inline} body bytes, its header says {length}")
+    return Record(kind, flags, code, call_id, side, data[inline:])
+
+
+def _map_memfd(fd: int, length: int) -> mmap.mmap:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise ProtocolError("the attached descriptor is not a memfd")
+    if MEMFD_SEALS and fcntl.fcntl(fd, fcntl.F_GET_SEALS) & MEMFD_SEALS != MEMFD_SEALS:
+        raise ProtocolError("the attached memfd is not sealed")
+    if st.st_size != length:
+        raise ProtocolError(f"the attached memfd holds {st.st_size} bytes, its header says {length}")
+    # MAP_POPULATE: the pages are mapped in one call, not one fault each (measured faster for 64 MiB).
+    return mmap.mmap(fd, length, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
+
+
+def release(body) -> None:
+    """Unmap a memfd body (inline bodies need nothing)."""
+    if isinstance(body, mmap.mmap):
+        body.close()
+
+
+def connect(path: str, blocking: bool = True) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(blocking)
+    return sock
+
+
+def listen(path: str, backlog: int = 4) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    sock.bind(path)
+    sock.listen(backlog)
+    return sock

@@ -1,0 +1,529 @@
+"""The supervisor <-> worker hop (proto/hop.py) with both real sides in one process: the worker's
+loop (worker/serving.py) on a real SOCK_SEQPACKET socket, driven by the supervisor's WorkerHop
+(daemon/worker_hop.py) on a real event loop. Test engines live here, not in the product."""
+from __future__ import annotations
+
+import array
+import asyncio
+import fcntl
+import os
+import socket
+import struct
+import tempfile
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from sealbox.daemon.worker_hop import HopClosed, HopTimeout, WorkerHop, WorkerStatus, describe
+from sealbox.proto import hop, tensors
+from sealbox.proto import inference_pb2 as pb
+from sealbox.proto.contract import MEMFD_SEALS
+from sealbox.worker.engine import Engine, InputError, TensorSpec
+from sealbox.worker.serving import WorkerServer, describe_answer
+
+SPEC = (TensorSpec("x", "FP32", (-1, -1)),)
+MAX = 2**28
+
+
+class Echo(Engine):
+    """Returns its input (times `scale`); `calls` records what reached the engine; `gate` (if set)
+    holds each call until released; a "steps" input streams that many responses."""
+    platform = "test"
+    inputs = SPEC
+    outputs = (TensorSpec("y", "FP32", (-1, -1)),)
+
+    def __init__(self):
+        self.calls = []
+        self.gate = None
+        self.delays = []
+        self.stopped_early = threading.Event()
+
+    @classmethod
+    def load(cls, files):
+        return cls()
+
+    def infer(self, inputs):
+        return {"y": inputs["x"] * 1.0}
+
+    def responses(self, inputs, *, streaming, cancelled):
+        x = inputs["x"]
+        self.calls.append(float(x.flat[0]) if x.size else None)
+        if self.gate is not None:
+            self.gate.wait(10)
+        if self.delays:
+            time.sleep(self.delays.pop(0))
+        steps = int(x.shape[0]) if streaming else 1
+        for step in range(steps):
+            if cancelled.is_set():
+                self.stopped_early.set()
+                return
+            yield {"y": x + step}
+            if streaming and x.flat[0] < 0:   # a slow stream: wait for a cancel
+                cancelled.wait(10)
+
+
+class Plain(Echo):
+    responses = Engine.responses   # the default: one response from infer()
+
+
+class Twice(Echo):
+    def responses(self, inputs, *, streaming, cancelled):
+        yield self.infer(inputs)
+        yield self.infer(inputs)
+
+
+class Picky(Echo):
+    responses = Engine.responses   # the default: one response from infer()
+
+    def infer(self, inputs):
+        raise InputError("input 'x' is not to my taste; see /etc/shadow")
+
+
+class Worker:
+    """A real worker loop on a real listening socket, in threads of this process."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.dir = tempfile.mkdtemp()
+        self.path = f"{self.dir}/worker.sock"
+        self.server = WorkerServer(engine, MAX, describe_answer(engine, {"load_s": 0.25}))
+        self.listener = hop.listen(self.path)
+        threading.Thread(target=self.server.accept_forever, args=(self.listener,), daemon=True).start()
+        self.engine_thread = threading.Thread(target=self.server.run_engine, daemon=True)
+        self.engine_thread.start()
+
+    def stop(self):
+        self.server.stop()
+        self.engine_thread.join(10)
+        self.listener.close()
+
+
+@pytest.fixture
+def worker():
+    made = []
+
+    def make(engine=None):
+        w = Worker(engine or Echo())
+        made.append(w)
+        return w
+    yield make
+    for w in made:
+        w.stop()
+
+
+def request(x: np.ndarray, **kw) -> bytes:
+    return tensors.encode_request("m", {"x": x}, **kw)
+
+
+def outputs(body) -> dict:
+    data = bytes(body)
+    hop.release(body)
+    return tensors.response_outputs(pb.ModelInferResponse.FromString(data))
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def open_fds() -> set[str]:
+    """This process's descriptors (without the one listdir itself opened for the listing)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            os.readlink(f"/proc/self/fd/{fd}")
+            found.add(fd)
+        except OSError:
+            pass
+    return found
+
+
+def no_fd_left(before: set[str]) -> bool:
+    """No descriptor beyond `before` (the in-process worker closes its end of a connection a moment
+    after the supervisor's end closed: waited for briefly) and no memfd at all."""
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        if open_fds() <= before and not memfds():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def memfds() -> list[str]:
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if "memfd:" in os.readlink(f"/proc/self/fd/{fd}"):
+                found.append(fd)
+        except OSError:
+            pass
+    return found
+
+
+# ---- exact answers ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("rows", [1, 100, 5000, 2**20])   # 16 B ... 16 MiB: inline and memfd, both ways
+def test_exact_outputs_inline_and_memfd(worker, rows):
+    w = worker()
+    x = np.random.default_rng(rows).standard_normal((rows, 4)).astype(np.float32)
+    before = open_fds()
+
+    async def main():
+        channel = WorkerHop(w.path, MAX)
+        body = await channel.infer(request(x), 10)
+        assert isinstance(body, bytes) == (len(body) <= hop.INLINE_MAX)
+        got = outputs(body)
+        channel.close()
+        return got
+    got = run(main())
+    np.testing.assert_array_equal(got["y"], x)
+    assert no_fd_left(before)   # no memfd or socket left behind
+
+
+def test_describe_over_the_hop(worker):
+    w = worker()
+    answer = pb.ModelMetadataResponse.FromString(describe(w.path, 2**16, 5))
+    assert answer.platform == "test"
+    assert [(t.name, t.datatype, list(t.shape)) for t in answer.inputs] == [("x", "FP32", [-1, -1])]
+    assert answer.parameters["load_s"].double_param == 0.25
+
+
+def test_describe_answer_above_the_bound_is_refused(worker):
+    w = worker()
+    w.server.describe = b"\x0a" + b"x" * 200   # longer than the bound the supervisor passes
+    with pytest.raises(hop.ProtocolError, match="DESCRIBE_REPLY body of 201 bytes, above the limit of 100"):
+        describe(w.path, 100, 5)
+
+
+def test_worker_errors_carry_their_status(worker):
+    w = worker(Picky())
+
+    async def main():
+        channel = WorkerHop(w.path, MAX)
+        with pytest.raises(WorkerStatus) as err:
+            await channel.infer(request(np.ones((1, 1), np.float32)), 10)
+        with pytest.raises(WorkerStatus) as bad:
+            await channel.infer(b"\xff\xff\xff", 10)
+        channel.close()
+        return err.value, bad.value
+    err, bad = run(main())
+    assert (err.code, err.message) == (hop.INVALID_ARGUMENT, "input 'x' is not to my taste; see /etc/shadow")
+    assert bad.code == hop.INVALID_ARGUMENT and bad.message.startswith("malformed ModelInferRequest")
+
+
+# ---- streams ---------------------------------------------------------------------------------------
+def test_decoupled_stream_several_responses_then_the_end(worker):
+    """An engine overriding responses() streams: each response leaves at once, a FINAL record with an
+    empty body ends the call (Triton's decoupled convention)."""
+    w = worker()
+    x = np.full((3, 2), 7, np.float32)   # 3 rows: the engine streams 3 responses
+
+    async def main():
+        channel = WorkerHop(w.path, MAX)
+        seen = [(bytes(body), final) async for body, final in channel.stream(request(x), 10)]
+        channel.close()
+        return seen
+    seen = run(main())
+    assert [final for _, final in seen] == [False, False, False, True]
+    assert seen[-1][0] == b""
+    for step, (body, _) in enumerate(seen[:3]):
+        np.testing.assert_array_equal(outputs(body)["y"], x + step)
+
+
+def test_a_one_response_engine_streams_one_final_response(worker):
+    w = worker(Plain())
+    x = np.full((3, 2), 7, np.float32)
+
+    async def main():
+        channel = WorkerHop(w.path, MAX)
+        seen = [(outputs(body)["y"], final) async for body, final in channel.stream(request(x), 10)]
+        channel.close()
+        return seen
+    (y, final), = run(main())
+    assert final is True
+    np.testing.assert_array_equal(y, x)
+
+
+def test_a_decoupled_response_is_not_held_back_for_the_next(worker):
+    """The first response reaches the supervisor while the engine is still making the second."""
+    engine = Echo()
+    w = worker(engine)
+
+    async def main():
+        channel = WorkerHop(w.path, MAX)
+        responses = channel.stream(request(np.full((5, 1), -1, np.float32)), 10)   # waits after each
+        start = time.monotonic()
+        body, final = await responses.__anext__()
+        first = time.monotonic() - start
+        hop.release(body)
+        await responses.aclose()
+        channel.close()
+        return first, final
+    first, final = run(main())
+    assert final is False and first < 5
+
+
+def test_a_unary_call_answered_twice_is_internal(worker):
+    w = worker(Twice())
+
+    async def main():
+        channel = WorkerHop(w.path, MAX)
+        with pytest.raises(WorkerStatus) as err:
+            await channel.infer(request(np.ones((1, 1), np.float32)), 10)
+        channel.close()
+        return err.value
+    err = run(main())
+    assert (err.code, err.message) == (hop.INTERNAL, "the engine answered a unary call more than once")
+
+
+# ---- cancellation ----------------------------------------------------------------------------------
+def test_cancel_drops_a_queued_call(worker):
+    engine = Echo()
+    engine.gate = threading.Event()
+    w = worker(engine)
+    before = open_fds()
+
+    async def main():
+        channel = WorkerHop(w.path, MAX)
+        first = asyncio.ensure_future(channel.infer(request(np.full((1, 1), 1, np.float32)), 10))
+        big = np.full((2**20, 4), 2, np.float32)   # a memfd-sized call, queued behind the first
+        second = asyncio.ensure_future(channel.infer(request(big), 10))
+        while len(channel.order) < 2 or not engine.calls:
+            await asyncio.sleep(0.01)
+        second.cancel()   # the client went away
+        await asyncio.sleep(0.05)
+        engine.gate.set()
+        body = await first
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        assert channel.calls == {}   # the worker ended the cancelled call too
+        channel.close()
+        return outputs(body)
+    assert run(main())["y"].tolist() == [[1.0]]
+    assert engine.calls == [1.0]   # the cancelled call never reached the engine
+    assert no_fd_left(before)
+
+
+def test_cancel_stops_a_running_stream(worker):
+    engine = Echo()
+    w = worker(engine)
+
+    async def main():
+        channel = WorkerHop(w.path, MAX)
+        x = np.full((5, 1), -1, np.float32)   # negative: the engine waits for a cancel after each response
+        responses = channel.stream(request(x), 10)
+        body, final = await responses.__anext__()
+        hop.release(body)
+        await responses.aclose()   # the client stops reading
+        assert channel.calls == {}
+        channel.close()
+        return final
+    assert run(main()) is False
+    assert engine.stopped_early.wait(5)
+
+
+# ---- pipelining and the timeout counted from the take --------------------------------------------
+def test_pipelined_calls_all_answered_exactly(worker):
+    w = worker()
+
+    async def main():
+        channel = WorkerHop(w.path, MAX)
+        xs = [np.full((i % 7 + 1, 3), i, np.float32) for i in range(40)]
+        bodies = await asyncio.gather(*(channel.infer(request(x), 10) for x in xs))
+        channel.close()
+        return xs, [outputs(b)["y"] for b in bodies]
+    xs, ys = run(main())
+    for x, y in zip(xs, ys):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_timeout_runs_from_the_take():
+    """Three calls sent at once, each 0.3 s at the engine, timeout 0.5 s: the third ends 0.9 s after it
+    was sent but 0.3 s after it was taken, so none times out; a call slower than the timeout does."""
+    engine = Echo()
+    w = Worker(engine)
+    try:
+        engine.delays = [0.3, 0.3, 0.3, 0.8]
+
+        async def main():
+            channel = WorkerHop(w.path, MAX)
+            x = np.ones((1, 1), np.float32)
+            start = time.monotonic()
+            bodies = await asyncio.gather(*(channel.infer(request(x), 0.5) for _ in range(3)))
+            elapsed = time.monotonic() - start
+            for b in bodies:
+                hop.release(b)
+            with pytest.raises(HopTimeout):
+                await channel.infer(request(x), 0.5)
+            channel.close()
+            return elapsed
+        assert run(main()) >= 0.9
+    finally:
+        w.stop()
+
+
+# ---- malformed records -----------------------------------------------------------------------------
+def _memfd(data: bytes, seal: bool = True) -> int:
+    fd = os.memfd_create("t", os.MFD_ALLOW_SEALING)
+    os.write(fd, data)
+    if seal:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, MEMFD_SEALS)
+    return fd
+
+
+def _send_raw(sock, data: bytes, fds=()):
+    sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else [])
+
+
+BIG = hop.INLINE_MAX + 10
+MALFORMED = {
+    "oversized length": (lambda: (hop.header(hop.INFER, 1, MAX + 1), [])),
+    "unknown kind": (lambda: (hop.header(99, 1, 0), [])),
+    "unknown flag": (lambda: (hop.header(hop.INFER, 1, 0, flags=0x80), [])),
+    "short header": (lambda: (b"\x03\x00", [])),
+    "length differs from the body": (lambda: (hop.header(hop.INFER, 1, 10) + b"abc", [])),
+    "too many fds": (lambda: (hop.header(hop.INFER, 1, BIG, flags=hop.MEMFD), [_memfd(b"x" * BIG), _memfd(b"y")])),
+    "fd size differs": (lambda: (hop.header(hop.INFER, 1, BIG, flags=hop.MEMFD), [_memfd(b"x" * (BIG + 1))])),
+    "unsealed memfd": (lambda: (hop.header(hop.INFER, 1, BIG, flags=hop.MEMFD), [_memfd(b"x" * BIG, seal=False)])),
+    "fd without the memfd flag": (lambda: (hop.header(hop.INFER, 1, 0), [_memfd(b"x")])),
+}
+REASONS = {
+    "oversized length": f"INFER body of {MAX + 1} bytes, above the limit of {MAX}",
+    "unknown kind": "unexpected record kind 99",
+    "unknown flag": "unknown flags 0x80 on a INFER record",
+    "short header": "record of 2 bytes, shorter than the 20-byte header",
+    "length differs from the body": "record carries 3 body bytes, its header says 10",
+    "too many fds": "more than 1 file descriptor(s) attached to a record",
+    "fd size differs": f"the attached memfd holds {BIG + 1} bytes, its header says {BIG}",
+    "unsealed memfd": "the attached memfd is not sealed",
+    "fd without the memfd flag": "file descriptor attached to a record without a memfd body",
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_hop_recv_refuses_malformed_records(case):
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    data, fds = MALFORMED[case]()
+    before = open_fds() - {str(fd) for fd in fds}
+    _send_raw(a, data, fds)
+    for fd in fds:
+        os.close(fd)
+    with pytest.raises(hop.ProtocolError) as err:
+        hop.recv(b, MAX, hop.TO_WORKER)
+    assert str(err.value) == REASONS[case]
+    a.close(), b.close()
+    assert open_fds() <= before   # every received descriptor was closed
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_worker_closes_the_connection_on_a_malformed_record(worker, case):
+    engine = Echo()
+    w = worker(engine)
+    sock = hop.connect(w.path)
+    sock.settimeout(5)
+    data, fds = MALFORMED[case]()
+    _send_raw(sock, data, fds)
+    for fd in fds:
+        os.close(fd)
+    assert sock.recv(64) == b""   # closed by the worker
+    sock.close()
+    assert engine.calls == []
+
+    async def still_serves():
+        channel = WorkerHop(w.path, MAX)
+        body = await channel.infer(request(np.ones((1, 1), np.float32)), 10)
+        channel.close()
+        return outputs(body)
+    assert run(still_serves())["y"].tolist() == [[1.0]]
+
+
+def _fake_worker(answer):
+    """A hostile worker: accepts one connection, reads one record, answers with `answer(call_id)`."""
+    directory = tempfile.mkdtemp()
+    listener = hop.listen(f"{directory}/worker.sock")
+
+    def serve():
+        conn, _ = listener.accept()
+        record = hop.recv(conn, MAX, hop.TO_WORKER)
+        hop.release(record.body)
+        data, fds = answer(record.call_id)
+        _send_raw(conn, data, fds)
+        for fd in fds:
+            os.close(fd)
+        time.sleep(0.5)
+        conn.close()
+        listener.close()
+    threading.Thread(target=serve, daemon=True).start()
+    return f"{directory}/worker.sock"
+
+
+SUPERVISOR_MALFORMED = {
+    "oversized length": lambda cid: (hop.header(hop.RESPONSE, cid, MAX + 1, flags=hop.FINAL), []),
+    "unknown kind": lambda cid: (hop.header(99, cid, 0), []),
+    "a kind only the worker receives": lambda cid: (hop.header(hop.INFER, cid, 0), []),
+    "too many fds": lambda cid: (hop.header(hop.RESPONSE, cid, BIG, flags=hop.MEMFD | hop.FINAL),
+                                 [_memfd(b"x" * BIG), _memfd(b"y")]),
+    "fd size differs": lambda cid: (hop.header(hop.RESPONSE, cid, BIG, flags=hop.MEMFD | hop.FINAL),
+                                    [_memfd(b"x" * (BIG - 1))]),
+    "unsealed memfd": lambda cid: (hop.header(hop.RESPONSE, cid, BIG, flags=hop.MEMFD | hop.FINAL),
+                                   [_memfd(b"x" * BIG, seal=False)]),
+    "unknown call id": lambda cid: (hop.header(hop.RESPONSE, cid + 7, 0, flags=hop.FINAL), []),
+    "a unary call answered not final": lambda cid: (hop.header(hop.RESPONSE, cid, 0), []),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SUPERVISOR_MALFORMED))
+def test_supervisor_hop_closes_on_a_malformed_record(case):
+    path = _fake_worker(SUPERVISOR_MALFORMED[case])
+    before = open_fds()
+
+    async def main():
+        channel = WorkerHop(path, MAX)
+        with pytest.raises(HopClosed) as err:
+            await channel.infer(request(np.ones((1, 1), np.float32)), 10)
+        assert channel.closed and channel.sock is None
+        return str(err.value)
+    reason = run(main())
+    assert reason.startswith("the worker broke the hop protocol"), reason
+    assert no_fd_left(before)
+
+
+def test_supervisor_hop_fails_pending_calls_when_the_worker_goes():
+    path = _fake_worker(lambda cid: (b"", []))   # an empty record reads as end of stream
+    before = open_fds()
+
+    async def main():
+        channel = WorkerHop(path, MAX)
+        big = np.ones((2**20, 4), np.float32)
+        with pytest.raises(HopClosed, match="closed its connection"):
+            await channel.infer(request(big), 10)
+    run(main())
+    assert no_fd_left(before)
+
+
+def test_header_layout():
+    """The frame header is fixed: 20 bytes, little-endian, fields in this order."""
+    assert hop.HEADER.size == 20
+    assert hop.header(hop.RESPONSE, 7, 300, flags=hop.FINAL, code=3, side=5) == struct.pack(
+        "<BBHIIQ", 4, 1, 3, 7, 5, 300)
+
+
+def test_cancel_while_the_request_memfd_is_made_leaks_nothing(worker):
+    """A client gone while its large request is still being copied into a memfd (off the loop)."""
+    w = worker()
+    before = open_fds()
+
+    async def main():
+        channel = WorkerHop(w.path, MAX)
+        big = np.ones((2**21, 4), np.float32)   # 32 MiB: the memfd is made on a thread
+        for _ in range(3):
+            task = asyncio.ensure_future(channel.infer(request(big), 10))
+            await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        body = await channel.infer(request(np.ones((1, 1), np.float32)), 10)   # still serves
+        await asyncio.sleep(0.3)   # the executor finishes the abandoned copies
+        channel.close()
+        return outputs(body)
+    assert run(main())["y"].tolist() == [[1.0]]
+    assert no_fd_left(before)

@@ -1,0 +1,222 @@
+"""The worker's side of the hop (proto/hop.py): no gRPC, one engine thread, calls in order.
+
+A reader thread per connection receives records: DESCRIBE is answered at once (the answer is made
+once, at load), INFER is queued for the engine thread with a per-call cancellation event, CANCEL
+sets that event. The engine thread (the one that loaded the model: MLX streams are per thread)
+takes calls strictly in arrival order, so the supervisor knows when each call is taken (when the
+previous one ended) and can count the inference timeout from there. Every INFER ends with exactly
+one terminal record: RESPONSE with FINAL, or ERROR (CANCELLED for a dropped call).
+
+Through ModelStreamInfer, an engine that overrides `Engine.responses` is decoupled (Triton's word):
+each response it yields leaves at once as a RESPONSE record, and a FINAL RESPONSE with an empty body
+ends the call, so the first response never waits for the second. Every other call (ModelInfer, or an
+engine with the default one-response `responses`) is answered by exactly one RESPONSE, flagged FINAL.
+"""
+from __future__ import annotations
+
+import queue
+import socket
+import sys
+import threading
+import time
+
+from ..proto import hop
+from ..proto import inference_pb2 as pb
+from ..proto.contract import STDERR_PREFIX
+from ..proto import tensors
+from .engine import Engine, InferenceError, InputError
+
+MAX_CONNECTIONS = 4        # the supervisor uses one (plus one for Describe at load)
+MAX_QUEUED = 64            # calls queued per worker; the supervisor keeps far fewer in flight
+
+
+class Connection:
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.send_lock = threading.Lock()   # the reader (Describe) and the engine thread both send
+        self.calls: dict[int, threading.Event] = {}   # call id -> cancelled, while queued or running
+        self.open = True
+
+    def send(self, kind: int, call_id: int, parts=(), flags: int = 0, code: int = 0) -> None:
+        with self.send_lock:
+            if self.open:
+                try:
+                    hop.send(self.sock, kind, call_id, parts, flags, code)
+                except OSError:   # the supervisor went away: its calls are dropped as they come up
+                    self.close()
+
+    def error(self, call_id: int, code: int, message: str) -> None:
+        self.send(hop.ERROR, call_id, [message.encode("utf-8", "replace")[:hop.MAX_ERROR_BYTES]], code=code)
+
+    def close(self) -> None:
+        self.open = False
+        for event in list(self.calls.values()):
+            event.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class WorkerServer:
+    """Serves one loaded engine over hop connections. `run_engine` must run on the engine's thread."""
+
+    def __init__(self, engine, max_message_bytes: int, describe: bytes):
+        self.engine, self.max_message_bytes, self.describe = engine, max_message_bytes, describe
+        self.calls: queue.Queue = queue.Queue()
+        self._connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._queued = threading.BoundedSemaphore(MAX_QUEUED)
+
+    # -- reading (one thread per connection) --------------------------------------------------------
+    def accept_forever(self, listener: socket.socket) -> None:
+        while True:
+            sock, _ = listener.accept()
+            if not self._connections.acquire(blocking=False):
+                sock.close()   # beyond MAX_CONNECTIONS: refused
+                continue
+            threading.Thread(target=self.serve_connection, args=(sock,), daemon=True, name="hop-reader").start()
+
+    def serve_connection(self, sock: socket.socket, release: bool = True) -> None:
+        conn = Connection(sock)
+        try:
+            while True:
+                record = hop.recv(sock, self.max_message_bytes, hop.TO_WORKER)
+                if record.kind == hop.DESCRIBE:
+                    conn.send(hop.DESCRIBE_REPLY, record.call_id, [self.describe])
+                elif record.kind == hop.INFER:
+                    if record.call_id in conn.calls or not self._queued.acquire(blocking=False):
+                        hop.release(record.body)
+                        raise hop.ProtocolError("a call id already in flight, or too many calls queued")
+                    cancelled = conn.calls[record.call_id] = threading.Event()
+                    self.calls.put((conn, record, cancelled))
+                else:   # CANCEL: dropped if still queued, else the engine's iterator sees it
+                    event = conn.calls.get(record.call_id)
+                    if event is not None:
+                        event.set()
+        except hop.Closed:
+            pass
+        except hop.ProtocolError as exc:
+            print(f"{STDERR_PREFIX}hop: {exc}; connection closed", file=sys.stderr, flush=True)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            sock.close()
+            if release:
+                self._connections.release()
+
+    # -- the engine thread --------------------------------------------------------------------------
+    def run_engine(self) -> None:
+        while True:
+            item = self.calls.get()
+            if item is None:
+                return
+            conn, record, cancelled = item
+            try:
+                self._call(conn, record, cancelled)
+            finally:
+                hop.release(record.body)
+                conn.calls.pop(record.call_id, None)
+                self._queued.release()
+
+    def stop(self) -> None:
+        self.calls.put(None)
+
+    def _call(self, conn: Connection, record: hop.Record, cancelled: threading.Event) -> None:
+        if cancelled.is_set():
+            conn.error(record.call_id, hop.CANCELLED, "cancelled")
+            return
+        streaming = bool(record.flags & hop.STREAM)
+        view = memoryview(record.body)   # protobuf parses bytes or a memoryview of the memfd's mapping
+        try:
+            request = pb.ModelInferRequest.FromString(view)
+        except Exception as exc:   # protobuf's DecodeError: the client's error, not INTERNAL
+            conn.error(record.call_id, hop.INVALID_ARGUMENT, f"malformed ModelInferRequest: {exc}")
+            return
+        finally:
+            view.release()
+        try:
+            inputs = tensors.request_inputs(request)
+            self.engine.check_inputs(inputs)
+            wanted = self._outputs(request)
+            results = self.engine.responses(inputs, streaming=streaming, cancelled=cancelled)
+            try:
+                if streaming and type(self.engine).responses is not Engine.responses:
+                    # A decoupled engine: each response leaves as soon as it is made, the end follows
+                    # as a FINAL record of its own (empty body), as Triton's decoupled models do.
+                    for result in results:
+                        if cancelled.is_set():
+                            break
+                        conn.send(hop.RESPONSE, record.call_id, self._encode(request, result, wanted))
+                    last = []
+                else:   # exactly one response, sent FINAL
+                    last = None
+                    for result in results:
+                        if cancelled.is_set():
+                            break
+                        if last is not None:
+                            raise InferenceError("the engine answered a unary call more than once")
+                        last = self._encode(request, result, wanted)
+            finally:
+                close = getattr(results, "close", None)
+                if close is not None:
+                    close()
+            if cancelled.is_set():
+                conn.error(record.call_id, hop.CANCELLED, "cancelled")
+                return
+            if last is None:
+                raise InferenceError("the engine gave no response")
+        except (InputError, tensors.TensorError) as exc:
+            conn.error(record.call_id, hop.INVALID_ARGUMENT, str(exc))
+            return
+        except InferenceError as exc:
+            conn.error(record.call_id, hop.INTERNAL, str(exc))
+            return
+        except Exception as exc:   # an engine bug: one clean line
+            conn.error(record.call_id, hop.INTERNAL, f"inference failed: {type(exc).__name__}: {exc}")
+            return
+        conn.send(hop.RESPONSE, record.call_id, last, flags=hop.FINAL)
+
+    def _outputs(self, request) -> list[str]:
+        known = [o.name for o in self.engine.outputs]
+        wanted = [o.name for o in request.outputs]
+        unknown = sorted(set(wanted) - set(known))
+        if unknown:
+            raise InputError(f"requested outputs {unknown} do not exist (outputs: {known})")
+        return wanted or list(self.engine.default_outputs or known)
+
+    @staticmethod
+    def _encode(request, result: dict, wanted: list[str]) -> list:
+        missing = [name for name in wanted if name not in result]
+        if missing:
+            raise InferenceError(f"the engine's response lacks outputs {missing}")
+        response = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
+                                         id=request.id)
+        return tensors.response_parts(response, {name: result[name] for name in wanted})
+
+
+def describe_answer(engine, phases: dict[str, float]) -> bytes:
+    """The serialized ModelMetadataResponse, with the load phases (seconds) as double parameters."""
+    response = pb.ModelMetadataResponse(platform=engine.platform)
+    for spec_list, field in ((engine.inputs, response.inputs), (engine.outputs, response.outputs)):
+        for t in spec_list:
+            field.add(name=t.name, datatype=t.datatype, shape=t.shape)
+    for key, seconds in phases.items():
+        response.parameters[key].double_param = seconds
+    return response.SerializeToString()
+
+
+def serve(engine, socket_path: str, max_message_bytes: int, phases: dict[str, float], on_engine_thread,
+          stopped: threading.Event) -> None:
+    """Listen on socket_path, run calls on the engine's thread (`on_engine_thread(fn)` submits fn
+    there), until `stopped` is set."""
+    server = WorkerServer(engine, max_message_bytes, describe_answer(engine, phases))
+    listener = hop.listen(socket_path)
+    threading.Thread(target=server.accept_forever, args=(listener,), daemon=True, name="hop-accept").start()
+    done = on_engine_thread(server.run_engine)
+    while not stopped.wait(1.0):   # polled: the signal may land on another thread (OpenBLAS's)
+        pass
+    server.stop()
+    deadline = time.monotonic() + 1.0
+    while not done.done() and time.monotonic() < deadline:
+        time.sleep(0.01)

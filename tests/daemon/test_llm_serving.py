@@ -240,7 +240,14 @@ def test_a_disconnecting_client_stops_generation(llm_daemon):
         assert workers
         stream = client.generate("long", PROMPT, max_tokens=100000)
         next(stream)
-        busy = max(cpu_in(w, 1.0) for w in workers)
+        # Read as a client does: a stream nobody reads stops its generation by flow control alone
+        # (gRPC's window, then the hop's socket), which would prove nothing here.
+        cpu = lambda: {w.pid: sum(w.cpu_times()[:2]) for w in workers}  # noqa: E731
+        before, start = cpu(), time.monotonic()
+        for _ in range(200):
+            next(stream)
+        after, spent = cpu(), time.monotonic() - start
+        busy = max(after[pid] - before[pid] for pid in before) / spent   # CPU seconds per second
         stream.close()   # the client goes away
         time.sleep(1.0)
         idle = max(cpu_in(w, 1.0) for w in workers)

@@ -67,7 +67,10 @@ _ENGINE_EXTRA = {
     "flux": (),   # numpy only: nothing beyond the common list
     # The fetch helper (sealbox.transfer.helper), not a model worker: TCP/TLS clients and name lookups.
     "fetch": ((("connect", "sendto", "recvfrom", "sendmmsg", "poll", "ppoll"),
-               "HTTPS: connect, send and receive on inet sockets, wait with timeouts (urllib3), DNS over UDP"),),
+               "HTTPS: connect, send and receive on inet sockets, wait with timeouts (urllib3), DNS over UDP"),
+              (("getsockopt", "setsockopt", "getpeername"),
+               "TCP clients: SO_ERROR after a non-blocking connect, TCP_NODELAY and keep-alive (urllib3, "
+               "paramiko), the peer's address (ssl); the model workers' hop needs none of them")),
     # Measured with strace -f on LlmEngine (load, chat template, sampled and streamed generation), then in
     # the real sandbox through the daemon; an llm-specific set, the common list untouched.
     "mlx-lm": ((("mkdir", "symlink"),

@@ -62,6 +62,7 @@
     openblas = true                         # preload Debian's OpenBLAS into workers (MLX's own BLAS is slow)
     julia = "/opt/julia/bin/julia"          # only for format = "julia" (untested here: no Julia)
     julia_depot = "/var/lib/sealbox/julia"  # with BSON, Flux and PythonCall installed; bound read-only
+    instances = 1                           # sandboxed workers per model (at most 16; per-model key too)
 
     [policy]                                # the default trust policy (see SECURITY.md)
     ...
@@ -72,6 +73,9 @@
     load = true                             # load at start
     memory_mb = 512                         # optional per-model overrides of [workers]:
     pids_max = 32                           #   memory_mb, pids_max, load_timeout_s, infer_timeout_s
+    instances = 2                           # this model's workers: each its own sandbox and cgroup, all on
+                                            #   the same sealed copies (verified once); calls go to the
+                                            #   least-loaded one; memory_mb and pids_max are per instance
     [models.NAME.policy]                    # overrides of the default policy
 """
 from __future__ import annotations
@@ -136,6 +140,7 @@ class WorkerConfig:
     openblas: bool = True
     julia: str | None = None          # the Julia executable for format = "julia" (bound read-only)
     julia_depot: str | None = None    # its depot with BSON, Flux and PythonCall installed
+    instances: int = 1                # default sandboxed workers per model (per-model key `instances`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +155,7 @@ class ModelConfig:
     pids_max: int | None = None
     load_timeout_s: float | None = None
     infer_timeout_s: float | None = None
+    instances: int = 1   # sandboxed workers serving it, each its own sandbox and cgroup ([workers] default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -364,9 +370,20 @@ def _workers(table: _Table) -> WorkerConfig:
         restart_backoff_s=(float(backoff[0]), float(backoff[1])),
         seccomp=table.get("seccomp", bool, d.seccomp), landlock=table.get("landlock", bool, d.landlock),
         cgroups=table.get("cgroups", bool, d.cgroups), openblas=table.get("openblas", bool, d.openblas),
-        julia=table.get("julia", str, None), julia_depot=table.get("julia_depot", str, None))
+        julia=table.get("julia", str, None), julia_depot=table.get("julia_depot", str, None),
+        instances=_instances(table, d.instances))
     table.finish()
     return cfg
+
+
+MAX_INSTANCES = 16
+
+
+def _instances(table: _Table, default: int) -> int:
+    value = table.positive("instances", default, int)
+    if value > MAX_INSTANCES:
+        raise ConfigError(f"{table.where}: key 'instances' must be at most {MAX_INSTANCES}, not {value}")
+    return value
 
 
 def policy_from_toml(table: Any, where: str, defaults: TrustPolicy | None = None, *,
@@ -571,7 +588,8 @@ def load_config(path: str) -> Config:
             policy=policy, memory_bytes=int(memory_mb * 2**20) if memory_mb else None,
             pids_max=table.positive("pids_max", None, int),
             load_timeout_s=float(load_timeout) if load_timeout else None,
-            infer_timeout_s=float(infer_timeout) if infer_timeout else None)
+            infer_timeout_s=float(infer_timeout) if infer_timeout else None,
+            instances=_instances(table, workers.instances))
         table.finish()
     top.finish()
     return Config(path=os.path.abspath(path), server=server, workers=workers, models=models,

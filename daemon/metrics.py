@@ -19,7 +19,7 @@ port 8002) or a Unix socket:
 | sealbox_model_load_duration_seconds | model, version | histogram: worker launch to READY (parse and warm-up in the sandbox) |
 | sealbox_verifications_total | model, check, verdict | verification outcomes; check = the failed check on refusal, "all" when accepted |
 | sealbox_model_state | model, state | 1 for the model's current state (UNLOADED, LOADING, READY, UNAVAILABLE), else 0 |
-| sealbox_worker_memory_bytes | model, version | the worker's memory use, from its cgroup (memory.current / memory.usage_in_bytes) |
+| sealbox_worker_memory_bytes | model, version | the model's workers' memory use, from their cgroups, summed over instances (memory.current / memory.usage_in_bytes) |
 | sealbox_worker_memory_limit_bytes | model, version | the worker's memory limit |
 | process_resident_memory_bytes, process_* | | the daemon itself (prometheus_client's ProcessCollector, from /proc/self) |
 
@@ -138,19 +138,26 @@ class _ModelCollector(Collector):
             for s in STATES:
                 state.add_metric([model, s], 1.0 if s == current else 0.0)
         yield state
-        used = GaugeMetricFamily("sealbox_worker_memory_bytes", "the worker's memory use, from its cgroup",
+        used = GaugeMetricFamily("sealbox_worker_memory_bytes",
+                                 "the model's workers' memory use, from their cgroups (summed over instances)",
                                  labels=["model", "version"])
-        limit = GaugeMetricFamily("sealbox_worker_memory_limit_bytes", "the worker's memory limit",
+        limit = GaugeMetricFamily("sealbox_worker_memory_limit_bytes", "the model's workers' memory limits (summed over instances)",
                                   labels=["model", "version"])
+        totals: dict[tuple[str, str], list] = {}   # a model's instances add up (one cgroup each)
         for model, version, cgroup in self._workers():
             try:
                 current, maximum = cgroup.memory_usage(), cgroup.memory_limit()
             except OSError:  # the worker went away between listing and reading
                 continue
+            sums = totals.setdefault((model, version), [None, None])
+            for i, value in enumerate((current, maximum)):
+                if value is not None:
+                    sums[i] = (sums[i] or 0) + value
+        for labels, (current, maximum) in totals.items():
             if current is not None:
-                used.add_metric([model, version], float(current))
+                used.add_metric(list(labels), float(current))
             if maximum is not None:
-                limit.add_metric([model, version], float(maximum))
+                limit.add_metric(list(labels), float(maximum))
         yield used
         yield limit
 

@@ -115,7 +115,7 @@ class FrontDoor:
         with metrics.inflight(name):
             try:
                 self._check_ready(name, version, status)
-                gate = self.admission.model(name)
+                gate = self.admission.model(name, self.sup.workers_for(name))
                 with self.admission.request_bytes(gate, len(request)):
                     async with gate.turn(self.limits.model_queue_timeout_s):
                         at_worker = time.monotonic()
@@ -142,7 +142,7 @@ class FrontDoor:
 
     async def _routed(self, name: str, version: str, status, request: bytes, timing: "_Timing") -> bytes:
         self._check_ready(name, version, status)
-        gate = self.admission.model(name)
+        gate = self.admission.model(name, self.sup.workers_for(name))
         reservation = self.admission.request_bytes(gate, len(request))
         reservation.__enter__()   # RESOURCE_EXHAUSTED at once beyond the byte caps
         task = asyncio.ensure_future(self._at_worker(name, gate, request, reservation, timing))

@@ -84,6 +84,7 @@ class WorkerProcess:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
         self.stopping = False
         self.ready_at: float | None = None
+        self.slot = 0   # which of its model's instances it is (config `instances`)
         self.inflight = 0   # inference calls on its hop (event loop only); a replaced worker drains them
         self.max_message_bytes = max_message_bytes
         self.provenance = None   # set by the supervisor: the verified model it was started from

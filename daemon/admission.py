@@ -116,13 +116,13 @@ class Admission:
         self.models: dict[str, ModelGate] = {}
         self.refusals = 0
 
-    def model(self, name: str, workers: int = 1) -> ModelGate:
+    def model(self, name: str, concurrency: int | None = None) -> ModelGate:
         """Gates exist for configured models only (the caller checks the name first), so this dict is bounded.
-        `workers` (a model's instances; with dynamic batching, its batch size too) multiplies the calls
-        let through to it; when that changes (a reload) the model gets a new gate and calls holding
-        the old one finish on it."""
+        `concurrency`: the calls let through to the model's workers at once (default model_concurrency;
+        the supervisor scales it by instances and batch size); when it changes (a reload) the model
+        gets a new gate and calls holding the old one finish on it."""
         gate = self.models.get(name)
-        concurrency = self.l.model_concurrency * workers
+        concurrency = concurrency or self.l.model_concurrency
         if gate is None or gate.concurrency != concurrency:
             gate = self.models[name] = ModelGate(name, concurrency, self.l.model_queue, self.l.model_bytes)
         return gate

@@ -76,6 +76,9 @@
     instances = 2                           # this model's workers: each its own sandbox and cgroup, all on
                                             #   the same sealed copies (verified once); calls go to the
                                             #   least-loaded one; memory_mb and pids_max are per instance
+    max_batch_size = 32                     # dynamic batching (off by default): concurrent requests are run
+    max_queue_delay_us = 500                #   as one engine call of at most 32 rows and split back, inside
+    preferred_batch_sizes = [8, 16, 32]     #   the worker; every input and output needs -1 as its first dim
     [models.NAME.policy]                    # overrides of the default policy
 """
 from __future__ import annotations
@@ -88,7 +91,7 @@ import sys
 import tomllib
 from typing import Any
 
-from ..proto.contract import ENGINE_NAMES
+from ..proto.contract import ENGINE_NAMES, Batching
 from ..trust.policy import SigstoreRoot, TrustedKey, TrustedRoots, TrustPolicy, normalize_identity, parse_version
 from . import roles as R
 from .admission import Limits
@@ -156,6 +159,7 @@ class ModelConfig:
     load_timeout_s: float | None = None
     infer_timeout_s: float | None = None
     instances: int = 1   # sandboxed workers serving it, each its own sandbox and cgroup ([workers] default)
+    batching: Batching | None = None   # dynamic batching (max_batch_size > 0), done inside the worker
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,6 +390,32 @@ def _instances(table: _Table, default: int) -> int:
     return value
 
 
+MAX_BATCH_SIZE = 1024
+
+
+def _batching(table: _Table) -> Batching | None:
+    """Triton's dynamic_batching: max_batch_size (0 or absent: off), max_queue_delay_us (Triton's
+    max_queue_delay_microseconds), preferred_batch_sizes. Whether the model has a batch dimension is
+    checked when it loads (the worker refuses it, naming the tensor)."""
+    size = table.get("max_batch_size", int, 0)
+    delay = table.get("max_queue_delay_us", int, None)
+    preferred = table.get("preferred_batch_sizes", list, None)
+    if size < 0 or size > MAX_BATCH_SIZE:
+        raise ConfigError(f"{table.where}: key 'max_batch_size' must be 0 (off) to {MAX_BATCH_SIZE}, not {size}")
+    if size == 0:
+        if delay is not None or preferred is not None:
+            raise ConfigError(f"{table.where}: keys 'max_queue_delay_us' and 'preferred_batch_sizes' need "
+                              "'max_batch_size' (dynamic batching)")
+        return None
+    if delay is not None and not 0 <= delay <= 10_000_000:
+        raise ConfigError(f"{table.where}: key 'max_queue_delay_us' must be 0 to 10000000, not {delay}")
+    preferred = preferred or []
+    if not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= size for n in preferred):
+        raise ConfigError(f"{table.where}: key 'preferred_batch_sizes' must be sizes from 1 to max_batch_size "
+                          f"({size}), not {preferred!r}")
+    return Batching(size, delay or 0, tuple(sorted(set(preferred))))
+
+
 def policy_from_toml(table: Any, where: str, defaults: TrustPolicy | None = None, *,
                      one_model: bool = True) -> TrustPolicy:
     """The trust policy of a [policy] or [models.NAME.policy] table; keys absent
@@ -589,7 +619,7 @@ def load_config(path: str) -> Config:
             pids_max=table.positive("pids_max", None, int),
             load_timeout_s=float(load_timeout) if load_timeout else None,
             infer_timeout_s=float(infer_timeout) if infer_timeout else None,
-            instances=_instances(table, workers.instances))
+            instances=_instances(table, workers.instances), batching=_batching(table))
         table.finish()
     top.finish()
     return Config(path=os.path.abspath(path), server=server, workers=workers, models=models,

@@ -122,6 +122,8 @@ class RequestStats:
     queue: Duration = dataclasses.field(default_factory=Duration)
     compute_infer: Duration = dataclasses.field(default_factory=Duration)
     last_inference_ms: int = 0     # milliseconds since the epoch of the last successful request
+    # With dynamic batching: rows per engine call -> (executions, their engine time), as the worker reports.
+    batches: dict = dataclasses.field(default_factory=dict)
 
 
 class _ModelCollector(Collector):
@@ -201,6 +203,14 @@ class Metrics:
             stats.queue.add(queue_s or 0.0)
             stats.compute_infer.add(compute_s or 0.0)
             stats.last_inference_ms = int(time.time() * 1000)
+
+    def observe_execution(self, model: str, version: str, rows: int, ns: int) -> None:
+        """One engine call of a batching worker: `rows` rows (one or more requests) in `ns` ns."""
+        with self._stats_lock:
+            stats = self._stats.setdefault((model, version or ""), RequestStats())
+            duration = stats.batches.setdefault(rows, Duration())
+            duration.count += 1
+            duration.ns += max(0, ns)
 
     def statistics(self) -> dict[tuple[str, str], RequestStats]:
         """A copy of every (model, version)'s RequestStats so far."""

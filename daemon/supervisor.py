@@ -23,7 +23,7 @@ import time
 import grpc
 
 from ..proto import inference_pb2 as pb
-from ..proto.hop import release
+from ..proto.hop import MAX_QUEUED_CALLS, release
 from ..proto.wire import INFER_RESPONSE_PARAMETERS, PeekError, bool_parameters, check_complete
 from ..sandbox import launcher
 from ..sandbox.profile import SandboxProfile
@@ -160,7 +160,8 @@ class Supervisor:
             load_timeout_s=model.load_timeout_s or w.load_timeout_s,
             infer_timeout_s=model.infer_timeout_s or w.infer_timeout_s,
             seccomp=w.seccomp, landlock=w.landlock, cgroups=w.cgroups, openblas=w.openblas,
-            julia=w.julia, julia_depot=w.julia_depot, max_message_bytes=self.config.server.max_message_bytes)
+            julia=w.julia, julia_depot=w.julia_depot, max_message_bytes=self.config.server.max_message_bytes,
+            batching=model.batching)
 
     def preflight(self) -> list[str]:
         """Refuse to run if workers cannot be sandboxed as configured; return warnings to log."""
@@ -260,6 +261,13 @@ class Supervisor:
             raise ModelUnavailable(f"sandbox unavailable: {exc}") from None
         worker = WorkerProcess(cfg.name, profile, socket_dir, sandboxed, self.config.server.max_message_bytes)
         worker.slot = slot
+        if cfg.batching is not None:
+            limit, version = cfg.batching.max_batch_size, verified.version or ""
+
+            def executed(rows: int, ns: int) -> None:   # bounded labels: a worker's claim past the limit is dropped
+                if 0 < rows <= limit:
+                    self.metrics.observe_execution(cfg.name, version, rows, ns)
+            worker.on_execution = executed
         # Bound to this worker: its answers are stamped with the model it was started from.
         worker.provenance = Provenance.of(verified)
         worker.stamp = worker.provenance.stamp()
@@ -609,10 +617,15 @@ class Supervisor:
     def names(self) -> list[str]:
         return sorted(self.models)
 
-    def workers_for(self, name: str) -> int:
-        """How many times [server.limits] model_inflight calls the model's workers take at once: one
-        share per instance."""
-        return self.get(name).config.instances
+    def calls_at_workers(self, name: str) -> int:
+        """How many calls the front door lets through to the model's workers at once: [server.limits]
+        model_inflight per instance, or with dynamic batching enough to fill a batch (max_batch_size
+        requests), never more than a worker queues (hop.MAX_QUEUED_CALLS)."""
+        cfg = self.get(name).config
+        per_worker = self.config.server.limits.model_concurrency
+        if cfg.batching is not None:
+            per_worker = min(max(per_worker, cfg.batching.max_batch_size), MAX_QUEUED_CALLS)
+        return cfg.instances * per_worker
 
     def status(self, name: str) -> ModelStatus:
         """A consistent snapshot of the model's state, reason and version; KeyError if unknown."""

@@ -85,6 +85,7 @@ class WorkerProcess:
         self.stopping = False
         self.ready_at: float | None = None
         self.slot = 0   # which of its model's instances it is (config `instances`)
+        self.on_execution = None   # set by the supervisor for a batching model: f(rows, ns)
         self.inflight = 0   # inference calls on its hop (event loop only); a replaced worker drains them
         self.max_message_bytes = max_message_bytes
         self.provenance = None   # set by the supervisor: the verified model it was started from
@@ -116,6 +117,7 @@ class WorkerProcess:
                 return None
             if self._hop is None:
                 self._hop = WorkerHop(self.socket_path, self.max_message_bytes)
+                self._hop.on_execution = self.on_execution
             return self._hop
 
     def wait_ready(self, timeout: float) -> bytes:

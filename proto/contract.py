@@ -69,10 +69,20 @@ class SandboxSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class Batching:
+    """Dynamic batching (Triton's dynamic_batching): concurrent requests queued at the worker are run
+    as one engine call of at most max_batch_size rows (first dimension) and split back, exactly."""
+    max_batch_size: int
+    max_queue_delay_us: int = 0               # how long the first request waits for others to join
+    preferred_batch_sizes: tuple[int, ...] = ()   # a batch of one of these sizes runs at once
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelHandoff:
     """What arrives with the model: its verified bytes as sealed fds, and per-model limits."""
     files: Mapping[str, int] = dataclasses.field(default_factory=dict)   # signed name -> inherited fd
     max_message_bytes: int = 256 * 2**20
+    batching: Batching | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +107,11 @@ class WorkerSpec:
         try:
             data = json.loads(text)
             sandbox = _build(SandboxSpec, data["sandbox"])
-            model = _build(ModelHandoff, data["model"])
+            model = dict(data["model"])
+            batching = model.pop("batching", None)
+            model = _build(ModelHandoff, model)
+            if batching is not None:
+                model = dataclasses.replace(model, batching=_build(Batching, batching))
             run = None if data.get("run") is None else _build(ToolRun, data["run"])
             if set(data) - {"sandbox", "model", "run"}:
                 raise SpecError(f"unknown keys {sorted(set(data) - {'sandbox', 'model', 'run'})}")
@@ -107,6 +121,12 @@ class WorkerSpec:
             raise SpecError(f"unknown engine {sandbox.engine!r}")
         if not all(isinstance(k, str) and isinstance(v, int) for k, v in model.files.items()):
             raise SpecError("files must map names to file descriptors")
+        b = model.batching
+        if b is not None and not (isinstance(b.max_batch_size, int) and b.max_batch_size > 0
+                                  and isinstance(b.max_queue_delay_us, int) and b.max_queue_delay_us >= 0
+                                  and all(isinstance(n, int) and 0 < n <= b.max_batch_size
+                                          for n in b.preferred_batch_sizes)):
+            raise SpecError(f"malformed batching {b!r}")
         if run is not None and run.kind not in ("script", "module"):
             raise SpecError(f"unknown run kind {run.kind!r}")
         return cls(sandbox, model, run)

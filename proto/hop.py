@@ -22,7 +22,7 @@ can count the calls in flight. The worker takes calls strictly in the order they
 A body longer than INLINE_MAX travels as a sealed memfd (contract.MEMFD_SEALS) attached to the
 record (flag MEMFD, the body length in the header, nothing inline): the receiver checks its
 seals and size, maps it read-only and closes the descriptor. Side data is reserved for per-call
-extras (today always empty on the wire, but carried and bounded); fds beyond the one memfd are
+extras (a batching worker's EXECUTION on a final RESPONSE; bounded); fds beyond the one memfd are
 refused until a kind needs them (MAX_FDS).
 
 Everything read is bounded: the body length against the receiver's max message bytes, side data
@@ -63,6 +63,10 @@ KNOWN_FLAGS = FINAL | STREAM | MEMFD
 INLINE_MAX = 64 * 1024
 MAX_SIDE = 4096
 MAX_FDS = 1
+# A final RESPONSE's side data from a worker with dynamic batching: the engine call that answered
+# it (rows in it, this response's index in it, its duration in ns); index 0 counts the execution.
+EXECUTION = struct.Struct("<IIQ")
+MAX_QUEUED_CALLS = 64    # INFER calls a worker queues; beyond, a ProtocolError (the supervisor's gate stays below)
 MAX_ERROR_BYTES = 4096   # an ERROR's message; the supervisor shows at most errors.MAX_DETAIL of it
 _RECV_BYTES = HEADER.size + MAX_SIDE + INLINE_MAX
 _RECV_ANC = socket.CMSG_SPACE(4 * (MAX_FDS + 1))   # room to SEE one fd too many (and refuse it)

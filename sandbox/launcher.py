@@ -101,7 +101,8 @@ def worker_spec(profile: SandboxProfile, files: Mapping[str, int], run: ToolRun 
         socket_dirs=(SOCKET_DIR_IN_SANDBOX,),
         seccomp_stage2_fd=seccomp_stage2_fd,
         preload=profile.preload)
-    return WorkerSpec(sandbox, ModelHandoff(files=dict(files), max_message_bytes=profile.max_message_bytes), run)
+    return WorkerSpec(sandbox, ModelHandoff(files=dict(files), max_message_bytes=profile.max_message_bytes,
+                                            batching=profile.batching), run)
 
 
 def make_socket_dir(parent: str, name: str, profile: SandboxProfile) -> str:

@@ -14,6 +14,8 @@ import os
 import sys
 import sysconfig
 
+from ..proto.contract import Batching
+
 
 
 def runtime_paths_for(python: str) -> tuple[str, ...]:
@@ -53,6 +55,7 @@ class SandboxProfile:
     nofile: int = 256
     fsize_bytes: int = 64 * 2**20
     max_message_bytes: int = 256 * 2**20   # the worker's gRPC message limit (the supervisor's, passed on)
+    batching: Batching | None = None       # the model's dynamic batching, passed on (not confinement)
     load_timeout_s: float = 60.0
     infer_timeout_s: float = 30.0
     # Shared libraries the worker loads globally after confining itself, before the engine
@@ -70,7 +73,8 @@ class SandboxProfile:
                   memory_bytes: int = 2 * 2**30, pids_max: int = 64, load_timeout_s: float = 60.0,
                   infer_timeout_s: float = 30.0, seccomp: bool = True, landlock: bool = True,
                   cgroups: bool = True, openblas: bool = True, julia: str | None = None,
-                  julia_depot: str | None = None, max_message_bytes: int = 256 * 2**20) -> "SandboxProfile":
+                  julia_depot: str | None = None, max_message_bytes: int = 256 * 2**20,
+                  batching: Batching | None = None) -> "SandboxProfile":
         """The profile of a worker for `engine`: the one place a worker's confinement is decided.
 
         The daemon passes its [workers] settings and a model's overrides; operator tools
@@ -87,7 +91,7 @@ class SandboxProfile:
         return cls(engine=engine, worker_user=user, python=python, extra_ro_paths=extra_ro, extra_env=extra_env,
                    memory_bytes=memory_bytes, pids_max=pids_max, load_timeout_s=load_timeout_s,
                    infer_timeout_s=infer_timeout_s, seccomp=seccomp, landlock=landlock, cgroups=cgroups,
-                   preload=(blas,) if blas else (), max_message_bytes=max_message_bytes)
+                   preload=(blas,) if blas else (), max_message_bytes=max_message_bytes, batching=batching)
 
     def __post_init__(self):
         if not self.runtime_paths:

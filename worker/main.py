@@ -76,11 +76,19 @@ def main(argv: list[str]) -> int:
         # Leave at once: a parser that refused hostile bytes may have left its heap corrupt, and
         # running finalizers would turn a clean refusal into a crash at exit.
         os._exit(EXIT_MODEL_REFUSED)
+    batching = spec.model.batching
+    if batching is not None:
+        from .batching import check_batchable
+        try:
+            check_batchable(engine, batching.max_batch_size)
+        except ModelError as exc:
+            print(f"{STDERR_PREFIX}model refused: {exc}", file=sys.stderr, flush=True)
+            os._exit(EXIT_MODEL_REFUSED)
     phases = {"load_s": time.perf_counter() - started, **engine.load_phases}
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     from .serving import serve
-    serve(engine, spec.sandbox.socket, spec.model.max_message_bytes, phases, engine_thread.submit, stopped)
+    serve(engine, spec.sandbox.socket, spec.model.max_message_bytes, phases, engine_thread.submit, stopped, batching)
     return 0
 
 

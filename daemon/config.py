@@ -63,6 +63,9 @@
     julia = "/opt/julia/bin/julia"          # only for format = "julia" (untested here: no Julia)
     julia_depot = "/var/lib/sealbox/julia"  # with BSON, Flux and PythonCall installed; bound read-only
     instances = 1                           # sandboxed workers per model (at most 16; per-model key too)
+    warm_pool = 0                           # pre-started, confined workers kept per engine (0: off, at most
+                                            #   16), each waiting for one model's fds: a load skips the spawn;
+                                            #   used for exactly one model, never returned; read at start
 
     [policy]                                # the default trust policy (see SECURITY.md)
     ...
@@ -144,6 +147,7 @@ class WorkerConfig:
     julia: str | None = None          # the Julia executable for format = "julia" (bound read-only)
     julia_depot: str | None = None    # its depot with BSON, Flux and PythonCall installed
     instances: int = 1                # default sandboxed workers per model (per-model key `instances`)
+    warm_pool: int = 0                # pre-started workers kept per worker profile (0: off)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,7 +379,7 @@ def _workers(table: _Table) -> WorkerConfig:
         seccomp=table.get("seccomp", bool, d.seccomp), landlock=table.get("landlock", bool, d.landlock),
         cgroups=table.get("cgroups", bool, d.cgroups), openblas=table.get("openblas", bool, d.openblas),
         julia=table.get("julia", str, None), julia_depot=table.get("julia_depot", str, None),
-        instances=_instances(table, d.instances))
+        instances=_instances(table, d.instances), warm_pool=_warm_pool(table))
     table.finish()
     return cfg
 
@@ -391,6 +395,13 @@ def _instances(table: _Table, default: int) -> int:
 
 
 MAX_BATCH_SIZE = 1024
+
+
+def _warm_pool(table: _Table) -> int:
+    value = table.get("warm_pool", int, 0)
+    if not 0 <= value <= MAX_INSTANCES:
+        raise ConfigError(f"{table.where}: key 'warm_pool' must be 0 (off) to {MAX_INSTANCES}, not {value}")
+    return value
 
 
 def _batching(table: _Table) -> Batching | None:

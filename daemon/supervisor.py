@@ -34,6 +34,7 @@ from .config import Config, ConfigError, ModelConfig, load_config
 from .preflight import preflight
 from .provenance import Provenance
 from .worker_hop import OFFLOAD_BYTES, HopClosed, HopTimeout, WorkerStatus
+from .warm_pool import WarmPool
 from .worker_process import ModelUnavailable, Spawner, WorkerProcess, describe_exit
 
 log = logging.getLogger("sealboxd")
@@ -150,6 +151,8 @@ class Supervisor:
         self.reload_lock = threading.Lock()   # one configuration reload at a time
         self.draining: set[WorkerProcess] = set()   # replaced workers finishing their calls
         self._spawns = itertools.count(1)   # unique worker directory names, across hand-overs
+        self.pool = WarmPool(config.workers.warm_pool, self._spawn_pool_worker, audit) \
+            if config.workers.warm_pool else None
 
     def profile_for(self, model: ModelConfig, config: Config | None = None) -> SandboxProfile:
         """This model's sandbox: [workers] settings with the model's overrides (decided in SandboxProfile)."""
@@ -181,6 +184,29 @@ class Supervisor:
         for t in threads:
             t.join()
         self.initial_load_done.set()
+        self._configure_pool()
+
+    def _configure_pool(self) -> None:
+        """The warm pool keeps [workers] warm_pool workers for each worker profile a model needs."""
+        if self.pool is not None:
+            w = self.config.workers
+            self.pool.configure({self.profile_for(m.config) for m in self.models.values()}, w.memory_bytes, w.pids_max)
+
+    def _spawn_pool_worker(self, profile: SandboxProfile) -> WorkerProcess:
+        """A warm-pool worker: sandboxed and confined, no model yet (daemon/warm_pool.py)."""
+        if self.stopped.is_set():
+            raise ModelUnavailable("the daemon is stopping")
+        socket_dir = None
+        try:
+            socket_dir = launcher.make_socket_dir(self.config.server.run_dir,
+                                                  f"{os.getpid()}-pool-{profile.engine}-{next(self._spawns)}", profile)
+            sandboxed = self.spawner.call(lambda: launcher.launch(profile, socket_dir, {}, pool=True))
+        except Exception as exc:
+            if socket_dir:
+                shutil.rmtree(socket_dir, ignore_errors=True)
+            raise ModelUnavailable(f"sandbox unavailable: {exc}") from None
+        return WorkerProcess(f"pool-{profile.engine}", profile, socket_dir, sandboxed,
+                             self.config.server.max_message_bytes)
 
     def _load_quietly(self, name):
         try:
@@ -248,6 +274,15 @@ class Supervisor:
         if self.stopped.is_set():
             raise ModelUnavailable("the daemon is stopping")
         profile = self.profile_for(cfg)
+        worker = self.pool.take(profile) if self.pool is not None else None
+        if worker is not None:
+            try:
+                self.pool.hand(worker, cfg.name, profile, verified.files, profile.load_timeout_s)
+                worker.path = "pool"
+                return self._bind(worker, cfg, verified, slot)
+            except OSError as exc:   # it died or never listened: a fresh spawn instead
+                log.warning("model %s: warm-pool worker unusable (%s); spawning one", cfg.name, exc)
+                worker.kill()
         socket_dir = None
         try:
             # The pid keeps two daemons sharing a run_dir out of each other's way (and names what a
@@ -260,6 +295,10 @@ class Supervisor:
                 shutil.rmtree(socket_dir, ignore_errors=True)
             raise ModelUnavailable(f"sandbox unavailable: {exc}") from None
         worker = WorkerProcess(cfg.name, profile, socket_dir, sandboxed, self.config.server.max_message_bytes)
+        return self._bind(worker, cfg, verified, slot)
+
+    def _bind(self, worker: WorkerProcess, cfg: ModelConfig, verified, slot: int) -> WorkerProcess:
+        """What the supervisor attaches to a worker started for (or handed) a model."""
         worker.slot = slot
         if cfg.batching is not None:
             limit, version = cfg.batching.max_batch_size, verified.version or ""
@@ -319,7 +358,8 @@ class Supervisor:
         self._record_version(model)
         self.audit.event("model_load", model=name, verdict="ready", **workers[0].provenance.audit_fields(),
                          engine=model.config.format, worker_pid=workers[0].proc.pid,
-                         worker_pids=[w.proc.pid for w in workers], instances=len(workers), path="spawn",
+                         worker_pids=[w.proc.pid for w in workers], instances=len(workers),
+                         path="+".join(sorted({w.path for w in workers})),
                          **audit)
         for worker in workers:
             self._watch_soon(model, worker, generation)
@@ -483,7 +523,7 @@ class Supervisor:
             self.metrics.load_duration(name, worker.ready_at - started, model.version)
             extra = {"instance": slot + 1} if len(workers) > 1 else {}
             self.audit.event("model_load", model=name, verdict="ready", **worker.provenance.audit_fields(),
-                             engine=model.config.format, worker_pid=worker.proc.pid, path="spawn", restart=True,
+                             engine=model.config.format, worker_pid=worker.proc.pid, path=worker.path, restart=True,
                              **extra)
             self._watch_soon(model, worker, generation)
 
@@ -563,6 +603,7 @@ class Supervisor:
                 job.join()
             changes = {k: sorted(n for n, v in outcome.items() if v == k)
                        for k in ("added", "removed", "replaced", "loaded", "refused", "failed")}
+            self._configure_pool()
             log.info("config reloaded from %s: %s", config.path,
                      "; ".join(f"{k} {', '.join(v)}" for k, v in changes.items() if v) or "no model changed")
             self.audit.event("config_reload", config=config.path, verdict="accepted",
@@ -746,6 +787,8 @@ class Supervisor:
 
     def shutdown(self) -> None:
         self.stopped.set()
+        if self.pool is not None:
+            self.pool.stop()
         for worker in list(self.draining):
             try:
                 worker.kill()

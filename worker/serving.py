@@ -316,11 +316,11 @@ def describe_answer(engine, phases: dict[str, float]) -> bytes:
 
 
 def serve(engine, socket_path: str, max_message_bytes: int, phases: dict[str, float], on_engine_thread,
-          stopped: threading.Event, batching_config=None) -> None:
-    """Listen on socket_path, run calls on the engine's thread (`on_engine_thread(fn)` submits fn
-    there), until `stopped` is set."""
+          stopped: threading.Event, batching_config=None, listener=None) -> None:
+    """Listen on socket_path (or serve `listener`: a warm-pool worker's), run calls on the engine's
+    thread (`on_engine_thread(fn)` submits fn there), until `stopped` is set."""
     server = WorkerServer(engine, max_message_bytes, describe_answer(engine, phases), batching_config)
-    listener = hop.listen(socket_path)
+    listener = listener or hop.listen(socket_path)
     threading.Thread(target=server.accept_forever, args=(listener,), daemon=True, name="hop-accept").start()
     done = on_engine_thread(server.run_engine)
     while not stopped.wait(1.0):   # polled: the signal may land on another thread (OpenBLAS's)

@@ -661,11 +661,12 @@ class Supervisor:
     def calls_at_workers(self, name: str) -> int:
         """How many calls the front door lets through to the model's workers at once: [server.limits]
         model_inflight per instance, or with dynamic batching enough to fill a batch (max_batch_size
-        requests), never more than a worker queues (hop.MAX_QUEUED_CALLS)."""
+        requests), at most half of what a worker holds (hop.MAX_QUEUED_CALLS)."""
         cfg = self.get(name).config
         per_worker = self.config.server.limits.model_concurrency
         if cfg.batching is not None:
-            per_worker = min(max(per_worker, cfg.batching.max_batch_size), MAX_QUEUED_CALLS)
+            per_worker = max(per_worker, cfg.batching.max_batch_size)
+        per_worker = min(per_worker, MAX_QUEUED_CALLS // 2)
         return cfg.instances * per_worker
 
     def status(self, name: str) -> ModelStatus:

@@ -70,7 +70,10 @@ MAX_FDS = 1
 # A final RESPONSE's side data from a worker with dynamic batching: the engine call that answered
 # it (rows in it, this response's index in it, its duration in ns); index 0 counts the execution.
 EXECUTION = struct.Struct("<IIQ")
-MAX_QUEUED_CALLS = 64    # INFER calls a worker queues; beyond, a ProtocolError (the supervisor's gate stays below)
+# INFER calls a worker holds (queued, running, or answered and not yet released); beyond, a
+# ProtocolError. The supervisor's gate keeps at most half this many in flight per worker: the other
+# half covers calls already answered that the worker has not counted off yet.
+MAX_QUEUED_CALLS = 128
 MAX_ERROR_BYTES = 4096   # an ERROR's message; the supervisor shows at most errors.MAX_DETAIL of it
 _RECV_BYTES = HEADER.size + MAX_SIDE + INLINE_MAX
 _RECV_ANC = socket.CMSG_SPACE(4 * (MAX_FDS + 1))   # room to SEE one fd too many (and refuse it)

@@ -2,7 +2,9 @@
 
 | module | what it holds |
 |---|---|
-| main.py | the worker process: reads its WorkerSpec, confines itself, loads, serves |
+| main.py | the worker process: reads its WorkerSpec, confines itself, loads (or, from the warm pool, waits for its model's LOAD first), serves |
+| serving.py | the worker's side of the hop (proto/hop.py): one engine thread, calls in order, dynamic batching |
+| batching.py | dynamic batching: which requests may share an engine call, joining and splitting their rows |
 | engine.py | the engine interface (`Engine`, `TensorSpec`, errors) and the engine registry |
 | mlx_engine.py | MLX models: an exported function (.mlxfn) or a built-in MLP over weights |
 | flux/ | Flux.jl models saved with BSON.jl: strict reader, allowlist scanner, evaluators |

@@ -25,7 +25,7 @@ from ..proto import tensors
 from .engine import InferenceError, InputError
 
 MAX_CONNECTIONS = 4        # the supervisor uses one (plus one for Describe at load)
-MAX_QUEUED = hop.MAX_QUEUED_CALLS   # calls queued per worker; the supervisor's gate keeps at most this many
+MAX_QUEUED = hop.MAX_QUEUED_CALLS   # calls a worker holds; the supervisor keeps at most half that many in flight
 
 
 class Connection:

@@ -86,6 +86,21 @@ def calls_per_second(target: str, model: str) -> tuple[float, int]:
     return sum(r[0] for r in results) / SECONDS, sum(r[1] for r in results)
 
 
+def _cpu(daemon) -> tuple[float, float]:
+    """CPU seconds (user + system) so far of the supervisor and of all its workers."""
+    import psutil
+    main = psutil.Process(daemon.proc.pid)
+    workers = 0.0
+    for child in main.children(recursive=True):
+        try:
+            t = child.cpu_times()
+            workers += t.user + t.system
+        except psutil.Error:
+            pass
+    t = main.cpu_times()
+    return t.user + t.system, workers
+
+
 def throughput() -> None:
     import pathlib
     from tests.support import wait_for
@@ -101,17 +116,25 @@ def throughput() -> None:
             wait_for(lambda: all(m.state == "READY" for m in client.models()), what="every model READY")
         samples: dict[str, list[float]] = {name: [] for name in CONFIGS}
         failures = {name: 0 for name in CONFIGS}
+        cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in CONFIGS}   # (supervisor, workers) s/call
         for _ in range(ROUNDS):
             for name in CONFIGS:
+                before = _cpu(daemon)
                 rate, errors = calls_per_second(daemon.target, name)
+                after = _cpu(daemon)
                 samples[name].append(rate)
                 failures[name] += errors
+                calls = max(1.0, rate * SECONDS)
+                cpu[name].append(((after[0] - before[0]) / calls, (after[1] - before[1]) / calls))
         base = statistics.median(samples["one"])
         print(f"{CLIENTS} clients ({PROCESSES} processes), demo MLP batch 1, {SECONDS:g} s windows, "
               f"median of {ROUNDS} interleaved rounds:")
         for name, opts in CONFIGS.items():
             rate = statistics.median(samples[name])
-            print(f"  {name:12s} {rate:8.0f} calls/s  {rate / base:5.2f}x one instance   "
+            sup = statistics.median(c[0] for c in cpu[name]) * 1e6
+            work = statistics.median(c[1] for c in cpu[name]) * 1e6
+            print(f"  {name:12s} {rate:8.0f} calls/s  {rate / base:5.2f}x one instance   CPU per call: supervisor "
+                  f"{sup:4.0f} us, workers {work:4.0f} us   "
                   f"({opts.replace(chr(10), ', ') or 'instances = 1, no batching'}; failed calls {failures[name]})")
     finally:
         daemon.stop()

@@ -280,7 +280,7 @@ class Supervisor:
                 self.pool.hand(worker, cfg.name, profile, verified.files, profile.load_timeout_s)
                 worker.path = "pool"
                 return self._bind(worker, cfg, verified, slot)
-            except OSError as exc:   # it died or never listened: a fresh spawn instead
+            except Exception as exc:   # it died, never listened, or its cgroup refused the limits: spawn instead
                 log.warning("model %s: warm-pool worker unusable (%s); spawning one", cfg.name, exc)
                 worker.kill()
         socket_dir = None

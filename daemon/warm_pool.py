@@ -78,8 +78,8 @@ class WarmPool:
     def hand(worker: WorkerProcess, name: str, profile: SandboxProfile, files: Mapping[str, int],
              timeout: float) -> None:
         """Give a taken worker its model: the model's cgroup limits first, then one LOAD with the
-        sealed memfds (waiting up to `timeout` for a worker still starting). OSError/TimeoutError on
-        failure (the caller kills it and spawns instead)."""
+        sealed memfds (waiting up to `timeout` for a worker still starting). Any exception is a failure
+        (the caller kills the worker and spawns one instead)."""
         worker.name, worker.profile = name, profile
         cgroup = worker.sandboxed.cgroup
         if cgroup is not None:

@@ -79,6 +79,7 @@ class ManagedModel:
     lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
     generation: int = 0
     files_seen: object = None   # files_fingerprint() before the last verification: a reload compares it
+    verify_s: float = 0.0       # the last verification's duration (the model_load audit event's phases)
     # Guards (status, workers, metadata) as one view for readers on the event loop; held only for
     # attribute updates, never across I/O (`lock` above is held for whole loads).
     view_lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
@@ -236,6 +237,7 @@ class Supervisor:
             if not serving:
                 model.set_state(State.LOADING, "verifying", config=cfg)
             model.files_seen = files_fingerprint(cfg)   # before verifying: a change during it shows next time
+            verify_started = time.monotonic()
             try:
                 verified = verify_model(name, cfg.path, cfg.policy, self.config.server.state_dir, self.audit,
                                         record_version=False)   # recorded once the new worker is READY
@@ -249,6 +251,7 @@ class Supervisor:
                     model.set_state(State.UNAVAILABLE, reason)
                 raise LoadRefused(reason) from None
             self.metrics.verification(name, "all", "accepted")
+            model.verify_s = time.monotonic() - verify_started
             if serving:
                 self._hand_over(model, cfg, verified)
                 return
@@ -318,13 +321,17 @@ class Supervisor:
         (ModelUnavailable with the first reason): a model loads whole or not at all."""
         workers = []
         try:
+            started = time.monotonic()
             for slot in slots:
                 workers.append(self._launch(cfg, verified, slot))
+            launched = time.monotonic()
             metadata = None
             for worker in workers:
-                answer = self._served_metadata(cfg.name, version, worker.wait_ready(worker.profile.load_timeout_s),
-                                               worker.provenance)
-                metadata = metadata or answer
+                answer = worker.wait_ready(worker.profile.load_timeout_s)
+                worker.phases = {"launch_s": round(launched - started, 6),
+                                 "ready_s": round(time.monotonic() - launched, 6),
+                                 **_worker_phases(answer)}
+                metadata = metadata or self._served_metadata(cfg.name, version, answer, worker.provenance)
             return workers, metadata
         except BaseException:
             for worker in workers:
@@ -360,6 +367,7 @@ class Supervisor:
                          engine=model.config.format, worker_pid=workers[0].proc.pid,
                          worker_pids=[w.proc.pid for w in workers], instances=len(workers),
                          path="+".join(sorted({w.path for w in workers})),
+                         phases={"verify_s": round(model.verify_s, 6), **workers[0].phases},
                          **audit)
         for worker in workers:
             self._watch_soon(model, worker, generation)
@@ -524,6 +532,7 @@ class Supervisor:
             extra = {"instance": slot + 1} if len(workers) > 1 else {}
             self.audit.event("model_load", model=name, verdict="ready", **worker.provenance.audit_fields(),
                              engine=model.config.format, worker_pid=worker.proc.pid, path=worker.path, restart=True,
+                             phases=worker.phases,
                              **extra)
             self._watch_soon(model, worker, generation)
 
@@ -835,6 +844,18 @@ _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 def _status_code(number: int) -> grpc.StatusCode:
     """A worker's ERROR record's code; a number gRPC does not know is UNKNOWN (mapped to INTERNAL)."""
     return _STATUS_CODES.get(number, grpc.StatusCode.UNKNOWN)
+
+
+def _worker_phases(answer: bytes) -> dict[str, float]:
+    """The load phases a worker measured itself (its Describe answer's double parameters: load_s,
+    deserialize_s, warmup_s), prefixed worker_; for the audit log only, never served."""
+    from google.protobuf.message import DecodeError
+    try:
+        params = pb.ModelMetadataResponse.FromString(answer).parameters
+    except DecodeError:
+        return {}
+    return {f"worker_{k}"[:40]: round(v.double_param, 6) for k, v in list(params.items())[:8]
+            if v.WhichOneof("parameter_choice") == "double_param"}
 
 
 def _instances_reason(workers, detail: str = "") -> str:

@@ -86,6 +86,7 @@ class WorkerProcess:
         self.ready_at: float | None = None
         self.slot = 0   # which of its model's instances it is (config `instances`)
         self.path = "spawn"   # how it got its model: "spawn" (started for it) or "pool" (a warm-pool worker)
+        self.phases: dict[str, float] = {}   # where its load's time went (the model_load audit event)
         self.on_execution = None   # set by the supervisor for a batching model: f(rows, ns)
         self.inflight = 0   # inference calls on its hop (event loop only); a replaced worker drains them
         self.max_message_bytes = max_message_bytes

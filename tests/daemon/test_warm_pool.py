@@ -88,6 +88,10 @@ def test_load_from_the_pool_answers_exactly_with_every_layer(pooled):
     print(f"\nload to READY from the warm pool: {took * 1000:.0f} ms")
     (event,) = loads(pooled, "a")
     assert event["verdict"] == "ready" and event["path"] == "pool" and event["worker_pid"] == bwrap.pid
+    # Where the load's time went: verification, hand-over, until READY, and the worker's own phases.
+    assert {"verify_s", "launch_s", "ready_s", "worker_load_s", "worker_deserialize_s", "worker_warmup_s"} \
+        <= set(event["phases"]) and all(v >= 0 for v in event["phases"].values())
+    print(f"phases: {event['phases']}")
     loaded = status_of(python.pid)
     # The model's layers, applied after its fds arrived: the second seccomp stage and its memory limit.
     assert int(loaded["Seccomp_filters"]) == int(idle["Seccomp_filters"]) + 1

@@ -71,3 +71,33 @@ def test_malformed_batching_spec_refused():
         good["model"]["batching"] = batching
         with pytest.raises(SpecError):
             WorkerSpec.from_json(json.dumps(good))
+
+
+def test_model_config_with_batching_parses_as_tritons_own():
+    """The ModelConfig sealbox serves for a batching model, read with tritonclient's own model_config.proto
+    (in a process of its own: both protos define the package `inference`)."""
+    import json
+    import subprocess
+    import sys
+
+    from sealbox.daemon.server import model_config
+    from sealbox.proto import inference_pb2 as pb
+    from sealbox.proto.contract import Batching
+    metadata = pb.ModelMetadataResponse(name="m", platform="mlx")
+    metadata.inputs.add(name="x", datatype="FP32", shape=[-1, 4])
+    metadata.outputs.add(name="y", datatype="FP32", shape=[-1, 3])
+    read = ("import json, sys\n"
+            "from tritonclient.grpc import model_config_pb2 as t\n"
+            "c = t.ModelConfig.FromString(bytes.fromhex(sys.argv[1]))\n"
+            "print(json.dumps([c.max_batch_size, list(c.dynamic_batching.preferred_batch_size),\n"
+            "    c.dynamic_batching.max_queue_delay_microseconds, c.dynamic_batching.preserve_ordering,\n"
+            "    c.HasField('dynamic_batching'), [(i.name, list(i.dims), t.DataType.Name(i.data_type)) for i in c.input],\n"
+            "    [(o.name, list(o.dims)) for o in c.output]]))\n")
+
+    def theirs(config) -> list:
+        out = subprocess.run([sys.executable, "-c", read, config.SerializeToString().hex()],
+                             capture_output=True, text=True, check=True).stdout
+        return json.loads(out)
+    assert theirs(model_config(metadata, Batching(32, 500, (16, 32)))) == [
+        32, [16, 32], 500, True, True, [["x", [4], "TYPE_FP32"]], [["y", [3]]]]
+    assert theirs(model_config(metadata)) == [0, [], 0, False, False, [["x", [-1, 4], "TYPE_FP32"]], [["y", [-1, 3]]]]

@@ -120,7 +120,9 @@ class ManagedModel:
             best = None
             for i in range(len(workers)):
                 worker = workers[(start + i) % len(workers)]
-                if worker is not None and not worker.stopping and (best is None or worker.inflight < best.inflight):
+                if worker is None or worker.stopping or worker.proc.returncode is not None:   # reaped: dead
+                    continue
+                if best is None or worker.inflight < best.inflight:
                     best = worker
             hop = best.hop() if best is not None else None
             if hop is None:

@@ -6,9 +6,10 @@
 | config.py | the TOML config (server, workers, trust policy, models), checked strictly |
 | preflight.py | start-up checks that every required sandbox layer is available; --check-config's checks; clean-up of a dead daemon's worker directories and cgroups |
 | fetching.py | remote models (`source = "https://..."`): fetched into the store through the sandboxed helper, one per model, bounded, audited |
-| supervisor.py | each model's state machine: verify, launch, restart, unload, hand-over to a new version, config reload (SIGHUP), readiness; the server's narrow interface |
+| supervisor.py | each model's state machine: verify, launch its `instances` (least-loaded first), restart each, unload, hand-over to a new version, config reload (SIGHUP), readiness; the server's narrow interface |
 | phases.py | where a load's time goes: verify, hashing, spawn, READY, the worker's own account; for the `model_load` event and log line |
 | worker_process.py | one worker process: spawner thread, Describe at load, its hop, exit and death reasons |
+| warm_pool.py | pre-started, confined workers per worker profile, each handed one model's fds (LOAD), refilled in the background |
 | server.py | the public gRPC API on grpc.aio (Open Inference Protocol, health, reflection): routing, `serve()` |
 | listeners.py | one grpc.aio server per listener (Unix sockets, TCP, mutual TLS), binding all-or-nothing, the access check |
 | roles.py | roles by protocol group, the method -> role table (default deny), the caller as the transport proved it |

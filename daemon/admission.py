@@ -16,7 +16,7 @@ Lanes
        (inference_rpcs + streams) x max_receive_message_length + HTTP/2 windows.
     2. after reading: the actual bytes against `inflight_bytes` (global) and the model's
        `model_bytes`; these bytes stay reserved until the response is sent.
-    3. per model: `model_concurrency` calls at the worker (config `model_inflight`, default 2:
+    3. per model: `model_concurrency` calls at each of its workers (instances) (config `model_inflight`, default 2:
        pipelined over the hop, the worker's one engine thread runs them in order) and a bounded
        FIFO queue of `model_queue` waiters; a full queue refuses immediately, so a hung model
        holds at most model_concurrency + model_queue inference slots. A ModelStreamInfer request
@@ -80,7 +80,7 @@ class ModelGate:
     """Per-model: `concurrency` at the worker, at most `queue` waiting, FIFO; full -> refuse at once."""
 
     def __init__(self, name: str, concurrency: int, queue: int, max_bytes: int):
-        self.name, self.queue, self.max_bytes = name, queue, max_bytes
+        self.name, self.queue, self.max_bytes, self.concurrency = name, queue, max_bytes, concurrency
         self._sem = asyncio.Semaphore(concurrency)
         self.waiting = 0
         self.bytes = 0
@@ -116,12 +116,15 @@ class Admission:
         self.models: dict[str, ModelGate] = {}
         self.refusals = 0
 
-    def model(self, name: str) -> ModelGate:
-        """Gates exist for configured models only (the caller checks the name first), so this dict is bounded."""
+    def model(self, name: str, concurrency: int | None = None) -> ModelGate:
+        """Gates exist for configured models only (the caller checks the name first), so this dict is bounded.
+        `concurrency`: the calls let through to the model's workers at once (default model_concurrency;
+        the supervisor scales it by instances and batch size); when it changes (a reload) the model
+        gets a new gate and calls holding the old one finish on it."""
         gate = self.models.get(name)
-        if gate is None:
-            gate = self.models[name] = ModelGate(name, self.l.model_concurrency, self.l.model_queue,
-                                                 self.l.model_bytes)
+        concurrency = concurrency or self.l.model_concurrency
+        if gate is None or gate.concurrency != concurrency:
+            gate = self.models[name] = ModelGate(name, concurrency, self.l.model_queue, self.l.model_bytes)
         return gate
 
     def _refuse(self, what: str) -> ClientError:

@@ -65,6 +65,10 @@
     openblas = true                         # preload Debian's OpenBLAS into workers (MLX's own BLAS is slow)
     julia = "/opt/julia/bin/julia"          # only for format = "julia" (untested here: no Julia)
     julia_depot = "/var/lib/sealbox/julia"  # with BSON, Flux and PythonCall installed; bound read-only
+    instances = 1                           # sandboxed workers per model (at most 16; per-model key too)
+    warm_pool = 0                           # pre-started, confined workers kept per engine (0: off, at most
+                                            #   16), each waiting for one model's fds: a load skips the spawn;
+                                            #   used for exactly one model, never returned; read at start
 
     [policy]                                # the default trust policy (see SECURITY.md)
     ...
@@ -83,6 +87,12 @@
     max_prompt_tokens = 4096                # format = "mlx-lm" only: generation limits (defaults shown);
     max_new_tokens = 512                    #   request_time_s is its per-request time budget and
     request_time_s = 120                    #   replaces infer_timeout_s (refused for these models)
+    instances = 2                           # this model's workers: each its own sandbox and cgroup, all on
+                                            #   the same sealed copies (verified once); calls go to the
+                                            #   least-loaded one; memory_mb and pids_max are per instance
+    max_batch_size = 32                     # dynamic batching (off by default): concurrent requests are run
+    max_queue_delay_us = 500                #   as one engine call of at most 32 rows and split back, inside
+    preferred_batch_sizes = [8, 16, 32]     #   the worker; every input and output needs -1 as its first dim
     [models.NAME.policy]                    # overrides of the default policy
 """
 from __future__ import annotations
@@ -96,7 +106,7 @@ import sys
 import tomllib
 from typing import Any
 
-from ..proto.contract import ENGINE_NAMES
+from ..proto.contract import ENGINE_NAMES, Batching
 from ..trust.policy import SigstoreRoot, TrustedKey, TrustedRoots, TrustPolicy, normalize_identity, parse_version
 from . import roles as R
 from .admission import Limits
@@ -148,6 +158,8 @@ class WorkerConfig:
     openblas: bool = True
     julia: str | None = None          # the Julia executable for format = "julia" (bound read-only)
     julia_depot: str | None = None    # its depot with BSON, Flux and PythonCall installed
+    instances: int = 1                # default sandboxed workers per model (per-model key `instances`)
+    warm_pool: int = 0                # pre-started workers kept per worker profile (0: off)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +183,8 @@ class ModelConfig:
     # format = "mlx-lm" only: its generation limits (max_prompt_tokens, max_new_tokens, request_time_s),
     # given to the worker's engine; request_time_s replaces infer_timeout_s for such a model.
     engine_options: tuple[tuple[str, float], ...] = ()
+    instances: int = 1   # sandboxed workers serving it, each its own sandbox and cgroup ([workers] default)
+    batching: Batching | None = None   # dynamic batching (max_batch_size > 0), done inside the worker
 
 
 # The limits an mlx-lm model may set in its table, and their kinds (defaults: worker/llm_engine.py).
@@ -403,12 +417,56 @@ def _workers(table: _Table) -> WorkerConfig:
         restart_backoff_s=(float(backoff[0]), float(backoff[1])),
         seccomp=table.get("seccomp", bool, d.seccomp), landlock=table.get("landlock", bool, d.landlock),
         cgroups=table.get("cgroups", bool, d.cgroups), openblas=table.get("openblas", bool, d.openblas),
-        julia=table.get("julia", str, None), julia_depot=table.get("julia_depot", str, None))
+        julia=table.get("julia", str, None), julia_depot=table.get("julia_depot", str, None),
+        instances=_instances(table, d.instances), warm_pool=_warm_pool(table))
     table.finish()
     return cfg
 
 
 URL_SCHEMES = ("https://", "oci://", "sftp://")   # remote sources (sealbox.transfer)
+
+
+MAX_INSTANCES = 16
+
+
+def _instances(table: _Table, default: int) -> int:
+    value = table.positive("instances", default, int)
+    if value > MAX_INSTANCES:
+        raise ConfigError(f"{table.where}: key 'instances' must be at most {MAX_INSTANCES}, not {value}")
+    return value
+
+
+MAX_BATCH_SIZE = 1024
+
+
+def _warm_pool(table: _Table) -> int:
+    value = table.get("warm_pool", int, 0)
+    if not 0 <= value <= MAX_INSTANCES:
+        raise ConfigError(f"{table.where}: key 'warm_pool' must be 0 (off) to {MAX_INSTANCES}, not {value}")
+    return value
+
+
+def _batching(table: _Table) -> Batching | None:
+    """Triton's dynamic_batching: max_batch_size (0 or absent: off), max_queue_delay_us (Triton's
+    max_queue_delay_microseconds), preferred_batch_sizes. Whether the model has a batch dimension is
+    checked when it loads (the worker refuses it, naming the tensor)."""
+    size = table.get("max_batch_size", int, 0)
+    delay = table.get("max_queue_delay_us", int, None)
+    preferred = table.get("preferred_batch_sizes", list, None)
+    if size < 0 or size > MAX_BATCH_SIZE:
+        raise ConfigError(f"{table.where}: key 'max_batch_size' must be 0 (off) to {MAX_BATCH_SIZE}, not {size}")
+    if size == 0:
+        if delay is not None or preferred is not None:
+            raise ConfigError(f"{table.where}: keys 'max_queue_delay_us' and 'preferred_batch_sizes' need "
+                              "'max_batch_size' (dynamic batching)")
+        return None
+    if delay is not None and not 0 <= delay <= 10_000_000:
+        raise ConfigError(f"{table.where}: key 'max_queue_delay_us' must be 0 to 10000000, not {delay}")
+    preferred = preferred or []
+    if not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= size for n in preferred):
+        raise ConfigError(f"{table.where}: key 'preferred_batch_sizes' must be sizes from 1 to max_batch_size "
+                          f"({size}), not {preferred!r}")
+    return Batching(size, delay or 0, tuple(sorted(set(preferred))))
 
 
 def policy_from_toml(table: Any, where: str, defaults: TrustPolicy | None = None, *,
@@ -656,7 +714,8 @@ def load_config(path: str) -> Config:
             policy=policy, memory_bytes=int(memory_mb * 2**20) if memory_mb else None,
             pids_max=table.positive("pids_max", None, int),
             load_timeout_s=float(load_timeout) if load_timeout else None,
-            infer_timeout_s=float(infer_timeout) if infer_timeout else None, engine_options=tuple(engine_options))
+            infer_timeout_s=float(infer_timeout) if infer_timeout else None, engine_options=tuple(engine_options),
+            instances=_instances(table, workers.instances), batching=_batching(table))
         table.finish()
     top.finish()
     return Config(path=os.path.abspath(path), server=server, workers=workers, models=models,

@@ -19,7 +19,7 @@ port 8002) or a Unix socket:
 | sealbox_model_load_duration_seconds | model, version | histogram: worker launch to READY (parse and warm-up in the sandbox) |
 | sealbox_verifications_total | model, check, verdict | verification outcomes; check = the failed check on refusal, "all" when accepted |
 | sealbox_model_state | model, state | 1 for the model's current state (UNLOADED, LOADING, READY, UNAVAILABLE), else 0 |
-| sealbox_worker_memory_bytes | model, version | the worker's memory use, from its cgroup (memory.current / memory.usage_in_bytes) |
+| sealbox_worker_memory_bytes | model, version | the model's workers' memory use, from their cgroups, summed over instances (memory.current / memory.usage_in_bytes) |
 | sealbox_worker_memory_limit_bytes | model, version | the worker's memory limit |
 | process_resident_memory_bytes, process_* | | the daemon itself (prometheus_client's ProcessCollector, from /proc/self) |
 
@@ -122,6 +122,8 @@ class RequestStats:
     queue: Duration = dataclasses.field(default_factory=Duration)
     compute_infer: Duration = dataclasses.field(default_factory=Duration)
     last_inference_ms: int = 0     # milliseconds since the epoch of the last successful request
+    # With dynamic batching: rows per engine call -> (executions, their engine time), as the worker reports.
+    batches: dict = dataclasses.field(default_factory=dict)
 
 
 class _ModelCollector(Collector):
@@ -138,19 +140,26 @@ class _ModelCollector(Collector):
             for s in STATES:
                 state.add_metric([model, s], 1.0 if s == current else 0.0)
         yield state
-        used = GaugeMetricFamily("sealbox_worker_memory_bytes", "the worker's memory use, from its cgroup",
+        used = GaugeMetricFamily("sealbox_worker_memory_bytes",
+                                 "the model's workers' memory use, from their cgroups (summed over instances)",
                                  labels=["model", "version"])
-        limit = GaugeMetricFamily("sealbox_worker_memory_limit_bytes", "the worker's memory limit",
+        limit = GaugeMetricFamily("sealbox_worker_memory_limit_bytes", "the model's workers' memory limits (summed over instances)",
                                   labels=["model", "version"])
+        totals: dict[tuple[str, str], list] = {}   # a model's instances add up (one cgroup each)
         for model, version, cgroup in self._workers():
             try:
                 current, maximum = cgroup.memory_usage(), cgroup.memory_limit()
             except OSError:  # the worker went away between listing and reading
                 continue
+            sums = totals.setdefault((model, version), [None, None])
+            for i, value in enumerate((current, maximum)):
+                if value is not None:
+                    sums[i] = (sums[i] or 0) + value
+        for labels, (current, maximum) in totals.items():
             if current is not None:
-                used.add_metric([model, version], float(current))
+                used.add_metric(list(labels), float(current))
             if maximum is not None:
-                limit.add_metric([model, version], float(maximum))
+                limit.add_metric(list(labels), float(maximum))
         yield used
         yield limit
 
@@ -194,6 +203,14 @@ class Metrics:
             stats.queue.add(queue_s or 0.0)
             stats.compute_infer.add(compute_s or 0.0)
             stats.last_inference_ms = int(time.time() * 1000)
+
+    def observe_execution(self, model: str, version: str, rows: int, ns: int) -> None:
+        """One engine call of a batching worker: `rows` rows (one or more requests) in `ns` ns."""
+        with self._stats_lock:
+            stats = self._stats.setdefault((model, version or ""), RequestStats())
+            duration = stats.batches.setdefault(rows, Duration())
+            duration.count += 1
+            duration.ns += max(0, ns)
 
     def statistics(self) -> dict[tuple[str, str], RequestStats]:
         """A copy of every (model, version)'s RequestStats so far."""

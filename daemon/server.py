@@ -120,7 +120,7 @@ class FrontDoor:
         with metrics.inflight(name):
             try:
                 self._check_ready(name, version, status)
-                gate = self.admission.model(name)
+                gate = self.admission.model(name, self.sup.calls_at_workers(name))
                 with self.admission.request_bytes(gate, len(request)):
                     async with gate.turn(self.limits.model_queue_timeout_s):
                         at_worker = time.monotonic()
@@ -147,7 +147,7 @@ class FrontDoor:
 
     async def _routed(self, name: str, version: str, status, box: list, timing: "_Timing") -> bytes:
         self._check_ready(name, version, status)
-        gate = self.admission.model(name)
+        gate = self.admission.model(name, self.sup.calls_at_workers(name))
         reservation = self.admission.request_bytes(gate, len(box[0]))
         reservation.__enter__()   # RESOURCE_EXHAUSTED at once beyond the byte caps
         task = asyncio.ensure_future(self._at_worker(name, gate, box, reservation, timing))
@@ -263,9 +263,11 @@ class FrontDoor:
         """Triton's model configuration, made from what ModelMetadata serves (so it tells the same
         truth): the engine as platform, tensors with Triton's data types and the metadata's dims
         (-1 = any size), max_batch_size 0 (the model takes whole tensors; a client batches in the
-        first dimension), and the provenance parameters."""
+        first dimension) or, with dynamic batching, its max_batch_size, dims without the batch
+        dimension and the dynamic_batching section, and the provenance parameters."""
         metadata = await self._metadata(request, context)
-        return pb.ModelConfigResponse(config=model_config(pb.ModelMetadataResponse.FromString(metadata)))
+        return pb.ModelConfigResponse(config=model_config(pb.ModelMetadataResponse.FromString(metadata),
+                                                          self.sup.get(request.name).config.batching))
 
     async def ModelStatistics(self, request, context):
         """Triton's per-model statistics, from the counters behind /metrics (Metrics.statistics()).
@@ -410,13 +412,20 @@ class _Timing:
         self.start, self.queue_s, self.compute_s = start, None, None
 
 
-def model_config(metadata) -> "pb.ModelConfig":
-    """A Triton ModelConfig from a served ModelMetadataResponse."""
-    config = pb.ModelConfig(name=metadata.name, platform=metadata.platform, max_batch_size=0)
+def model_config(metadata, batching=None) -> "pb.ModelConfig":
+    """A Triton ModelConfig from a served ModelMetadataResponse (and the model's contract.Batching:
+    then, as in Triton, dims leave out the batch dimension)."""
+    skip = 1 if batching is not None else 0   # the worker refused the model unless every first dim is -1
+    config = pb.ModelConfig(name=metadata.name, platform=metadata.platform,
+                            max_batch_size=batching.max_batch_size if batching is not None else 0)
+    if batching is not None:
+        config.dynamic_batching.preferred_batch_size[:] = list(batching.preferred_batch_sizes)
+        config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
+        config.dynamic_batching.preserve_ordering = True
     for tensor in metadata.inputs:
-        config.input.add(name=tensor.name, data_type=_data_type(tensor.datatype), dims=list(tensor.shape))
+        config.input.add(name=tensor.name, data_type=_data_type(tensor.datatype), dims=list(tensor.shape)[skip:])
     for tensor in metadata.outputs:
-        config.output.add(name=tensor.name, data_type=_data_type(tensor.datatype), dims=list(tensor.shape))
+        config.output.add(name=tensor.name, data_type=_data_type(tensor.datatype), dims=list(tensor.shape)[skip:])
     for key, value in metadata.parameters.items():
         config.parameters[key].string_value = value.string_param
     return config
@@ -435,11 +444,16 @@ def add_statistics(entry, stats) -> None:
         return
     entry.last_inference = stats.last_inference_ms
     entry.inference_count = entry.execution_count = stats.success.count   # one inference per request
+    if stats.batches:   # dynamic batching: the engine calls the worker made, by rows in each
+        entry.execution_count = sum(d.count for d in stats.batches.values())
     inference = entry.inference_stats
     for field in ("success", "fail", "queue", "compute_infer"):
         duration = getattr(stats, field)
         getattr(inference, field).MergeFrom(pb.StatisticDuration(count=duration.count, ns=duration.ns))
-    if stats.success.count:   # without batching every execution is a batch of one
+    for rows, duration in sorted(stats.batches.items()):
+        entry.batch_stats.add(batch_size=rows).compute_infer.MergeFrom(
+            pb.StatisticDuration(count=duration.count, ns=duration.ns))
+    if stats.success.count and not stats.batches:   # without batching every execution is a batch of one
         batch = entry.batch_stats.add(batch_size=1)
         batch.compute_infer.MergeFrom(pb.StatisticDuration(count=stats.compute_infer.count, ns=stats.compute_infer.ns))
 

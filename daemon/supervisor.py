@@ -23,7 +23,7 @@ import time
 import grpc
 
 from ..proto import inference_pb2 as pb
-from ..proto.hop import release
+from ..proto.hop import MAX_QUEUED_CALLS, release
 from ..proto.wire import INFER_RESPONSE_PARAMETERS, PeekError, bool_parameters, check_complete
 from ..sandbox import launcher
 from ..sandbox.profile import SandboxProfile
@@ -36,6 +36,7 @@ from .fetching import Fetcher, FetchBusy
 from .preflight import preflight
 from .provenance import Provenance
 from .worker_hop import OFFLOAD_BYTES, HopClosed, HopTimeout, WorkerStatus
+from .warm_pool import WarmPool
 from .worker_process import ModelUnavailable, Spawner, WorkerProcess, describe_exit
 
 log = logging.getLogger("sealboxd")
@@ -73,42 +74,63 @@ class ManagedModel:
     config: ModelConfig
     status: ModelStatus = None   # set in __post_init__
     metadata: bytes | None = None   # the serialized ModelMetadataResponse served, made once per load
-    worker: WorkerProcess | None = None
+    # One slot per instance (config `instances`): a running WorkerProcess, or None while that instance
+    # is (re)starting. All instances run on the same sealed memfds (`verified`).
+    workers: tuple = ()
     verified: object = None   # a sealbox VerifiedModel while loaded
-    failures: int = 0
+    failures: dict = dataclasses.field(default_factory=dict)   # slot -> deaths since it last served
     lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
     generation: int = 0
     files_seen: object = None   # files_fingerprint() before the last verification: a reload compares it
-    # Guards (status, worker, metadata) as one view for readers on the event loop; held only for
+    # Guards (status, workers, metadata) as one view for readers on the event loop; held only for
     # attribute updates, never across I/O (`lock` above is held for whole loads).
     view_lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
+    turns: object = dataclasses.field(default_factory=itertools.count)   # round-robin among equals
 
     def __post_init__(self):
         self.status = ModelStatus(self.config.name)
 
     def set_state(self, state: State, reason: str = "", version: str | None = None, **view) -> None:
-        """Replace the state (and any of worker=, metadata=, verified=, config=) as one step readers
+        """Replace the state (and any of workers=, metadata=, verified=, config=) as one step readers
         see whole: a hand-over swaps all of them at once."""
         with self.view_lock:
             version = self.status.version if version is None else version
             for key, value in view.items():
-                assert key in ("worker", "metadata", "verified", "config")
-                setattr(self, key, value)
+                assert key in ("workers", "metadata", "verified", "config")
+                setattr(self, key, tuple(value) if key == "workers" else value)
             self.status = ModelStatus(self.config.name, state, reason, version)
 
+    @property
+    def worker(self) -> WorkerProcess | None:
+        """The first running instance (or None)."""
+        return next((w for w in self.workers if w is not None), None)
+
     def snapshot(self) -> tuple[ModelStatus, WorkerProcess | None, bytes | None]:
+        """(status, a running instance or None, metadata), consistent."""
         with self.view_lock:
             return self.status, self.worker, self.metadata
 
     def enter_call(self) -> tuple[ModelStatus, WorkerProcess | None, object]:
-        """(status, worker, hop) for one inference call, the worker's in-flight count raised under the
-        view lock: a hand-over that swaps workers after this sees the call and drains it."""
+        """(status, worker, hop) for one inference call: the least-loaded running instance (ties
+        taken in turn), its in-flight count raised under the view lock, so a hand-over that swaps
+        workers after this sees the call and drains it."""
         with self.view_lock:
-            status, worker = self.status, self.worker
-            hop = worker.hop() if worker is not None and status.state == State.READY else None
-            if hop is not None:
-                worker.inflight += 1
-            return status, worker, hop
+            status, workers = self.status, self.workers
+            if status.state != State.READY or not workers:
+                return status, None, None
+            start = next(self.turns)
+            best = None
+            for i in range(len(workers)):
+                worker = workers[(start + i) % len(workers)]
+                if worker is None or worker.stopping or worker.proc.returncode is not None:   # reaped: dead
+                    continue
+                if best is None or worker.inflight < best.inflight:
+                    best = worker
+            hop = best.hop() if best is not None else None
+            if hop is None:
+                return status, best, None
+            best.inflight += 1
+            return status, best, hop
 
     @property
     def state(self) -> State:
@@ -135,6 +157,8 @@ class Supervisor:
         self.draining: set[WorkerProcess] = set()   # replaced workers finishing their calls
         self._spawns = itertools.count(1)   # unique worker directory names, across hand-overs
         self.fetcher = Fetcher(config, audit)   # remote models (source = "https://..."): the store
+        self.pool = WarmPool(config.workers.warm_pool, self._spawn_pool_worker, audit) \
+            if config.workers.warm_pool else None
 
     def profile_for(self, model: ModelConfig, config: Config | None = None,
                     weights_bytes: int | None = None) -> SandboxProfile:
@@ -147,7 +171,7 @@ class Supervisor:
             infer_timeout_s=model.infer_timeout_s or w.infer_timeout_s,
             seccomp=w.seccomp, landlock=w.landlock, cgroups=w.cgroups, openblas=w.openblas,
             julia=w.julia, julia_depot=w.julia_depot, max_message_bytes=self.config.server.max_message_bytes,
-            engine_options=model.engine_options, weights_bytes=weights_bytes)
+            engine_options=model.engine_options, weights_bytes=weights_bytes, batching=model.batching)
 
     def preflight(self) -> list[str]:
         """Refuse to run if workers cannot be sandboxed as configured; return warnings to log."""
@@ -167,6 +191,29 @@ class Supervisor:
         for t in threads:
             t.join()
         self.initial_load_done.set()
+        self._configure_pool()
+
+    def _configure_pool(self) -> None:
+        """The warm pool keeps [workers] warm_pool workers for each worker profile a model needs."""
+        if self.pool is not None:
+            w = self.config.workers
+            self.pool.configure({self.profile_for(m.config) for m in self.models.values()}, w.memory_bytes, w.pids_max)
+
+    def _spawn_pool_worker(self, profile: SandboxProfile) -> WorkerProcess:
+        """A warm-pool worker: sandboxed and confined, no model yet (daemon/warm_pool.py)."""
+        if self.stopped.is_set():
+            raise ModelUnavailable("the daemon is stopping")
+        socket_dir = None
+        try:
+            socket_dir = launcher.make_socket_dir(self.config.server.run_dir,
+                                                  f"{os.getpid()}-pool-{profile.engine}-{next(self._spawns)}", profile)
+            sandboxed = self.spawner.call(lambda: launcher.launch(profile, socket_dir, {}, pool=True))
+        except Exception as exc:
+            if socket_dir:
+                shutil.rmtree(socket_dir, ignore_errors=True)
+            raise ModelUnavailable(f"sandbox unavailable: {exc}") from None
+        return WorkerProcess(f"pool-{profile.engine}", profile, socket_dir, sandboxed,
+                             self.config.server.max_message_bytes)
 
     def _load_quietly(self, name):
         try:
@@ -226,7 +273,7 @@ class Supervisor:
                 return
             try:
                 self._stop_worker(model, State.LOADING, "loading")
-                model.verified, model.failures = verified, 0
+                model.verified, model.failures = verified, {}
                 model.set_state(State.LOADING, "loading", verified.version or "")
                 self._start_worker(model, phases)
             except Exception as exc:
@@ -236,7 +283,7 @@ class Supervisor:
                     raise
                 # A bug, not a verdict: still an answer with a reason, never UNKNOWN with an empty one.
                 log.exception("model %s: internal error while loading", name)
-                model.set_state(State.UNAVAILABLE, f"internal error while loading: {exc!r}", worker=None)
+                model.set_state(State.UNAVAILABLE, f"internal error while loading: {exc!r}", workers=())
                 self.audit.event("model_load", model=name, verdict="failed", reason=model.reason)
                 raise ModelUnavailable(model.reason) from None
 
@@ -253,12 +300,21 @@ class Supervisor:
                 model.set_state(State.UNAVAILABLE, str(exc))
             raise ModelUnavailable(str(exc)) from None
 
-    def _launch(self, cfg: ModelConfig, verified) -> WorkerProcess:
-        """Start a sandboxed worker on `verified` (not waiting for it); ModelUnavailable if the sandbox
-        cannot be made ("sandbox unavailable: ..."). Touches no model state."""
+    def _launch(self, cfg: ModelConfig, verified, slot: int = 0) -> WorkerProcess:
+        """Start a sandboxed worker (instance `slot`) on `verified` (not waiting for it); ModelUnavailable
+        if the sandbox cannot be made ("sandbox unavailable: ..."). Touches no model state."""
         if self.stopped.is_set():
             raise ModelUnavailable("the daemon is stopping")
         profile = self.profile_for(cfg, weights_bytes=sum(verified.sizes.values()))
+        worker = self.pool.take(profile) if self.pool is not None else None
+        if worker is not None:
+            try:
+                self.pool.hand(worker, cfg.name, profile, verified.files, profile.load_timeout_s)
+                worker.path = "pool"
+                return self._bind(worker, cfg, verified, slot)
+            except Exception as exc:   # it died, never listened, or its cgroup refused the limits: spawn instead
+                log.warning("model %s: warm-pool worker unusable (%s); spawning one", cfg.name, exc)
+                worker.kill()
         socket_dir = None
         try:
             # The pid keeps two daemons sharing a run_dir out of each other's way (and names what a
@@ -271,54 +327,86 @@ class Supervisor:
                 shutil.rmtree(socket_dir, ignore_errors=True)
             raise ModelUnavailable(f"sandbox unavailable: {exc}") from None
         worker = WorkerProcess(cfg.name, profile, socket_dir, sandboxed, self.config.server.max_message_bytes)
+        return self._bind(worker, cfg, verified, slot)
+
+    def _bind(self, worker: WorkerProcess, cfg: ModelConfig, verified, slot: int) -> WorkerProcess:
+        """What the supervisor attaches to a worker started for (or handed) a model."""
+        worker.slot = slot
+        if cfg.batching is not None:
+            limit, version = cfg.batching.max_batch_size, verified.version or ""
+
+            def executed(rows: int, ns: int) -> None:   # bounded labels: a worker's claim past the limit is dropped
+                if 0 < rows <= limit:
+                    self.metrics.observe_execution(cfg.name, version, rows, ns)
+            worker.on_execution = executed
         # Bound to this worker: its answers are stamped with the model it was started from.
         worker.provenance = Provenance.of(verified)
         worker.stamp = worker.provenance.stamp()
         return worker
 
+    def _launch_ready(self, cfg: ModelConfig, verified, version: str, slots,
+                      phases: LoadPhases) -> tuple[list, bytes]:
+        """Start one worker per slot on the same sealed copies (verified once), all loading at once,
+        and wait until every one answers Describe: (workers, metadata). Any failure kills them all
+        (ModelUnavailable with the first reason): a model loads whole or not at all."""
+        workers = []
+        try:
+            phases.spawning()
+            for slot in slots:
+                workers.append(self._launch(cfg, verified, slot))
+            metadata = None
+            for worker in workers:
+                answer = worker.wait_ready(worker.profile.load_timeout_s)
+                if metadata is None:   # the first instance's answer: spawn ends, its own phases
+                    phases.answered(answer)
+                metadata = metadata or self._served_metadata(cfg.name, version, answer, worker.provenance)
+            return workers, metadata
+        except BaseException:
+            for worker in workers:
+                worker.kill()
+            raise
+
     def _start_worker(self, model: ManagedModel, phases: LoadPhases | None = None) -> None:
-        """Launch a worker on model.verified and wait until it serves (caller holds model.lock);
+        """Launch the model's instances on model.verified and wait until they serve (caller holds model.lock);
         `phases` carries the load's verification time (a restart starts its own)."""
         name = model.config.name
         model.generation += 1
         generation = model.generation
         started = time.monotonic()
         phases = phases or LoadPhases()
-        phases.spawning()
         try:
-            worker = self._launch(model.config, model.verified)
+            workers, metadata = self._launch_ready(model.config, model.verified, model.version,
+                                                   range(model.config.instances), phases)
         except ModelUnavailable as exc:
-            model.set_state(State.UNAVAILABLE, str(exc), worker=None)
-            self.audit.event("worker_start", model=name, verdict="refused", reason=model.reason)
-            raise
-        model.set_state(State.LOADING, "loading", worker=worker)
-        try:
-            answer = worker.wait_ready(worker.profile.load_timeout_s)
-            phases.answered(answer)
-            metadata = self._served_metadata(name, model.version, answer, worker.provenance)
-        except ModelUnavailable as exc:
-            worker.kill()
-            model.set_state(State.UNAVAILABLE, str(exc), worker=None)
+            model.set_state(State.UNAVAILABLE, str(exc), workers=())
             self.audit.event("model_load", model=name, verdict="failed", reason=model.reason)
             raise
-        model.set_state(State.READY, metadata=metadata)
-        self._served(model, worker, generation, started, phases)
+        model.failures = {}
+        model.set_state(State.READY, _instances_reason(workers), workers=workers, metadata=metadata)
+        self._served(model, workers, generation, started, phases)
 
-    def _served(self, model: ManagedModel, worker: WorkerProcess, generation: int, started: float,
-                phases: LoadPhases, **audit) -> None:
-        """A worker just became the model's READY worker: record the version, audit (with where the
-        load's time went), log, watch it."""
+    def _served(self, model: ManagedModel, workers: list, generation: int, started: float, phases: LoadPhases,
+                **audit) -> None:
+        """Workers just became the model's READY instances: record the version, audit, watch them."""
         name = model.config.name
-        worker.ready_at = time.monotonic()
-        self.metrics.load_duration(name, worker.ready_at - started, model.version)
+        now = time.monotonic()
+        for worker in workers:
+            worker.ready_at = now
+        self.metrics.load_duration(name, now - started, model.version)
         self._record_version(model)
-        timings = phases.fields(worker.ready_at)
-        self.audit.event("model_load", model=name, verdict="ready", **worker.provenance.audit_fields(),
-                         engine=model.config.format, worker_pid=worker.proc.pid, **audit, **timings)
+        timings = phases.fields(max(w.ready_at for w in workers))
+        self.audit.event("model_load", model=name, verdict="ready", **workers[0].provenance.audit_fields(),
+                         engine=model.config.format, worker_pid=workers[0].proc.pid,
+                         worker_pids=[w.proc.pid for w in workers], instances=len(workers),
+                         path="+".join(sorted({w.path for w in workers})), **audit, **timings)
         log.info("model %s%s %s", name, f" version {model.version}" if model.version else "",
                  LoadPhases.describe(timings))
+        for worker in workers:
+            self._watch_soon(model, worker, generation)
+
+    def _watch_soon(self, model: ManagedModel, worker: WorkerProcess, generation: int) -> None:
         threading.Thread(target=self._watch, args=(model, worker, generation), daemon=True,
-                         name=f"watch-{name}").start()
+                         name=f"watch-{model.config.name}-{worker.slot}").start()
 
     def _record_version(self, model: ManagedModel) -> None:
         """Rollback protection: the version counts as accepted once a worker serves it, never before
@@ -334,83 +422,90 @@ class Supervisor:
                           self.config.server.state_dir, exc)
 
     def _hand_over(self, model: ManagedModel, cfg: ModelConfig, verified, phases: LoadPhases) -> None:
-        """Replace a serving model without downtime (caller holds model.lock): start the new worker
-        on `verified` and wait until it is READY (warmed up) while the old one keeps serving, then
-        swap worker, metadata, status, verified and config in one step, then let the old worker
-        finish the calls it has in flight and stop it. A replacement that fails leaves the old one
-        serving, audited; ModelUnavailable says why."""
+        """Replace a serving model without downtime (caller holds model.lock): start the new version's
+        instances on `verified` and wait until all are READY (warmed up) while the old ones keep
+        serving, then swap in one step; the old workers finish the calls they have in flight and
+        stop. A replacement that fails leaves the old ones serving, audited; ModelUnavailable says why."""
         name = cfg.name
-        old_status, old_worker, _ = model.snapshot()
+        with model.view_lock:
+            old_status, old_workers = model.status, [w for w in model.workers if w is not None]
         old_verified = model.verified
         version = verified.version or ""
         started = time.monotonic()
         phases.spawning()
         keeps = f"version '{old_status.version}' keeps serving" if old_status.version else "the old version keeps serving"
         try:
-            worker = self._launch(cfg, verified)
+            workers, metadata = self._launch_ready(cfg, verified, version, range(cfg.instances), phases)
         except ModelUnavailable as exc:
             verified.close()
             self.audit.event("model_update", model=name, verdict="failed", reason=str(exc), serving=old_status.version)
             raise ModelUnavailable(f"{exc}; {keeps}") from None
-        try:
-            answer = worker.wait_ready(worker.profile.load_timeout_s)
-            phases.answered(answer)
-            metadata = self._served_metadata(name, version, answer, worker.provenance)
-        except ModelUnavailable as exc:
-            worker.kill()
-            verified.close()
-            self.audit.event("model_update", model=name, verdict="failed", reason=str(exc), serving=old_status.version)
-            raise ModelUnavailable(f"{exc}; {keeps}") from None
-        model.generation += 1   # the old worker's watcher and restart timers stand down
+        model.generation += 1   # the old workers' watchers and restart timers stand down
         generation = model.generation
-        model.failures = 0
-        model.set_state(State.READY, "", version, worker=worker, metadata=metadata, verified=verified, config=cfg)
-        self._served(model, worker, generation, started, phases, replaced=old_status.version)
-        self._drain_soon(name, old_worker, old_verified)
+        model.failures = {}
+        model.set_state(State.READY, _instances_reason(workers), version, workers=workers, metadata=metadata,
+                        verified=verified, config=cfg)
+        self._served(model, workers, generation, started, phases, replaced=old_status.version)
+        self._drain_soon(name, old_workers, old_verified)
 
-    def _drain_soon(self, name: str, worker: WorkerProcess | None, verified) -> None:
-        """Let a replaced worker finish the calls in flight on it (bounded by its inference timeout),
-        then stop it and close its sealed copies; on a thread of its own."""
-        if worker is None:
+    def _drain_soon(self, name: str, workers: list, verified) -> None:
+        """Let replaced workers finish the calls in flight on them (bounded by the inference timeout),
+        then stop them and close their sealed copies; on a thread of its own."""
+        workers = [w for w in workers if w is not None]
+        if not workers:
             if verified is not None:
                 verified.close()
             return
-        self.draining.add(worker)
+        self.draining.update(workers)
 
         def drain():
-            deadline = time.monotonic() + worker.profile.infer_timeout_s
-            while worker.inflight > 0 and time.monotonic() < deadline and worker.proc.poll() is None:
-                time.sleep(0.005)
-            left = worker.inflight
+            deadline = time.monotonic() + max(w.profile.infer_timeout_s for w in workers)
             try:
-                worker.kill()
-            except Exception:
-                log.exception("model %s: stopping the replaced worker failed", name)
+                for worker in workers:
+                    while worker.inflight > 0 and time.monotonic() < deadline and worker.proc.poll() is None:
+                        time.sleep(0.005)
+                    left = worker.inflight
+                    try:
+                        worker.kill()
+                    except Exception:
+                        log.exception("model %s: stopping a replaced worker failed", name)
+                    finally:
+                        self.draining.discard(worker)
+                    self.audit.event("worker_drained", model=name, worker_pid=worker.proc.pid, cut_calls=left)
             finally:
-                self.draining.discard(worker)
                 if verified is not None:
                     verified.close()
-            self.audit.event("worker_drained", model=name, worker_pid=worker.proc.pid, cut_calls=left)
         threading.Thread(target=drain, daemon=True, name=f"drain-{name}").start()
 
     STABLE_S = 60.0  # a worker that lived this long (or served a call) before dying starts the backoff afresh
 
     def _watch(self, model: ManagedModel, worker: WorkerProcess, generation: int) -> None:
+        """One instance's death: its slot restarts with backoff from the same sealed copies; the model
+        stays READY while another instance is (UNAVAILABLE with the reason once none is)."""
         worker.proc.wait()
         if worker.stopping or self.stopped.is_set():
             return
+        slot = worker.slot
         try:
             reason = worker.death_reason("while serving")
             with model.lock:
-                if model.generation != generation:
+                if model.generation != generation or slot >= len(model.workers) or model.workers[slot] is not worker:
                     return
                 worker.kill()
-                model.set_state(State.UNAVAILABLE, reason, worker=None, metadata=None)
+                workers = list(model.workers)
+                workers[slot] = None
                 if worker.ready_at is not None and time.monotonic() - worker.ready_at > self.STABLE_S:
-                    model.failures = 0
-                delay = self._schedule_restart(model)
+                    model.failures[slot] = 0
+                if any(w is not None for w in workers):
+                    model.set_state(State.READY, _instances_reason(workers, f"instance {slot + 1}: {reason}"),
+                                    workers=workers)
+                else:
+                    model.set_state(State.UNAVAILABLE, reason, workers=workers, metadata=None)
+                delay = self._schedule_restart(model, slot)
             self.metrics.worker_death(model.config.name, death_kind(reason), model.version)
-            self.audit.event("worker_died", model=model.config.name, reason=reason, restart_in_s=delay)
+            extra = {"instance": slot + 1} if len(workers) > 1 else {}
+            self.audit.event("worker_died", model=model.config.name, reason=reason, restart_in_s=delay,
+                             worker_pid=worker.proc.pid, **extra)
         except Exception:  # the watcher must not die silently and leave a dead worker looking READY
             log.exception("model %s: handling the worker's death failed", model.config.name)
             with model.lock:
@@ -433,34 +528,59 @@ class Supervisor:
             response.parameters[key].string_param = value
         return response.SerializeToString()
 
-    def _schedule_restart(self, model: ManagedModel) -> float:
-        """Restart from the same sealed copies after an exponential backoff (caller holds model.lock)."""
-        model.failures += 1
+    def _schedule_restart(self, model: ManagedModel, slot: int) -> float:
+        """Restart one instance from the same sealed copies after an exponential backoff (caller holds model.lock)."""
+        failures = model.failures[slot] = model.failures.get(slot, 0) + 1
         first, longest = self.config.workers.restart_backoff_s
-        delay = min(first * 2 ** (model.failures - 1), longest)
-        timer = threading.Timer(delay, self._restart, args=(model, model.generation))
+        delay = min(first * 2 ** (failures - 1), longest)
+        timer = threading.Timer(delay, self._restart, args=(model, model.generation, slot))
         timer.daemon = True
         timer.start()
         return delay
 
-    def _restart(self, model: ManagedModel, generation: int) -> None:
+    def _restart(self, model: ManagedModel, generation: int, slot: int) -> None:
         with model.lock:
             # The sealed memfds still hold the verified bytes: no re-verification needed.
-            if self.stopped.is_set() or model.generation != generation or model.verified is None:
+            if (self.stopped.is_set() or model.generation != generation or model.verified is None
+                    or slot >= len(model.workers) or model.workers[slot] is not None):
                 return
             self.metrics.worker_restart(model.config.name, model.version)
+            name, started = model.config.name, time.monotonic()
+            phases = LoadPhases()   # a restart: no verification, its own spawn
             try:
-                self._start_worker(model)
+                (worker,), metadata = self._launch_ready(model.config, model.verified, model.version, [slot],
+                                                         phases)
             except ModelUnavailable as exc:
-                delay = self._schedule_restart(model)
-                log.warning("restart of %s failed: %s; next try in %g s", model.config.name, exc, delay)
+                delay = self._schedule_restart(model, slot)
+                log.warning("restart of %s failed: %s; next try in %g s", name, exc, delay)
+                if not any(w is not None for w in model.workers):
+                    model.set_state(State.UNAVAILABLE, str(exc))
+                self.audit.event("model_load", model=name, verdict="failed", reason=str(exc))
+                return
+            with model.view_lock:
+                workers = list(model.workers)
+                workers[slot] = worker
+                model.set_state(State.READY, _instances_reason(workers), workers=workers,
+                                metadata=model.metadata or metadata)
+            worker.ready_at = time.monotonic()
+            self.metrics.load_duration(name, worker.ready_at - started, model.version)
+            extra = {"instance": slot + 1} if len(workers) > 1 else {}
+            timings = phases.fields(worker.ready_at)
+            self.audit.event("model_load", model=name, verdict="ready", **worker.provenance.audit_fields(),
+                             engine=model.config.format, worker_pid=worker.proc.pid, path=worker.path, restart=True,
+                             **extra, **timings)
+            log.info("model %s%s %s", name, f" version {model.version}" if model.version else "",
+                     LoadPhases.describe(timings))
+            self._watch_soon(model, worker, generation)
 
     def _stop_worker(self, model: ManagedModel, state: State, reason: str) -> None:
+        """Stop every instance and close the sealed copies (caller holds model.lock)."""
         model.generation += 1
-        worker = model.worker
-        model.set_state(state, reason, worker=None, metadata=None)
-        if worker is not None:
-            worker.kill()
+        workers = model.workers
+        model.set_state(state, reason, workers=(), metadata=None)
+        for worker in workers:
+            if worker is not None:
+                worker.kill()
         if model.verified is not None:
             model.verified.close()
             model.verified = None
@@ -531,6 +651,7 @@ class Supervisor:
                 job.join()
             changes = {k: sorted(n for n, v in outcome.items() if v == k)
                        for k in ("added", "removed", "replaced", "loaded", "refused", "failed")}
+            self._configure_pool()
             log.info("config reloaded from %s: %s", config.path,
                      "; ".join(f"{k} {', '.join(v)}" for k, v in changes.items() if v) or "no model changed")
             self.audit.event("config_reload", config=config.path, verdict="accepted",
@@ -570,14 +691,14 @@ class Supervisor:
         model = self.models[name]
         with model.lock:
             model.generation += 1
-            _status, worker, _ = model.snapshot()
+            workers = model.workers
             verified = model.verified
-            model.set_state(State.UNLOADED, "removed from the configuration", worker=None, metadata=None,
+            model.set_state(State.UNLOADED, "removed from the configuration", workers=(), metadata=None,
                             verified=None)
             models = dict(self.models)
             models.pop(name, None)
             self.models = models
-            self._drain_soon(name, worker, verified)
+            self._drain_soon(name, workers, verified)
             self.fetcher.release(name)
         outcome[name] = "removed"
         self.audit.event("model_unload", model=name, reason="removed from the configuration")
@@ -585,6 +706,17 @@ class Supervisor:
     # -- the narrow interface the public server uses
     def names(self) -> list[str]:
         return sorted(self.models)
+
+    def calls_at_workers(self, name: str) -> int:
+        """How many calls the front door lets through to the model's workers at once: [server.limits]
+        model_inflight per instance, or with dynamic batching enough to fill a batch (max_batch_size
+        requests), at most half of what a worker holds (hop.MAX_QUEUED_CALLS)."""
+        cfg = self.get(name).config
+        per_worker = self.config.server.limits.model_concurrency
+        if cfg.batching is not None:
+            per_worker = max(per_worker, cfg.batching.max_batch_size)
+        per_worker = min(per_worker, MAX_QUEUED_CALLS // 2)
+        return cfg.instances * per_worker
 
     def status(self, name: str) -> ModelStatus:
         """A consistent snapshot of the model's state, reason and version; KeyError if unknown."""
@@ -602,10 +734,12 @@ class Supervisor:
         """(model, version, WorkerCgroup) of every live worker that has a cgroup (for metrics)."""
         found = []
         for name, model in self.models.items():
-            status, worker, _ = model.snapshot()
-            cgroup = getattr(getattr(worker, "sandboxed", None), "cgroup", None)
-            if cgroup is not None:
-                found.append((name, status.version, cgroup))
+            with model.view_lock:
+                status, workers = model.status, model.workers
+            for worker in workers:
+                cgroup = getattr(getattr(worker, "sandboxed", None), "cgroup", None)
+                if cgroup is not None:
+                    found.append((name, status.version, cgroup))
         return found
 
     async def infer(self, name: str, request) -> bytes:
@@ -674,7 +808,7 @@ class Supervisor:
         except PeekError:
             release(body)
             raise errors.ClientError(grpc.StatusCode.INTERNAL, f"model '{name}' failed") from None
-        model.failures = 0  # it served: the next death starts the backoff afresh
+        model.failures.pop(worker.slot, None)  # it served: the next death starts the backoff afresh
         tail = worker.stamp if final is None else worker.stamp + bool_parameters(
             INFER_RESPONSE_PARAMETERS, {"triton_final_response": final})
         if len(body) <= OFFLOAD_BYTES:
@@ -691,8 +825,9 @@ class Supervisor:
         """Why the hop failed, in the supervisor's words: the watcher's reason once it has seen the
         death (waited for briefly: the connection often breaks a moment before the exit is reaped)."""
         for _ in range(40):
-            status, current, _ = model.snapshot()
-            if current is not worker:
+            with model.view_lock:
+                status, current = model.status, model.workers
+            if worker not in current:
                 return _reason(status)
             if worker.proc.returncode is not None:
                 return f"worker {describe_exit(worker.proc.returncode)}"
@@ -710,6 +845,8 @@ class Supervisor:
 
     def shutdown(self) -> None:
         self.stopped.set()
+        if self.pool is not None:
+            self.pool.stop()
         for worker in list(self.draining):
             try:
                 worker.kill()
@@ -757,6 +894,14 @@ _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 def _status_code(number: int) -> grpc.StatusCode:
     """A worker's ERROR record's code; a number gRPC does not know is UNKNOWN (mapped to INTERNAL)."""
     return _STATUS_CODES.get(number, grpc.StatusCode.UNKNOWN)
+
+
+def _instances_reason(workers, detail: str = "") -> str:
+    """A READY model's reason: with several instances, how many of them serve (and why one does not)."""
+    if len(workers) <= 1:
+        return ""
+    ready = sum(w is not None for w in workers)
+    return f"{ready}/{len(workers)} instances ready" + (f"; {detail}" if detail else "")
 
 
 def _reason(status: ModelStatus) -> str:

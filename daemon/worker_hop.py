@@ -93,6 +93,7 @@ class WorkerHop:
         self._next_id = 0
         self._unsent: collections.deque = collections.deque()   # records waiting for the socket buffer
         self.closed = False
+        self.on_execution = None   # f(rows, ns) per engine call of a batching worker (ModelStatistics)
 
     # -- connection ---------------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -222,11 +223,21 @@ class WorkerHop:
                 hop.release(record.body)
                 self._end(call, WorkerStatus(record.code, message))
             elif record.final:
+                if record.side and self.on_execution is not None:
+                    self._execution(record.side)
                 call.push((record.body, True))
                 self._end(call, None)
             else:
                 call.push((record.body, False))
                 self._taken(call)   # a streamed response: the timeout starts afresh
+
+    def _execution(self, side: bytes) -> None:
+        """A batching worker's account of the engine call that answered (statistics only: a worker
+        could lie about it, never about anything else)."""
+        if len(side) == hop.EXECUTION.size:
+            rows, index, ns = hop.EXECUTION.unpack(side)
+            if index == 0:
+                self.on_execution(rows, ns)
 
     def _taken(self, call: _Call) -> None:
         if call.timer is not None:

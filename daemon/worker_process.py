@@ -84,6 +84,10 @@ class WorkerProcess:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
         self.stopping = False
         self.ready_at: float | None = None
+        self.slot = 0   # which of its model's instances it is (config `instances`)
+        self.path = "spawn"   # how it got its model: "spawn" (started for it) or "pool" (a warm-pool worker)
+        self.phases: dict[str, float] = {}   # where its load's time went (the model_load audit event)
+        self.on_execution = None   # set by the supervisor for a batching model: f(rows, ns)
         self.inflight = 0   # inference calls on its hop (event loop only); a replaced worker drains them
         self.max_message_bytes = max_message_bytes
         self.provenance = None   # set by the supervisor: the verified model it was started from
@@ -115,6 +119,7 @@ class WorkerProcess:
                 return None
             if self._hop is None:
                 self._hop = WorkerHop(self.socket_path, self.max_message_bytes)
+                self._hop.on_execution = self.on_execution
             return self._hop
 
     def wait_ready(self, timeout: float) -> bytes:

@@ -66,11 +66,21 @@ class SandboxSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class Batching:
+    """Dynamic batching (Triton's dynamic_batching): concurrent requests queued at the worker are run
+    as one engine call of at most max_batch_size rows (first dimension) and split back, exactly."""
+    max_batch_size: int
+    max_queue_delay_us: int = 0               # how long the first request waits for others to join
+    preferred_batch_sizes: tuple[int, ...] = ()   # a batch of one of these sizes runs at once
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelHandoff:
     """What arrives with the model: its verified bytes as sealed fds, and per-model limits."""
     files: Mapping[str, int] = dataclasses.field(default_factory=dict)   # signed name -> inherited fd
     max_message_bytes: int = 256 * 2**20
     engine_options: Mapping[str, float] = dataclasses.field(default_factory=dict)   # e.g. mlx-lm's limits
+    batching: Batching | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +96,9 @@ class WorkerSpec:
     sandbox: SandboxSpec
     model: ModelHandoff = dataclasses.field(default_factory=ModelHandoff)
     run: ToolRun | None = None
+    # A warm-pool worker: started before its model is known, it waits on its socket for one LOAD
+    # record (proto/hop.py) carrying the ModelHandoff and the model's sealed fds.
+    pool: bool = False
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -95,10 +108,12 @@ class WorkerSpec:
         try:
             data = json.loads(text)
             sandbox = _build(SandboxSpec, data["sandbox"])
-            model = _build(ModelHandoff, data["model"])
+            model = handoff_from_dict(data["model"])
             run = None if data.get("run") is None else _build(ToolRun, data["run"])
-            if set(data) - {"sandbox", "model", "run"}:
-                raise SpecError(f"unknown keys {sorted(set(data) - {'sandbox', 'model', 'run'})}")
+            pool = data.get("pool", False)
+            if set(data) - {"sandbox", "model", "run", "pool"} or not isinstance(pool, bool):
+                raise SpecError(f"unknown keys {sorted(set(data) - {'sandbox', 'model', 'run', 'pool'})} "
+                                f"or a pool flag that is not a boolean")
         except (KeyError, TypeError, json.JSONDecodeError) as exc:
             raise SpecError(f"malformed worker spec: {exc!r}") from None
         if sandbox.engine not in ENGINE_NAMES:
@@ -110,7 +125,31 @@ class WorkerSpec:
             raise SpecError("engine_options must map names to numbers")
         if run is not None and run.kind not in ("script", "module"):
             raise SpecError(f"unknown run kind {run.kind!r}")
-        return cls(sandbox, model, run)
+        return cls(sandbox, model, run, pool)
+
+
+def handoff_from_dict(data: Any) -> ModelHandoff:
+    """A ModelHandoff from its JSON object (in the spec, or in a warm-pool worker's LOAD record)."""
+    if not isinstance(data, dict):
+        raise SpecError("ModelHandoff: not an object")
+    data = dict(data)
+    batching = data.pop("batching", None)
+    try:
+        model = _build(ModelHandoff, data)
+        if batching is not None:
+            model = dataclasses.replace(model, batching=_build(Batching, batching))
+    except TypeError as exc:
+        raise SpecError(f"malformed model handoff: {exc}") from None
+    if not isinstance(model.files, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                                                    for k, v in model.files.items()):
+        raise SpecError("files must map names to file descriptors")
+    b = model.batching
+    if b is not None and not (isinstance(b.max_batch_size, int) and b.max_batch_size > 0
+                              and isinstance(b.max_queue_delay_us, int) and b.max_queue_delay_us >= 0
+                              and all(isinstance(n, int) and 0 < n <= b.max_batch_size
+                                      for n in b.preferred_batch_sizes)):
+        raise SpecError(f"malformed batching {b!r}")
+    return model
 
 
 def _build(kind, data: Any):

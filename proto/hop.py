@@ -17,6 +17,9 @@ A record is a fixed header, then `side` bytes of per-call side data, then the bo
                                            without a response of its own)
     ERROR           worker -> supervisor   code = a gRPC status code, body = UTF-8 message; ends the call
     CANCEL          supervisor -> worker   the client went away: drop the call (it still ends with a record)
+    LOAD            supervisor -> worker   a warm-pool worker's model, once, on a connection of its own:
+                                           body = the ModelHandoff as JSON, files naming attached fds by
+                                           index; the fds = the model's sealed memfds (send_load/recv_load)
 
 Every INFER ends with exactly one terminal record (RESPONSE with FINAL, or ERROR), so both sides
 can count the calls in flight. The worker takes calls strictly in the order they arrive.
@@ -24,7 +27,7 @@ can count the calls in flight. The worker takes calls strictly in the order they
 A body longer than INLINE_MAX travels as a sealed memfd (contract.MEMFD_SEALS) attached to the
 record (flag MEMFD, the body length in the header, nothing inline): the receiver checks its
 seals and size, maps it read-only and closes the descriptor. Side data is reserved for per-call
-extras (today always empty on the wire, but carried and bounded); fds beyond the one memfd are
+extras (a batching worker's EXECUTION on a final RESPONSE; bounded); fds beyond the one memfd are
 refused until a kind needs them (MAX_FDS).
 
 Everything read is bounded: the body length against the receiver's max message bytes, side data
@@ -48,8 +51,9 @@ from .contract import MEMFD_SEALS
 HEADER = struct.Struct("<BBHIIQ")
 
 DESCRIBE, DESCRIBE_REPLY, INFER, RESPONSE, ERROR, CANCEL = 1, 2, 3, 4, 5, 6
+LOAD = 7   # supervisor -> a warm-pool worker, once: send_load / recv_load (never through recv)
 KIND_NAMES = {DESCRIBE: "DESCRIBE", DESCRIBE_REPLY: "DESCRIBE_REPLY", INFER: "INFER", RESPONSE: "RESPONSE",
-              ERROR: "ERROR", CANCEL: "CANCEL"}
+              ERROR: "ERROR", CANCEL: "CANCEL", LOAD: "LOAD"}
 TO_WORKER = frozenset({DESCRIBE, INFER, CANCEL})
 TO_SUPERVISOR = frozenset({DESCRIBE_REPLY, RESPONSE, ERROR})
 
@@ -65,6 +69,13 @@ KNOWN_FLAGS = FINAL | STREAM | MEMFD
 INLINE_MAX = 64 * 1024
 MAX_SIDE = 4096
 MAX_FDS = 1
+# A final RESPONSE's side data from a worker with dynamic batching: the engine call that answered
+# it (rows in it, this response's index in it, its duration in ns); index 0 counts the execution.
+EXECUTION = struct.Struct("<IIQ")
+# INFER calls a worker holds (queued, running, or answered and not yet released); beyond, a
+# ProtocolError. The supervisor's gate keeps at most half this many in flight per worker: the other
+# half covers calls already answered that the worker has not counted off yet.
+MAX_QUEUED_CALLS = 128
 MAX_ERROR_BYTES = 4096   # an ERROR's message; the supervisor shows at most errors.MAX_DETAIL of it
 _RECV_BYTES = HEADER.size + MAX_SIDE + INLINE_MAX
 _RECV_ANC = socket.CMSG_SPACE(4 * (MAX_FDS + 1))   # room to SEE one fd too many (and refuse it)
@@ -246,3 +257,42 @@ def listen(path: str, backlog: int = 4) -> socket.socket:
     sock.bind(path)
     sock.listen(backlog)
     return sock
+
+
+MAX_LOAD_FDS = 64   # a model's files handed to a warm-pool worker in one LOAD (the signed file set)
+
+
+def send_load(sock: socket.socket, handoff: bytes, fds: list[int]) -> None:
+    """Hand a warm-pool worker its model: the handoff (JSON) and the sealed memfds, in one record."""
+    if len(handoff) > INLINE_MAX or len(fds) > MAX_LOAD_FDS:
+        raise ValueError(f"a LOAD carries at most {INLINE_MAX} bytes and {MAX_LOAD_FDS} descriptors")
+    sock.sendmsg([header(LOAD, 0, len(handoff)), handoff],
+                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else [])
+
+
+def recv_load(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """(handoff JSON, fds) of one LOAD record; each fd a sealed memfd, owned by the caller. Anything
+    else is a ProtocolError (Closed at end of stream), with every received descriptor closed."""
+    data, ancdata, msg_flags, _ = sock.recvmsg(HEADER.size + INLINE_MAX, socket.CMSG_SPACE(4 * (MAX_LOAD_FDS + 1)))
+    fds = _fds(ancdata)
+    try:
+        if not data and not fds:
+            raise Closed("connection closed by the peer")
+        if msg_flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(fds) > MAX_LOAD_FDS:
+            raise ProtocolError(f"a LOAD record longer than {INLINE_MAX} bytes or with more than "
+                                f"{MAX_LOAD_FDS} descriptors")
+        if len(data) < HEADER.size:
+            raise ProtocolError(f"record of {len(data)} bytes, shorter than the {HEADER.size}-byte header")
+        kind, flags, _code, _call_id, side_len, length = HEADER.unpack_from(data)
+        if kind != LOAD or flags or side_len or len(data) != HEADER.size + length:
+            raise ProtocolError("expected one LOAD record")
+        for fd in fds:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or (
+                    MEMFD_SEALS and fcntl.fcntl(fd, fcntl.F_GET_SEALS) & MEMFD_SEALS != MEMFD_SEALS):
+                raise ProtocolError("a LOAD descriptor is not a sealed memfd")
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return data[HEADER.size:], fds

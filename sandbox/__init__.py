@@ -31,4 +31,10 @@ In the worker, `worker/main.py`, while it has one thread:
 6. Seccomp stage 2 from the inherited fd: exec and the confinement calls now kill.
 7. Preload Debian's OpenBLAS (it starts threads, so only after Landlock).
 8. Only now the engine opens the sealed memfds of the verified bytes.
+
+A warm-pool worker (daemon/warm_pool.py, [workers] warm_pool) runs steps 1-5 and 7 before its model
+is known (step 2 with the [workers] limits), imports its engine, and waits for one LOAD record with
+the model's memfds. Then, before any model byte is read: the supervisor writes the model's memory
+and pids limits into the cgroup (before sending the LOAD), and the worker applies step 6 on receipt
+(seccomp's TSYNC puts it on every thread, OpenBLAS's included).
 """

@@ -320,6 +320,10 @@ class WorkerCgroup:
                 raise CgroupError(f"cgroups: cannot create {path}: {exc.strerror}") from None
         return os.path.join(parent, name)
 
+    def set_limits(self, memory_bytes: int, pids_max: int) -> None:
+        """The model's limits, for a warm-pool worker once its model is known (before it reads a byte)."""
+        self._set_limits(memory_bytes, pids_max)
+
     def _set_limits(self, memory_bytes: int, pids_max: int) -> None:
         if self.memory_version == "v2":
             _write(os.path.join(self.memory_dir, "memory.max"), str(memory_bytes))

@@ -89,7 +89,8 @@ def seatbelt_command(profile: SandboxProfile, socket_dir: str, tmp_dir: str, mod
 
 
 def worker_spec(profile: SandboxProfile, files: Mapping[str, int], run: ToolRun | None = None,
-                seccomp_stage2_fd: int | None = None, extra_read_only: tuple[str, ...] = ()) -> WorkerSpec:
+                seccomp_stage2_fd: int | None = None, extra_read_only: tuple[str, ...] = (),
+                pool: bool = False) -> WorkerSpec:
     """The worker's single argument: how to confine itself, and what to load."""
     sandbox = SandboxSpec(
         engine=profile.engine,
@@ -103,7 +104,8 @@ def worker_spec(profile: SandboxProfile, files: Mapping[str, int], run: ToolRun 
         preload=profile.preload,
         symlink_dirs=profile.symlink_dirs)
     return WorkerSpec(sandbox, ModelHandoff(files=dict(files), max_message_bytes=profile.max_message_bytes,
-                                            engine_options=dict(profile.engine_options)), run)
+                                            engine_options=dict(profile.engine_options),
+                                            batching=profile.batching), run, pool)
 
 
 def make_socket_dir(parent: str, name: str, profile: SandboxProfile) -> str:
@@ -152,10 +154,11 @@ class SandboxedWorker:
 
 def launch(profile: SandboxProfile, socket_dir: str, files: Mapping[str, int],
            run: ToolRun | None = None, extra_ro_files: Mapping[str, str] | None = None,
-           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) -> SandboxedWorker:
+           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pool: bool = False) -> SandboxedWorker:
     """Start one sandboxed worker with every layer the profile asks for; fail closed if one is unavailable.
 
     `run` replaces the model loader with a script or a module's main (operator tools); everything else about the sandbox stays the same.
+    `pool` starts a warm-pool worker (no files): it waits for its model in a LOAD record (proto/hop.py).
     """
     uid, gid = worker_identity(profile)
     owned_fds: list[int] = []
@@ -181,7 +184,7 @@ def launch(profile: SandboxProfile, socket_dir: str, files: Mapping[str, int],
                 raise SandboxUnavailable(str(exc)) from None
         command = [bwrap_path(), *bwrap_args(profile, socket_dir, stage1, extra_ro_files), "--",
                    profile.python, "-m", "sealbox.worker.main",
-                   worker_spec(profile, files, run, stage2, tuple((extra_ro_files or {}).values())).to_json()]
+                   worker_spec(profile, files, run, stage2, tuple((extra_ro_files or {}).values()), pool).to_json()]
 
         proc = subprocess.Popen(
             command, pass_fds=(*files.values(), *owned_fds),

@@ -14,6 +14,8 @@ import os
 import sys
 import sysconfig
 
+from ..proto.contract import Batching
+
 
 
 def runtime_paths_for(python: str) -> tuple[str, ...]:
@@ -60,6 +62,7 @@ class SandboxProfile:
     nofile: int = 256
     fsize_bytes: int = 64 * 2**20
     max_message_bytes: int = 256 * 2**20   # the worker's hop message limit (the supervisor's, passed on)
+    batching: Batching | None = None       # the model's dynamic batching, passed on (not confinement)
     load_timeout_s: float = 60.0
     infer_timeout_s: float = 30.0
     # Shared libraries the worker loads globally after confining itself, before the engine
@@ -83,7 +86,8 @@ class SandboxProfile:
                   cgroups: bool = True, openblas: bool = True, julia: str | None = None,
                   julia_depot: str | None = None, max_message_bytes: int = 256 * 2**20,
                   engine_options: tuple[tuple[str, float], ...] = (),
-                  weights_bytes: int | None = None) -> "SandboxProfile":
+                  weights_bytes: int | None = None,
+                  batching: Batching | None = None) -> "SandboxProfile":
         """The profile of a worker for `engine`: the one place a worker's confinement is decided.
 
         The daemon passes its [workers] settings and a model's overrides; operator tools
@@ -114,7 +118,7 @@ class SandboxProfile:
                    memory_bytes=memory_bytes, pids_max=pids_max, load_timeout_s=load_timeout_s,
                    infer_timeout_s=infer_timeout_s, seccomp=seccomp, landlock=landlock, cgroups=cgroups,
                    preload=(blas,) if blas else (), max_message_bytes=max_message_bytes, nofile=nofile,
-                   symlink_dirs=symlink_dirs, engine_options=tuple(engine_options),
+                   symlink_dirs=symlink_dirs, engine_options=tuple(engine_options), batching=batching,
                    # RLIMIT_FSIZE also bounds memfds: a response leaves the worker in one (proto/hop.py),
                    # so one file may be as large as a message; /tmp's tmpfs size still bounds the disk.
                    fsize_bytes=max(64 * 2**20, max_message_bytes))

@@ -88,6 +88,8 @@ class Engine(abc.ABC):
 
     #: reported as ModelMetadataResponse.platform
     platform: str = ""
+    #: modules a warm-pool worker imports before its model is known (the engine's start-up cost)
+    warm_imports: tuple[str, ...] = ()
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
     #: outputs sent when a request names none (None = all outputs)

@@ -88,6 +88,7 @@ def _mlp(weights: dict, activation: str):
 
 class MlxEngine(Engine):
     platform = "mlx"
+    warm_imports = ("mlx.core",)   # what a warm-pool worker imports before its model arrives
 
     def __init__(self, fn, weights: dict, inputs, outputs, function_name: str | None = None):
         self._fn, self._weights = fn, weights

@@ -14,12 +14,15 @@ engine with the default one-response `responses`) is answered by exactly one RES
 """
 from __future__ import annotations
 
+import collections
 import queue
 import socket
 import sys
 import threading
 import time
+from typing import NamedTuple
 
+from . import batching
 from ..proto import hop
 from ..proto import inference_pb2 as pb
 from ..proto.contract import STDERR_PREFIX
@@ -27,7 +30,7 @@ from ..proto import tensors
 from .engine import Engine, InferenceError, InputError
 
 MAX_CONNECTIONS = 4        # the supervisor uses one (plus one for Describe at load)
-MAX_QUEUED = 64            # calls queued per worker; the supervisor keeps far fewer in flight
+MAX_QUEUED = hop.MAX_QUEUED_CALLS   # calls a worker holds; the supervisor keeps at most half that many in flight
 
 
 class Connection:
@@ -37,11 +40,11 @@ class Connection:
         self.calls: dict[int, threading.Event] = {}   # call id -> cancelled, while queued or running
         self.open = True
 
-    def send(self, kind: int, call_id: int, parts=(), flags: int = 0, code: int = 0) -> None:
+    def send(self, kind: int, call_id: int, parts=(), flags: int = 0, code: int = 0, side: bytes = b"") -> None:
         with self.send_lock:
             if self.open:
                 try:
-                    hop.send(self.sock, kind, call_id, parts, flags, code)
+                    hop.send(self.sock, kind, call_id, parts, flags, code, side)
                 except OSError:   # the supervisor went away: its calls are dropped as they come up
                     self.close()
 
@@ -58,11 +61,26 @@ class Connection:
             pass
 
 
-class WorkerServer:
-    """Serves one loaded engine over hop connections. `run_engine` must run on the engine's thread."""
+class _Call(NamedTuple):
+    item: tuple          # (connection, record, cancelled)
+    request: object      # the parsed ModelInferRequest
+    inputs: dict
+    wanted: list
+    streaming: bool
+    key: object          # batching.batch_key: None when it runs alone
+    rows: int
 
-    def __init__(self, engine, max_message_bytes: int, describe: bytes):
+
+class WorkerServer:
+    """Serves one loaded engine over hop connections. `run_engine` must run on the engine's thread.
+    With `batching` (contract.Batching), calls that fit are run together (worker/batching.py)."""
+
+    def __init__(self, engine, max_message_bytes: int, describe: bytes, batching_config=None):
         self.engine, self.max_message_bytes, self.describe = engine, max_message_bytes, describe
+        self.batching = batching_config
+        self.batching_max = batching_config.max_batch_size if batching_config else 0
+        self.batch_sizes: collections.Counter = collections.Counter()   # rows per engine call (batches)
+        self._held: collections.deque = collections.deque()   # (item, prepared call) taken but not fitting
         self.calls: queue.Queue = queue.Queue()
         self._connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._queued = threading.BoundedSemaphore(MAX_QUEUED)
@@ -108,38 +126,137 @@ class WorkerServer:
     # -- the engine thread --------------------------------------------------------------------------
     def run_engine(self) -> None:
         while True:
-            item = self.calls.get()
+            item, call = self._held.popleft() if self._held else (self.calls.get(), None)
             if item is None:
                 return
-            conn, record, cancelled = item
+            taken = [item]   # every item taken here ends exactly once, below
             try:
-                self._call(conn, record, cancelled)
+                call = call or self._prepare(item)
+                if call is None:   # answered with an error already
+                    continue
+                if self.batching is None or call.key is None:
+                    self._run_alone(call)
+                    continue
+                batch = self._gather(call, taken)
+                if len(batch) == 1:
+                    self._run_alone(call)
+                else:
+                    self._run_batch(batch)
             finally:
-                hop.release(record.body)
-                conn.calls.pop(record.call_id, None)
-                self._queued.release()
+                for conn, record, _cancelled in taken:
+                    hop.release(record.body)
+                    conn.calls.pop(record.call_id, None)
+                    self._queued.release()
 
     def stop(self) -> None:
         self.calls.put(None)
 
-    def _call(self, conn: Connection, record: hop.Record, cancelled: threading.Event) -> None:
+    def _prepare(self, item) -> "_Call | None":
+        """Parse and check one call; None once it has been answered (cancelled, or an error)."""
+        conn, record, cancelled = item
         if cancelled.is_set():
             conn.error(record.call_id, hop.CANCELLED, "cancelled")
-            return
-        streaming = bool(record.flags & hop.STREAM)
+            return None
         view = memoryview(record.body)   # protobuf parses bytes or a memoryview of the memfd's mapping
         try:
             request = pb.ModelInferRequest.FromString(view)
         except Exception as exc:   # protobuf's DecodeError: the client's error, not INTERNAL
             conn.error(record.call_id, hop.INVALID_ARGUMENT, f"malformed ModelInferRequest: {exc}")
-            return
+            return None
         finally:
             view.release()
         try:
             inputs = tensors.request_inputs(request)
             self.engine.check_inputs(inputs)
             wanted = self._outputs(request)
-            results = self.engine.responses(inputs, streaming=streaming, cancelled=cancelled)
+        except (InputError, tensors.TensorError) as exc:
+            conn.error(record.call_id, hop.INVALID_ARGUMENT, str(exc))
+            return None
+        streaming = bool(record.flags & hop.STREAM)
+        key, rows = batching.batch_key(inputs) if self.batching is not None and not streaming else (None, 0)
+        if rows > self.batching_max:   # as Triton: a request's batch is at most max_batch_size
+            conn.error(record.call_id, hop.INVALID_ARGUMENT,
+                       f"a batch of {rows} rows is more than the model's max_batch_size {self.batching_max}")
+            return None
+        return _Call(item, request, inputs, wanted, streaming, key, rows)
+
+    def _gather(self, first: "_Call", taken: list) -> list:
+        """`first` and the calls queued behind it that fit the same engine call, waiting at most
+        max_queue_delay_us for more; stops at max_batch_size rows, at a preferred size, or at the
+        first call that does not fit (held for the next turn, so calls keep their order)."""
+        b = self.batching
+        batch, rows = [first], first.rows
+        deadline = time.monotonic() + b.max_queue_delay_us / 1e6
+        while rows < b.max_batch_size and rows not in b.preferred_batch_sizes:
+            wait = deadline - time.monotonic()
+            try:
+                item = self.calls.get(timeout=wait) if wait > 0 else self.calls.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:   # stopping: after this batch
+                self._held.append((None, None))
+                break
+            call = self._prepare(item)
+            if call is None:
+                taken.append(item)
+                continue
+            if call.key != first.key or rows + call.rows > b.max_batch_size:
+                self._held.append((item, call))
+                break
+            taken.append(item)
+            batch.append(call)
+            rows += call.rows
+        return batch
+
+    def _run_batch(self, batch: list) -> None:
+        """One engine call for the whole batch; each member gets its own rows, or the same error."""
+        live = []
+        for call in batch:
+            conn, record, cancelled = call.item
+            if cancelled.is_set():
+                conn.error(record.call_id, hop.CANCELLED, "cancelled")
+            else:
+                live.append(call)
+        if not live:
+            return
+        rows = sum(c.rows for c in live)
+        self.batch_sizes[rows] += 1
+        started = time.perf_counter_ns()
+        try:
+            results = self.engine.responses(batching.join([c.inputs for c in live]), streaming=False,
+                                            cancelled=threading.Event())
+            try:
+                result = next(iter(results))
+            finally:
+                close = getattr(results, "close", None)
+                if close is not None:
+                    close()
+            parts = batching.split(dict(result), [c.rows for c in live])
+            answers = [self._encode(c.request, part, c.wanted) for c, part in zip(live, parts)]
+        except StopIteration:
+            return self._fail_all(live, hop.INTERNAL, "the engine gave no response")
+        except InferenceError as exc:
+            return self._fail_all(live, hop.INTERNAL, str(exc))
+        except Exception as exc:   # an engine bug: one clean line
+            return self._fail_all(live, hop.INTERNAL, f"inference failed: {type(exc).__name__}: {exc}")
+        spent = time.perf_counter_ns() - started
+        for index, (call, answer) in enumerate(zip(live, answers)):
+            conn, record, _cancelled = call.item
+            conn.send(hop.RESPONSE, record.call_id, answer, flags=hop.FINAL,
+                      side=hop.EXECUTION.pack(rows, index, spent))
+
+    @staticmethod
+    def _fail_all(calls: list, code: int, message: str) -> None:
+        for call in calls:
+            conn, record, _cancelled = call.item
+            conn.error(record.call_id, code, message)
+
+    def _run_alone(self, call: "_Call") -> None:
+        (conn, record, cancelled), request = call.item, call.request
+        streaming = call.streaming
+        started = time.perf_counter_ns()
+        try:
+            results = self.engine.responses(call.inputs, streaming=streaming, cancelled=cancelled)
             try:
                 if streaming and type(self.engine).responses is not Engine.responses:
                     # A decoupled engine: each response leaves as soon as it is made, the end follows
@@ -147,7 +264,7 @@ class WorkerServer:
                     for result in results:
                         if cancelled.is_set():
                             break
-                        conn.send(hop.RESPONSE, record.call_id, self._encode(request, result, wanted))
+                        conn.send(hop.RESPONSE, record.call_id, self._encode(request, result, call.wanted))
                     last = []
                 else:   # exactly one response, sent FINAL
                     last = None
@@ -156,7 +273,7 @@ class WorkerServer:
                             break
                         if last is not None:
                             raise InferenceError("the engine answered a unary call more than once")
-                        last = self._encode(request, result, wanted)
+                        last = self._encode(request, result, call.wanted)
             finally:
                 close = getattr(results, "close", None)
                 if close is not None:
@@ -175,7 +292,11 @@ class WorkerServer:
         except Exception as exc:   # an engine bug: one clean line
             conn.error(record.call_id, hop.INTERNAL, f"inference failed: {type(exc).__name__}: {exc}")
             return
-        conn.send(hop.RESPONSE, record.call_id, last, flags=hop.FINAL)
+        side = b""
+        if self.batching is not None and call.rows and not streaming:   # an execution of one request
+            self.batch_sizes[call.rows] += 1
+            side = hop.EXECUTION.pack(call.rows, 0, time.perf_counter_ns() - started)
+        conn.send(hop.RESPONSE, record.call_id, last, flags=hop.FINAL, side=side)
 
     def _outputs(self, request) -> list[str]:
         known = [o.name for o in self.engine.outputs]
@@ -207,11 +328,11 @@ def describe_answer(engine, phases: dict[str, float]) -> bytes:
 
 
 def serve(engine, socket_path: str, max_message_bytes: int, phases: dict[str, float], on_engine_thread,
-          stopped: threading.Event) -> None:
-    """Listen on socket_path, run calls on the engine's thread (`on_engine_thread(fn)` submits fn
-    there), until `stopped` is set."""
-    server = WorkerServer(engine, max_message_bytes, describe_answer(engine, phases))
-    listener = hop.listen(socket_path)
+          stopped: threading.Event, batching_config=None, listener=None) -> None:
+    """Listen on socket_path (or serve `listener`: a warm-pool worker's), run calls on the engine's
+    thread (`on_engine_thread(fn)` submits fn there), until `stopped` is set."""
+    server = WorkerServer(engine, max_message_bytes, describe_answer(engine, phases), batching_config)
+    listener = listener or hop.listen(socket_path)
     threading.Thread(target=server.accept_forever, args=(listener,), daemon=True, name="hop-accept").start()
     done = on_engine_thread(server.run_engine)
     while not stopped.wait(1.0):   # polled: the signal may land on another thread (OpenBLAS's)

@@ -21,6 +21,7 @@ from .shapes import ShapeError
 
 class FluxNativeEngine(Engine):
     platform = "flux-native"
+    warm_imports = ("numpy",)   # what a warm-pool worker imports before its model arrives
 
     def __init__(self, name: str, model: Model):
         self.name = name

@@ -14,6 +14,7 @@ engine with the default one-response `responses`) is answered by exactly one RES
 """
 from __future__ import annotations
 
+import os
 import queue
 import socket
 import sys
@@ -37,11 +38,11 @@ class Connection:
         self.calls: dict[int, threading.Event] = {}   # call id -> cancelled, while queued or running
         self.open = True
 
-    def send(self, kind: int, call_id: int, parts=(), flags: int = 0, code: int = 0) -> None:
+    def send(self, kind: int, call_id: int, parts=(), flags: int = 0, code: int = 0, shm_fds=()) -> None:
         with self.send_lock:
             if self.open:
                 try:
-                    hop.send(self.sock, kind, call_id, parts, flags, code)
+                    hop.send(self.sock, kind, call_id, parts, flags, code, shm_fds=shm_fds)
                 except OSError:   # the supervisor went away: its calls are dropped as they come up
                     self.close()
 
@@ -85,7 +86,7 @@ class WorkerServer:
                     conn.send(hop.DESCRIBE_REPLY, record.call_id, [self.describe])
                 elif record.kind == hop.INFER:
                     if record.call_id in conn.calls or not self._queued.acquire(blocking=False):
-                        hop.release(record.body)
+                        record.release()
                         raise hop.ProtocolError("a call id already in flight, or too many calls queued")
                     cancelled = conn.calls[record.call_id] = threading.Event()
                     self.calls.put((conn, record, cancelled))
@@ -115,7 +116,7 @@ class WorkerServer:
             try:
                 self._call(conn, record, cancelled)
             finally:
-                hop.release(record.body)
+                record.release()
                 conn.calls.pop(record.call_id, None)
                 self._queued.release()
 
@@ -136,12 +137,16 @@ class WorkerServer:
         finally:
             view.release()
         try:
-            inputs = tensors.request_inputs(request)
+            inputs = tensors.request_inputs(request, record.shm)
             self.engine.check_inputs(inputs)
             wanted = self._outputs(request)
+            to_shm = [o.name for o in request.outputs if tensors.SHM_REGION in o.parameters]
             results = self.engine.responses(inputs, streaming=streaming, cancelled=cancelled)
             try:
-                if streaming and type(self.engine).responses is not Engine.responses:
+                decoupled = streaming and type(self.engine).responses is not Engine.responses
+                if to_shm and decoupled:
+                    raise InputError("shared-memory outputs are not served on a decoupled stream")
+                if decoupled:
                     # A decoupled engine: each response leaves as soon as it is made, the end follows
                     # as a FINAL record of its own (empty body), as Triton's decoupled models do.
                     for result in results:
@@ -156,7 +161,8 @@ class WorkerServer:
                             break
                         if last is not None:
                             raise InferenceError("the engine answered a unary call more than once")
-                        last = self._encode(request, result, wanted)
+                        last = self._encode(request, result, wanted, to_shm)
+                        last_results = result
             finally:
                 close = getattr(results, "close", None)
                 if close is not None:
@@ -175,7 +181,19 @@ class WorkerServer:
         except Exception as exc:   # an engine bug: one clean line
             conn.error(record.call_id, hop.INTERNAL, f"inference failed: {type(exc).__name__}: {exc}")
             return
-        conn.send(hop.RESPONSE, record.call_id, last, flags=hop.FINAL)
+        if not to_shm:
+            conn.send(hop.RESPONSE, record.call_id, last, flags=hop.FINAL)
+            return
+        # Outputs named in a shared-memory region leave as sealed memfds of their own, in request order;
+        # the supervisor copies each into the client's region (the worker never sees a client's region).
+        shm_fds = []
+        try:
+            for name in to_shm:
+                shm_fds.append(hop.body_memfd([tensors.raw_bytes(last_results[name])]))
+            conn.send(hop.RESPONSE, record.call_id, last, flags=hop.FINAL, shm_fds=shm_fds)
+        finally:
+            for fd in shm_fds:
+                os.close(fd)
 
     def _outputs(self, request) -> list[str]:
         known = [o.name for o in self.engine.outputs]
@@ -186,13 +204,13 @@ class WorkerServer:
         return wanted or list(self.engine.default_outputs or known)
 
     @staticmethod
-    def _encode(request, result: dict, wanted: list[str]) -> list:
+    def _encode(request, result: dict, wanted: list[str], to_shm=()) -> list:
         missing = [name for name in wanted if name not in result]
         if missing:
             raise InferenceError(f"the engine's response lacks outputs {missing}")
         response = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
                                          id=request.id)
-        return tensors.response_parts(response, {name: result[name] for name in wanted})
+        return tensors.response_parts(response, {name: result[name] for name in wanted}, set(to_shm))
 
 
 def describe_answer(engine, phases: dict[str, float]) -> bytes:

@@ -38,13 +38,13 @@ from grpc_reflection.v1alpha import reflection
 
 from .. import __version__
 from ..proto import inference_pb2 as pb
-from ..proto.wire import PeekError, peek_model, stream_wrap
+from ..proto.wire import PeekError, shared_memory_tensors, peek_model, stream_wrap
 from . import errors
 from .admission import Admission, Limits, read_one
 from .call_audit import CallAudit, current_caller
 from .errors import ClientError
 from .listeners import BindError, Listener, start_all
-from .shared_memory import SharedMemoryRegistry
+from .shared_memory import SharedCall, SharedMemoryRegistry
 from .supervisor import LoadRefused, ModelUnavailable, State, Supervisor
 
 log = logging.getLogger("sealboxd")
@@ -114,6 +114,12 @@ class FrontDoor:
         request in the metrics. A client that goes away mid-stream cancels the call at the worker
         (the hop sends CANCEL and waits for the worker to end it before the turn is given back)."""
         name, version, status = self._route(request)
+        try:
+            if shared_memory_tensors(request):
+                raise ClientError(grpc.StatusCode.INVALID_ARGUMENT,
+                                  "shared-memory tensors are served on ModelInfer, not on ModelStreamInfer")
+        except PeekError:
+            raise errors.malformed() from None
         timing = _Timing(time.monotonic())
         code = grpc.StatusCode.OK
         metrics = self.sup.metrics
@@ -148,9 +154,16 @@ class FrontDoor:
     async def _routed(self, name: str, version: str, status, box: list, timing: "_Timing") -> bytes:
         self._check_ready(name, version, status)
         gate = self.admission.model(name, self.sup.calls_at_workers(name))
-        reservation = self.admission.request_bytes(gate, len(box[0]))
-        reservation.__enter__()   # RESOURCE_EXHAUSTED at once beyond the byte caps
-        task = asyncio.ensure_future(self._at_worker(name, gate, box, reservation, timing))
+        shared = self._shared(box[0])
+        try:
+            # The inputs' shared-memory bytes are copied (sealed) for the worker: they count as request bytes.
+            reservation = self.admission.request_bytes(gate, len(box[0]) + (shared.input_bytes if shared else 0))
+            reservation.__enter__()   # RESOURCE_EXHAUSTED at once beyond the byte caps
+        except BaseException:
+            if shared is not None:
+                shared.close()
+            raise
+        task = asyncio.ensure_future(self._at_worker(name, gate, box, reservation, timing, shared))
         try:
             return await asyncio.shield(task)
         finally:
@@ -158,7 +171,16 @@ class FrontDoor:
             # that cycle keeps the frames (and what they hold) until the cyclic GC runs.
             del task
 
-    async def _at_worker(self, name: str, gate, box: list, reservation, timing: "_Timing") -> bytes:
+    def _shared(self, request: bytes) -> SharedCall | None:
+        """The call's shared-memory tensors (regions of this caller's listener), or None."""
+        try:
+            refs = shared_memory_tensors(request)
+        except PeekError:
+            raise errors.malformed() from None
+        return SharedCall(self.shm, current_caller.get().listener, refs) if refs else None
+
+    async def _at_worker(self, name: str, gate, box: list, reservation, timing: "_Timing",
+                         shared: SharedCall | None = None) -> bytes:
         """Wait for the model's turn (bounded queue), then call its worker. When the client goes away
         the call is cancelled at the worker (CANCEL: dropped if still queued there), and the turn and
         the request's bytes stay held until the worker has ended it (or the inference timeout has)."""
@@ -166,7 +188,9 @@ class FrontDoor:
             async with gate.turn(self.limits.model_queue_timeout_s):
                 at_worker = time.monotonic()
                 timing.queue_s = at_worker - timing.start
-                call = asyncio.ensure_future(self.sup.infer(name, box))
+                if shared is not None:
+                    await asyncio.get_running_loop().run_in_executor(None, shared.prepare)
+                call = asyncio.ensure_future(self.sup.infer(name, box, shared))
                 try:
                     return await asyncio.shield(call)
                 except asyncio.CancelledError:
@@ -179,6 +203,8 @@ class FrontDoor:
         finally:
             box.clear()   # if the hop did not take the request (it failed first), it goes now
             reservation.__exit__(None, None, None)
+            if shared is not None:
+                shared.close()
 
     async def ModelInfer(self, request_iterator, context):
         """Registered as STREAM_UNARY: admitted BEFORE its (up to max_message) body is read."""

@@ -198,3 +198,86 @@ def write_output(region: Region, offset: int, data, what: str) -> None:
     view, done = memoryview(data), 0
     while done < len(view):
         done += os.pwrite(region.fd, view[done:], start + done)
+
+
+def _int_parameter(parameters, key: str, default: int | None) -> int | None:
+    if key not in parameters:
+        return default
+    p = parameters[key]
+    kind = p.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param"):
+        raise _refuse(SC.INVALID_ARGUMENT, f"parameter '{key}' must be an integer")
+    return getattr(p, kind)
+
+
+class SharedCall:
+    """The shared-memory tensors of one ModelInfer call, between the front door and the worker hop.
+
+    Made from the request's tensor messages that name a region (wire.shared_memory_tensors); holds
+    each region (acquire/release) for the call's lifetime. `prepare()` makes the inputs' sealed copies
+    (`input_fds`, in request order, as proto/hop.py SHM expects them); `deliver()` copies the worker's
+    output memfds into the clients' ranges; `close()` lets everything go."""
+
+    def __init__(self, registry: SharedMemoryRegistry, listener: str, refs: list[tuple[int, int, bytes]]):
+        from ..proto import inference_pb2 as pb
+        from ..proto.wire import INFER_REQUEST_INPUTS
+        self.registry = registry
+        self.inputs: list[tuple[Region, int, int, str]] = []    # region, offset, size, what
+        self.outputs: list[tuple[Region, int, int, str]] = []
+        self.input_fds: list[int] = []
+        try:
+            for field, _index, message in refs:
+                kind = pb.ModelInferRequest.InferInputTensor if field == INFER_REQUEST_INPUTS else \
+                    pb.ModelInferRequest.InferRequestedOutputTensor
+                try:
+                    tensor = kind.FromString(message)
+                except Exception:
+                    raise _refuse(SC.INVALID_ARGUMENT, "malformed tensor in the request") from None
+                what = f"{'input' if field == INFER_REQUEST_INPUTS else 'output'} '{errors.clean(tensor.name, 64)}'"
+                region_name = tensor.parameters["shared_memory_region"].string_param \
+                    if "shared_memory_region" in tensor.parameters else ""
+                if not region_name:   # the bytes matched, the parameter is not there (or not a string)
+                    if "shared_memory_region" in tensor.parameters:
+                        raise _refuse(SC.INVALID_ARGUMENT, f"{what}: shared_memory_region must name a region")
+                    continue
+                size = _int_parameter(tensor.parameters, "shared_memory_byte_size", None)
+                if size is None:
+                    raise _refuse(SC.INVALID_ARGUMENT, f"{what}: shared_memory_byte_size is required")
+                offset = _int_parameter(tensor.parameters, "shared_memory_offset", 0)
+                region = registry.acquire(listener, region_name)
+                target = self.inputs if field == INFER_REQUEST_INPUTS else self.outputs
+                target.append((region, offset, size, what))
+                region.check_range(offset, size, what)
+            if len(self.inputs) > 16 or len(self.outputs) > 16:   # proto/hop.py MAX_SHM_FDS
+                raise _refuse(SC.INVALID_ARGUMENT, "at most 16 inputs and 16 outputs may name shared memory")
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(size for _, _, size, _ in self.inputs)
+
+    def prepare(self) -> None:
+        """The inputs' sealed copies (blocking: run it off the event loop)."""
+        for region, offset, size, what in self.inputs:
+            self.input_fds.append(shm_input_memfd(region, offset, size, what))
+
+    def deliver(self, model: str, outputs) -> None:
+        """Copy each output (a read-only mapping of the worker's memfd, or b"") into its range
+        (blocking). A worker that attached the wrong number of outputs failed; an output larger than
+        its range is the client's error, as in Triton."""
+        if len(outputs) != len(self.outputs):
+            raise ClientError(SC.INTERNAL, f"model '{model}' failed")
+        for (region, offset, size, what), data in zip(self.outputs, outputs):
+            if len(data) > size:
+                raise _refuse(SC.INVALID_ARGUMENT, f"{what}: {len(data)} bytes do not fit the {size} bytes given "
+                                                   f"in region '{region.name}'")
+            write_output(region, offset, data, what)
+
+    def close(self) -> None:
+        while self.input_fds:
+            os.close(self.input_fds.pop())
+        for region, *_ in self.inputs + self.outputs:
+            self.registry.release(region)
+        self.inputs, self.outputs = [], []

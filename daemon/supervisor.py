@@ -742,7 +742,7 @@ class Supervisor:
                     found.append((name, status.version, cgroup))
         return found
 
-    async def infer(self, name: str, request) -> bytes:
+    async def infer(self, name: str, request, shared=None) -> bytes:
         """Forward one ModelInferRequest's bytes to the model's worker; runs on the server's event loop.
         The answer is the worker's bytes with the supervisor's provenance appended (provenance.py).
         `request` is the bytes, or a one-element list holding them that the hop empties once they are
@@ -756,10 +756,23 @@ class Supervisor:
         status, worker, hop = model.enter_call()
         if hop is None:
             raise errors.unavailable(name, _reason(status))
-        call = hop.infer(request, worker.profile.infer_timeout_s)
+        if shared is None:
+            call = hop.infer(request, worker.profile.infer_timeout_s)
+        else:   # shared-memory tensors (shared_memory.SharedCall): inputs attached, outputs copied out
+            call = hop.infer_shared(request, worker.profile.infer_timeout_s, shared.input_fds)
         try:
             del request   # (the hop holds it until sent)
             body = await self._at_hop(name, model, worker, call)
+            if shared is not None:
+                body, outputs = body
+                try:
+                    await asyncio.get_running_loop().run_in_executor(None, shared.deliver, name, outputs)
+                except BaseException:
+                    release(body)
+                    raise
+                finally:
+                    for view in outputs:
+                        release(view)
             return await self._stamped(name, model, worker, body, None)
         finally:
             worker.inflight -= 1   # a replaced worker is stopped once its calls are done

@@ -58,7 +58,7 @@ class _Call:
 
     def __init__(self, call_id: int, stream: bool, timeout: float, loop):
         self.id, self.stream, self.timeout = call_id, stream, timeout
-        self.items: collections.deque = collections.deque()   # (body, final) or an exception
+        self.items: collections.deque = collections.deque()   # (body, final, shm) or an exception
         self.waiter = None
         self.timer = None
         self.ended = loop.create_future()   # set once the call's terminal record (or failure) arrived
@@ -67,7 +67,7 @@ class _Call:
     def push(self, item) -> None:
         if self.cancelled:   # nobody will read it
             if isinstance(item, tuple):
-                hop.release(item[0])
+                _release(item)
             return
         self.items.append(item)
         if self.waiter is not None and not self.waiter.done():
@@ -156,7 +156,7 @@ class WorkerHop:
         except OSError:
             self.close("the worker's socket failed")
 
-    async def _start(self, request, timeout: float, stream: bool) -> _Call:
+    async def _start(self, request, timeout: float, stream: bool, shm_fds=()) -> _Call:
         if self.sock is None:
             self._connect()
         if isinstance(request, list):   # the caller's box: from here only this frame holds the bytes
@@ -165,7 +165,8 @@ class WorkerHop:
         call = _Call(self._next_id, stream, timeout, self.loop)
         flags = hop.STREAM if stream else 0
         if len(request) > OFFLOAD_BYTES:
-            made = self.loop.run_in_executor(None, hop.Outgoing, hop.INFER, call.id, [request], flags)
+            made = self.loop.run_in_executor(None, lambda: hop.Outgoing(hop.INFER, call.id, [request], flags,
+                                                                         shm_fds=shm_fds))
             try:
                 record = await asyncio.shield(made)
             except asyncio.CancelledError:   # the client went away meanwhile: close the memfd once it exists
@@ -175,7 +176,7 @@ class WorkerHop:
                 record.close()
                 raise HopClosed("the connection to the worker was closed")
         else:
-            record = hop.Outgoing(hop.INFER, call.id, [request], flags)
+            record = hop.Outgoing(hop.INFER, call.id, [request], flags, shm_fds=shm_fds)
         self._send(record)
         self.calls[call.id] = call
         self.order.append(call)
@@ -189,7 +190,7 @@ class WorkerHop:
         while call.items:
             item = call.items.popleft()
             if isinstance(item, tuple):
-                hop.release(item[0])
+                _release(item)
         if not call.ended.done() and self.sock is not None:
             try:
                 self._send(hop.Outgoing(hop.CANCEL, call.id))
@@ -214,21 +215,22 @@ class WorkerHop:
                 return
             call = self.calls.get(record.call_id)
             if call is None or record.kind == hop.DESCRIBE_REPLY or (
-                    record.kind == hop.RESPONSE and not record.final and not call.stream):
-                hop.release(record.body)
+                    record.kind == hop.RESPONSE and not record.final and not call.stream) or (
+                    record.shm and (not record.final or call.stream)):
+                record.release()
                 self.close("the worker broke the hop protocol: an unexpected record")
                 return
             if record.kind == hop.ERROR:
                 message = bytes(record.body[:hop.MAX_ERROR_BYTES]).decode("utf-8", "replace")
-                hop.release(record.body)
+                record.release()
                 self._end(call, WorkerStatus(record.code, message))
             elif record.final:
                 if record.side and self.on_execution is not None:
                     self._execution(record.side)
-                call.push((record.body, True))
+                call.push((record.body, True, record.shm))
                 self._end(call, None)
             else:
-                call.push((record.body, False))
+                call.push((record.body, False, record.shm))
                 self._taken(call)   # a streamed response: the timeout starts afresh
 
     def _execution(self, side: bytes) -> None:
@@ -269,21 +271,30 @@ class WorkerHop:
     async def infer(self, request, timeout: float):
         """The worker's one response body to a ModelInfer request (bytes, or a one-element list holding
         them, emptied once they are sent)."""
-        call = await self._start(request, timeout, stream=False)
+        body, shm = await self.infer_shared(request, timeout)
+        _release((None, None, shm))
+        return body
+
+    async def infer_shared(self, request, timeout: float, shm_fds=()):
+        """infer() for a request naming shared-memory tensors: `shm_fds` (sealed copies of its inputs'
+        bytes, proto/hop.py SHM) go with it; returns (body, the outputs' read-only mappings), the
+        caller releases both."""
+        call = await self._start(request, timeout, stream=False, shm_fds=shm_fds)
         del request
         try:
-            body, _final = await call.next()
+            body, _final, shm = await call.next()
         except asyncio.CancelledError:
             await self._abandon(call)
             raise
-        return body
+        return body, shm
 
     async def stream(self, request: bytes, timeout: float):
         """(response, final) pairs of a ModelStreamInfer request; the last has final=True."""
         call = await self._start(request, timeout, stream=True)
         try:
             while True:
-                body, final = await call.next()
+                body, final, shm = await call.next()
+                _release((None, None, shm))   # refused above: never sent on a stream
                 yield body, final
                 if final:
                     return
@@ -319,3 +330,10 @@ def describe(socket_path: str, max_bytes: int, timeout: float) -> bytes:
                 raise hop.ProtocolError("unexpected answer to DESCRIBE")
     finally:
         sock.close()
+
+
+def _release(item) -> None:
+    """Unmap a queued (body, final, shm) item's memfd body and shared-memory output mappings."""
+    hop.release(item[0])
+    for view in item[2]:
+        hop.release(view)

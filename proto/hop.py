@@ -60,7 +60,8 @@ TO_SUPERVISOR = frozenset({DESCRIBE_REPLY, RESPONSE, ERROR})
 FINAL = 0x01    # RESPONSE: the call's last record
 STREAM = 0x02   # INFER: came through ModelStreamInfer (the engine may answer several times)
 MEMFD = 0x04    # the body is the attached sealed memfd
-KNOWN_FLAGS = FINAL | STREAM | MEMFD
+SHM = 0x08      # INFER / final RESPONSE: shared-memory tensors attached (see below)
+KNOWN_FLAGS = FINAL | STREAM | MEMFD | SHM
 
 # Bodies up to this size travel inline (one sendmsg copy); above it a sealed memfd is cheaper than
 # pushing the bytes through the socket (benchmarks/bench_hop.py measures the crossover). A record
@@ -68,7 +69,13 @@ KNOWN_FLAGS = FINAL | STREAM | MEMFD
 # 208 KiB default.
 INLINE_MAX = 64 * 1024
 MAX_SIDE = 4096
-MAX_FDS = 1
+# Shared-memory tensors (Triton's system shared-memory extension, daemon/shared_memory.py): with flag
+# SHM, sealed memfds follow the body's own memfd, one per tensor that names a region, in request
+# order: the inputs' bytes on an INFER (copies made by the supervisor: never the client's region),
+# the outputs' bytes on a final RESPONSE (made by the worker; the supervisor copies them into the
+# client's region). Mapped read-only by the receiver, like a memfd body.
+MAX_SHM_FDS = 16
+MAX_FDS = 1 + MAX_SHM_FDS
 # A final RESPONSE's side data from a worker with dynamic batching: the engine call that answered
 # it (rows in it, this response's index in it, its duration in ns); index 0 counts the execution.
 EXECUTION = struct.Struct("<IIQ")
@@ -99,6 +106,12 @@ class Record(NamedTuple):
     call_id: int
     side: bytes
     body: object   # bytes (inline) or a read-only mmap (MEMFD): the receiver closes it
+    shm: tuple = ()   # SHM: one read-only mapping (or b"" when empty) per shared-memory tensor
+
+    def release(self) -> None:
+        release(self.body)
+        for view in self.shm:
+            release(view)
 
     @property
     def final(self) -> bool:
@@ -127,21 +140,28 @@ def body_memfd(parts) -> int:
 class Outgoing:
     """One record ready to send: its buffers and, for a large body, the sealed memfd carrying it.
     Made once, sent with `send_on` (a non-blocking sender retries the same record); close() after."""
-    __slots__ = ("buffers", "ancillary", "fd")
+    __slots__ = ("buffers", "ancillary", "fd", "shm_fds")
 
-    def __init__(self, kind: int, call_id: int, parts=(), flags: int = 0, code: int = 0, side: bytes = b""):
+    def __init__(self, kind: int, call_id: int, parts=(), flags: int = 0, code: int = 0, side: bytes = b"",
+                 shm_fds=()):
         if len(side) > MAX_SIDE:
             raise ValueError(f"side data of {len(side)} bytes, at most {MAX_SIDE}")
+        if len(shm_fds) > MAX_SHM_FDS:
+            raise ValueError(f"{len(shm_fds)} shared-memory tensors, at most {MAX_SHM_FDS}")
         length = sum(memoryview(p).nbytes for p in parts)
         self.fd = None
+        self.shm_fds = [os.dup(fd) for fd in shm_fds]   # ours until sent: the caller may close its own
+        if shm_fds:
+            flags |= SHM
         if length > INLINE_MAX:
             self.fd = body_memfd(parts)
             flags |= MEMFD
             self.buffers = [header(kind, call_id, length, flags, code, len(side)), side]
-            self.ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [self.fd]))]
+            fds = [self.fd, *self.shm_fds]
         else:
             self.buffers = [header(kind, call_id, length, flags, code, len(side)), side, *parts]
-            self.ancillary = []
+            fds = self.shm_fds
+        self.ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
 
     def send_on(self, sock: socket.socket) -> None:
         """One sendmsg: a SEQPACKET record goes whole or not at all (BlockingIOError: retry)."""
@@ -151,12 +171,14 @@ class Outgoing:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+        while self.shm_fds:
+            os.close(self.shm_fds.pop())
 
 
 def send(sock: socket.socket, kind: int, call_id: int, parts=(), flags: int = 0, code: int = 0,
-         side: bytes = b"") -> None:
+         side: bytes = b"", shm_fds=()) -> None:
     """Send one record on a blocking socket."""
-    record = Outgoing(kind, call_id, parts, flags, code, side)
+    record = Outgoing(kind, call_id, parts, flags, code, side, shm_fds)
     try:
         record.send_on(sock)
     finally:
@@ -210,17 +232,38 @@ def _decode(data: bytes, msg_flags: int, fds: list[int], max_body: int, kinds: f
         raise ProtocolError(f"{KIND_NAMES[kind]} body of {length} bytes, above the limit of {max_body}")
     side = data[HEADER.size:HEADER.size + side_len]
     inline = HEADER.size + side_len
+    body_fds, shm_fds = (fds[:1], fds[1:]) if flags & MEMFD else ([], fds)
+    if flags & SHM:
+        if kind not in (INFER, RESPONSE):
+            raise ProtocolError(f"shared-memory tensors on a {KIND_NAMES[kind]} record")
+        if not shm_fds:
+            raise ProtocolError("shared-memory tensors flagged, none attached")
+    elif shm_fds:
+        raise ProtocolError("more than 1 file descriptor(s) attached to a record" if flags & MEMFD else
+                            "file descriptor attached to a record without a memfd body")
     if flags & MEMFD:
-        if len(fds) != 1 or len(data) != inline:
+        if len(body_fds) != 1 or len(data) != inline:
             raise ProtocolError("a memfd record needs exactly one descriptor and no inline body")
         if length <= INLINE_MAX:
             raise ProtocolError(f"memfd body of {length} bytes, which travels inline")
-        return Record(kind, flags, code, call_id, side, _map_memfd(fds[0], length))
-    if fds:
-        raise ProtocolError("file descriptor attached to a record without a memfd body")
-    if len(data) != inline + length:
-        raise ProtocolError(f"record carries {len(data) - inline} body bytes, its header says {length}")
-    return Record(kind, flags, code, call_id, side, data[inline:])
+        body = _map_memfd(body_fds[0], length)
+    else:
+        if len(data) != inline + length:
+            raise ProtocolError(f"record carries {len(data) - inline} body bytes, its header says {length}")
+        body = data[inline:]
+    shm = []
+    try:
+        for fd in shm_fds:
+            size = os.fstat(fd).st_size
+            if size > max_body:
+                raise ProtocolError(f"a shared-memory tensor of {size} bytes, above the limit of {max_body}")
+            shm.append(_map_memfd(fd, size) if size else b"")
+    except BaseException:
+        release(body)
+        for view in shm:
+            release(view)
+        raise
+    return Record(kind, flags, code, call_id, side, body, tuple(shm))
 
 
 def _map_memfd(fd: int, length: int) -> mmap.mmap:

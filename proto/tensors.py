@@ -59,11 +59,22 @@ def _shape(name: str, shape) -> tuple[int, ...]:
     return tuple(int(d) for d in shape)
 
 
-def request_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
-    """Decode every input of a request into a numpy array (read-only views of raw bytes)."""
+SHM_REGION = "shared_memory_region"   # an input or output naming a client's registered region
+
+
+def request_inputs(request: pb.ModelInferRequest, shared=()) -> dict[str, np.ndarray]:
+    """Decode every input of a request into a numpy array (read-only views of raw bytes).
+
+    shared: the bytes of the inputs that name a shared-memory region, in request order (the worker
+    gets them as sealed copies attached to the call, proto/hop.py); the other inputs take the
+    raw_input_contents entries in order, as tritonclient sends them."""
+    in_shm = [SHM_REGION in tensor.parameters for tensor in request.inputs]
+    if sum(in_shm) != len(shared):
+        raise TensorError(f"{sum(in_shm)} inputs name a shared-memory region, {len(shared)} were attached")
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise TensorError(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs")
+    if raw and len(raw) != len(in_shm) - sum(in_shm):
+        raise TensorError(f"raw_input_contents has {len(raw)} entries for {len(request.inputs) - sum(in_shm)} inputs")
+    shared, raw_entries = iter(shared), iter(raw)
     arrays: dict[str, np.ndarray] = {}
     for index, tensor in enumerate(request.inputs):
         name = tensor.name
@@ -80,14 +91,15 @@ def request_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
         if dtype.kind != "O" and count * dtype.itemsize > MAX_TENSOR_BYTES:
             raise TensorError(f"input '{name}': shape {list(shape)} of {tensor.datatype} is larger than "
                               f"{MAX_TENSOR_BYTES} bytes")
-        if raw:
+        if in_shm[index] or raw:
             if tensor.HasField("contents"):
-                raise TensorError(f"input '{name}': both raw and typed contents given")
-            data = raw[index]
+                raise TensorError(f"input '{name}': both {'shared-memory' if in_shm[index] else 'raw'} and "
+                                  "typed contents given")
+            data = next(shared) if in_shm[index] else next(raw_entries)
             if tensor.datatype == "BYTES":
                 array = decode_bytes(data, count, f"input '{name}'").reshape(shape)
             elif len(data) != count * dtype.itemsize:
-                raise TensorError(f"input '{name}': {len(data)} bytes of raw contents, shape {list(shape)} "
+                raise TensorError(f"input '{name}': {len(data)} bytes of {'shared-memory' if in_shm[index] else 'raw'} contents, shape {list(shape)} "
                                   f"of {tensor.datatype} needs {count * dtype.itemsize}")
             else:
                 array = np.frombuffer(data, dtype=dtype).reshape(shape)
@@ -156,6 +168,11 @@ def _raw_field(number: int, array: np.ndarray) -> list:
     return [length_delimited_header(number, data.nbytes), data]
 
 
+def raw_bytes(array: np.ndarray) -> memoryview:
+    """An output's raw contents as the protocol lays them out (what a shared-memory output region gets)."""
+    return _raw_field(RAW_OUTPUT_FIELD, _wire_array(array)[1])[1]
+
+
 def _wire_array(array: np.ndarray) -> tuple[str, np.ndarray]:
     datatype = datatype_of(array)
     if datatype == "BYTES":
@@ -164,9 +181,11 @@ def _wire_array(array: np.ndarray) -> tuple[str, np.ndarray]:
     return datatype, np.require(array.astype(DATATYPES[datatype], copy=False), requirements="C")
 
 
-def response_parts(response: pb.ModelInferResponse, outputs: dict[str, np.ndarray]) -> list:
+def response_parts(response: pb.ModelInferResponse, outputs: dict[str, np.ndarray], in_shm=frozenset()) -> list:
     """response (metadata only) plus raw output contents, as buffers whose concatenation is the
     serialized response: the worker writes them to its socket or memfd without joining them.
+    Outputs named in `in_shm` go to a client's shared-memory region instead: their raw entry is empty
+    (kept, so that raw_output_contents[i] stays the i-th output's, as tritonclient reads them).
 
     Protobuf's own serializer copies large bytes fields slowly; fields may come in any order on the wire.
     """
@@ -174,7 +193,7 @@ def response_parts(response: pb.ModelInferResponse, outputs: dict[str, np.ndarra
     for name, array in outputs.items():
         datatype, array = _wire_array(array)
         response.outputs.add(name=name, datatype=datatype, shape=array.shape)
-        parts += _raw_field(RAW_OUTPUT_FIELD, array)
+        parts += _raw_field(RAW_OUTPUT_FIELD, array.reshape(-1)[:0] if name in in_shm else array)
     return [response.SerializeToString(), *parts]
 
 

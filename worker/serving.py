@@ -15,6 +15,7 @@ engine with the default one-response `responses`) is answered by exactly one RES
 from __future__ import annotations
 
 import collections
+import os
 import queue
 import socket
 import sys
@@ -40,11 +41,12 @@ class Connection:
         self.calls: dict[int, threading.Event] = {}   # call id -> cancelled, while queued or running
         self.open = True
 
-    def send(self, kind: int, call_id: int, parts=(), flags: int = 0, code: int = 0, side: bytes = b"") -> None:
+    def send(self, kind: int, call_id: int, parts=(), flags: int = 0, code: int = 0, side: bytes = b"",
+             shm_fds=()) -> None:
         with self.send_lock:
             if self.open:
                 try:
-                    hop.send(self.sock, kind, call_id, parts, flags, code, side)
+                    hop.send(self.sock, kind, call_id, parts, flags, code, side, shm_fds)
                 except OSError:   # the supervisor went away: its calls are dropped as they come up
                     self.close()
 
@@ -103,7 +105,7 @@ class WorkerServer:
                     conn.send(hop.DESCRIBE_REPLY, record.call_id, [self.describe])
                 elif record.kind == hop.INFER:
                     if record.call_id in conn.calls or not self._queued.acquire(blocking=False):
-                        hop.release(record.body)
+                        record.release()
                         raise hop.ProtocolError("a call id already in flight, or too many calls queued")
                     cancelled = conn.calls[record.call_id] = threading.Event()
                     self.calls.put((conn, record, cancelled))
@@ -144,7 +146,7 @@ class WorkerServer:
                     self._run_batch(batch)
             finally:
                 for conn, record, _cancelled in taken:
-                    hop.release(record.body)
+                    record.release()
                     conn.calls.pop(record.call_id, None)
                     self._queued.release()
 
@@ -166,14 +168,16 @@ class WorkerServer:
         finally:
             view.release()
         try:
-            inputs = tensors.request_inputs(request)
+            inputs = tensors.request_inputs(request, record.shm)
             self.engine.check_inputs(inputs)
             wanted = self._outputs(request)
         except (InputError, tensors.TensorError) as exc:
             conn.error(record.call_id, hop.INVALID_ARGUMENT, str(exc))
             return None
         streaming = bool(record.flags & hop.STREAM)
-        key, rows = batching.batch_key(inputs) if self.batching is not None and not streaming else (None, 0)
+        # A call with shared-memory outputs runs alone: its outputs leave in memfds of its own.
+        alone = streaming or any(tensors.SHM_REGION in o.parameters for o in request.outputs)
+        key, rows = batching.batch_key(inputs) if self.batching is not None and not alone else (None, 0)
         if rows > self.batching_max:   # as Triton: a request's batch is at most max_batch_size
             conn.error(record.call_id, hop.INVALID_ARGUMENT,
                        f"a batch of {rows} rows is more than the model's max_batch_size {self.batching_max}")
@@ -256,9 +260,13 @@ class WorkerServer:
         streaming = call.streaming
         started = time.perf_counter_ns()
         try:
+            to_shm = [o.name for o in request.outputs if tensors.SHM_REGION in o.parameters]
             results = self.engine.responses(call.inputs, streaming=streaming, cancelled=cancelled)
             try:
-                if streaming and type(self.engine).responses is not Engine.responses:
+                decoupled = streaming and type(self.engine).responses is not Engine.responses
+                if to_shm and decoupled:
+                    raise InputError("shared-memory outputs are not served on a decoupled stream")
+                if decoupled:
                     # A decoupled engine: each response leaves as soon as it is made, the end follows
                     # as a FINAL record of its own (empty body), as Triton's decoupled models do.
                     for result in results:
@@ -273,7 +281,8 @@ class WorkerServer:
                             break
                         if last is not None:
                             raise InferenceError("the engine answered a unary call more than once")
-                        last = self._encode(request, result, call.wanted)
+                        last = self._encode(request, result, call.wanted, to_shm)
+                        last_results = result
             finally:
                 close = getattr(results, "close", None)
                 if close is not None:
@@ -296,7 +305,16 @@ class WorkerServer:
         if self.batching is not None and call.rows and not streaming:   # an execution of one request
             self.batch_sizes[call.rows] += 1
             side = hop.EXECUTION.pack(call.rows, 0, time.perf_counter_ns() - started)
-        conn.send(hop.RESPONSE, record.call_id, last, flags=hop.FINAL, side=side)
+        shm_fds = []
+        try:
+            # Outputs named in a shared-memory region leave as sealed memfds of their own, in request
+            # order; the supervisor copies each into the client's region (the worker never sees one).
+            for name in to_shm:
+                shm_fds.append(hop.body_memfd([tensors.raw_bytes(last_results[name])]))
+            conn.send(hop.RESPONSE, record.call_id, last, flags=hop.FINAL, side=side, shm_fds=shm_fds)
+        finally:
+            for fd in shm_fds:
+                os.close(fd)
 
     def _outputs(self, request) -> list[str]:
         known = [o.name for o in self.engine.outputs]
@@ -307,13 +325,13 @@ class WorkerServer:
         return wanted or list(self.engine.default_outputs or known)
 
     @staticmethod
-    def _encode(request, result: dict, wanted: list[str]) -> list:
+    def _encode(request, result: dict, wanted: list[str], to_shm=()) -> list:
         missing = [name for name in wanted if name not in result]
         if missing:
             raise InferenceError(f"the engine's response lacks outputs {missing}")
         response = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
                                          id=request.id)
-        return tensors.response_parts(response, {name: result[name] for name in wanted})
+        return tensors.response_parts(response, {name: result[name] for name in wanted}, set(to_shm))
 
 
 def describe_answer(engine, phases: dict[str, float]) -> bytes:

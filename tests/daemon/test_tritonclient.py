@@ -44,7 +44,7 @@ def test_tritonclient_end_to_end(daemon_factory, demo_model, keys):
     assert [s["final"] for s in out["stream"]] == [True, True]   # one response each, so each is the last
     for s, x in zip(out["stream"], out["stream_inputs"]):
         np.testing.assert_allclose(np.array(s["y"]), reference(np.array(x, np.float32)), rtol=1e-5, atol=1e-5)
-    assert out["cuda_shm"] == ["UNIMPLEMENTED", "sealbox does not support shared-memory tensors (system or CUDA): "
-                               "send tensors in the request"]
+    assert out["cuda_shm"] == ["UNIMPLEMENTED", "sealbox has no CUDA shared memory (no GPU): use system shared "
+                               "memory or send tensors"]
     unix = run_probe(daemon.target, "demo", daemon.admin_target)
     assert unix["index"] == [["demo", "READY"]]

@@ -386,6 +386,11 @@ MALFORMED = {
     "fd size differs": (lambda: (hop.header(hop.INFER, 1, BIG, flags=hop.MEMFD), [_memfd(b"x" * (BIG + 1))])),
     "unsealed memfd": (lambda: (hop.header(hop.INFER, 1, BIG, flags=hop.MEMFD), [_memfd(b"x" * BIG, seal=False)])),
     "fd without the memfd flag": (lambda: (hop.header(hop.INFER, 1, 0), [_memfd(b"x")])),
+    "shm flag on a cancel": (lambda: (hop.header(hop.CANCEL, 1, 0, flags=hop.SHM), [_memfd(b"x")])),
+    "shm flag without tensors": (lambda: (hop.header(hop.INFER, 1, 0, flags=hop.SHM), [])),
+    "more shm tensors than allowed": (lambda: (hop.header(hop.INFER, 1, 0, flags=hop.SHM),
+                                               [_memfd(b"x") for _ in range(hop.MAX_SHM_FDS + 2)])),
+    "unsealed shm tensor": (lambda: (hop.header(hop.INFER, 1, 0, flags=hop.SHM), [_memfd(b"x", seal=False)])),
 }
 REASONS = {
     "oversized length": f"INFER body of {MAX + 1} bytes, above the limit of {MAX}",
@@ -397,6 +402,10 @@ REASONS = {
     "fd size differs": f"the attached memfd holds {BIG + 1} bytes, its header says {BIG}",
     "unsealed memfd": "the attached memfd is not sealed",
     "fd without the memfd flag": "file descriptor attached to a record without a memfd body",
+    "shm flag on a cancel": "shared-memory tensors on a CANCEL record",
+    "shm flag without tensors": "shared-memory tensors flagged, none attached",
+    "more shm tensors than allowed": f"more than {hop.MAX_FDS} file descriptor(s) attached to a record",
+    "unsealed shm tensor": "the attached memfd is not sealed",
 }
 
 

@@ -1,0 +1,98 @@
+"""Triton's system shared-memory extension through a real sealboxd, driven by stock tritonclient."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import uuid
+
+import numpy as np
+import psutil
+import pytest
+
+from tests.support import PYTHON, REPO, wait_for
+from tests.support.models import reference, worker_python
+
+if importlib.util.find_spec("tritonclient") is None:
+    pytest.skip("tritonclient[grpc] is not installed (a test dependency)", allow_module_level=True)
+
+
+def probe(target: str, tag: str) -> dict:
+    result = subprocess.run([PYTHON, str(REPO / "tests" / "daemon" / "triton_shm_probe.py"), target, "demo", tag],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def open_files(pid: int) -> list[str]:
+    targets = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return targets
+
+
+def test_tritonclient_shared_memory_in_and_out(daemon_factory, demo_model, keys):
+    daemon = daemon_factory({"demo": {"path": demo_model}}, keys[1], server="shared_memory_owners = [0]").start()
+    tag = uuid.uuid4().hex[:8]
+    out = probe(daemon.target, tag)
+    assert out["status"] == [f"in-{tag}", f"out-{tag}"]
+    x = np.array(out["x"], np.float32)
+    np.testing.assert_allclose(np.array(out["y"]), reference(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array(out["y_raw"]), reference(x), rtol=1e-5, atol=1e-5)
+    assert out["unregistered"] == ["StatusCode.INVALID_ARGUMENT",
+                                   "shared memory: no region 'no-such-region' is registered"]
+    assert out["past_the_region"] == ["StatusCode.INVALID_ARGUMENT", f"shared memory: input 'x': bytes [4112, 4192) "
+                                      f"are outside region 'in-{tag}' of 4176 bytes"]
+    assert out["output_too_small"] == ["StatusCode.INVALID_ARGUMENT", "shared memory: output 'y': 60 bytes do not fit "
+                                       f"the 8 bytes given in region 'out-{tag}'"]
+    assert out["output_past_the_region"] == ["StatusCode.INVALID_ARGUMENT", "shared memory: output 'y': bytes "
+                                             f"[8184, 8244) are outside region 'out-{tag}' of 8192 bytes"]
+    assert out["twice"] == ["StatusCode.ALREADY_EXISTS", f"shared memory: region 'in-{tag}' is already registered"]
+    assert out["missing_object"] == ["StatusCode.INVALID_ARGUMENT",
+                                     f"shared memory: cannot open shared-memory object 'sealbox-{tag}-missing'"]
+    assert out["foreign_owner"] == ["StatusCode.PERMISSION_DENIED", f"shared memory: 'sealbox-{tag}-in' is owned by "
+                                    "a user this listener does not accept regions from"]
+    assert out["status_after_unregister"] == [f"out-{tag}"]
+    assert out["after_unregister"] == ["StatusCode.INVALID_ARGUMENT", f"shared memory: no region 'in-{tag}' is registered"]
+    assert out["status_after_unregister_all"] == []
+    # Nothing left open: no region of the client's, no sealed input copy, in the supervisor; the worker
+    # never held a descriptor of a client's region at all.
+    assert not [t for t in open_files(daemon.proc.pid) if f"sealbox-{tag}" in t or "sealbox-shm-input" in t]
+    assert not [t for t in open_files(worker_python(daemon).pid) if t.startswith("/dev/shm")]
+    events = daemon.audit_events()
+    assert [e["region"] for e in events if e["event"] == "shm_register"] == [f"in-{tag}", f"out-{tag}"]
+
+
+def test_a_worker_killed_during_a_shared_memory_call_leaves_nothing_open(daemon_factory, demo_model, keys):
+    daemon = daemon_factory({"demo": {"path": demo_model}}, keys[1], server="shared_memory_owners = [0]").start()
+    worker = worker_python(daemon)
+    tag = uuid.uuid4().hex[:8]
+    os.kill(worker.pid, signal.SIGSTOP)   # the call reaches the worker and waits there
+    proc = subprocess.Popen([PYTHON, str(REPO / "tests" / "daemon" / "triton_shm_probe.py"), daemon.target, "demo",
+                             tag, "killed"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: any("sealbox-shm-input" in t for t in open_files(daemon.proc.pid)), 60,
+             "the sealed input copy to be made")
+    worker.kill()
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    code, message = json.loads(stdout)["killed"]
+    assert code == "StatusCode.UNAVAILABLE" and message.startswith("model 'demo' is unavailable: worker killed by SIGKILL")
+    assert not [t for t in open_files(daemon.proc.pid) if f"sealbox-{tag}" in t or "sealbox-shm-input" in t]
+
+
+def test_a_listener_without_owners_refuses_registration(daemon_factory, demo_model, keys):
+    daemon = daemon_factory({"demo": {"path": demo_model}}, keys[1]).start()
+    script = ("import sys, tritonclient.grpc as tc\n"
+              "from tritonclient.utils import InferenceServerException\n"
+              "c = tc.InferenceServerClient(url=sys.argv[1])\n"
+              "try:\n    c.register_system_shared_memory('r', '/dev-shm-unused', 16)\n"
+              "except InferenceServerException as e:\n    print(e.status(), e.message())\n")
+    result = subprocess.run([PYTHON, "-c", script, daemon.target], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == ("StatusCode.PERMISSION_DENIED shared memory: this listener accepts no "
+                                     "shared-memory regions (its configuration lists no shared_memory_owners)")
+    assert psutil.pid_exists(daemon.proc.pid)

@@ -279,9 +279,13 @@ def _map_memfd(fd: int, length: int) -> mmap.mmap:
 
 
 def release(body) -> None:
-    """Unmap a memfd body (inline bodies need nothing)."""
+    """Unmap a memfd body (inline bodies need nothing). While arrays still view the mapping (a batch's
+    inputs, say) it cannot be closed yet: it is then unmapped when the last of them is freed."""
     if isinstance(body, mmap.mmap):
-        body.close()
+        try:
+            body.close()
+        except BufferError:
+            pass
 
 
 def connect(path: str, blocking: bool = True) -> socket.socket:

@@ -94,6 +94,9 @@ class WorkerHop:
         self._unsent: collections.deque = collections.deque()   # records waiting for the socket buffer
         self.closed = False
         self.on_execution = None   # f(rows, ns) per engine call of a batching worker (ModelStatistics)
+        # f(reason) when the worker broke the protocol or its socket failed: a worker the supervisor
+        # cannot talk to any more is killed (and restarted by its watcher), never left running mute.
+        self.on_broken = None
 
     # -- connection ---------------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -101,6 +104,11 @@ class WorkerHop:
             raise HopClosed("the hop is closed")
         self.sock = hop.connect(self.socket_path, blocking=False)
         self.loop.add_reader(self.sock.fileno(), self._readable)
+
+    def _broken(self, reason: str) -> None:
+        self.close(reason)
+        if self.on_broken is not None:
+            self.on_broken(reason)
 
     def close(self, reason: str = "the connection to the worker was closed") -> None:
         """Fail every pending call with HopClosed and close the socket (on the loop thread)."""
@@ -141,7 +149,7 @@ class WorkerHop:
                 self.loop.add_writer(self.sock.fileno(), self._writable)
             except OSError:
                 record.close()
-                self.close("the worker's socket failed")
+                self._broken("the worker's socket failed")
                 raise HopClosed("the worker's socket failed") from None
         self._unsent.append(record)
 
@@ -154,7 +162,7 @@ class WorkerHop:
         except BlockingIOError:
             pass
         except OSError:
-            self.close("the worker's socket failed")
+            self._broken("the worker's socket failed")
 
     async def _start(self, request, timeout: float, stream: bool, shm_fds=()) -> _Call:
         if self.sock is None:
@@ -205,20 +213,20 @@ class WorkerHop:
             except BlockingIOError:
                 return
             except hop.Closed:
-                self.close("the worker closed its connection")
+                self._broken("the worker closed its connection")
                 return
             except hop.ProtocolError as exc:
-                self.close(f"the worker broke the hop protocol: {exc}")
+                self._broken(f"the worker broke the hop protocol: {exc}")
                 return
             except OSError:
-                self.close("the worker's socket failed")
+                self._broken("the worker's socket failed")
                 return
             call = self.calls.get(record.call_id)
             if call is None or record.kind == hop.DESCRIBE_REPLY or (
                     record.kind == hop.RESPONSE and not record.final and not call.stream) or (
                     record.shm and (not record.final or call.stream)):
                 record.release()
-                self.close("the worker broke the hop protocol: an unexpected record")
+                self._broken("the worker broke the hop protocol: an unexpected record")
                 return
             if record.kind == hop.ERROR:
                 message = bytes(record.body[:hop.MAX_ERROR_BYTES]).decode("utf-8", "replace")

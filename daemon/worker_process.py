@@ -120,7 +120,13 @@ class WorkerProcess:
             if self._hop is None:
                 self._hop = WorkerHop(self.socket_path, self.max_message_bytes)
                 self._hop.on_execution = self.on_execution
+                self._hop.on_broken = self._hop_broken
             return self._hop
+
+    def _hop_broken(self, reason: str) -> None:
+        if not self.stopping and self.proc.poll() is None:
+            log.warning("worker %s: %s; killing it", self.name, reason)
+            self.sandboxed.kill()   # its watcher reports the death and restarts it with backoff
 
     def wait_ready(self, timeout: float) -> bytes:
         """The worker's serialized ModelMetadataResponse once it answers; ModelUnavailable if it

@@ -467,6 +467,8 @@ def _fake_worker(answer):
 
 
 SUPERVISOR_MALFORMED = {
+    "shared-memory outputs on a non-final record": lambda cid: (
+        hop.header(hop.RESPONSE, cid, 0, flags=hop.SHM), [_memfd(b"y")]),
     "oversized length": lambda cid: (hop.header(hop.RESPONSE, cid, MAX + 1, flags=hop.FINAL), []),
     "unknown kind": lambda cid: (hop.header(99, cid, 0), []),
     "a kind only the worker receives": lambda cid: (hop.header(hop.INFER, cid, 0), []),
@@ -486,14 +488,18 @@ def test_supervisor_hop_closes_on_a_malformed_record(case):
     path = _fake_worker(SUPERVISOR_MALFORMED[case])
     before = open_fds()
 
+    broken = []
+
     async def main():
         channel = WorkerHop(path, MAX)
+        channel.on_broken = broken.append   # the supervisor kills such a worker (worker_process.py)
         with pytest.raises(HopClosed) as err:
             await channel.infer(request(np.ones((1, 1), np.float32)), 10)
         assert channel.closed and channel.sock is None
         return str(err.value)
     reason = run(main())
     assert reason.startswith("the worker broke the hop protocol"), reason
+    assert broken == [reason]
     assert no_fd_left(before)
 
 

@@ -62,12 +62,14 @@ def wait_for_model(socket_path: str):
     return listener, dataclasses.replace(handoff, files={name: fds[i] for name, i in handoff.files.items()})
 
 
-def serve(spec: WorkerSpec, engine, engine_thread: futures.ThreadPoolExecutor, phases: dict[str, float]) -> None:
+def serve(spec: WorkerSpec, handoff, engine, engine_thread: futures.ThreadPoolExecutor, phases: dict[str, float],
+          listener=None) -> None:
     """Serve the hop (worker/serving.py) until SIGTERM, every call on the engine's thread."""
     from .serving import serve as serve_hop
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    serve_hop(engine, spec.sandbox.socket, spec.model.max_message_bytes, phases, engine_thread.submit, stopped)
+    serve_hop(engine, spec.sandbox.socket, handoff.max_message_bytes, phases, engine_thread.submit, stopped,
+              handoff.batching, listener)
 
 
 def run_instead_of_loader(run: ToolRun) -> int:
@@ -138,11 +140,7 @@ def main(argv: list[str]) -> int:
             print(f"{STDERR_PREFIX}model refused: {exc}", file=sys.stderr, flush=True)
             os._exit(EXIT_MODEL_REFUSED)
     phases = {"load_s": time.perf_counter() - started, **engine.load_phases}
-    stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    from .serving import serve
-    serve(engine, spec.sandbox.socket, handoff.max_message_bytes, phases, engine_thread.submit, stopped, batching,
-          listener)
+    serve(spec, handoff, engine, engine_thread, phases, listener)
     return 0
 
 

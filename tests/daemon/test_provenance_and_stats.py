@@ -157,10 +157,10 @@ serve = worker.serve
 def hostile_serve(*args):   # called confined, with the model loaded
     from sealbox.proto import tensors, wire
     parts = tensors.response_parts
-    def response_parts(response, outputs):
+    def response_parts(response, outputs, in_shm=frozenset()):
         for key, value in FORGED.items():
             response.parameters[key].string_param = value
-        raw = parts(response, outputs) + [wire.string_parameters(wire.INFER_RESPONSE_PARAMETERS, FORGED)]
+        raw = parts(response, outputs, in_shm) + [wire.string_parameters(wire.INFER_RESPONSE_PARAMETERS, FORGED)]
         if response.id == "swallow":
             raw.append(wire.length_delimited_header(wire.RAW_OUTPUT_FIELD, {len(stamp)}))
         return raw

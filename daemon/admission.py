@@ -195,8 +195,9 @@ async def read_one(context, timeout: float):
     """Read the next request message of a stream handler with a timeout.
     Returns bytes, or None at end of stream (grpc.aio.EOF)."""
     try:
-        msg = await asyncio.wait_for(context.read(), timeout)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(timeout):   # no task per read, unlike wait_for on Python 3.11
+            msg = await context.read()
+    except TimeoutError:
         raise ClientError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no request within {timeout:g} s") from None
     return None if msg is grpc.aio.EOF else msg
 

@@ -256,3 +256,53 @@ def test_rollback_refused_before_downloading(nginx, key, tmp_path):
     assert sorted(line.split()[1] for line in new_requests(nginx, before)) == [
         "/models/v1/model.release.sig", "/models/v1/model.sig"]
     shutil.rmtree(tmp_path / "v1")
+
+
+def test_source_prefix_bounded_by_port_and_whole_path_segments(nginx, key, tmp_path):
+    """`startswith` let https://HOST cover any port of HOST and .../mod cover .../models-evil/: neither is
+    fetched now, and nothing is requested."""
+    nginx.publish(signed_model(tmp_path / "src", key), "models-evil/m")
+    before = len(nginx.requests())
+    sibling = policy(nginx, key, sources=[nginx.url + "models"])
+    msg = refused(nginx, nginx.url + "models-evil/m/", sibling, tmp_path / "sibling")
+    assert msg == f"{nginx.url}models-evil/m/: source: not under an allowed source URL ({nginx.url}models)"
+    any_port = policy(nginx, key, sources=["https://127.0.0.1"])
+    msg = refused(nginx, nginx.url + "models-evil/m/", any_port, tmp_path / "port")
+    assert msg == f"{nginx.url}models-evil/m/: source: not under an allowed source URL (https://127.0.0.1)"
+    assert new_requests(nginx, before) == []
+
+
+def test_redirect_bounded_by_whole_path_segments(nginx, key, tmp_path):
+    """/moved/X redirects to /models/X: a source prefix .../mod must not cover it."""
+    nginx.publish(signed_model(tmp_path / "src", key), "models/seg")
+    pol = policy(nginx, key, sources=[nginx.url + "moved/", nginx.url + "mod"])
+    before = len(nginx.requests())
+    msg = refused(nginx, nginx.url + "moved/seg/", pol, tmp_path / "state")
+    assert msg == (f"{nginx.url}moved/seg/: transfer: {nginx.url}moved/seg/model.sig redirects to "
+                   f"{nginx.url}models/seg/model.sig, which is not an https:// location under the policy's "
+                   "sources; not followed")
+    assert [line.split()[1] for line in new_requests(nginx, before)] == ["/moved/seg/model.sig"]
+
+
+def test_encoded_dot_segments_refused_in_locations_and_redirects(nginx, key, tmp_path):
+    """nginx decodes /models/%2e%2e/private/m/ into /private/m/: refused before any request, and as a
+    redirect target (nothing under /private/ is ever requested)."""
+    nginx.publish(signed_model(tmp_path / "src", key), "private/m")
+    pol = policy(nginx, key, sources=[nginx.url + "models/", nginx.url + "dots/", nginx.url + "dotdot/"])
+    before = len(nginx.requests())
+    for location in (nginx.url + "models/%2e%2e/private/m/", nginx.url + "models/.%2E/private/m/",
+                     nginx.url + "models/..%2fprivate/m/"):
+        msg = refused(nginx, location, pol, tmp_path / "location")
+        assert msg == (f"{location}: source: a percent-encoded '.', '/', '\\' or NUL, or a backslash, in the "
+                       "path is refused (servers decode them)")
+    assert new_requests(nginx, before) == []
+    msg = refused(nginx, nginx.url + "dots/m/", pol, tmp_path / "dots")
+    assert msg == (f"{nginx.url}dots/m/: transfer: {nginx.url}dots/m/model.sig redirects to "
+                   f"{nginx.url}models/%2e%2e/private/m/model.sig: a percent-encoded '.', '/', '\\' or NUL, or a "
+                   "backslash, in the path is refused (servers decode them); not followed")
+    msg = refused(nginx, nginx.url + "dotdot/m/", pol, tmp_path / "dotdot")
+    assert msg == (f"{nginx.url}dotdot/m/: transfer: {nginx.url}dotdot/m/model.sig redirects to "
+                   f"{nginx.url}models/../private/m/model.sig: a '..' path segment is refused; not followed")
+    uris = [line.split()[1] for line in new_requests(nginx, before)]
+    assert uris == ["/dots/m/model.sig", "/dotdot/m/model.sig"]
+    assert not any("/private/" in line for line in nginx.requests())

@@ -211,13 +211,14 @@ def store_policy(policy: TrustPolicy, store: Store) -> TrustPolicy:
 
 def fetch_model(name: str, location: str, policy: TrustPolicy, store: Store, transport: Transport,
                 state_dir: str | None, progress: Callable[[str, int, int | None], None] | None = None,
-                now=None, timeout_s: float | None = None) -> Fetched:
+                now=None, timeout_s: float | None = None, started: float | None = None) -> Fetched:
     """Fetches a model into the store; raises VerificationError (check 'transfer' for transport failures).
 
-    timeout_s bounds the whole fetch (checked per chunk and between retries; a stalled read is
-    bounded by the transport's read timeout)."""
+    timeout_s bounds the whole fetch from `started` (time.monotonic(); default now: the daemon counts
+    the wait for a fetch slot in), checked per chunk and between retries; a stalled read is bounded
+    by the transport's read timeout."""
     location = check_location(location, policy)
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    deadline = None if timeout_s is None else (time.monotonic() if started is None else started) + timeout_s
 
     def in_time(url: str) -> None:
         if deadline is not None and time.monotonic() > deadline:

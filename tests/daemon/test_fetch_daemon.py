@@ -2,7 +2,8 @@
 
 Fetched by the sandboxed helper into the store under state_dir, verified there, served end to end;
 FETCHING with progress while it downloads; a second load refused while it fetches; a tampered file
-refused with nothing served; a fetch timeout that does not hold the start-up; the fetch audited.
+refused with nothing served; a fetch timeout that does not hold the start-up; the fetch audited;
+start-up fetches waiting in line for a slot while a repository-API load is refused at once.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import numpy as np
 import pytest
 
 from tests.support.https import Nginx
-from tests.support.models import reference
-from tests.support.pki import make_model
+from tests.support.models import build_mlp_model, reference
+from tests.support.pki import make_model, upstream_sign
 
 from sealbox.client import publisher as publisher_cli
 
@@ -160,3 +161,48 @@ def test_remote_model_from_an_oci_registry_served(demo_model, keys, daemon_facto
         assert fetch["verdict"] == "accepted" and fetch["peer"].endswith(f"; manifest {digest}")
     finally:
         registry.stop()
+
+
+def test_startup_fetches_wait_in_line_and_api_load_refused_at_once(nginx, keys, daemon_factory, tmp_path):
+    """Three slow remote models at start-up and two fetch slots: the third waits in line (FETCHING,
+    "waiting to fetch") and all three become READY; a repository-API load meanwhile is refused at once."""
+    models = {}
+    for name in ("a", "b", "c", "d"):
+        build_mlp_model(tmp_path / name, 5)   # ~5 MiB of weights: ~2 s each behind /slow/ (2 MiB/s after 1 MiB)
+        upstream_sign(tmp_path / name, keys[0])
+        url = nginx.publish(tmp_path / name, f"slow/q{name}")
+        models[name] = {"source": url, "options": f'source_ca = "{nginx.ca}"\nfetch_timeout_s = 120'}
+    models["d"]["load"] = False
+    d = daemon_factory(models, keys[1]).start(wait=False)
+    waiting, refused = [], []
+    deadline = time.monotonic() + 60
+    with d.admin_client() as c:
+        while time.monotonic() < deadline and not refused:
+            try:
+                states = {m.name: (m.state, m.reason) for m in c.models()}
+            except grpc.RpcError:
+                time.sleep(0.05)
+                continue
+            waiting += [(n, r) for n, (s, r) in states.items() if s == "FETCHING" and r.startswith("waiting")]
+            if waiting:
+                started = time.monotonic()
+                with pytest.raises(grpc.RpcError) as info:
+                    c.load("d")
+                refused.append((info.value, time.monotonic() - started))
+            time.sleep(0.05)
+    assert waiting, "no start-up fetch waited in line"
+    name, reason = waiting[0]
+    assert reason == f"waiting to fetch {models[name]['source']}: 2 fetches are in progress"
+    error, took = refused[0]
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error.details() == "model 'd': 2 fetches are in progress; try again later"
+    assert took < 2, f"the repository-API load waited {took:.1f} s for a slot"
+    d.wait_ready(timeout=120)
+    with d.client() as c:
+        for name in ("a", "b", "c"):
+            assert c.status(name).state == "READY", (name, c.status(name).reason)
+            side = c.metadata(name).inputs[0].shape[-1]
+            assert c.infer(name, {"x": np.ones((1, side), dtype=np.float32)})["y"].shape == (1, side)
+    fetched = [e for e in d.audit_events() if e["event"] == "model_fetch"]
+    assert sorted(e["model"] for e in fetched if e["verdict"] == "accepted") == ["a", "b", "c"]
+    assert [e for e in fetched if e["verdict"] != "accepted"] == []

@@ -206,3 +206,100 @@ def test_startup_fetches_wait_in_line_and_api_load_refused_at_once(nginx, keys, 
     fetched = [e for e in d.audit_events() if e["event"] == "model_fetch"]
     assert sorted(e["model"] for e in fetched if e["verdict"] == "accepted") == ["a", "b", "c"]
     assert [e for e in fetched if e["verdict"] != "accepted"] == []
+
+
+def _versioned(demo_model, path, keys, version, extra=None):
+    """A copy of the demo model (plus `extra` files) signed by sealbox's publisher CLI with a release statement."""
+    shutil.copytree(demo_model, path, ignore=shutil.ignore_patterns("model.sig", "model.release.sig"))
+    for name, data in (extra or {}).items():
+        (path / name).write_bytes(data)
+    assert publisher_cli.main(["sign", "key", str(path), "--private-key", str(keys[0]), "--version", version,
+                               "--model-name", "demo"]) == 0
+    return path
+
+
+def _hup(d):
+    """SIGHUP, then the reload's audit event."""
+    import signal
+    from tests.support import wait_for
+    before = sum(e["event"] == "config_reload" for e in d.audit_events())
+    d.proc.send_signal(signal.SIGHUP)
+    return wait_for(lambda: [e for e in d.audit_events() if e["event"] == "config_reload"][before:],
+                    what="the reload's audit event", timeout=90)[0]
+
+
+def test_sighup_with_remote_sources(nginx, demo_model, keys, daemon_factory, tmp_path):
+    """A remote model added by SIGHUP is fetched and served; a changed source hands over while the old
+    version serves (no call fails); a refused new version leaves the old one serving, audited; an
+    unchanged source is not fetched again on SIGHUP, and `sealbox load` fetches it again."""
+    import threading
+    v1 = nginx.publish(_versioned(demo_model, tmp_path / "v1", keys, "1.0"), "models/hup-v1")
+    v2 = nginx.publish(_versioned(demo_model, tmp_path / "v2", keys, "2.0"), "models/hup-v2")
+    # 3.0 signs a file the store does not hold yet (a signed digest already stored is never requested),
+    # then the server's copy is tampered with.
+    v3 = nginx.publish(_versioned(demo_model, tmp_path / "v3", keys, "3.0", {"extra.bin": os.urandom(4096)}),
+                       "models/hup-v3")
+    with open(nginx.docroot / "models/hup-v3/extra.bin", "r+b") as f:
+        f.write(b"X")
+    second = nginx.publish(demo_model, "models/hup-second")
+    ca = f'source_ca = "{nginx.ca}"'
+    d = daemon_factory({"demo": {"source": v1, "options": ca}}, keys[1]).start()
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    failures, calls, stop = [], [], threading.Event()
+
+    def call():
+        with d.client() as c:
+            while not stop.is_set():
+                try:
+                    np.testing.assert_allclose(c.infer("demo", {"x": x})["y"], reference(x), rtol=1e-5)
+                    calls.append(time.monotonic())
+                except grpc.RpcError as exc:
+                    failures.append(f"{exc.code().name}: {exc.details()}")
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    try:
+        # Added by SIGHUP: fetched, verified, served.
+        base = d.config.read_text()
+        d.config.write_text(base + f'[models.second]\nsource = "{second}"\nformat = "mlx"\n{ca}\n')
+        event = _hup(d)
+        assert event["verdict"] == "accepted" and event["added"] == ["second"], event
+        with d.client() as c:
+            assert c.status("second").state == "READY"
+            np.testing.assert_allclose(c.infer("second", {"x": x})["y"], reference(x), rtol=1e-5)
+        # A changed source: fetched and handed over while 1.0 serves.
+        d.config.write_text(d.config.read_text().replace(v1, v2))
+        event = _hup(d)
+        assert event["verdict"] == "accepted" and event["replaced"] == ["demo"], event
+        with d.client() as c:
+            assert c.status("demo").state == "READY" and c.status("demo").version == "2.0"
+        # A refused new version (a tampered file): 2.0 serves on, audited.
+        d.config.write_text(d.config.read_text().replace(v2, v3))
+        event = _hup(d)
+        assert event["verdict"] == "accepted" and event["refused"] == ["demo"], event
+        with d.client() as c:
+            assert c.status("demo").state == "READY" and c.status("demo").version == "2.0"
+        update = [e for e in d.audit_events() if e["event"] == "model_update"]
+        assert [(e["model"], e["verdict"], e["serving"]) for e in update] == [("demo", "refused", "2.0")]
+        assert update[0]["reason"] == (f"verification refused: {v3}extra.bin: digest: sha256 digest "
+                                       "differs from the signed one; not stored")
+        # Back to v2's source, re-published in place as 2.1 (a moved tag): a SIGHUP compares the
+        # source only, so nothing is requested; `sealbox load` fetches the signature again and hands over.
+        d.config.write_text(d.config.read_text().replace(v3, v2))
+        _hup(d)
+        _versioned(demo_model, tmp_path / "v21", keys, "2.1")
+        nginx.publish(tmp_path / "v21", "models/hup-v2")
+        before = len(nginx.requests())
+        assert "replaced" not in _hup(d)
+        time.sleep(0.2)
+        assert nginx.requests()[before:] == []
+        with d.admin_client() as c:
+            c.load("demo")
+            assert c.status("demo").version == "2.1"
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        caller.join(30)
+    assert failures == [] and len(calls) > 10
+    fetched = [(e["location"], e["verdict"]) for e in d.audit_events() if e["event"] == "model_fetch"]
+    assert fetched == [(v1, "accepted"), (second, "accepted"), (v2, "accepted"), (v3, "refused"),
+                       (v2, "accepted"), (v2, "accepted")]

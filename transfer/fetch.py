@@ -332,7 +332,8 @@ def _fetch_file(location: str, res: str, manifest, store: Store, transport: Tran
             if size and state["start"] < size:
                 _shard_check(url, state, signed, manifest, size)
         elif (w.sha256 if same_hash else state).digest() != signed[(0, None)]:
-            raise VerificationError(url, "digest", f"{manifest.hash_type} digest differs from the signed one; "
+            pinned = "signed" if policy.require_signature else "pinned"
+            raise VerificationError(url, "digest", f"{manifest.hash_type} digest differs from the {pinned} one; "
                                     "not stored")
         return w.commit(), w.size, received
 

@@ -306,3 +306,34 @@ def test_encoded_dot_segments_refused_in_locations_and_redirects(nginx, key, tmp
     uris = [line.split()[1] for line in new_requests(nginx, before)]
     assert uris == ["/dots/m/model.sig", "/dotdot/m/model.sig"]
     assert not any("/private/" in line for line in nginx.requests())
+
+
+def test_policy_pins_drive_the_download(nginx, key, tmp_path):
+    """require_signature = false: the pinned digests name what is fetched (no signature is requested,
+    nor any unpinned file on the server), from inline pins and from a pin manifest alike; a wrong pin
+    is refused with nothing stored."""
+    import hashlib
+    model = make_model(tmp_path / "src")
+    url = nginx.publish(model, "models/pinned")
+    (nginx.docroot / "models/pinned/unpinned.bin").write_bytes(b"never fetched")
+    names = ["config.json", "weights/w0.bin", "weights/w1.bin"]
+    pins = {n: "sha256:" + hashlib.sha256((model / n).read_bytes()).hexdigest() for n in names}
+    inline = policy(nginx, key, require_signature=False, pinned_files=pins)
+    manifest = tmp_path / "pins.sha256"
+    manifest.write_text("".join(f"{d.split(':')[1]}  {n}\n" for n, d in pins.items()))
+    from_file = policy(nginx, key, require_signature=False, pinned_manifest=str(manifest))
+    for i, pol in enumerate((inline, from_file)):
+        before = len(nginx.requests())
+        got, store = fetch(nginx, url, pol, tmp_path / f"state{i}")
+        assert sorted(got.files) == names and got.downloaded == sum((model / n).stat().st_size for n in names)
+        assert sorted(line.split()[1] for line in new_requests(nginx, before)) == [f"/models/pinned/{n}" for n in names]
+        with verify_model("m", got.view, store_policy(pol, store), str(tmp_path / f"state{i}"), None,
+                          store_links=True) as verified:
+            assert sorted(verified.files) == names
+    assert not any("unpinned" in line or "model.sig" in line for line in nginx.requests())
+    # A wrong pin on the first file fetched: refused at its end, nothing stored, nothing after it requested.
+    wrong = dict(pins, **{"config.json": "sha256:" + "0" * 64})
+    before = len(nginx.requests())
+    msg = refused(nginx, url, policy(nginx, key, require_signature=False, pinned_files=wrong), tmp_path / "wrong")
+    assert msg == f"{url}config.json: digest: sha256 digest differs from the pinned one; not stored"
+    assert [line.split()[1] for line in new_requests(nginx, before)] == ["/models/pinned/config.json"]

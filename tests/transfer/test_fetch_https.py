@@ -330,7 +330,7 @@ def test_policy_pins_drive_the_download(nginx, key, tmp_path):
         with verify_model("m", got.view, store_policy(pol, store), str(tmp_path / f"state{i}"), None,
                           store_links=True) as verified:
             assert sorted(verified.files) == names
-    assert not any("unpinned" in line or "model.sig" in line for line in nginx.requests())
+    assert not any("/models/pinned/unpinned" in line or "/models/pinned/model." in line for line in nginx.requests())
     # A wrong pin on the first file fetched: refused at its end, nothing stored, nothing after it requested.
     wrong = dict(pins, **{"config.json": "sha256:" + "0" * 64})
     before = len(nginx.requests())

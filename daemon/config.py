@@ -485,7 +485,7 @@ def policy_from_toml(table: Any, where: str, defaults: TrustPolicy | None = None
     base = defaults or TrustPolicy()
     known = {"sources", "public_keys", "certificates", "sigstore", "require_signature", "signature", "release",
              "ignore_paths", "pinned_files", "pinned_manifest", "min_version", "allow_downgrade",
-             "clock_skew_seconds", "max_bytes", "version", "manifest_digest", "model_name"}
+             "clock_skew_seconds", "max_bytes", "max_files", "version", "manifest_digest", "model_name"}
     for key in table:
         if key not in known:
             raise ConfigError(f"{where}: {key}: unknown key (known: {', '.join(sorted(known))})")
@@ -631,6 +631,11 @@ def policy_from_toml(table: Any, where: str, defaults: TrustPolicy | None = None
         if value <= 0:
             raise err("max_bytes", "must be positive")
         changes["max_bytes"] = value
+    if "max_files" in table:
+        value = get("max_files", int, "an integer number of files")
+        if value <= 0:
+            raise err("max_files", "must be positive")
+        changes["max_files"] = value
 
     policy = dataclasses.replace(base, **changes)
     # Whole-policy rules, checked on the merged result.

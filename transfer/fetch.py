@@ -33,7 +33,6 @@ from .store import Store
 
 SCHEMES = ("https://", "oci://", "sftp://")   # what this build fetches from
 KNOWN = ("https://", "oci://", "sftp://")
-MAX_FILES = 10_000         # a model with more signed files than this is refused before any is requested
 ATTEMPTS = 5               # per file: the first try and four resumes
 BACKOFF_S = (0.5, 1, 2, 4)
 
@@ -234,9 +233,10 @@ def fetch_model(name: str, location: str, policy: TrustPolicy, store: Store, tra
                                 in_time)
         signed = verify_manifest(name, file_where(location, ""), sig, release, policy, state_dir, now)
         manifest = signed.manifest
-        if len(manifest.resources) > MAX_FILES:
-            raise VerificationError(file_where(location, sig_name), "size", f"signs {len(manifest.resources)} files, more than "
-                                    f"the {MAX_FILES} fetched for one model")
+        if len(manifest.resources) > policy.max_files:
+            raise VerificationError(file_where(location, sig_name) if policy.require_signature else location, "size",
+                                    f"names {len(manifest.resources)} files, more "
+                                    f"than the policy's max_files {policy.max_files}; none requested")
         if "." in manifest.resources:
             raise VerificationError(file_where(location, sig_name), "manifest", "a single-file model cannot be fetched from a "
                                     "directory location; sign it inside a directory")

@@ -337,3 +337,14 @@ def test_policy_pins_drive_the_download(nginx, key, tmp_path):
     msg = refused(nginx, url, policy(nginx, key, require_signature=False, pinned_files=wrong), tmp_path / "wrong")
     assert msg == f"{url}config.json: digest: sha256 digest differs from the pinned one; not stored"
     assert [line.split()[1] for line in new_requests(nginx, before)] == ["/models/pinned/config.json"]
+
+
+def test_policy_max_files_refuses_before_any_file_is_requested(nginx, key, tmp_path):
+    url = nginx.publish(signed_model(tmp_path / "src", key), "models/many")
+    before = len(nginx.requests())
+    msg = refused(nginx, url, policy(nginx, key, max_files=2), tmp_path / "state")
+    assert msg == f"{url}model.sig: size: names 3 files, more than the policy's max_files 2; none requested"
+    assert sorted(line.split()[1] for line in new_requests(nginx, before)) == [
+        "/models/many/model.release.sig", "/models/many/model.sig"]
+    got, _ = fetch(nginx, url, policy(nginx, key, max_files=3), tmp_path / "ok")
+    assert len(got.files) == 3

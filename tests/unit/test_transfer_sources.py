@@ -116,3 +116,16 @@ def test_bad_source_prefix_refused_in_config(prefix, why):
     with pytest.raises(ConfigError) as info:
         policy_from_toml({"sources": [prefix]}, "t")
     assert str(info.value) == f"t: sources: {prefix!r}: {why}"
+
+
+@pytest.mark.parametrize("value, why", [(0, "must be positive"), (-1, "must be positive"),
+                                        ("10", "must be an integer number of files"),
+                                        (True, "must be an integer number of files")])
+def test_max_files_checked_in_config(value, why):
+    base = {"sources": ["https://models.example.com/"], "require_signature": False,
+            "pinned_files": {"a.bin": "sha256:" + "0" * 64}}
+    assert policy_from_toml(dict(base, max_files=5), "t").max_files == 5
+    assert policy_from_toml(base, "t").max_files == 10_000
+    with pytest.raises(ConfigError) as info:
+        policy_from_toml(dict(base, max_files=value), "t")
+    assert str(info.value) == f"t: max_files: {why}"

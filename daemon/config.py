@@ -105,6 +105,7 @@ import re
 import sys
 import tomllib
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..proto.contract import ENGINE_NAMES, Batching
 from ..trust.policy import SigstoreRoot, TrustedKey, TrustedRoots, TrustPolicy, normalize_identity, parse_version
@@ -484,7 +485,7 @@ def policy_from_toml(table: Any, where: str, defaults: TrustPolicy | None = None
     base = defaults or TrustPolicy()
     known = {"sources", "public_keys", "certificates", "sigstore", "require_signature", "signature", "release",
              "ignore_paths", "pinned_files", "pinned_manifest", "min_version", "allow_downgrade",
-             "clock_skew_seconds", "max_bytes", "version", "manifest_digest", "model_name"}
+             "clock_skew_seconds", "max_bytes", "max_files", "version", "manifest_digest", "model_name"}
     for key in table:
         if key not in known:
             raise ConfigError(f"{where}: {key}: unknown key (known: {', '.join(sorted(known))})")
@@ -509,6 +510,12 @@ def policy_from_toml(table: Any, where: str, defaults: TrustPolicy | None = None
         for s in get("sources", list, "a list of absolute directories or https://, oci:// or sftp:// URL prefixes"):
             scheme = next((p for p in URL_SCHEMES if isinstance(s, str) and s.startswith(p)), None)
             if scheme and len(s) > len(scheme):
+                from ..transfer.fetch import path_problem   # the same comparison the fetch and its redirects use
+                parts = urlsplit(s)
+                problem = path_problem(s) or ("a URL prefix has no host" if not parts.hostname else None) or (
+                    "a URL prefix has no query or fragment" if parts.query or parts.fragment or "#" in s else None)
+                if problem:
+                    raise err("sources", f"{s!r}: {problem}")
                 urls.append(s)
             elif isinstance(s, str) and os.path.isabs(s):
                 # Resolved once here; below it a model path is walked with O_NOFOLLOW at verify time.
@@ -624,6 +631,11 @@ def policy_from_toml(table: Any, where: str, defaults: TrustPolicy | None = None
         if value <= 0:
             raise err("max_bytes", "must be positive")
         changes["max_bytes"] = value
+    if "max_files" in table:
+        value = get("max_files", int, "an integer number of files")
+        if value <= 0:
+            raise err("max_files", "must be positive")
+        changes["max_files"] = value
 
     policy = dataclasses.replace(base, **changes)
     # Whole-policy rules, checked on the merged result.

@@ -2,7 +2,9 @@
 
 One fetch per model at a time (a second load of a model being fetched is refused, not queued), at
 most FETCH_SLOTS fetches at once for the whole daemon, each bounded by its model's fetch_timeout_s,
-so neither a model-repository caller nor start-up can make the daemon fetch without bound. The
+so neither a model-repository caller nor start-up can make the daemon fetch without bound. Start-up
+and reload loads wait in line for a slot (the wait counts against fetch_timeout_s, so start-up is
+not held longer); a repository-API load finding every slot taken is refused at once. The
 network client runs in the fetch helper (sealbox.transfer.sandboxed); this process only hashes,
 bounds and stores. Every fetch is audited: location, TLS peer, bytes, digests, verdict.
 """
@@ -47,25 +49,35 @@ class Fetcher:
         return SandboxProfile.for_fetch_helper(python=w.python, seccomp=w.seccomp, landlock=w.landlock,
                                                cgroups=w.cgroups)
 
-    def fetch(self, cfg: ModelConfig, progress: Callable[[str], None]) -> tuple[str, TrustPolicy]:
+    def fetch(self, cfg: ModelConfig, progress: Callable[[str], None], wait: bool = False) -> tuple[str, TrustPolicy]:
         """Fetches cfg.source into the store; returns the view and the policy to verify it with.
-        Raises VerificationError (refused) or FetchBusy."""
+        wait: in line for a slot (start-up, reload), else refused at once if none is free (the
+        repository API). Raises VerificationError (refused, a timeout included) or FetchBusy."""
         with self.lock:
             if cfg.name in self.active:
                 raise FetchBusy(f"model '{cfg.name}' is being fetched already")
             self.active.add(cfg.name)
         try:
-            if not self.slots.acquire(timeout=min(cfg.fetch_timeout_s, 30.0)):
-                raise FetchBusy(f"{FETCH_SLOTS} fetches are in progress; try again later")
+            started = time.monotonic()
+            if not self.slots.acquire(blocking=False):
+                if not wait:
+                    raise FetchBusy(f"{FETCH_SLOTS} fetches are in progress; try again later")
+                progress(f"waiting to fetch {cfg.source}: {FETCH_SLOTS} fetches are in progress")
+                if not self.slots.acquire(timeout=cfg.fetch_timeout_s):
+                    reason = (f"no fetch slot came free within its fetch_timeout_s {cfg.fetch_timeout_s:g} s "
+                              f"({FETCH_SLOTS} fetches at once)")
+                    self.audit.event("model_fetch", model=cfg.name, location=cfg.source, bytes=0, verdict="refused",
+                                     reason=f"{cfg.source}: transfer: {reason}", check="transfer")
+                    raise VerificationError(cfg.source, "transfer", reason)
             try:
-                return self._fetch(cfg, progress)
+                return self._fetch(cfg, progress, started)
             finally:
                 self.slots.release()
         finally:
             with self.lock:
                 self.active.discard(cfg.name)
 
-    def _fetch(self, cfg: ModelConfig, progress: Callable[[str], None]) -> tuple[str, TrustPolicy]:
+    def _fetch(self, cfg: ModelConfig, progress: Callable[[str], None], started: float) -> tuple[str, TrustPolicy]:
         store = self.store()
         record = {"model": cfg.name, "location": cfg.source}
         received, last = 0, 0.0
@@ -86,7 +98,7 @@ class Fetcher:
                                            read_timeout=min(30.0, cfg.fetch_timeout_s), ssh_key=cfg.ssh_key,
                                            known_hosts=cfg.known_hosts)
             got = fetch_model(cfg.name, cfg.source, cfg.policy, store, transport, self.config.server.state_dir,
-                              advance, timeout_s=cfg.fetch_timeout_s)
+                              advance, timeout_s=cfg.fetch_timeout_s, started=started)
         except VerificationError as exc:
             self.audit.event("model_fetch", **record, peer=getattr(transport, "peer", None), bytes=received,
                              verdict="refused", reason=str(exc), check=exc.check)

@@ -217,7 +217,7 @@ class Supervisor:
 
     def _load_quietly(self, name):
         try:
-            self.load(name)
+            self.load(name, queue_fetch=True)
         except (ModelUnavailable, LoadRefused) as exc:
             log.warning("model %s not loaded: %s", name, exc)
         except Exception as exc:  # a bug must not leave the model looking merely "unloaded"
@@ -225,8 +225,11 @@ class Supervisor:
             model = self.models[name]
             model.set_state(State.UNAVAILABLE, f"internal error while loading: {exc!r}")
 
-    def load(self, name: str, config: ModelConfig | None = None) -> None:
+    def load(self, name: str, config: ModelConfig | None = None, queue_fetch: bool = False) -> None:
         """Verify, launch, wait until ready. Raises LoadRefused or ModelUnavailable.
+
+        queue_fetch (start-up, reload): a remote model waits in line for a fetch slot; without it (the
+        repository API) it is refused at once when every slot is taken.
 
         A model that is serving keeps serving until its replacement is READY (`_hand_over`); a
         refused or failed replacement leaves it serving. `config` replaces the model's config (a
@@ -251,7 +254,7 @@ class Supervisor:
             try:
                 path, policy = cfg.path, cfg.policy
                 if cfg.source is not None:   # fetched into the store, then verified there like a directory
-                    path, policy = self._fetch(model, cfg, serving)
+                    path, policy = self._fetch(model, cfg, serving, queue_fetch)
                 verified = verify_model(name, path, policy, self.config.server.state_dir, self.audit,
                                         record_version=False,   # recorded once the new worker is READY
                                         store_links=cfg.source is not None)
@@ -287,14 +290,14 @@ class Supervisor:
                 self.audit.event("model_load", model=name, verdict="failed", reason=model.reason)
                 raise ModelUnavailable(model.reason) from None
 
-    def _fetch(self, model: ManagedModel, cfg: ModelConfig, serving: bool):
+    def _fetch(self, model: ManagedModel, cfg: ModelConfig, serving: bool, queue_fetch: bool):
         """A remote model's view in the store and the policy to verify it with (caller holds model.lock);
         FETCHING with progress in the reason unless an older version keeps serving."""
         def progress(text: str) -> None:
             if not serving:
                 model.set_state(State.FETCHING, text)
         try:
-            return self.fetcher.fetch(cfg, progress)
+            return self.fetcher.fetch(cfg, progress, wait=queue_fetch)
         except FetchBusy as exc:
             if not serving:
                 model.set_state(State.UNAVAILABLE, str(exc))
@@ -672,7 +675,7 @@ class Supervisor:
                 return
             what = "added" if name in added else ("replaced" if loaded else "loaded")
             try:
-                self.load(name, cfg)
+                self.load(name, cfg, queue_fetch=True)
                 outcome[name] = what
             except LoadRefused as exc:
                 outcome[name] = "refused"

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from ..trust import TrustPolicy, VerificationError
 from ..trust._hashing import new_hasher
@@ -33,7 +33,6 @@ from .store import Store
 
 SCHEMES = ("https://", "oci://", "sftp://")   # what this build fetches from
 KNOWN = ("https://", "oci://", "sftp://")
-MAX_FILES = 10_000         # a model with more signed files than this is refused before any is requested
 ATTEMPTS = 5               # per file: the first try and four resumes
 BACKOFF_S = (0.5, 1, 2, 4)
 
@@ -91,6 +90,9 @@ def check_location(location: str, policy: TrustPolicy) -> str:
     if not lower.startswith(SCHEMES):
         raise VerificationError(location, "source", f"{location.split('://')[0]}:// locations are not fetched by this "
                                 "version of sealbox; use https://, oci:// or sftp://")
+    problem = path_problem(location)
+    if problem:
+        raise VerificationError(location, "source", problem)
     if lower.startswith("sftp://"):
         location = _check_sftp(location)
     elif lower.startswith("oci://"):
@@ -99,7 +101,7 @@ def check_location(location: str, policy: TrustPolicy) -> str:
                                     "oci://REGISTRY/REPOSITORY@sha256:DIGEST")
     else:
         location = _check_https(location)
-    if not any(location.startswith(p) for p in policy.source_urls):
+    if not under_any(location, policy.source_urls):
         allowed = ", ".join(policy.source_urls) or "none configured"
         raise VerificationError(location, "source", f"not under an allowed source URL ({allowed})")
     return location
@@ -110,7 +112,7 @@ def _check_sftp(location: str) -> str:
     if not parts.hostname or not parts.username or parts.password is not None or parts.query or parts.fragment:
         raise VerificationError(location, "source", "must be sftp://USER@HOST[:PORT]/PATH/ (key authentication "
                                 "only: no password in the URL), without query or fragment")
-    if ".." in parts.path.split("/") or not parts.path.startswith("/"):
+    if not parts.path.startswith("/"):
         raise VerificationError(location, "source", "the path must be absolute, without '..'")
     return location if location.endswith("/") else location + "/"
 
@@ -119,14 +121,80 @@ def _check_https(location: str) -> str:
     parts = urlsplit(location)
     if not parts.hostname or parts.query or parts.fragment or parts.username or parts.password:
         raise VerificationError(location, "source", "must be https://HOST[:PORT]/PATH/ without user, query or fragment")
-    if ".." in parts.path.split("/"):
-        raise VerificationError(location, "source", "a '..' path segment is refused")
     return location if location.endswith("/") else location + "/"
+
+
+# Encodings a server decodes into a dot, a slash or a backslash (nginx turns /models/%2e%2e/x into /x),
+# or a NUL: refused in every location, source prefix and redirect target, never decoded and compared.
+_ENCODED = re.compile(r"%(?:2e|2f|5c|00)", re.IGNORECASE)
+DEFAULT_PORTS = {"https": 443, "oci": 443, "sftp": 22}
+
+
+def path_problem(url: str) -> str | None:
+    """Why a location, prefix or redirect target's path cannot be compared segment by segment, or None."""
+    try:
+        parts = urlsplit(url)
+        parts.port
+    except ValueError as e:
+        return f"not a valid URL ({e})"
+    if _ENCODED.search(parts.path) or "\\" in parts.path:
+        return "a percent-encoded '.', '/', '\\' or NUL, or a backslash, in the path is refused (servers decode them)"
+    if "%" in parts.netloc.rpartition("@")[2]:
+        return "a percent-encoded host is refused"
+    if ".." in (unquote(s) for s in parts.path.split("/")):
+        return "a '..' path segment is refused"
+    return None
+
+
+def _split(url: str) -> tuple[tuple, list[str], str | None] | None:
+    """(scheme, user, host, port), the unquoted path segments, and an OCI reference's tag or digest;
+    None if the URL is not comparable (see path_problem)."""
+    if path_problem(url) is not None:
+        return None
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS or not parts.hostname:
+        return None
+    path, ref = parts.path, None
+    if scheme == "oci":   # REPOSITORY:TAG or @DIGEST: the repository's components are the segments
+        path, at, digest = path.partition("@")
+        head, _, last = path.rpartition("/")
+        if at:
+            ref = digest
+        elif ":" in last:
+            last, ref = last.split(":", 1)
+        path = f"{head}/{last}"
+    segments = [unquote(s) for s in path.split("/")[1:]]
+    if segments and segments[-1] == "":
+        segments.pop()   # a directory's trailing slash
+    user = unquote(parts.username) if scheme == "sftp" and parts.username else None
+    return (scheme, user, parts.hostname, parts.port or DEFAULT_PORTS[scheme]), segments, ref
+
+
+def under(url: str, prefix: str) -> bool:
+    """Whether url is at or below the source prefix: the same scheme, host and port (and SFTP user, if
+    the prefix names one), and the prefix's whole path segments first, so https://h/team does not
+    cover https://h/team-evil/ nor https://h.evil.net/. An OCI prefix naming a tag or digest covers
+    only that reference."""
+    u, p = _split(url), _split(prefix)
+    if u is None or p is None:
+        return False
+    (scheme, user, host, port), segments, ref = u
+    (p_scheme, p_user, p_host, p_port), p_segments, p_ref = p
+    if (scheme, host, port) != (p_scheme, p_host, p_port) or (p_user is not None and user != p_user):
+        return False
+    if p_ref is not None:
+        return segments == p_segments and ref == p_ref
+    return segments[:len(p_segments)] == p_segments
+
+
+def under_any(url: str, prefixes) -> bool:
+    return any(under(url, p) for p in prefixes)
 
 
 def under_sources(url: str, policy: TrustPolicy) -> bool:
     """A redirect target is followed only to an https:// location the policy also trusts."""
-    return url.startswith("https://") and any(url.startswith(p) for p in policy.source_urls)
+    return url.lower().startswith("https://") and under_any(url, policy.source_urls)
 
 
 def metadata_name(policy_name: str) -> str:
@@ -142,13 +210,14 @@ def store_policy(policy: TrustPolicy, store: Store) -> TrustPolicy:
 
 def fetch_model(name: str, location: str, policy: TrustPolicy, store: Store, transport: Transport,
                 state_dir: str | None, progress: Callable[[str, int, int | None], None] | None = None,
-                now=None, timeout_s: float | None = None) -> Fetched:
+                now=None, timeout_s: float | None = None, started: float | None = None) -> Fetched:
     """Fetches a model into the store; raises VerificationError (check 'transfer' for transport failures).
 
-    timeout_s bounds the whole fetch (checked per chunk and between retries; a stalled read is
-    bounded by the transport's read timeout)."""
+    timeout_s bounds the whole fetch from `started` (time.monotonic(); default now: the daemon counts
+    the wait for a fetch slot in), checked per chunk and between retries; a stalled read is bounded
+    by the transport's read timeout."""
     location = check_location(location, policy)
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    deadline = None if timeout_s is None else (time.monotonic() if started is None else started) + timeout_s
 
     def in_time(url: str) -> None:
         if deadline is not None and time.monotonic() > deadline:
@@ -164,9 +233,10 @@ def fetch_model(name: str, location: str, policy: TrustPolicy, store: Store, tra
                                 in_time)
         signed = verify_manifest(name, file_where(location, ""), sig, release, policy, state_dir, now)
         manifest = signed.manifest
-        if len(manifest.resources) > MAX_FILES:
-            raise VerificationError(file_where(location, sig_name), "size", f"signs {len(manifest.resources)} files, more than "
-                                    f"the {MAX_FILES} fetched for one model")
+        if len(manifest.resources) > policy.max_files:
+            raise VerificationError(file_where(location, sig_name) if policy.require_signature else location, "size",
+                                    f"names {len(manifest.resources)} files, more "
+                                    f"than the policy's max_files {policy.max_files}; none requested")
         if "." in manifest.resources:
             raise VerificationError(file_where(location, sig_name), "manifest", "a single-file model cannot be fetched from a "
                                     "directory location; sign it inside a directory")
@@ -262,7 +332,8 @@ def _fetch_file(location: str, res: str, manifest, store: Store, transport: Tran
             if size and state["start"] < size:
                 _shard_check(url, state, signed, manifest, size)
         elif (w.sha256 if same_hash else state).digest() != signed[(0, None)]:
-            raise VerificationError(url, "digest", f"{manifest.hash_type} digest differs from the signed one; "
+            pinned = "signed" if policy.require_signature else "pinned"
+            raise VerificationError(url, "digest", f"{manifest.hash_type} digest differs from the {pinned} one; "
                                     "not stored")
         return w.commit(), w.size, received
 

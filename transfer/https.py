@@ -2,8 +2,9 @@
 
 urllib3 is asked to follow no redirect and retry nothing: a redirect is
 followed here only to an https:// URL under one of the policy's source URL
-prefixes (Python's requests and urllib follow an https -> http redirect
-silently), and retries are the fetch pipeline's, which resumes from the byte
+prefixes, compared by host, port and whole path segments (fetch.under), its
+path free of '..' and of encoded dots and slashes (Python's requests and
+urllib follow an https -> http redirect silently), and retries are the fetch pipeline's, which resumes from the byte
 it reached. The body's length is enforced (urllib3 raises on a connection
 closed early, where urllib + shutil.copyfileobj return half a file with no
 error). TLS is verified against the system CAs or a pinned CA bundle.
@@ -16,7 +17,7 @@ from urllib.parse import urljoin, urlsplit
 
 import urllib3
 
-from .fetch import Interrupted, Refused
+from .fetch import Interrupted, Refused, path_problem, under_any
 
 CHUNK = 1 << 20
 MAX_REDIRECTS = 5
@@ -55,7 +56,10 @@ class HttpsTransport:
             if r.status in (301, 302, 303, 307, 308):
                 target = urljoin(url, r.headers.get("Location", ""))
                 _discard(r)
-                if not (target.startswith("https://") and any(target.startswith(p) for p in self.allowed)):
+                problem = path_problem(target)
+                if problem:
+                    raise Refused(f"{url} redirects to {target}: {problem}; not followed")
+                if not (target.lower().startswith("https://") and under_any(target, self.allowed)):
                     raise Refused(f"{url} redirects to {target}, which is not an https:// location under the "
                                   "policy's sources; not followed")
                 url = target

@@ -122,7 +122,8 @@ class SigstoreRoot:
 class TrustPolicy:
     # Allowed model sources: real directory paths (the config resolves them;
     # below them nothing is resolved: verifying walks down with O_NOFOLLOW)
-    # and https:// URL prefixes (kept for a later transfer feature).
+    # and https://, oci:// and sftp:// URL prefixes of fetched models
+    # (sealbox.transfer.fetch.under compares them by host, port and path segments).
     sources: tuple[str, ...] = ()
     source_urls: tuple[str, ...] = ()
     public_keys: tuple[TrustedKey, ...] = ()
@@ -150,6 +151,7 @@ class TrustPolicy:
     model_name: str | None = None
     clock_skew_seconds: int = 300
     max_bytes: int = 16 << 30  # the memfd copies live in RAM (tmpfs): keep below memory
+    max_files: int = 10_000    # a fetched model signing more files is refused before any is requested
     where: str = "built-in defaults"  # for error messages and the audit log
 
     def describe(self) -> str:

@@ -2,7 +2,8 @@
 
 Fetched by the sandboxed helper into the store under state_dir, verified there, served end to end;
 FETCHING with progress while it downloads; a second load refused while it fetches; a tampered file
-refused with nothing served; a fetch timeout that does not hold the start-up; the fetch audited.
+refused with nothing served; a fetch timeout that does not hold the start-up; the fetch audited;
+start-up fetches waiting in line for a slot while a repository-API load is refused at once.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import numpy as np
 import pytest
 
 from tests.support.https import Nginx
-from tests.support.models import reference
-from tests.support.pki import make_model
+from tests.support.models import build_mlp_model, reference
+from tests.support.pki import make_model, upstream_sign
 
 from sealbox.client import publisher as publisher_cli
 
@@ -160,3 +161,145 @@ def test_remote_model_from_an_oci_registry_served(demo_model, keys, daemon_facto
         assert fetch["verdict"] == "accepted" and fetch["peer"].endswith(f"; manifest {digest}")
     finally:
         registry.stop()
+
+
+def test_startup_fetches_wait_in_line_and_api_load_refused_at_once(nginx, keys, daemon_factory, tmp_path):
+    """Three slow remote models at start-up and two fetch slots: the third waits in line (FETCHING,
+    "waiting to fetch") and all three become READY; a repository-API load meanwhile is refused at once."""
+    models = {}
+    for name in ("a", "b", "c", "d"):
+        build_mlp_model(tmp_path / name, 5)   # ~5 MiB of weights: ~2 s each behind /slow/ (2 MiB/s after 1 MiB)
+        upstream_sign(tmp_path / name, keys[0])
+        url = nginx.publish(tmp_path / name, f"slow/q{name}")
+        models[name] = {"source": url, "options": f'source_ca = "{nginx.ca}"\nfetch_timeout_s = 120'}
+    models["d"]["load"] = False
+    d = daemon_factory(models, keys[1]).start(wait=False)
+    waiting, refused = [], []
+    deadline = time.monotonic() + 60
+    with d.admin_client() as c:
+        while time.monotonic() < deadline and not refused:
+            try:
+                states = {m.name: (m.state, m.reason) for m in c.models()}
+            except grpc.RpcError:
+                time.sleep(0.05)
+                continue
+            waiting += [(n, r) for n, (s, r) in states.items() if s == "FETCHING" and r.startswith("waiting")]
+            if waiting:
+                started = time.monotonic()
+                with pytest.raises(grpc.RpcError) as info:
+                    c.load("d")
+                refused.append((info.value, time.monotonic() - started))
+            time.sleep(0.05)
+    assert waiting, "no start-up fetch waited in line"
+    name, reason = waiting[0]
+    assert reason == f"waiting to fetch {models[name]['source']}: 2 fetches are in progress"
+    error, took = refused[0]
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error.details() == "model 'd': 2 fetches are in progress; try again later"
+    assert took < 2, f"the repository-API load waited {took:.1f} s for a slot"
+    d.wait_ready(timeout=120)
+    with d.client() as c:
+        for name in ("a", "b", "c"):
+            assert c.status(name).state == "READY", (name, c.status(name).reason)
+            side = c.metadata(name).inputs[0].shape[-1]
+            assert c.infer(name, {"x": np.ones((1, side), dtype=np.float32)})["y"].shape == (1, side)
+    fetched = [e for e in d.audit_events() if e["event"] == "model_fetch"]
+    assert sorted(e["model"] for e in fetched if e["verdict"] == "accepted") == ["a", "b", "c"]
+    assert [e for e in fetched if e["verdict"] != "accepted"] == []
+
+
+def _versioned(demo_model, path, keys, version, extra=None):
+    """A copy of the demo model (plus `extra` files) signed by sealbox's publisher CLI with a release statement."""
+    shutil.copytree(demo_model, path, ignore=shutil.ignore_patterns("model.sig", "model.release.sig"))
+    for name, data in (extra or {}).items():
+        (path / name).write_bytes(data)
+    assert publisher_cli.main(["sign", "key", str(path), "--private-key", str(keys[0]), "--version", version,
+                               "--model-name", "demo"]) == 0
+    return path
+
+
+def _hup(d):
+    """SIGHUP, then the reload's audit event."""
+    import signal
+    from tests.support import wait_for
+    before = sum(e["event"] == "config_reload" for e in d.audit_events())
+    d.proc.send_signal(signal.SIGHUP)
+    return wait_for(lambda: [e for e in d.audit_events() if e["event"] == "config_reload"][before:],
+                    what="the reload's audit event", timeout=90)[0]
+
+
+def test_sighup_with_remote_sources(nginx, demo_model, keys, daemon_factory, tmp_path):
+    """A remote model added by SIGHUP is fetched and served; a changed source hands over while the old
+    version serves (no call fails); a refused new version leaves the old one serving, audited; an
+    unchanged source is not fetched again on SIGHUP, and `sealbox load` fetches it again."""
+    import threading
+    v1 = nginx.publish(_versioned(demo_model, tmp_path / "v1", keys, "1.0"), "models/hup-v1")
+    v2 = nginx.publish(_versioned(demo_model, tmp_path / "v2", keys, "2.0"), "models/hup-v2")
+    # 3.0 signs a file the store does not hold yet (a signed digest already stored is never requested),
+    # then the server's copy is tampered with.
+    v3 = nginx.publish(_versioned(demo_model, tmp_path / "v3", keys, "3.0", {"extra.bin": os.urandom(4096)}),
+                       "models/hup-v3")
+    with open(nginx.docroot / "models/hup-v3/extra.bin", "r+b") as f:
+        f.write(b"X")
+    second = nginx.publish(demo_model, "models/hup-second")
+    ca = f'source_ca = "{nginx.ca}"'
+    d = daemon_factory({"demo": {"source": v1, "options": ca}}, keys[1]).start()
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    failures, calls, stop = [], [], threading.Event()
+
+    def call():
+        with d.client() as c:
+            while not stop.is_set():
+                try:
+                    np.testing.assert_allclose(c.infer("demo", {"x": x})["y"], reference(x), rtol=1e-5)
+                    calls.append(time.monotonic())
+                except grpc.RpcError as exc:
+                    failures.append(f"{exc.code().name}: {exc.details()}")
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    try:
+        # Added by SIGHUP: fetched, verified, served.
+        base = d.config.read_text()
+        d.config.write_text(base + f'[models.second]\nsource = "{second}"\nformat = "mlx"\n{ca}\n')
+        event = _hup(d)
+        assert event["verdict"] == "accepted" and event["added"] == ["second"], event
+        with d.client() as c:
+            assert c.status("second").state == "READY"
+            np.testing.assert_allclose(c.infer("second", {"x": x})["y"], reference(x), rtol=1e-5)
+        # A changed source: fetched and handed over while 1.0 serves.
+        d.config.write_text(d.config.read_text().replace(v1, v2))
+        event = _hup(d)
+        assert event["verdict"] == "accepted" and event["replaced"] == ["demo"], event
+        with d.client() as c:
+            assert c.status("demo").state == "READY" and c.status("demo").version == "2.0"
+        # A refused new version (a tampered file): 2.0 serves on, audited.
+        d.config.write_text(d.config.read_text().replace(v2, v3))
+        event = _hup(d)
+        assert event["verdict"] == "accepted" and event["refused"] == ["demo"], event
+        with d.client() as c:
+            assert c.status("demo").state == "READY" and c.status("demo").version == "2.0"
+        update = [e for e in d.audit_events() if e["event"] == "model_update"]
+        assert [(e["model"], e["verdict"], e["serving"]) for e in update] == [("demo", "refused", "2.0")]
+        assert update[0]["reason"] == (f"verification refused: {v3}extra.bin: digest: sha256 digest "
+                                       "differs from the signed one; not stored")
+        # Back to v2's source, re-published in place as 2.1 (a moved tag): a SIGHUP compares the
+        # source only, so nothing is requested; `sealbox load` fetches the signature again and hands over.
+        d.config.write_text(d.config.read_text().replace(v3, v2))
+        _hup(d)
+        _versioned(demo_model, tmp_path / "v21", keys, "2.1")
+        nginx.publish(tmp_path / "v21", "models/hup-v2")
+        before = len(nginx.requests())
+        assert "replaced" not in _hup(d)
+        time.sleep(0.2)
+        assert nginx.requests()[before:] == []
+        with d.admin_client() as c:
+            c.load("demo")
+            assert c.status("demo").version == "2.1"
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        caller.join(30)
+    assert failures == [] and len(calls) > 10
+    fetched = [(e["location"], e["verdict"]) for e in d.audit_events() if e["event"] == "model_fetch"]
+    assert fetched == [(v1, "accepted"), (second, "accepted"), (v2, "accepted"), (v3, "refused"),
+                       (v2, "accepted"), (v2, "accepted")]

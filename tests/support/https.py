@@ -2,7 +2,8 @@
 
 `Nginx(directory)` writes a CA and a server certificate for 127.0.0.1 and localhost, a config serving
 `docroot/` over TLS with an access log of every request (method, URI, status, Range, bytes sent), and
-a few special locations: /to-http/ redirects to http://, /slow/ is rate-limited after its first MiB.
+a few special locations: /to-http/ redirects to http://, /slow/ is rate-limited after its first MiB,
+/dots/X and /dotdot/X redirect to /models/%2e%2e/private/X and /models/../private/X.
 """
 from __future__ import annotations
 
@@ -109,6 +110,8 @@ http {{
         location /to-http/ {{ rewrite ^/to-http/(.*)$ http://127.0.0.1:{self.port}/models/$1 redirect; }}
         location /moved/ {{ rewrite ^/moved/(.*)$ https://127.0.0.1:{self.port}/models/$1 redirect; }}
         location /slow/ {{ limit_rate_after 1m; limit_rate 2m; }}
+        location ~ ^/dots/(.*)$ {{ return 302 https://127.0.0.1:{self.port}/models/%2e%2e/private/$1; }}
+        location ~ ^/dotdot/(.*)$ {{ return 302 https://127.0.0.1:{self.port}/models/../private/$1; }}
     }}
 }}
 """)

@@ -256,3 +256,95 @@ def test_rollback_refused_before_downloading(nginx, key, tmp_path):
     assert sorted(line.split()[1] for line in new_requests(nginx, before)) == [
         "/models/v1/model.release.sig", "/models/v1/model.sig"]
     shutil.rmtree(tmp_path / "v1")
+
+
+def test_source_prefix_bounded_by_port_and_whole_path_segments(nginx, key, tmp_path):
+    """`startswith` let https://HOST cover any port of HOST and .../mod cover .../models-evil/: neither is
+    fetched now, and nothing is requested."""
+    nginx.publish(signed_model(tmp_path / "src", key), "models-evil/m")
+    before = len(nginx.requests())
+    sibling = policy(nginx, key, sources=[nginx.url + "models"])
+    msg = refused(nginx, nginx.url + "models-evil/m/", sibling, tmp_path / "sibling")
+    assert msg == f"{nginx.url}models-evil/m/: source: not under an allowed source URL ({nginx.url}models)"
+    any_port = policy(nginx, key, sources=["https://127.0.0.1"])
+    msg = refused(nginx, nginx.url + "models-evil/m/", any_port, tmp_path / "port")
+    assert msg == f"{nginx.url}models-evil/m/: source: not under an allowed source URL (https://127.0.0.1)"
+    assert new_requests(nginx, before) == []
+
+
+def test_redirect_bounded_by_whole_path_segments(nginx, key, tmp_path):
+    """/moved/X redirects to /models/X: a source prefix .../mod must not cover it."""
+    nginx.publish(signed_model(tmp_path / "src", key), "models/seg")
+    pol = policy(nginx, key, sources=[nginx.url + "moved/", nginx.url + "mod"])
+    before = len(nginx.requests())
+    msg = refused(nginx, nginx.url + "moved/seg/", pol, tmp_path / "state")
+    assert msg == (f"{nginx.url}moved/seg/: transfer: {nginx.url}moved/seg/model.sig redirects to "
+                   f"{nginx.url}models/seg/model.sig, which is not an https:// location under the policy's "
+                   "sources; not followed")
+    assert [line.split()[1] for line in new_requests(nginx, before)] == ["/moved/seg/model.sig"]
+
+
+def test_encoded_dot_segments_refused_in_locations_and_redirects(nginx, key, tmp_path):
+    """nginx decodes /models/%2e%2e/private/m/ into /private/m/: refused before any request, and as a
+    redirect target (nothing under /private/ is ever requested)."""
+    nginx.publish(signed_model(tmp_path / "src", key), "private/m")
+    pol = policy(nginx, key, sources=[nginx.url + "models/", nginx.url + "dots/", nginx.url + "dotdot/"])
+    before = len(nginx.requests())
+    for location in (nginx.url + "models/%2e%2e/private/m/", nginx.url + "models/.%2E/private/m/",
+                     nginx.url + "models/..%2fprivate/m/"):
+        msg = refused(nginx, location, pol, tmp_path / "location")
+        assert msg == (f"{location}: source: a percent-encoded '.', '/', '\\' or NUL, or a backslash, in the "
+                       "path is refused (servers decode them)")
+    assert new_requests(nginx, before) == []
+    msg = refused(nginx, nginx.url + "dots/m/", pol, tmp_path / "dots")
+    assert msg == (f"{nginx.url}dots/m/: transfer: {nginx.url}dots/m/model.sig redirects to "
+                   f"{nginx.url}models/%2e%2e/private/m/model.sig: a percent-encoded '.', '/', '\\' or NUL, or a "
+                   "backslash, in the path is refused (servers decode them); not followed")
+    msg = refused(nginx, nginx.url + "dotdot/m/", pol, tmp_path / "dotdot")
+    assert msg == (f"{nginx.url}dotdot/m/: transfer: {nginx.url}dotdot/m/model.sig redirects to "
+                   f"{nginx.url}models/../private/m/model.sig: a '..' path segment is refused; not followed")
+    uris = [line.split()[1] for line in new_requests(nginx, before)]
+    assert uris == ["/dots/m/model.sig", "/dotdot/m/model.sig"]
+    assert not any("/private/" in line for line in nginx.requests())
+
+
+def test_policy_pins_drive_the_download(nginx, key, tmp_path):
+    """require_signature = false: the pinned digests name what is fetched (no signature is requested,
+    nor any unpinned file on the server), from inline pins and from a pin manifest alike; a wrong pin
+    is refused with nothing stored."""
+    import hashlib
+    model = make_model(tmp_path / "src")
+    url = nginx.publish(model, "models/pinned")
+    (nginx.docroot / "models/pinned/unpinned.bin").write_bytes(b"never fetched")
+    names = ["config.json", "weights/w0.bin", "weights/w1.bin"]
+    pins = {n: "sha256:" + hashlib.sha256((model / n).read_bytes()).hexdigest() for n in names}
+    inline = policy(nginx, key, require_signature=False, pinned_files=pins)
+    manifest = tmp_path / "pins.sha256"
+    manifest.write_text("".join(f"{d.split(':')[1]}  {n}\n" for n, d in pins.items()))
+    from_file = policy(nginx, key, require_signature=False, pinned_manifest=str(manifest))
+    for i, pol in enumerate((inline, from_file)):
+        before = len(nginx.requests())
+        got, store = fetch(nginx, url, pol, tmp_path / f"state{i}")
+        assert sorted(got.files) == names and got.downloaded == sum((model / n).stat().st_size for n in names)
+        assert sorted(line.split()[1] for line in new_requests(nginx, before)) == [f"/models/pinned/{n}" for n in names]
+        with verify_model("m", got.view, store_policy(pol, store), str(tmp_path / f"state{i}"), None,
+                          store_links=True) as verified:
+            assert sorted(verified.files) == names
+    assert not any("/models/pinned/unpinned" in line or "/models/pinned/model." in line for line in nginx.requests())
+    # A wrong pin on the first file fetched: refused at its end, nothing stored, nothing after it requested.
+    wrong = dict(pins, **{"config.json": "sha256:" + "0" * 64})
+    before = len(nginx.requests())
+    msg = refused(nginx, url, policy(nginx, key, require_signature=False, pinned_files=wrong), tmp_path / "wrong")
+    assert msg == f"{url}config.json: digest: sha256 digest differs from the pinned one; not stored"
+    assert [line.split()[1] for line in new_requests(nginx, before)] == ["/models/pinned/config.json"]
+
+
+def test_policy_max_files_refuses_before_any_file_is_requested(nginx, key, tmp_path):
+    url = nginx.publish(signed_model(tmp_path / "src", key), "models/many")
+    before = len(nginx.requests())
+    msg = refused(nginx, url, policy(nginx, key, max_files=2), tmp_path / "state")
+    assert msg == f"{url}model.sig: size: names 3 files, more than the policy's max_files 2; none requested"
+    assert sorted(line.split()[1] for line in new_requests(nginx, before)) == [
+        "/models/many/model.release.sig", "/models/many/model.sig"]
+    got, _ = fetch(nginx, url, policy(nginx, key, max_files=3), tmp_path / "ok")
+    assert len(got.files) == 3

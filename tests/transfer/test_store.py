@@ -135,3 +135,41 @@ def test_cli_fetch_writes_the_verified_model(nginx, key, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 1 and "transfer: TLS: " in r.stderr and "certificate verify failed" in r.stderr
     assert not (tmp_path / "m").exists()
+
+
+def _on_a_terminal(args) -> tuple[int, str]:
+    """Runs args with stdin, stdout and stderr on a pseudo-terminal; returns (exit code, all it wrote)."""
+    import pty
+    import select
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave,
+                            env=dict(os.environ, TERM="xterm-256color", COLUMNS="120"))
+    os.close(slave)
+    out = b""
+    try:
+        while select.select([master], [], [], 60)[0]:
+            try:
+                data = os.read(master, 1 << 16)
+            except OSError:   # EIO: every writer has closed the terminal
+                break
+            if not data:
+                break
+            out += data
+    finally:
+        os.close(master)
+        proc.wait(30)
+    return proc.returncode, out.decode("utf-8", "replace")
+
+
+def test_cli_fetch_progress_bar_on_a_terminal_and_nothing_with_q(nginx, key, tmp_path):
+    # 4 MiB behind /slow/ (2 MiB/s after the first MiB): the bar is drawn for more than a second.
+    url = publish(nginx, key, tmp_path / "src", "slow/bar", {"config.json": b"{}\n", "big.bin": os.urandom(4 << 20)})
+    flags = ["--public-key", str(key[1]), "--ca-bundle", str(nginx.ca)]
+    code, out = _on_a_terminal([*CLI, "fetch", url, "--to", str(tmp_path / "bar"), *flags])
+    assert code == 0, out
+    assert "\x1b[" in out and "fetching big.bin" in out, out    # a live bar, redrawn with escape sequences
+    assert "MB/s" in out or "kB/s" in out, out                   # the transfer speed column
+    assert "fetched and verified: 2 files, 4194307 bytes (4194307 downloaded)" in out
+    code, out = _on_a_terminal([*CLI, "fetch", url, "--to", str(tmp_path / "quiet"), *flags, "-q"])
+    assert (code, out) == (0, "")
+    assert (tmp_path / "quiet/big.bin").read_bytes() == (tmp_path / "src/big.bin").read_bytes()

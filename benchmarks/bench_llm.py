@@ -3,9 +3,12 @@ supervisor -> sandboxed worker) against mlx_lm in-process on the same model, sam
 against the weights' size. Two random Llama models: the tests' tiny one and a ~100M-parameter one (bf16).
 
 Neither model can stop early: its tokenizer has no EOS and config.json's is past the vocabulary, so every
-run generates exactly TOKENS tokens, greedily. Time to first token is the latency of a request for one
-token (through sealbox: a ModelInfer call) until the framed hop streams pieces. Both sides run MLX with
-Debian's OpenBLAS loaded, as the workers do (`[workers] openblas`)."""
+run generates exactly TOKENS tokens, greedily. Tokens per second: one whole generation (through sealbox a
+ModelInfer call, its output_ids counted). Time to first token: from the request until the first piece of
+text arrives, through sealbox the first piece client.generate yields (ModelStreamInfer, streamed over the
+hop), in-process the first stream_generate response with text (a token whose text is still an incomplete
+character streams nothing on either side). Both sides run MLX with Debian's OpenBLAS loaded, as the
+workers do (`[workers] openblas`)."""
 from __future__ import annotations
 
 import ctypes
@@ -41,9 +44,14 @@ def _make_models(root: pathlib.Path) -> dict[str, pathlib.Path]:
 
     from tests.support.llm import llama_config, make_tiny_llm
 
+    from tokenizers import Tokenizer
+
     tiny = make_tiny_llm(root / "tiny")
-    big = make_tiny_llm(root / "big", config=llama_config(**BIG))
-    model = llama.Model(llama.ModelArgs.from_dict(llama_config(**BIG)))
+    # The embedding only as large as the tokenizer's trained vocabulary: a random model greedily picks ids
+    # past it, whose text is empty, and a generation without text streams nothing to time.
+    vocab = Tokenizer.from_file(str(tiny / "tokenizer.json")).get_vocab_size()
+    big = make_tiny_llm(root / "big", config=llama_config(**BIG, vocab=vocab))
+    model = llama.Model(llama.ModelArgs.from_dict(llama_config(**BIG, vocab=vocab)))
     params = tree_map(lambda a: a.astype(mx.bfloat16), model.parameters())
     mx.save_safetensors(str(big / "model.safetensors"), dict(tree_flatten(params)))
     for path in (tiny, big):
@@ -60,12 +68,12 @@ def _in_process(path: pathlib.Path) -> tuple[list[float], list[float]]:
         t = time.perf_counter()
         first = None
         n = 0
-        for _ in stream_generate(model, tokenizer, PROMPT, max_tokens=TOKENS):
+        for response in stream_generate(model, tokenizer, PROMPT, max_tokens=TOKENS):
             n += 1
-            if first is None:
+            if first is None and response.text:
                 first = time.perf_counter() - t
         total = time.perf_counter() - t
-        assert n == TOKENS, n
+        assert n == TOKENS and first is not None, (n, first)
         ttft.append(first)
         tps.append(TOKENS / total)
     return ttft[1:], tps[1:]   # the first run warms up
@@ -78,8 +86,11 @@ def _through_sealbox(client, name: str) -> tuple[list[float], list[float]]:
     ttft, tps = [], []
     for i in range(REPEATS + 1):
         t = time.perf_counter()
-        client.infer(name, request(1))
+        stream = client.generate(name, PROMPT, max_tokens=TOKENS)
+        next(stream)   # the first streamed piece of text
         first = time.perf_counter() - t
+        stream.close()   # cancels the rest of the generation
+        time.sleep(1.0)   # ... which ends at the worker's next token: not inside the timing below
         t = time.perf_counter()
         out = client.infer(name, request(TOKENS), outputs=["output_ids"])
         total = time.perf_counter() - t

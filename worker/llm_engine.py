@@ -99,13 +99,19 @@ def _refuse_remote_code(name: str, obj: dict) -> None:
 
 
 def check_architecture(config: dict) -> str:
-    """The mlx-lm module that implements config's model_type, or ModelError naming config.json."""
+    """The mlx-lm module that implements config's model_type, or ModelError naming config.json.
+
+    Resolved as mlx_lm.utils._get_classes does (MODEL_ARCHITECTURE_REMAPPING by (model_type, an entry of
+    'architectures'), else MODEL_REMAPPING), and the module must define Model and ModelArgs: mlx_lm.models
+    also holds helpers (ssm, mla, cache, ...) that are not architectures. Only mlx-lm's own modules are
+    imported (the name must be one of theirs)."""
+    import importlib
     import pkgutil
 
     try:
         import mlx_lm
         import mlx_lm.models
-        from mlx_lm.utils import MODEL_REMAPPING
+        from mlx_lm import utils
     except ImportError as exc:
         raise ModelError(f"format \"mlx-lm\" needs the [llm] extra in the workers' environment "
                          f"(pip install 'sealbox[llm]'): {exc}") from None
@@ -113,9 +119,22 @@ def check_architecture(config: dict) -> str:
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not re.fullmatch(r"[a-z0-9_]{1,64}", model_type):
         raise ModelError(f"{CONFIG}: 'model_type' must name an architecture, not {model_type!r}")
-    module = MODEL_REMAPPING.get(model_type, model_type)
+    architectures = config.get("architectures") or ()
+    if isinstance(architectures, str):
+        architectures = (architectures,)
+    if not isinstance(architectures, (list, tuple)) or not all(isinstance(a, str) for a in architectures):
+        raise ModelError(f"{CONFIG}: 'architectures' must be a list of names, not {architectures!r}")
+    by_architecture = getattr(utils, "MODEL_ARCHITECTURE_REMAPPING", {})
+    module = next((by_architecture[(model_type, a)] for a in architectures if (model_type, a) in by_architecture),
+                  None) or utils.MODEL_REMAPPING.get(model_type, model_type)
     native = {m.name for m in pkgutil.iter_modules(mlx_lm.models.__path__)}
-    if module not in native or module in ("base", "cache", "activations", "rope_utils", "switch_layers"):
+    found = None
+    if module in native:
+        try:
+            found = importlib.import_module(f"mlx_lm.models.{module}")
+        except Exception:  # noqa: BLE001 - a module of mlx-lm's that does not import is no architecture here
+            found = None
+    if found is None or not all(isinstance(getattr(found, c, None), type) for c in ("Model", "ModelArgs")):
         raise ModelError(f"{CONFIG}: model_type {model_type!r} is not an architecture mlx-lm "
                          f"{mlx_lm.__version__} implements natively")
     return module

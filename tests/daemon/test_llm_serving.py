@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
+import socket
+import time
+import urllib.request
 
 import grpc
 import numpy as np
@@ -64,6 +68,12 @@ def llm_models(tmp_path_factory, keys):
     return models, written
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def llm_daemon(llm_models, keys, tmp_path_factory):
     from tests.support.daemon import Daemon
@@ -71,12 +81,62 @@ def llm_daemon(llm_models, keys, tmp_path_factory):
     models, _ = llm_models
     table = {name: {"path": path, "format": "mlx-lm"} for name, path in models.items()}
     table["tiny"]["options"] = "max_prompt_tokens = 64\nmax_new_tokens = 48\nrequest_time_s = 60"
-    table["long"]["options"] = "max_new_tokens = 100000\nrequest_time_s = 8"
-    # A short idle timeout: until the framed hop lands, a stream waiting for a final flag ends by it.
-    daemon = Daemon(tmp_path_factory.mktemp("llm-daemon"), table, keys[1],
-                    extra="[server.limits]\nstream_idle_s = 10").start()
+    # Generates until cancelled: its budget is far beyond any test.
+    table["long"]["options"] = "max_new_tokens = 100000\nrequest_time_s = 300"
+    # The same model, ended by its time budget after 8 s (longer than [workers] infer_timeout_s below).
+    table["budget"] = {"path": models["long"], "format": "mlx-lm",
+                       "options": "max_new_tokens = 100000\nrequest_time_s = 8"}
+    port = _free_port()
+    # One turn per model (model_inflight = 1) and one short queue: a call behind a running one waits 2 s at
+    # most. infer_timeout_s = 3 would kill a worker in any generation longer than that, were it applied.
+    daemon = Daemon(tmp_path_factory.mktemp("llm-daemon"), table, keys[1], workers="infer_timeout_s = 3",
+                    server=f'metrics = "127.0.0.1:{port}"',
+                    extra="[server.limits]\nmodel_inflight = 1\nmodel_queue = 1\nmodel_queue_timeout_s = 2").start()
+    daemon.metrics_port = port
     yield daemon
     daemon.stop()
+
+
+def _requests(daemon, model: str) -> dict[str, float]:
+    """sealbox_requests_total of a model from /metrics, by gRPC status code."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    found = {}
+    for labels, number in re.findall(r"^sealbox_requests_total\{([^}]*)\} (\S+)$", text, re.M):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if labels.get("model") == model:
+            found[labels["code"]] = float(number)
+    return found
+
+
+def _statistics(daemon, model: str):
+    """Triton's ModelStatistics of a model (over the admin socket: the statistics role)."""
+    from sealbox.proto import inference_pb2 as pb
+    from sealbox.proto import inference_pb2_grpc
+    with grpc.insecure_channel(daemon.admin_target) as channel:
+        stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+        return stub.ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=10).model_stats[0]
+
+
+def _worker(daemon, model: str):
+    """The model's worker process: the python below the bwrap whose socket directory is named after the model
+    (as benchmarks/bench_llm.py finds it)."""
+    import psutil
+    for proc in psutil.Process(daemon.proc.pid).children(recursive=True):
+        try:
+            if proc.name() == "bwrap" and f"-{model}-" in " ".join(proc.cmdline()):
+                pythons = [p for p in proc.children(recursive=True) if p.name().startswith("python")]
+                if len(pythons) == 1:
+                    return pythons[0]
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no worker found for model {model!r}")
+
+
+def _cpu(proc) -> float:
+    """CPU seconds (user + system) the process has spent, all its threads."""
+    times = proc.cpu_times()
+    return times.user + times.system
 
 
 def _request(text: str | None = PROMPT, sampling: dict | None = None, messages=None) -> dict:
@@ -200,13 +260,14 @@ def test_stock_tritonclient_unary_generation(llm_daemon, llm_models):
 
 
 
-def test_stock_tritonclient_stream_is_piece_by_piece_and_flagged_final(llm_daemon, llm_models):
-    found = _triton_probe(llm_daemon, "tiny", 30, "stream")
+@pytest.mark.parametrize("name", ["tiny", "q4"])
+def test_stock_tritonclient_stream_is_piece_by_piece_and_flagged_final(llm_daemon, llm_models, name):
+    found = _triton_probe(llm_daemon, name, 30, "stream")
     assert found["stream_errors"] == [] and found["stream_final"] is True
     assert len(found["stream_pieces"]) > 1
     # Streamed or not, the same generation, token for token with mlx_lm in-process.
     assert "".join(found["stream_pieces"]) == found["unary_text"]
-    assert found["stream_ids"] == found["unary_ids"] == reference_generate(llm_models[0]["tiny"], PROMPT, 30)
+    assert found["stream_ids"] == found["unary_ids"] == reference_generate(llm_models[0][name], PROMPT, 30)
 
 
 def test_client_generate_equals_unary_text(llm_daemon):
@@ -223,35 +284,90 @@ def test_client_generate_streams_pieces(llm_daemon):
 
 
 def test_a_disconnecting_client_stops_generation(llm_daemon):
-    """The worker burns CPU while it generates; once the client goes away it must go idle (no timing assert on
-    the call itself: CPU seconds the worker spends in a window, against the same window while generating)."""
-    import time
-
-    import psutil
-
-    def cpu_in(proc, seconds):
-        before = sum(proc.cpu_times()[:2])
-        time.sleep(seconds)
-        return sum(proc.cpu_times()[:2]) - before
-
+    """`long` generates until its 300 s budget: only the cancellation can stop it. Its worker burns CPU while
+    it generates; once the client closes the stream that process must go idle within seconds, the call is
+    counted CANCELLED, the worker lives on, and its one turn is free at once for the next call."""
+    worker = _worker(llm_daemon, "long")
+    before = _requests(llm_daemon, "long")
     with llm_daemon.client() as client:
-        workers = [p for p in psutil.Process(llm_daemon.proc.pid).children(recursive=True)
-                   if "sealbox.worker.main" in " ".join(p.cmdline()) and "mlx-lm" in " ".join(p.cmdline())]
-        assert workers
-        stream = client.generate("long", PROMPT, max_tokens=100000)
+        stream = client.generate("long", PROMPT)   # max_tokens: the model's 100000
         next(stream)
         # Read as a client does: a stream nobody reads stops its generation by flow control alone
         # (gRPC's window, then the hop's socket), which would prove nothing here.
-        cpu = lambda: {w.pid: sum(w.cpu_times()[:2]) for w in workers}  # noqa: E731
-        before, start = cpu(), time.monotonic()
+        cpu, start = _cpu(worker), time.monotonic()
         for _ in range(200):
             next(stream)
-        after, spent = cpu(), time.monotonic() - start
-        busy = max(after[pid] - before[pid] for pid in before) / spent   # CPU seconds per second
+        busy = (_cpu(worker) - cpu) / (time.monotonic() - start)   # CPU seconds per second
         stream.close()   # the client goes away
+        closed = time.monotonic()
+        while True:   # CPU per second over half-second windows, until it is idle (or 10 s have passed)
+            cpu = _cpu(worker)
+            time.sleep(0.5)
+            rate = (_cpu(worker) - cpu) / 0.5
+            if rate < 0.2 or time.monotonic() - closed > 10:
+                break
+        went_idle_s = time.monotonic() - closed
+        cpu = _cpu(worker)
         time.sleep(1.0)
-        idle = max(cpu_in(w, 1.0) for w in workers)
-    assert busy > 0.5 and idle < 0.2, (busy, idle)
+        idle = _cpu(worker) - cpu
+        assert busy > 0.5, busy
+        assert went_idle_s < 5 and idle < 0.2, (went_idle_s, idle)
+        assert worker.is_running() and _worker(llm_daemon, "long").pid == worker.pid
+        # With one turn for the model (model_inflight = 1, a 2 s queue), a generation still running would
+        # make this wait and fail UNAVAILABLE.
+        after_close = client.infer("long", _request(sampling={"max_tokens": 3}), outputs=["output_ids"])
+    assert len(after_close["output_ids"]) == 3
+    deadline = time.monotonic() + 10   # the front door counts the call once its handler has ended
+    while _requests(llm_daemon, "long").get("CANCELLED", 0) == before.get("CANCELLED", 0) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    after = _requests(llm_daemon, "long")
+    assert after.get("CANCELLED", 0) - before.get("CANCELLED", 0) == 1
+    assert after.get("OK", 0) - before.get("OK", 0) == 1   # the call after it
+
+
+def test_the_request_time_budget_replaces_the_inference_timeout(llm_daemon):
+    """[workers] infer_timeout_s = 3 here, `budget`'s request_time_s = 8: an mlx-lm worker is timed by its
+    model's budget instead, so a generation of 8 s answers OK with its text, and the worker is not killed."""
+    worker = _worker(llm_daemon, "budget")
+    with llm_daemon.client() as client:
+        start = time.monotonic()
+        out = client.infer("budget", _request(), outputs=["text_output", "output_ids"])   # 100000 tokens asked
+        took = time.monotonic() - start
+        status = client.status("budget")
+    assert 8 <= took < 12, took
+    assert len(out["output_ids"]) > 20 and len(out["text_output"][0]) > 20
+    assert status.state == "READY"
+    assert worker.is_running() and _worker(llm_daemon, "budget").pid == worker.pid
+    assert not [e for e in llm_daemon.audit_events() if e["event"] in ("infer_timeout", "worker_died")
+                and e.get("model") == "budget"]
+
+
+def test_a_long_stream_is_one_call_in_the_front_door(llm_daemon):
+    """A stream holds the model's one turn (model_inflight = 1) for its whole generation: a second call
+    queues, and is refused when its queue time (2 s) is up while the stream goes on; the stream's many
+    responses count as one request in /metrics and ModelStatistics."""
+    before, stats = _requests(llm_daemon, "budget"), _statistics(llm_daemon, "budget")
+    with llm_daemon.client() as client:
+        stream = client.generate("budget", PROMPT)   # ends by its 8 s budget
+        pieces = [next(stream)]
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            client.infer("budget", _request(sampling={"max_tokens": 2}))
+        waited = time.monotonic() - start
+        pieces += list(stream)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert err.value.details() == "model 'budget' is unavailable: busy: no turn within 2 s"
+    assert 2 <= waited < 5, waited
+    assert len(pieces) > 20
+    after, stats_after = _requests(llm_daemon, "budget"), _statistics(llm_daemon, "budget")
+    assert after.get("OK", 0) - before.get("OK", 0) == 1
+    assert after.get("UNAVAILABLE", 0) - before.get("UNAVAILABLE", 0) == 1
+    assert set(after) - {"OK", "UNAVAILABLE"} == set(before) - {"OK", "UNAVAILABLE"}
+    success = stats_after.inference_stats.success.count - stats.inference_stats.success.count
+    fail = stats_after.inference_stats.fail.count - stats.inference_stats.fail.count
+    assert (success, fail) == (1, 1)
+    assert stats_after.inference_count - stats.inference_count == 1
 
 
 def test_cli_generate_prints_the_generation(llm_daemon):

@@ -130,6 +130,9 @@ def test_hostile_template_writes_nothing_outside_any_sandbox(tmp_path):
      "tokenizer_config.json: asks for code from the model repository ('auto_map')"),
     (lambda d: _edit(d, "config.json", model_type="../../os"),
      "config.json: 'model_type' must name an architecture, not '../../os'"),
+    # a module of mlx_lm.models that is a helper, not an architecture (no Model, ModelArgs)
+    (lambda d: _edit(d, "config.json", model_type="ssm"),
+     "config.json: model_type 'ssm' is not an architecture mlx-lm "),
     (lambda d: (d / "config.json").write_text('{"model_type": "llama", "model_type": "llama"}'),
      "config.json: duplicate key 'model_type'"),
     (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json: missing"),
@@ -147,6 +150,42 @@ def test_refusals_at_load_name_the_file(tmp_path, change, message):
     with pytest.raises(ModelError) as err:
         LlmEngine.load(sealed_files(model))
     assert str(err.value).startswith(message), str(err.value)
+
+
+@pytest.mark.parametrize("config, module", [
+    ({"model_type": "llama"}, "llama"),
+    ({"model_type": "mistral"}, "llama"),                 # mlx-lm's MODEL_REMAPPING
+    ({"model_type": "solar_open"}, "solar_open"),         # Model imported from another module still counts
+    ({"model_type": "bailing_hybrid", "architectures": ["BailingMoeV3ForCausalLM"]}, "bailing_moe_v3"),
+    ({"model_type": "bailing_hybrid", "architectures": ["Other"]}, "bailing_hybrid"),
+])
+def test_architecture_resolves_as_mlx_lm_does(config, module):
+    """The module check_architecture names is the one mlx_lm.utils._get_classes would import."""
+    from mlx_lm import utils
+
+    from sealbox.worker.llm_engine import check_architecture
+    assert check_architecture(config) == module
+    assert utils._get_classes(config)[0].__module__.startswith("mlx_lm.models.")
+
+
+@pytest.mark.parametrize("model_type", ["ssm", "mla", "cache", "base", "switch_layers", "pipeline", "evil_arch"])
+def test_helper_modules_and_unknown_types_are_no_architecture(model_type):
+    import mlx_lm
+
+    from sealbox.worker.engine import ModelError
+    from sealbox.worker.llm_engine import check_architecture
+    with pytest.raises(ModelError) as err:
+        check_architecture({"model_type": model_type})
+    assert str(err.value) == (f"config.json: model_type {model_type!r} is not an architecture mlx-lm "
+                              f"{mlx_lm.__version__} implements natively")
+
+
+def test_architectures_must_be_names():
+    from sealbox.worker.engine import ModelError
+    from sealbox.worker.llm_engine import check_architecture
+    with pytest.raises(ModelError) as err:
+        check_architecture({"model_type": "llama", "architectures": [{"x": 1}]})
+    assert str(err.value) == "config.json: 'architectures' must be a list of names, not [{'x': 1}]"
 
 
 def _edit(directory: pathlib.Path, name: str, **changes) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.https import Nginx
-from tests.support.pki import make_model, run, write_key
+from tests.support.pki import make_model, run
 
 from sealbox.client import publisher as publisher_cli
 from sealbox.daemon.config import policy_from_toml
@@ -26,18 +26,6 @@ from sealbox.transfer.store import Store
 from sealbox.trust import VerificationError, verify_model
 
 WHERE = "test: [models.m.policy]"
-
-
-@pytest.fixture(scope="module")
-def nginx(tmp_path_factory):
-    server = Nginx(tmp_path_factory.mktemp("nginx"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def key(tmp_path_factory):
-    return write_key(tmp_path_factory.mktemp("keys") / "signer.pem")
 
 
 def signed_model(d: Path, key, files=None, version=None) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import RUN_ROOT
-from tests.support.pki import make_model, write_key
+from tests.support.pki import make_model
 from tests.support.registry import Registry
 
 from sealbox.client import publisher as publisher_cli
@@ -28,11 +28,6 @@ def registry(tmp_path_factory):
     server = Registry(tmp_path_factory.mktemp("registry"))
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def key(tmp_path_factory):
-    return write_key(tmp_path_factory.mktemp("keys") / "signer.pem")
 
 
 def signed(d: Path, key, files=None, version=None) -> Path:

@@ -13,8 +13,8 @@ import psutil
 import pytest
 
 from tests.support import RUN_ROOT
-from tests.support.https import Nginx, make_ca
-from tests.support.pki import make_model, run, write_key
+from tests.support.https import make_ca
+from tests.support.pki import make_model, run
 
 from sealbox.client import publisher as publisher_cli
 from sealbox.daemon.config import policy_from_toml
@@ -23,18 +23,6 @@ from sealbox.transfer.fetch import fetch_model
 from sealbox.transfer.sandboxed import SandboxedTransport
 from sealbox.transfer.store import Store
 from sealbox.trust import VerificationError
-
-
-@pytest.fixture(scope="module")
-def nginx(tmp_path_factory):
-    server = Nginx(tmp_path_factory.mktemp("nginx"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def key(tmp_path_factory):
-    return write_key(tmp_path_factory.mktemp("keys") / "signer.pem")
 
 
 def transport(url, pol, ca) -> SandboxedTransport:

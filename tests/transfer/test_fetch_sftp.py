@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import RUN_ROOT
-from tests.support.pki import make_model, write_key
+from tests.support.pki import make_model
 from tests.support.sshd import Sshd, ssh_keypair
 
 from sealbox.client import publisher as publisher_cli
@@ -26,11 +26,6 @@ def sshd(tmp_path_factory):
     server = Sshd(tmp_path_factory.mktemp("sshd"))
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def key(tmp_path_factory):
-    return write_key(tmp_path_factory.mktemp("keys") / "signer.pem")
 
 
 def fetch(sshd, url, state: Path, key, known_hosts=None, client_key=None):

@@ -11,10 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
-from tests.support.https import Nginx
-from tests.support.pki import make_model, write_key
+from tests.support.pki import make_model
 
 from sealbox.client import publisher as publisher_cli
 from sealbox.daemon.config import policy_from_toml
@@ -23,18 +21,6 @@ from sealbox.transfer.https import HttpsTransport
 from sealbox.transfer.store import Store
 
 CLI = [sys.executable, "-c", "import sys; from sealbox.client.cli import main; sys.exit(main())"]
-
-
-@pytest.fixture(scope="module")
-def nginx(tmp_path_factory):
-    server = Nginx(tmp_path_factory.mktemp("nginx"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def key(tmp_path_factory):
-    return write_key(tmp_path_factory.mktemp("keys") / "signer.pem")
 
 
 def publish(nginx, key, d: Path, under: str, files) -> str:

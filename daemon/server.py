@@ -71,15 +71,22 @@ class FrontDoor:
         keeps a large request alive while the worker computes (memory: about one copy per call)."""
         name, version, status = self._route(box[0])
         timing = _Timing(time.monotonic())
+        with self._measured(name, status, timing):
+            return await self._routed(name, version, status, box, timing)
+
+    @contextlib.contextmanager
+    def _measured(self, name: str, status, timing: "_Timing"):
+        """One request in the metrics (and ModelStatistics): in flight meanwhile, then its status code
+        and phases, whichever way it ends."""
         code = grpc.StatusCode.OK
         metrics = self.sup.metrics
         with metrics.inflight(name):
             try:
-                return await self._routed(name, version, status, box, timing)
+                yield
             except ClientError as e:
                 code = e.code
                 raise
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, GeneratorExit):   # the client went away
                 code = grpc.StatusCode.CANCELLED
                 raise
             except BaseException:
@@ -121,35 +128,20 @@ class FrontDoor:
         except PeekError:
             raise errors.malformed() from None
         timing = _Timing(time.monotonic())
-        code = grpc.StatusCode.OK
-        metrics = self.sup.metrics
-        with metrics.inflight(name):
-            try:
-                self._check_ready(name, version, status)
-                gate = self.admission.model(name, self.sup.calls_at_workers(name))
-                with self.admission.request_bytes(gate, len(request)):
-                    async with gate.turn(self.limits.model_queue_timeout_s):
-                        at_worker = time.monotonic()
-                        timing.queue_s = at_worker - timing.start
-                        try:
-                            async with contextlib.aclosing(self.sup.infer_stream(name, request)) as responses:
-                                del request
-                                async for response in responses:
-                                    yield response
-                        finally:
-                            timing.compute_s = time.monotonic() - at_worker
-            except ClientError as e:
-                code = e.code
-                raise
-            except (asyncio.CancelledError, GeneratorExit):
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except BaseException:
-                code = grpc.StatusCode.UNKNOWN
-                raise
-            finally:
-                metrics.observe_request(name, status.version, code, timing.queue_s, timing.compute_s,
-                                        time.monotonic() - timing.start)
+        with self._measured(name, status, timing):
+            self._check_ready(name, version, status)
+            gate = self.admission.model(name, self.sup.calls_at_workers(name))
+            with self.admission.request_bytes(gate, len(request)):
+                async with gate.turn(self.limits.model_queue_timeout_s):
+                    at_worker = time.monotonic()
+                    timing.queue_s = at_worker - timing.start
+                    try:
+                        async with contextlib.aclosing(self.sup.infer_stream(name, request)) as responses:
+                            del request
+                            async for response in responses:
+                                yield response
+                    finally:
+                        timing.compute_s = time.monotonic() - at_worker
 
     async def _routed(self, name: str, version: str, status, box: list, timing: "_Timing") -> bytes:
         self._check_ready(name, version, status)

@@ -155,9 +155,16 @@ class FrontDoor:
             if shared is not None:
                 shared.close()
             raise
-        task = asyncio.ensure_future(self._at_worker(name, gate, box, reservation, timing, shared))
+        # The call runs in a task of its own, shielded: the handler may be cancelled (the client went
+        # away) at any moment, but the turn, the request's bytes and any shared-memory copies stay held
+        # until the worker has ended the call. The departure is passed on instead (_Departure).
+        departure = _Departure()
+        task = asyncio.ensure_future(self._at_worker(name, gate, box, reservation, timing, shared, departure))
         try:
             return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            departure.leave()
+            raise
         finally:
             # A failed task holds its exception, whose traceback holds this frame: without this `del`
             # that cycle keeps the frames (and what they hold) until the cyclic GC runs.
@@ -172,17 +179,20 @@ class FrontDoor:
         return SharedCall(self.shm, current_caller.get().listener, refs) if refs else None
 
     async def _at_worker(self, name: str, gate, box: list, reservation, timing: "_Timing",
-                         shared: SharedCall | None = None) -> bytes:
+                         shared: SharedCall | None, departure: "_Departure") -> bytes:
         """Wait for the model's turn (bounded queue), then call its worker. When the client goes away
-        the call is cancelled at the worker (CANCEL: dropped if still queued there), and the turn and
-        the request's bytes stay held until the worker has ended it (or the inference timeout has)."""
+        (`departure`) the call is cancelled at the worker (CANCEL: dropped if still queued there, a
+        generation stopped at its next token), or never sent if it had not reached the worker yet; the
+        turn and the request's bytes stay held until the worker has ended it (or the timeout has)."""
         try:
             async with gate.turn(self.limits.model_queue_timeout_s):
                 at_worker = time.monotonic()
                 timing.queue_s = at_worker - timing.start
                 if shared is not None:
                     await asyncio.get_running_loop().run_in_executor(None, shared.prepare)
-                call = asyncio.ensure_future(self.sup.infer(name, box, shared))
+                if departure.gone:
+                    raise asyncio.CancelledError
+                call = departure.call = asyncio.ensure_future(self.sup.infer(name, box, shared))
                 try:
                     return await asyncio.shield(call)
                 except asyncio.CancelledError:
@@ -191,6 +201,7 @@ class FrontDoor:
                     raise
                 finally:
                     timing.compute_s = time.monotonic() - at_worker
+                    departure.call = None
                     del call   # no task <-> traceback cycle holding the request (see _forward)
         finally:
             box.clear()   # if the hop did not take the request (it failed first), it goes now
@@ -420,6 +431,20 @@ class FrontDoor:
             methods[cuda] = unary(self.no_cuda_shared_memory, getattr(pb, cuda + "Request"),
                                   getattr(pb, cuda + "Response"))
         return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+
+class _Departure:
+    """A unary call's client went away: tell the call at the worker (the hop sends CANCEL), or the call
+    that has not reached it yet (it is then never sent)."""
+    __slots__ = ("gone", "call")
+
+    def __init__(self):
+        self.gone, self.call = False, None
+
+    def leave(self) -> None:
+        self.gone = True
+        if self.call is not None:
+            self.call.cancel()
 
 
 class _Timing:

@@ -299,29 +299,52 @@ def test_a_disconnecting_client_stops_generation(llm_daemon):
             next(stream)
         busy = (_cpu(worker) - cpu) / (time.monotonic() - start)   # CPU seconds per second
         stream.close()   # the client goes away
-        closed = time.monotonic()
-        while True:   # CPU per second over half-second windows, until it is idle (or 10 s have passed)
-            cpu = _cpu(worker)
-            time.sleep(0.5)
-            rate = (_cpu(worker) - cpu) / 0.5
-            if rate < 0.2 or time.monotonic() - closed > 10:
-                break
-        went_idle_s = time.monotonic() - closed
-        cpu = _cpu(worker)
+        _check_generation_stopped(llm_daemon, client, worker, busy, before)
+
+
+def test_a_unary_call_abandoned_by_its_client_stops_generation(llm_daemon):
+    """The same for ModelInfer (one response with the whole text): a client that cancels its call while
+    `long` generates stops the generation at the worker, not only its own wait."""
+    from sealbox.proto import tensors
+    worker = _worker(llm_daemon, "long")
+    before = _requests(llm_daemon, "long")
+    with llm_daemon.client() as client:
+        call = client._infer_raw.future(tensors.encode_request("long", _request(), None), timeout=120)
+        time.sleep(1.0)   # generating by now
+        cpu, start = _cpu(worker), time.monotonic()
         time.sleep(1.0)
-        idle = _cpu(worker) - cpu
-        assert busy > 0.5, busy
-        assert went_idle_s < 5 and idle < 0.2, (went_idle_s, idle)
-        assert worker.is_running() and _worker(llm_daemon, "long").pid == worker.pid
-        # With one turn for the model (model_inflight = 1, a 2 s queue), a generation still running would
-        # make this wait and fail UNAVAILABLE.
-        after_close = client.infer("long", _request(sampling={"max_tokens": 3}), outputs=["output_ids"])
+        busy = (_cpu(worker) - cpu) / (time.monotonic() - start)
+        assert not call.done()
+        call.cancel()   # the client goes away
+        _check_generation_stopped(llm_daemon, client, worker, busy, before)
+
+
+def _check_generation_stopped(daemon, client, worker, busy: float, before: dict) -> None:
+    """After the client went away: `long`'s worker goes idle within 5 s, lives on, its one turn is free at
+    once for the next call, and the abandoned call is counted CANCELLED."""
+    closed = time.monotonic()
+    while True:   # CPU per second over half-second windows, until it is idle (or 10 s have passed)
+        cpu = _cpu(worker)
+        time.sleep(0.5)
+        rate = (_cpu(worker) - cpu) / 0.5
+        if rate < 0.2 or time.monotonic() - closed > 10:
+            break
+    went_idle_s = time.monotonic() - closed
+    cpu = _cpu(worker)
+    time.sleep(1.0)
+    idle = _cpu(worker) - cpu
+    assert busy > 0.5, busy
+    assert went_idle_s < 5 and idle < 0.2, (went_idle_s, idle)
+    assert worker.is_running() and _worker(daemon, "long").pid == worker.pid
+    # With one turn for the model (model_inflight = 1, a 2 s queue), a generation still running would
+    # make this wait and fail UNAVAILABLE.
+    after_close = client.infer("long", _request(sampling={"max_tokens": 3}), outputs=["output_ids"])
     assert len(after_close["output_ids"]) == 3
     deadline = time.monotonic() + 10   # the front door counts the call once its handler has ended
-    while _requests(llm_daemon, "long").get("CANCELLED", 0) == before.get("CANCELLED", 0) \
+    while _requests(daemon, "long").get("CANCELLED", 0) == before.get("CANCELLED", 0) \
             and time.monotonic() < deadline:
         time.sleep(0.1)
-    after = _requests(llm_daemon, "long")
+    after = _requests(daemon, "long")
     assert after.get("CANCELLED", 0) - before.get("CANCELLED", 0) == 1
     assert after.get("OK", 0) - before.get("OK", 0) == 1   # the call after it
 

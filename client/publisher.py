@@ -15,14 +15,17 @@ import hashlib
 import os
 import re
 import sys
+from typing import TYPE_CHECKING
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..trust import TrustPolicy, VerificationError, signing, verify_model
 from ..trust.policy import ANY_IDENTITY, TrustedKey, TrustedRoots, key_fingerprint, normalize_identity
 from ..trust.verifying import inside
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 DEFAULT_SIGNATURE = "model.sig"
 DEFAULT_RELEASE = "model.release.sig"
@@ -170,6 +173,7 @@ def cmd_sign(args) -> int:
         key = signing.load_private_key(args.private_key)
         chain = None
         if args.method == "certificate":
+            from cryptography import x509  # only here: the key commands start without it
             with open(args.signing_certificate, "rb") as f:
                 chain = [x509.load_pem_x509_certificate(f.read())]
             for path in args.certificate_chain:

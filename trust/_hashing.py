@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from ..proto.contract import MEMFD_SEALS
 from ._storage import OpenFile
 from .errors import VerificationError
 
@@ -135,6 +134,8 @@ def hash_into_memfds(files: list[OpenFile], algorithm: str, shard_size: int | No
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unsupported hash algorithm {algorithm!r}")
+    if keep:
+        from ..proto.contract import MEMFD_SEALS  # here: the worker contract's dataclasses cost the CLI ~6 ms
     out: dict[str, Hashed] = {}
     try:
         jobs = []

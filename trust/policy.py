@@ -11,9 +11,13 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from cryptography import x509
+from typing import TYPE_CHECKING
+
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 SUPPORTED_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 IDENTITY_KINDS = ("email", "uri", "subject")
@@ -87,6 +91,7 @@ class TrustedRoots:
     def load(cls, path: str, identities: tuple[str, ...]) -> "TrustedRoots":
         with open(path, "rb") as f:
             data = f.read()
+        from cryptography import x509  # here: ~40 ms of imports a key-only policy never needs
         try:
             certs = tuple(x509.load_pem_x509_certificates(data))
         except ValueError as e:

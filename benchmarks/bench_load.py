@@ -4,11 +4,13 @@ the phase breakdown from each load's audit event, and the daemon's RSS across th
     python -m benchmarks.bench_load      (from the repository root; BENCH_LOAD_MB=1024, BENCH_ROUNDS=5)
 
 The model (one dense layer, weights written by mx.save_safetensors) is signed with the upstream
-`model_signing sign key`. Two daemons serve it, one spawning a worker per load (`warm_pool = 0`) and one
-with a warm pool (`warm_pool = 1`: a pre-started confined worker takes the sealed fds). Each round,
-interleaved: each daemon unloads and loads it through the admin socket (RepositoryModelLoad: policy,
-storage checks, signature, hashing into sealed memfds, spawn or hand-over, the strict safetensors
-check, mx.load, warm-up) and reports READY, then unloads it again (the warm daemon's pool refilled and
+`model_signing sign key`. Three daemons serve it: one spawning the worker after verification
+(`warm_pool = 0` with SEALBOX_EARLY_START=0 in its environment), one starting it while verifying (the
+default with `warm_pool = 0`: a pool-style worker handed the sealed fds once verification succeeded),
+and one with a warm pool (`warm_pool = 1`: a pre-started confined worker takes the sealed fds). Each
+round, interleaved (each daemon first in turn): each daemon loads it through the admin socket
+(RepositoryModelLoad: policy, storage checks, signature, hashing into sealed memfds, spawn or hand-over,
+the strict safetensors check, mx.load, warm-up) until READY, then unloads it again (the pool refilled and
 idle before it is timed); in this process, plain `mx.load` + `mx.eval` of the same file; the verify
 floor, reading and SHA-256-hashing the model's files with one thread per core (one file: one SHA-256
 stream, which no verifier can split). Goal (issue 11): load-to-READY <= 1.5x (verify floor + plain
@@ -16,6 +18,7 @@ mx.load).
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
@@ -69,19 +72,34 @@ def pool_idle(daemon, timeout: float = 60.0) -> None:
 
 
 class Variant:
-    def __init__(self, label: str, daemon: DemoDaemon, pool: bool):
-        self.label, self.daemon, self.pool = label, daemon, pool
+    def __init__(self, label: str, daemon: DemoDaemon, pool: bool, env: dict | None = None):
+        self.label, self.daemon, self.pool, self.env = label, daemon, pool, env or {}
         self.times: list[float] = []
         self.rss: list[int] = []
 
-    def round(self, client) -> None:
+    def __enter__(self):
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)   # the daemon's environment
+        try:
+            self.daemon.__enter__()
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        self.rss0 = psutil.Process(self.daemon.daemon.proc.pid).memory_info().rss
+        return self
+
+    def __exit__(self, *exc):
+        return self.daemon.__exit__(*exc)
+
+    def round(self) -> None:
         if self.pool:
             pool_idle(self.daemon)
-        t = time.perf_counter()
-        client.load("big")
-        self.times.append(time.perf_counter() - t)
-        self.rss.append(psutil.Process(self.daemon.daemon.proc.pid).memory_info().rss)
-        client.unload("big")
+        with self.daemon.daemon.admin_client() as client:
+            t = time.perf_counter()
+            client.load("big")
+            self.times.append(time.perf_counter() - t)
+            self.rss.append(psutil.Process(self.daemon.daemon.proc.pid).memory_info().rss)
+            client.unload("big")
 
     def events(self) -> list[dict]:
         return [e for e in self.daemon.daemon.audit_events() if e["event"] == "model_load"
@@ -91,29 +109,34 @@ class Variant:
 def main() -> None:
     top = tempfile.mkdtemp(prefix="sealbox-bench-big-")
     os.chmod(top, 0o755)
-    big, copy = os.path.join(top, "big"), os.path.join(top, "copy")   # each daemon trusts its own key
-    cold = Variant("spawn (warm_pool = 0)", DemoDaemon("memory_mb = 4096", {"big": {"path": big, "load": False}}),
-                   pool=False)
-    warm = Variant("warm pool (warm_pool = 1)", DemoDaemon("memory_mb = 4096\nwarm_pool = 1",
-                                                          {"big": {"path": copy, "load": False}}), pool=True)
-    size = build_mlp_model(big, SIZE_MB)
-    shutil.copytree(big, copy)
-    upstream_sign(pathlib.Path(big), cold.daemon.private_key)
-    upstream_sign(pathlib.Path(copy), warm.daemon.private_key)
-    path = os.path.join(big, "weights.safetensors")
-    files = [os.path.join(big, n) for n in os.listdir(big) if n != "model.sig"]
+    dirs = {k: os.path.join(top, k) for k in ("spawn", "early", "pool")}   # each daemon trusts its own key
+    variants = [
+        Variant("spawn after verifying", DemoDaemon("memory_mb = 4096", {"big": {"path": dirs["spawn"], "load": False}}),
+                pool=False, env={"SEALBOX_EARLY_START": "0"}),
+        Variant("early start (warm_pool = 0)", DemoDaemon("memory_mb = 4096", {"big": {"path": dirs["early"],
+                                                                                     "load": False}}), pool=False),
+        Variant("warm pool (warm_pool = 1)", DemoDaemon("memory_mb = 4096\nwarm_pool = 1",
+                                                        {"big": {"path": dirs["pool"], "load": False}}), pool=True),
+    ]
+    size = build_mlp_model(dirs["spawn"], SIZE_MB)
+    for variant, directory in zip(variants, dirs.values()):
+        if directory != dirs["spawn"]:
+            shutil.copytree(dirs["spawn"], directory)
+        upstream_sign(pathlib.Path(directory), variant.daemon.private_key)
+    path = os.path.join(dirs["spawn"], "weights.safetensors")
+    files = [os.path.join(dirs["spawn"], n) for n in os.listdir(dirs["spawn"]) if n != "model.sig"]
     plain_load(path)  # page cache warm for all
     plain, floor = [], []
     load_avg = [os.getloadavg()[0]]
-    with cold.daemon, warm.daemon:
-        rss0 = {v.label: psutil.Process(v.daemon.daemon.proc.pid).memory_info().rss for v in (cold, warm)}
-        with cold.daemon.daemon.admin_client() as cc, warm.daemon.daemon.admin_client() as wc:
-            for r in range(ROUNDS + 1):
-                for variant, client in ((cold, cc), (warm, wc)) if r % 2 == 0 else ((warm, wc), (cold, cc)):
-                    variant.round(client)
-                plain.append(plain_load(path))
-                floor.append(verify_floor(files))
-        events = {v.label: v.events()[1:] for v in (cold, warm)}
+    with contextlib.ExitStack() as running:
+        for variant in variants:
+            running.enter_context(variant)
+        for r in range(ROUNDS + 1):
+            for variant in variants[r % 3:] + variants[:r % 3]:   # each goes first in turn
+                variant.round()
+            plain.append(plain_load(path))
+            floor.append(verify_floor(files))
+        events = {v.label: v.events()[1:] for v in variants}
     load_avg.append(os.getloadavg()[0])
     plain, floor = plain[1:], floor[1:]   # the first round warms up
     p, f = statistics.median(plain), statistics.median(floor)
@@ -121,17 +144,17 @@ def main() -> None:
           f"load average {load_avg[0]:.2f} -> {load_avg[1]:.2f}")
     print(f"  plain mx.load + mx.eval (in-process)   {p:7.3f} s")
     print(f"  verify floor (sha256 of the files)     {f:7.3f} s")
-    for v in (cold, warm):
+    for v in variants:
         s = statistics.median(v.times[1:])
         ev = events[v.label]
-        print(f"  sealbox load -> READY, {v.label:26s} {s:7.3f} s = {s / (f + p):.2f}x (floor + mx.load) "
+        print(f"  sealbox load -> READY, {v.label:28s} {s:7.3f} s = {s / (f + p):.2f}x (floor + mx.load) "
               f"(goal <= 1.5x); {s / p:.2f}x mx.load; worker path {'+'.join(sorted({e.get('path', '?') for e in ev}))}")
         print("    phases (model_load audit event, medians): " + ", ".join(
             f"{k} {statistics.median([e[k] for e in ev]):.3f}" for k in PHASES if ev and all(k in e for e in ev)))
         missing = [k for k in PHASES if not all(k in e for e in ev)]
         if missing:
             print(f"    (not reported: {', '.join(missing)})")
-        print(f"    daemon RSS: {rss0[v.label] / 2**20:.0f} MiB before the first load, {v.rss[0] / 2**20:.0f} MiB "
+        print(f"    daemon RSS: {v.rss0 / 2**20:.0f} MiB before the first load, {v.rss[0] / 2**20:.0f} MiB "
               f"after it, {v.rss[-1] / 2**20:.0f} MiB after {ROUNDS} more reloads")
 
 

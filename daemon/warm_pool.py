@@ -85,8 +85,10 @@ class WarmPool:
         if cgroup is not None:
             cgroup.set_limits(profile.memory_bytes, profile.pids_max)
         names = sorted(files)
+        # Everything a spawned worker's spec carries for its model (sandbox/launcher.worker_spec), engine
+        # options too (mlx-lm's prompt and token limits).
         handoff = ModelHandoff(files={n: i for i, n in enumerate(names)}, max_message_bytes=profile.max_message_bytes,
-                               batching=profile.batching)
+                               engine_options=dict(profile.engine_options), batching=profile.batching)
         body = json.dumps(dataclasses.asdict(handoff)).encode()
         deadline = time.monotonic() + timeout
         while True:

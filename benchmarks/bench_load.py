@@ -108,6 +108,13 @@ class Variant:
 
 def main() -> None:
     top = tempfile.mkdtemp(prefix="sealbox-bench-big-")
+    try:
+        run(top)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)   # three copies of the model
+
+
+def run(top: str) -> None:
     os.chmod(top, 0o755)
     dirs = {k: os.path.join(top, k) for k in ("spawn", "early", "pool")}   # each daemon trusts its own key
     variants = [

@@ -2,7 +2,8 @@
 
 The supervisor marks each phase as it passes it (one LoadPhases per load or
 restart); the worker's own durations, when its Describe answer carries them
-(ModelMetadataResponse.parameters `deserialize_s`, `warmup_s`, `load_s`), are
+(ModelMetadataResponse.parameters `deserialize_s`, of which `read_s` reading the
+tensors, `warmup_s`, `load_s`), are
 copied in as the worker reported them: plausibility-checked numbers for the
 operator, never used for a decision (a compromised worker can say anything).
 """
@@ -13,7 +14,7 @@ import time
 
 from ..proto import inference_pb2 as pb
 
-WORKER_PHASES = ("deserialize_s", "warmup_s", "load_s")
+WORKER_PHASES = ("deserialize_s", "read_s", "warmup_s", "load_s")
 MAX_REPORTED_S = 86400.0   # a worker's number beyond a day is not a duration: dropped
 
 
@@ -67,7 +68,7 @@ class LoadPhases:
 
 
 def worker_reported(describe_answer: bytes) -> dict[str, float]:
-    """deserialize_s, warmup_s, load_s from a worker's ModelMetadataResponse, where present as
+    """deserialize_s, read_s, warmup_s, load_s from a worker's ModelMetadataResponse, where present as
     finite non-negative numbers (double, int64, uint64 or a decimal string); anything else dropped."""
     from google.protobuf.message import DecodeError
     try:

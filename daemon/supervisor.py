@@ -11,6 +11,7 @@ run on the server's event loop), plus load and unload (in a thread pool).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import itertools
@@ -36,9 +37,11 @@ from .fetching import Fetcher, FetchBusy
 from .preflight import preflight
 from .provenance import Provenance
 from .worker_hop import OFFLOAD_BYTES, HopClosed, HopTimeout, WorkerStatus
-from .warm_pool import WarmPool
+from .warm_pool import EarlyStart, WarmPool
 from .worker_process import ModelUnavailable, Spawner, WorkerProcess, describe_exit
 
+# warm_pool = 0: a load starts its worker while verifying (warm_pool.EarlyStart); SEALBOX_EARLY_START=0 spawns after.
+EARLY_START = os.environ.get("SEALBOX_EARLY_START", "1") != "0"
 log = logging.getLogger("sealboxd")
 
 __all__ = ["LoadRefused", "ModelStatus", "ModelUnavailable", "State", "Supervisor"]
@@ -157,6 +160,7 @@ class Supervisor:
         self.draining: set[WorkerProcess] = set()   # replaced workers finishing their calls
         self._spawns = itertools.count(1)   # unique worker directory names, across hand-overs
         self.fetcher = Fetcher(config, audit)   # remote models (source = "https://..."): the store
+        self._early: dict[str, EarlyStart] = {}   # model -> the worker its running load started (warm_pool = 0)
         self.pool = WarmPool(config.workers.warm_pool, self._spawn_pool_worker, audit) \
             if config.workers.warm_pool else None
 
@@ -199,21 +203,22 @@ class Supervisor:
             w = self.config.workers
             self.pool.configure({self.profile_for(m.config) for m in self.models.values()}, w.memory_bytes, w.pids_max)
 
-    def _spawn_pool_worker(self, profile: SandboxProfile) -> WorkerProcess:
-        """A warm-pool worker: sandboxed and confined, no model yet (daemon/warm_pool.py)."""
+    def _spawn_pool_worker(self, profile: SandboxProfile, label: str = "") -> WorkerProcess:
+        """A warm-pool worker: sandboxed and confined, no model yet (daemon/warm_pool.py); `label`, an
+        early start's model name."""
         if self.stopped.is_set():
             raise ModelUnavailable("the daemon is stopping")
+        label = label or f"pool-{profile.engine}"
         socket_dir = None
         try:
             socket_dir = launcher.make_socket_dir(self.config.server.run_dir,
-                                                  f"{os.getpid()}-pool-{profile.engine}-{next(self._spawns)}", profile)
+                                                  f"{os.getpid()}-{label}-{next(self._spawns)}", profile)
             sandboxed = self.spawner.call(lambda: launcher.launch(profile, socket_dir, {}, pool=True))
         except Exception as exc:
             if socket_dir:
                 shutil.rmtree(socket_dir, ignore_errors=True)
             raise ModelUnavailable(f"sandbox unavailable: {exc}") from None
-        return WorkerProcess(f"pool-{profile.engine}", profile, socket_dir, sandboxed,
-                             self.config.server.max_message_bytes)
+        return WorkerProcess(label, profile, socket_dir, sandboxed, self.config.server.max_message_bytes)
 
     def _load_quietly(self, name):
         try:
@@ -241,12 +246,14 @@ class Supervisor:
         if wanted.source is not None and name in self.fetcher.active:
             # Refused, not queued: a caller cannot pile up fetches behind the one running.
             raise ModelUnavailable(f"model '{name}' is being fetched already")
-        with model.lock:
+        with model.lock, contextlib.ExitStack() as leftover:
             if self.stopped.is_set():
                 raise ModelUnavailable("the daemon is stopping")
             cfg = config or model.config
             status, worker, _ = model.snapshot()
             serving = status.state == State.READY and worker is not None
+            if self.pool is None and not serving and cfg.instances == 1 and EARLY_START:
+                self._early_start(cfg, leftover)
             if not serving:
                 model.set_state(State.LOADING, "verifying", config=cfg)
             model.files_seen = files_fingerprint(cfg)   # before verifying: a change during it shows next time
@@ -290,6 +297,19 @@ class Supervisor:
                 self.audit.event("model_load", model=name, verdict="failed", reason=model.reason)
                 raise ModelUnavailable(model.reason) from None
 
+    def _early_start(self, cfg: ModelConfig, leftover: contextlib.ExitStack) -> None:
+        """Start this load's worker now, while the model is verified (warm_pool.EarlyStart); whatever
+        the load does not take is killed when it ends (caller holds model.lock)."""
+        w = self.config.workers
+        profile = dataclasses.replace(self.profile_for(cfg), memory_bytes=w.memory_bytes, pids_max=w.pids_max,
+                                      batching=None)
+        early = self._early[cfg.name] = EarlyStart(lambda: self._spawn_pool_worker(profile, label=cfg.name))
+
+        def discard() -> None:
+            self._early.pop(cfg.name, None)
+            early.discard()
+        leftover.callback(discard)
+
     def _fetch(self, model: ManagedModel, cfg: ModelConfig, serving: bool, queue_fetch: bool):
         """A remote model's view in the store and the policy to verify it with (caller holds model.lock);
         FETCHING with progress in the reason unless an older version keeps serving."""
@@ -309,11 +329,12 @@ class Supervisor:
         if self.stopped.is_set():
             raise ModelUnavailable("the daemon is stopping")
         profile = self.profile_for(cfg, weights_bytes=sum(verified.sizes.values()))
-        worker = self.pool.take(profile) if self.pool is not None else None
+        early = self._early.pop(cfg.name, None) if slot == 0 else None
+        worker = early.take(profile) if early is not None else self.pool.take(profile) if self.pool is not None else None
         if worker is not None:
             try:
-                self.pool.hand(worker, cfg.name, profile, verified.files, profile.load_timeout_s)
-                worker.path = "pool"
+                WarmPool.hand(worker, cfg.name, profile, verified.files, profile.load_timeout_s)
+                worker.path = "early" if early is not None else "pool"
                 return self._bind(worker, cfg, verified, slot)
             except Exception as exc:   # it died, never listened, or its cgroup refused the limits: spawn instead
                 log.warning("model %s: warm-pool worker unusable (%s); spawning one", cfg.name, exc)

@@ -85,8 +85,10 @@ class WarmPool:
         if cgroup is not None:
             cgroup.set_limits(profile.memory_bytes, profile.pids_max)
         names = sorted(files)
+        # Everything a spawned worker's spec carries for its model (sandbox/launcher.worker_spec), engine
+        # options too (mlx-lm's prompt and token limits).
         handoff = ModelHandoff(files={n: i for i, n in enumerate(names)}, max_message_bytes=profile.max_message_bytes,
-                               batching=profile.batching)
+                               engine_options=dict(profile.engine_options), batching=profile.batching)
         body = json.dumps(dataclasses.asdict(handoff)).encode()
         deadline = time.monotonic() + timeout
         while True:
@@ -158,3 +160,36 @@ class WarmPool:
             self.audit.event("pool_worker_died", engine=key.engine, worker_pid=worker.proc.pid,
                              reason=f"worker {describe_exit(rc)} while idle")
             self._wake.set()
+
+
+class EarlyStart:
+    """Without a pool (warm_pool = 0): one pool-style worker started when a load begins, so its sandbox,
+    interpreter and engine import overlap the model's verification. It gets nothing of the model until
+    verification has succeeded (the load then `take`s it and hands it the sealed fds, as from the pool);
+    it serves that load's model only, and is killed when the load does not take it (a refusal, say)."""
+
+    def __init__(self, spawn: Callable[[], WorkerProcess]):
+        self._worker: WorkerProcess | None = None
+        self._thread = threading.Thread(target=self._run, args=(spawn,), name="early-start", daemon=True)
+        self._thread.start()
+
+    def _run(self, spawn) -> None:
+        try:
+            self._worker = spawn()
+        except Exception as exc:   # the load spawns as usual and reports its own failure
+            log.warning("early worker start failed: %s", exc)
+
+    def take(self, profile: SandboxProfile) -> WorkerProcess | None:
+        """The started worker, if it is alive and fits `profile`; None otherwise (the caller spawns)."""
+        self._thread.join()
+        worker, self._worker = self._worker, None
+        if worker is not None and (pool_key(worker.profile) != pool_key(profile) or worker.proc.poll() is not None):
+            worker.kill()
+            return None
+        return worker
+
+    def discard(self) -> None:
+        self._thread.join()
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.kill()

@@ -30,9 +30,12 @@ def check_phases(event: dict, verified: bool) -> None:
         assert "verify_s" not in event and "hash_s" not in event
         assert event["spawn_s"] <= event["ready_s"] + ROUNDING
     assert event["ready_s"] < 120   # the load timeout is 60 s
+    if "worker_read_s" in event:   # reading the weights is part of deserializing them
+        assert event["worker_read_s"] <= event["worker_deserialize_s"] + ROUNDING
     for key, value in event.items():   # the worker's own numbers, where it reports them
         if key.startswith("worker_"):
-            assert key in ("worker_pid", "worker_pids", "worker_deserialize_s", "worker_warmup_s", "worker_load_s")
+            assert key in ("worker_pid", "worker_pids", "worker_deserialize_s", "worker_read_s", "worker_warmup_s",
+                           "worker_load_s")
             if key == "worker_pids":   # every instance's pid (one instance here), the first one first
                 assert value == [event["worker_pid"]]
             elif key != "worker_pid":

@@ -5,7 +5,7 @@ the phase breakdown from each load's audit event, and the daemon's RSS across th
 
 The model (one dense layer, weights written by mx.save_safetensors) is signed with the upstream
 `model_signing sign key`. Three daemons serve it: one spawning the worker after verification
-(`warm_pool = 0` with SEALBOX_EARLY_START=0 in its environment), one starting it while verifying (the
+(`warm_pool = 0` with `early_start = false`), one starting it while verifying (the
 default with `warm_pool = 0`: a pool-style worker handed the sealed fds once verification succeeded),
 and one with a warm pool (`warm_pool = 1`: a pre-started confined worker takes the sealed fds). Each
 round, interleaved (each daemon first in turn): each daemon loads it through the admin socket
@@ -72,19 +72,13 @@ def pool_idle(daemon, timeout: float = 60.0) -> None:
 
 
 class Variant:
-    def __init__(self, label: str, daemon: DemoDaemon, pool: bool, env: dict | None = None):
-        self.label, self.daemon, self.pool, self.env = label, daemon, pool, env or {}
+    def __init__(self, label: str, daemon: DemoDaemon, pool: bool):
+        self.label, self.daemon, self.pool = label, daemon, pool
         self.times: list[float] = []
         self.rss: list[int] = []
 
     def __enter__(self):
-        saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)   # the daemon's environment
-        try:
-            self.daemon.__enter__()
-        finally:
-            for k, v in saved.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        self.daemon.__enter__()
         self.rss0 = psutil.Process(self.daemon.daemon.proc.pid).memory_info().rss
         return self
 
@@ -118,8 +112,8 @@ def run(top: str) -> None:
     os.chmod(top, 0o755)
     dirs = {k: os.path.join(top, k) for k in ("spawn", "early", "pool")}   # each daemon trusts its own key
     variants = [
-        Variant("spawn after verifying", DemoDaemon("memory_mb = 4096", {"big": {"path": dirs["spawn"], "load": False}}),
-                pool=False, env={"SEALBOX_EARLY_START": "0"}),
+        Variant("spawn after verifying", DemoDaemon("memory_mb = 4096\nearly_start = false",
+                                                    {"big": {"path": dirs["spawn"], "load": False}}), pool=False),
         Variant("early start (warm_pool = 0)", DemoDaemon("memory_mb = 4096", {"big": {"path": dirs["early"],
                                                                                      "load": False}}), pool=False),
         Variant("warm pool (warm_pool = 1)", DemoDaemon("memory_mb = 4096\nwarm_pool = 1",

@@ -69,6 +69,8 @@
     warm_pool = 0                           # pre-started, confined workers kept per engine (0: off, at most
                                             #   16), each waiting for one model's fds: a load skips the spawn;
                                             #   used for exactly one model, never returned; read at start
+    early_start = true                      # with warm_pool = 0: a load starts its worker while the model is
+                                            #   verified; the model's fds reach it only once verified
 
     [policy]                                # the default trust policy (see SECURITY.md)
     ...
@@ -161,6 +163,7 @@ class WorkerConfig:
     julia_depot: str | None = None    # its depot with BSON, Flux and PythonCall installed
     instances: int = 1                # default sandboxed workers per model (per-model key `instances`)
     warm_pool: int = 0                # pre-started workers kept per worker profile (0: off)
+    early_start: bool = True          # warm_pool = 0: start a load's worker while verifying (warm_pool.EarlyStart)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -419,7 +422,8 @@ def _workers(table: _Table) -> WorkerConfig:
         seccomp=table.get("seccomp", bool, d.seccomp), landlock=table.get("landlock", bool, d.landlock),
         cgroups=table.get("cgroups", bool, d.cgroups), openblas=table.get("openblas", bool, d.openblas),
         julia=table.get("julia", str, None), julia_depot=table.get("julia_depot", str, None),
-        instances=_instances(table, d.instances), warm_pool=_warm_pool(table))
+        instances=_instances(table, d.instances), warm_pool=_warm_pool(table),
+        early_start=table.get("early_start", bool, d.early_start))
     table.finish()
     return cfg
 

@@ -40,8 +40,6 @@ from .worker_hop import OFFLOAD_BYTES, HopClosed, HopTimeout, WorkerStatus
 from .warm_pool import EarlyStart, WarmPool
 from .worker_process import ModelUnavailable, Spawner, WorkerProcess, describe_exit
 
-# warm_pool = 0: a load starts its worker while verifying (warm_pool.EarlyStart); SEALBOX_EARLY_START=0 spawns after.
-EARLY_START = os.environ.get("SEALBOX_EARLY_START", "1") != "0"
 log = logging.getLogger("sealboxd")
 
 __all__ = ["LoadRefused", "ModelStatus", "ModelUnavailable", "State", "Supervisor"]
@@ -252,7 +250,7 @@ class Supervisor:
             cfg = config or model.config
             status, worker, _ = model.snapshot()
             serving = status.state == State.READY and worker is not None
-            if self.pool is None and not serving and cfg.instances == 1 and EARLY_START:
+            if self.pool is None and not serving and cfg.instances == 1 and self.config.workers.early_start:
                 self._early_start(cfg, leftover)
             if not serving:
                 model.set_state(State.LOADING, "verifying", config=cfg)

@@ -70,9 +70,8 @@ def test_a_refused_model_never_reaches_the_early_worker(tmp_path, daemon_factory
     assert [e["verdict"] for e in loads(daemon, "t")] in ([], ["refused"])
 
 
-def test_sealbox_early_start_0_spawns_after_verifying(daemon_factory, demo_model, keys, monkeypatch):
-    monkeypatch.setenv("SEALBOX_EARLY_START", "0")   # the daemon's environment
-    daemon = daemon_factory({"a": {"path": demo_model, "load": False}}, keys[1]).start()
+def test_early_start_false_spawns_after_verifying(daemon_factory, demo_model, keys):
+    daemon = daemon_factory({"a": {"path": demo_model, "load": False}}, keys[1], workers="early_start = false").start()
     with daemon.client() as client:
         client.load("a")
         np.testing.assert_allclose(client.infer("a", {"x": X})["y"], reference(X), rtol=1e-5, atol=1e-5)

@@ -101,3 +101,14 @@ def test_model_config_with_batching_parses_as_tritons_own():
     assert theirs(model_config(metadata, Batching(32, 500, (16, 32)))) == [
         32, [16, 32], 500, True, True, [["x", [4], "TYPE_FP32"]], [["y", [3]]]]
     assert theirs(model_config(metadata)) == [0, [], 0, False, False, [["x", [-1, 4], "TYPE_FP32"]], [["y", [-1, 3]]]]
+
+
+def test_warm_pool_and_early_start_keys(tmp_path):
+    cfg = load_config(config(tmp_path))
+    assert (cfg.workers.warm_pool, cfg.workers.early_start) == (0, True)
+    cfg = load_config(config(tmp_path, "warm_pool = 2\nearly_start = false"))
+    assert (cfg.workers.warm_pool, cfg.workers.early_start) == (2, False)
+    with pytest.raises(ConfigError, match=r"\[workers\]: key 'early_start' must be bool, not int"):
+        load_config(config(tmp_path, "early_start = 0"))
+    with pytest.raises(ConfigError, match=r"\[workers\]: key 'warm_pool' must be 0 \(off\) to 16, not 17"):
+        load_config(config(tmp_path, "warm_pool = 17"))

@@ -406,3 +406,20 @@ def test_cli_generate_prints_the_generation(llm_daemon):
                               PROMPT, "--max-tokens", "4000"], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 1
     assert refused.stderr.startswith("sealbox: ") and "'max_tokens' must be a number in [1, 48]" in refused.stderr
+
+
+def test_the_worker_memory_limit_is_sized_from_the_weights(daemon_factory, llm_models, keys):
+    """An mlx-lm worker's cgroup limit is 512 MiB + twice the model's verified bytes when that exceeds the
+    configured memory_mb (here 64 MiB: a floor that could not hold the interpreter with transformers)."""
+    from sealbox.sandbox.profile import LLM_MEMORY_BASE
+    from tests.daemon.test_warm_pool import memory_max
+    models, _ = llm_models
+    daemon = daemon_factory({"tiny": {"path": models["tiny"], "format": "mlx-lm", "options": "memory_mb = 64"}},
+                            keys[1]).start()
+    signed = [p for p in models["tiny"].iterdir() if p.is_file() and p.name != "model.sig"]
+    weights = sum(p.stat().st_size for p in signed)
+    page = 4096   # the kernel keeps the limit in whole pages, rounded down
+    assert memory_max(_worker(daemon, "tiny").pid) == str((LLM_MEMORY_BASE + 2 * weights) // page * page)
+    with daemon.client() as client:   # and it serves within that limit
+        out = client.infer("tiny", _request(sampling={"max_tokens": 4}), outputs=["output_ids"])
+    assert len(out["output_ids"]) == 4

@@ -90,7 +90,12 @@ class WorkerServer:
     # -- reading (one thread per connection) --------------------------------------------------------
     def accept_forever(self, listener: socket.socket) -> None:
         while True:
-            sock, _ = listener.accept()
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                if listener.fileno() == -1:   # the listener was closed: serving is over
+                    return
+                raise
             if not self._connections.acquire(blocking=False):
                 sock.close()   # beyond MAX_CONNECTIONS: refused
                 continue

@@ -327,15 +327,21 @@ class Supervisor:
         if self.stopped.is_set():
             raise ModelUnavailable("the daemon is stopping")
         profile = self.profile_for(cfg, weights_bytes=sum(verified.sizes.values()))
+        # A started worker waiting for this model's fds: this load's early start, else one from the pool.
         early = self._early.pop(cfg.name, None) if slot == 0 else None
-        worker = early.take(profile) if early is not None else self.pool.take(profile) if self.pool is not None else None
+        worker, path = None, "pool"
+        if early is not None:
+            worker, path = early.take(profile), "early"
+        elif self.pool is not None:
+            worker = self.pool.take(profile)
         if worker is not None:
             try:
                 WarmPool.hand(worker, cfg.name, profile, verified.files, profile.load_timeout_s)
-                worker.path = "early" if early is not None else "pool"
+                worker.path = path
                 return self._bind(worker, cfg, verified, slot)
             except Exception as exc:   # it died, never listened, or its cgroup refused the limits: spawn instead
-                log.warning("model %s: warm-pool worker unusable (%s); spawning one", cfg.name, exc)
+                log.warning("model %s: %s worker unusable (%s); spawning one", cfg.name,
+                            "early-started" if path == "early" else "warm-pool", exc)
                 worker.kill()
         socket_dir = None
         try:

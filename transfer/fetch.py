@@ -192,9 +192,9 @@ def under_any(url: str, prefixes) -> bool:
     return any(under(url, p) for p in prefixes)
 
 
-def under_sources(url: str, policy: TrustPolicy) -> bool:
-    """A redirect target is followed only to an https:// location the policy also trusts."""
-    return url.lower().startswith("https://") and under_any(url, policy.source_urls)
+def under_sources(url: str, source_urls) -> bool:
+    """A redirect target is followed only to an https:// location the policy also trusts (its source_urls)."""
+    return url.lower().startswith("https://") and under_any(url, source_urls)
 
 
 def metadata_name(policy_name: str) -> str:

@@ -17,7 +17,7 @@ from urllib.parse import urljoin, urlsplit
 
 import urllib3
 
-from .fetch import Interrupted, Refused, path_problem, under_any
+from .fetch import Interrupted, Refused, path_problem, under_sources
 
 CHUNK = 1 << 20
 MAX_REDIRECTS = 5
@@ -59,7 +59,7 @@ class HttpsTransport:
                 problem = path_problem(target)
                 if problem:
                     raise Refused(f"{url} redirects to {target}: {problem}; not followed")
-                if not (target.lower().startswith("https://") and under_any(target, self.allowed)):
+                if not under_sources(target, self.allowed):
                     raise Refused(f"{url} redirects to {target}, which is not an https:// location under the "
                                   "policy's sources; not followed")
                 url = target

@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
+from tests.daemon.test_reload import hup
 from tests.support.https import Nginx
 from tests.support.models import build_mlp_model, reference
 from tests.support.pki import make_model, upstream_sign
@@ -218,16 +219,6 @@ def _versioned(demo_model, path, keys, version, extra=None):
     return path
 
 
-def _hup(d):
-    """SIGHUP, then the reload's audit event."""
-    import signal
-    from tests.support import wait_for
-    before = sum(e["event"] == "config_reload" for e in d.audit_events())
-    d.proc.send_signal(signal.SIGHUP)
-    return wait_for(lambda: [e for e in d.audit_events() if e["event"] == "config_reload"][before:],
-                    what="the reload's audit event", timeout=90)[0]
-
-
 def test_sighup_with_remote_sources(nginx, demo_model, keys, daemon_factory, tmp_path):
     """A remote model added by SIGHUP is fetched and served; a changed source hands over while the old
     version serves (no call fails); a refused new version leaves the old one serving, audited; an
@@ -261,20 +252,20 @@ def test_sighup_with_remote_sources(nginx, demo_model, keys, daemon_factory, tmp
         # Added by SIGHUP: fetched, verified, served.
         base = d.config.read_text()
         d.config.write_text(base + f'[models.second]\nsource = "{second}"\nformat = "mlx"\n{ca}\n')
-        event = _hup(d)
+        event = hup(d)
         assert event["verdict"] == "accepted" and event["added"] == ["second"], event
         with d.client() as c:
             assert c.status("second").state == "READY"
             np.testing.assert_allclose(c.infer("second", {"x": x})["y"], reference(x), rtol=1e-5)
         # A changed source: fetched and handed over while 1.0 serves.
         d.config.write_text(d.config.read_text().replace(v1, v2))
-        event = _hup(d)
+        event = hup(d)
         assert event["verdict"] == "accepted" and event["replaced"] == ["demo"], event
         with d.client() as c:
             assert c.status("demo").state == "READY" and c.status("demo").version == "2.0"
         # A refused new version (a tampered file): 2.0 serves on, audited.
         d.config.write_text(d.config.read_text().replace(v2, v3))
-        event = _hup(d)
+        event = hup(d)
         assert event["verdict"] == "accepted" and event["refused"] == ["demo"], event
         with d.client() as c:
             assert c.status("demo").state == "READY" and c.status("demo").version == "2.0"
@@ -285,11 +276,11 @@ def test_sighup_with_remote_sources(nginx, demo_model, keys, daemon_factory, tmp
         # Back to v2's source, re-published in place as 2.1 (a moved tag): a SIGHUP compares the
         # source only, so nothing is requested; `sealbox load` fetches the signature again and hands over.
         d.config.write_text(d.config.read_text().replace(v3, v2))
-        _hup(d)
+        hup(d)
         _versioned(demo_model, tmp_path / "v21", keys, "2.1")
         nginx.publish(tmp_path / "v21", "models/hup-v2")
         before = len(nginx.requests())
-        assert "replaced" not in _hup(d)
+        assert "replaced" not in hup(d)
         time.sleep(0.2)
         assert nginx.requests()[before:] == []
         with d.admin_client() as c:

@@ -95,11 +95,11 @@ def test_check_location_refuses(location, sources, why):
 
 def test_redirect_targets_use_the_same_boundary():
     p = pol("https://models.example.com/team/")
-    assert under_sources("https://models.example.com/team/m/model.sig", p)
+    assert under_sources("https://models.example.com/team/m/model.sig", p.source_urls)
     for target in ("https://models.example.com/team-evil/m/model.sig", "https://models.example.com.evil.net/team/m",
                    "http://models.example.com/team/m/model.sig", "https://models.example.com/team/../x/model.sig",
                    "https://models.example.com/team/%2e%2e/x/model.sig"):
-        assert not under_sources(target, p), target
+        assert not under_sources(target, p.source_urls), target
     assert path_problem("https://models.example.com/team/%2e%2e/x") is not None
     assert path_problem("https://models.example.com/team/m/a%20b.bin") is None
 

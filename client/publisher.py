@@ -15,7 +15,6 @@ import hashlib
 import os
 import re
 import sys
-from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -23,9 +22,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ..trust import TrustPolicy, VerificationError, signing, verify_model
 from ..trust.policy import ANY_IDENTITY, TrustedKey, TrustedRoots, key_fingerprint, normalize_identity
 from ..trust.verifying import inside
-
-if TYPE_CHECKING:
-    from cryptography import x509
 
 DEFAULT_SIGNATURE = "model.sig"
 DEFAULT_RELEASE = "model.release.sig"

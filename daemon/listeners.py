@@ -189,12 +189,20 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, spec: ListenerSpec, admission: Admission, audit: CallAudit):
         self.spec, self.admission, self.audit = spec, admission, audit
+        # method -> (its handler, the guarded copy): built once per method, not once per call
+        self._guarded: dict[str, tuple] = {}
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None:       # unknown method: gRPC answers UNIMPLEMENTED
             return None
         method = details.method
+        known = self._guarded.get(method)
+        if known is None or known[0] is not handler:
+            known = self._guarded[method] = (handler, self._guard(method, handler))
+        return known[1]
+
+    def _guard(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         role = R.role_for(method)
         spec, admission, audit = self.spec, self.admission, self.audit
 

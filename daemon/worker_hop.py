@@ -54,10 +54,10 @@ class WorkerStatus(HopError):
 
 
 class _Call:
-    __slots__ = ("id", "stream", "timeout", "items", "waiter", "timer", "ended", "cancelled")
+    __slots__ = ("id", "stream", "timeout", "items", "waiter", "timer", "ended", "cancelled", "loop")
 
     def __init__(self, call_id: int, stream: bool, timeout: float, loop):
-        self.id, self.stream, self.timeout = call_id, stream, timeout
+        self.id, self.stream, self.timeout, self.loop = call_id, stream, timeout, loop
         self.items: collections.deque = collections.deque()   # (body, final, shm) or an exception
         self.waiter = None
         self.timer = None
@@ -75,7 +75,7 @@ class _Call:
 
     async def next(self):
         while not self.items:
-            self.waiter = asyncio.get_running_loop().create_future()
+            self.waiter = self.loop.create_future()
             await self.waiter
         item = self.items.popleft()
         if isinstance(item, BaseException):
@@ -207,39 +207,42 @@ class WorkerHop:
 
     # -- receiving ----------------------------------------------------------------------------------
     def _readable(self) -> None:
-        while self.sock is not None:
-            try:
-                record = hop.recv(self.sock, self.max_message_bytes, hop.TO_SUPERVISOR)
-            except BlockingIOError:
-                return
-            except hop.Closed:
-                self._broken("the worker closed its connection")
-                return
-            except hop.ProtocolError as exc:
-                self._broken(f"the worker broke the hop protocol: {exc}")
-                return
-            except OSError:
-                self._broken("the worker's socket failed")
-                return
-            call = self.calls.get(record.call_id)
-            if call is None or record.kind == hop.DESCRIBE_REPLY or (
-                    record.kind == hop.RESPONSE and not record.final and not call.stream) or (
-                    record.shm and (not record.final or call.stream)):
-                record.release()
-                self._broken("the worker broke the hop protocol: an unexpected record")
-                return
-            if record.kind == hop.ERROR:
-                message = bytes(record.body[:hop.MAX_ERROR_BYTES]).decode("utf-8", "replace")
-                record.release()
-                self._end(call, WorkerStatus(record.code, message))
-            elif record.final:
-                if record.side and self.on_execution is not None:
-                    self._execution(record.side)
-                call.push((record.body, True, record.shm))
-                self._end(call, None)
-            else:
-                call.push((record.body, False, record.shm))
-                self._taken(call)   # a streamed response: the timeout starts afresh
+        """One record per wakeup: the reader is level-triggered, so the loop calls again while more
+        are waiting, and a lone answer costs one recvmsg (reading on to EAGAIN cost a second)."""
+        if self.sock is None:
+            return
+        try:
+            record = hop.recv(self.sock, self.max_message_bytes, hop.TO_SUPERVISOR)
+        except BlockingIOError:
+            return
+        except hop.Closed:
+            self._broken("the worker closed its connection")
+            return
+        except hop.ProtocolError as exc:
+            self._broken(f"the worker broke the hop protocol: {exc}")
+            return
+        except OSError:
+            self._broken("the worker's socket failed")
+            return
+        call = self.calls.get(record.call_id)
+        if call is None or record.kind == hop.DESCRIBE_REPLY or (
+                record.kind == hop.RESPONSE and not record.final and not call.stream) or (
+                record.shm and (not record.final or call.stream)):
+            record.release()
+            self._broken("the worker broke the hop protocol: an unexpected record")
+            return
+        if record.kind == hop.ERROR:
+            message = bytes(record.body[:hop.MAX_ERROR_BYTES]).decode("utf-8", "replace")
+            record.release()
+            self._end(call, WorkerStatus(record.code, message))
+        elif record.final:
+            if record.side and self.on_execution is not None:
+                self._execution(record.side)
+            call.push((record.body, True, record.shm))
+            self._end(call, None)
+        else:
+            call.push((record.body, False, record.shm))
+            self._taken(call)   # a streamed response: the timeout starts afresh
 
     def _execution(self, side: bytes) -> None:
         """A batching worker's account of the engine call that answered (statistics only: a worker

@@ -44,6 +44,7 @@ import os
 import socket
 import stat
 import struct
+import threading
 from typing import NamedTuple
 
 from .contract import MEMFD_SEALS
@@ -193,7 +194,9 @@ def recv(sock: socket.socket, max_body: int, kinds: frozenset = TO_WORKER | TO_S
     """Receive and check one record. Closed at end of stream; ProtocolError (the caller closes the
     connection) for anything malformed; BlockingIOError on a non-blocking socket with nothing to read.
     Every descriptor received is closed or owned by the returned mmap, whatever happens."""
-    data, ancdata, msg_flags, _ = sock.recvmsg(_RECV_BYTES, _RECV_ANC)
+    buffer = _receive_buffer()
+    n, ancdata, msg_flags, _ = sock.recvmsg_into([buffer], _RECV_ANC)
+    data = memoryview(buffer)[:n]
     fds = _fds(ancdata)
     try:
         if not data and not fds:
@@ -202,6 +205,18 @@ def recv(sock: socket.socket, max_body: int, kinds: frozenset = TO_WORKER | TO_S
     finally:
         for fd in fds:
             os.close(fd)
+
+
+_buffers = threading.local()
+
+
+def _receive_buffer() -> bytearray:
+    """This thread's receive buffer, reused for every record: recvmsg() would allocate (and, above the
+    daemon's malloc mmap threshold, mmap and unmap) a buffer of the largest record for each call."""
+    buffer = getattr(_buffers, "buffer", None)
+    if buffer is None:
+        buffer = _buffers.buffer = bytearray(_RECV_BYTES)
+    return buffer
 
 
 def _fds(ancdata) -> list[int]:
@@ -214,7 +229,7 @@ def _fds(ancdata) -> list[int]:
     return fds
 
 
-def _decode(data: bytes, msg_flags: int, fds: list[int], max_body: int, kinds: frozenset) -> Record:
+def _decode(data: memoryview, msg_flags: int, fds: list[int], max_body: int, kinds: frozenset) -> Record:
     if msg_flags & socket.MSG_CTRUNC or len(fds) > MAX_FDS:
         raise ProtocolError(f"more than {MAX_FDS} file descriptor(s) attached to a record")
     if msg_flags & socket.MSG_TRUNC:
@@ -230,7 +245,7 @@ def _decode(data: bytes, msg_flags: int, fds: list[int], max_body: int, kinds: f
         raise ProtocolError(f"side data of {side_len} bytes, at most {MAX_SIDE}")
     if length > max_body:
         raise ProtocolError(f"{KIND_NAMES[kind]} body of {length} bytes, above the limit of {max_body}")
-    side = data[HEADER.size:HEADER.size + side_len]
+    side = bytes(data[HEADER.size:HEADER.size + side_len])
     inline = HEADER.size + side_len
     body_fds, shm_fds = (fds[:1], fds[1:]) if flags & MEMFD else ([], fds)
     if flags & SHM:
@@ -250,7 +265,7 @@ def _decode(data: bytes, msg_flags: int, fds: list[int], max_body: int, kinds: f
     else:
         if len(data) != inline + length:
             raise ProtocolError(f"record carries {len(data) - inline} body bytes, its header says {length}")
-        body = data[inline:]
+        body = bytes(data[inline:])
     shm = []
     try:
         for fd in shm_fds:

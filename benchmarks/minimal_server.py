@@ -3,6 +3,10 @@
 `python -m benchmarks.minimal_server SOCKET MODEL_DIR`: serves ModelInfer for the echo model's MLX
 function (model.mlxfn) on unix:SOCKET with grpcio's sync server and one handler thread (MLX streams
 are per thread, as in a sealbox worker's one engine thread). Prints "ready" once serving.
+
+`python -m benchmarks.minimal_server SOCKET MODEL_DIR --aio-fixed`: the floor of a grpc.aio front door
+(what sealbox's supervisor is): a grpc.aio server whose ModelInfer reads the request as bytes and
+returns a fixed, valid answer for a (1, 4) input without computing anything.
 """
 from __future__ import annotations
 
@@ -19,6 +23,28 @@ import numpy as np
 from sealbox.proto import inference_pb2 as pb
 from sealbox.proto import tensors
 
+LIMIT = 256 * 2**20
+OPTIONS = [("grpc.max_receive_message_length", LIMIT), ("grpc.max_send_message_length", LIMIT)]
+
+
+def aio_fixed(socket_path: str) -> None:
+    import asyncio
+    answer = tensors.encode_response(pb.ModelInferResponse(model_name="echo"), {"y": np.ones((1, 4), np.float32)})
+
+    async def infer(raw: bytes, context):
+        return answer
+
+    async def serve():
+        server = grpc.aio.server(options=OPTIONS)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {
+            "ModelInfer": grpc.unary_unary_rpc_method_handler(infer),
+        }),))
+        server.add_insecure_port(f"unix:{socket_path}")
+        await server.start()
+        print("ready", flush=True)
+        await server.wait_for_termination()
+    asyncio.run(serve())
+
 
 def main(socket_path: str, model_dir: str) -> None:
     loaded = {}
@@ -34,9 +60,7 @@ def main(socket_path: str, model_dir: str) -> None:
         response = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
         return tensors.encode_response(response, {"y": np.array(out, copy=False)})
 
-    limit = 256 * 2**20
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1),
-                         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=OPTIONS)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {
         "ModelInfer": grpc.unary_unary_rpc_method_handler(infer, request_deserializer=None, response_serializer=None),
     }),))
@@ -50,4 +74,7 @@ def main(socket_path: str, model_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    if sys.argv[3:] == ["--aio-fixed"]:
+        aio_fixed(sys.argv[1])
+    else:
+        main(*sys.argv[1:3])

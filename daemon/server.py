@@ -46,6 +46,7 @@ from .errors import ClientError
 from .listeners import BindError, Listener, start_all
 from .shared_memory import SharedCall, SharedMemoryRegistry
 from .supervisor import LoadRefused, ModelUnavailable, State, Supervisor
+from .worker_hop import finished
 
 log = logging.getLogger("sealboxd")
 SERVICE = "inference.GRPCInferenceService"
@@ -61,6 +62,7 @@ class FrontDoor:
         self.admin_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="admin")
         self.shm = SharedMemoryRegistry()
         self.shm_owners = {spec.name: spec.shm_owners for spec in supervisor.config.server.listeners}
+        self.loop = asyncio.get_running_loop()   # made in serve(), on the loop it serves on
 
     # -- inference ----------------------------------------------------------------------------------
     async def _forward(self, box: list) -> bytes:
@@ -144,31 +146,31 @@ class FrontDoor:
                         timing.compute_s = time.monotonic() - at_worker
 
     async def _routed(self, name: str, version: str, status, box: list, timing: "_Timing") -> bytes:
+        """Wait for the model's turn (bounded queue), then call its worker, all in the handler's own task
+        (no task per call: each cost event-loop turns). When the client goes away, grpc.aio cancels that
+        task: a call still queued leaves the queue unsent; a call at the worker is cancelled there
+        (worker_hop sends CANCEL: dropped if still queued at the worker, a generation stopped at its next
+        token) and the turn, the request's bytes and any shared-memory copies stay held until the
+        worker has ended it (or the inference timeout has)."""
         self._check_ready(name, version, status)
         gate = self.admission.model(name, self.sup.calls_at_workers(name))
         shared = self._shared(box[0])
         try:
             # The inputs' shared-memory bytes are copied (sealed) for the worker: they count as request bytes.
-            reservation = self.admission.request_bytes(gate, len(box[0]) + (shared.input_bytes if shared else 0))
-            reservation.__enter__()   # RESOURCE_EXHAUSTED at once beyond the byte caps
-        except BaseException:
+            with self.admission.request_bytes(gate, len(box[0]) + (shared.input_bytes if shared else 0)):
+                async with gate.turn(self.limits.model_queue_timeout_s):
+                    at_worker = time.monotonic()
+                    timing.queue_s = at_worker - timing.start
+                    try:
+                        if shared is not None:
+                            await finished(self.loop.run_in_executor(None, shared.prepare))
+                        return await self.sup.infer(name, box, shared)
+                    finally:
+                        timing.compute_s = time.monotonic() - at_worker
+        finally:
+            box.clear()   # if the hop did not take the request (it failed first), it goes now
             if shared is not None:
                 shared.close()
-            raise
-        # The call runs in a task of its own, shielded: the handler may be cancelled (the client went
-        # away) at any moment, but the turn, the request's bytes and any shared-memory copies stay held
-        # until the worker has ended the call. The departure is passed on instead (_Departure).
-        departure = _Departure()
-        task = asyncio.ensure_future(self._at_worker(name, gate, box, reservation, timing, shared, departure))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            departure.leave()
-            raise
-        finally:
-            # A failed task holds its exception, whose traceback holds this frame: without this `del`
-            # that cycle keeps the frames (and what they hold) until the cyclic GC runs.
-            del task
 
     def _shared(self, request: bytes) -> SharedCall | None:
         """The call's shared-memory tensors (regions of this caller's listener), or None."""
@@ -177,37 +179,6 @@ class FrontDoor:
         except PeekError:
             raise errors.malformed() from None
         return SharedCall(self.shm, current_caller.get().listener, refs) if refs else None
-
-    async def _at_worker(self, name: str, gate, box: list, reservation, timing: "_Timing",
-                         shared: SharedCall | None, departure: "_Departure") -> bytes:
-        """Wait for the model's turn (bounded queue), then call its worker. When the client goes away
-        (`departure`) the call is cancelled at the worker (CANCEL: dropped if still queued there, a
-        generation stopped at its next token), or never sent if it had not reached the worker yet; the
-        turn and the request's bytes stay held until the worker has ended it (or the timeout has)."""
-        try:
-            async with gate.turn(self.limits.model_queue_timeout_s):
-                at_worker = time.monotonic()
-                timing.queue_s = at_worker - timing.start
-                if shared is not None:
-                    await asyncio.get_running_loop().run_in_executor(None, shared.prepare)
-                if departure.gone:
-                    raise asyncio.CancelledError
-                call = departure.call = asyncio.ensure_future(self.sup.infer(name, box, shared))
-                try:
-                    return await asyncio.shield(call)
-                except asyncio.CancelledError:
-                    call.cancel()   # the hop sends CANCEL and waits for the worker to end the call
-                    await asyncio.wait([call])
-                    raise
-                finally:
-                    timing.compute_s = time.monotonic() - at_worker
-                    departure.call = None
-                    del call   # no task <-> traceback cycle holding the request (see _forward)
-        finally:
-            box.clear()   # if the hop did not take the request (it failed first), it goes now
-            reservation.__exit__(None, None, None)
-            if shared is not None:
-                shared.close()
 
     async def ModelInfer(self, request_iterator, context):
         """Registered as STREAM_UNARY: admitted BEFORE its (up to max_message) body is read."""
@@ -431,20 +402,6 @@ class FrontDoor:
             methods[cuda] = unary(self.no_cuda_shared_memory, getattr(pb, cuda + "Request"),
                                   getattr(pb, cuda + "Response"))
         return grpc.method_handlers_generic_handler(SERVICE, methods)
-
-
-class _Departure:
-    """A unary call's client went away: tell the call at the worker (the hop sends CANCEL), or the call
-    that has not reached it yet (it is then never sent)."""
-    __slots__ = ("gone", "call")
-
-    def __init__(self):
-        self.gone, self.call = False, None
-
-    def leave(self) -> None:
-        self.gone = True
-        if self.call is not None:
-            self.call.cancel()
 
 
 class _Timing:

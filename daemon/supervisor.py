@@ -36,7 +36,7 @@ from .config import Config, ConfigError, ModelConfig, load_config
 from .fetching import Fetcher, FetchBusy
 from .preflight import preflight
 from .provenance import Provenance
-from .worker_hop import OFFLOAD_BYTES, HopClosed, HopTimeout, WorkerStatus
+from .worker_hop import OFFLOAD_BYTES, HopClosed, HopTimeout, WorkerStatus, finished
 from .warm_pool import EarlyStart, WarmPool
 from .worker_process import ModelUnavailable, Spawner, WorkerProcess, describe_exit
 
@@ -794,7 +794,7 @@ class Supervisor:
             if shared is not None:
                 body, outputs = body
                 try:
-                    await asyncio.get_running_loop().run_in_executor(None, shared.deliver, name, outputs)
+                    await finished(asyncio.get_running_loop().run_in_executor(None, shared.deliver, name, outputs))
                 except BaseException:
                     release(body)
                     raise

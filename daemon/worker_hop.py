@@ -314,11 +314,25 @@ class WorkerHop:
             raise
 
     async def _abandon(self, call: _Call) -> None:
-        """The client went away: CANCEL, then wait (shielded) for the worker's terminal record, so the
-        call's turn is only given back once the worker is done with it."""
+        """The client went away: CANCEL, then wait for the worker's terminal record (through any further
+        cancellation), so the call's turn is only given back once the worker is done with it."""
         self._cancel(call)
-        if not call.ended.done():
-            await asyncio.shield(call.ended)
+        await finished(call.ended)
+
+
+async def finished(future: asyncio.Future):
+    """The result of `future` (an executor job, a call's end), awaited to its end even if the awaiting
+    task is cancelled meanwhile, once or more: what runs there may use buffers or a turn that the caller
+    gives back afterwards. A cancellation that came meanwhile is raised once the future is done."""
+    interrupted = None
+    while not future.done():
+        try:
+            await asyncio.wait([future])   # never cancels `future` itself
+        except asyncio.CancelledError as exc:
+            interrupted = exc
+    if interrupted is not None:
+        raise interrupted
+    return future.result()
 
 
 def describe(socket_path: str, max_bytes: int, timeout: float) -> bytes:

@@ -304,6 +304,32 @@ def test_cancel_drops_a_queued_call(worker):
     assert no_fd_left(before)
 
 
+def test_a_call_cancelled_twice_still_waits_for_the_worker(worker):
+    """grpc.aio may cancel a handler more than once (the client leaves, then the server stops): the
+    abandoned call must still end only once the worker has ended it, so its turn is never given back
+    while the worker still runs it."""
+    engine = Echo()
+    engine.gate = threading.Event()
+    w = worker(engine)
+
+    async def main():
+        channel = WorkerHop(w.path, MAX)
+        call = asyncio.ensure_future(channel.infer(request(np.full((1, 1), 1, np.float32)), 10))
+        while not engine.calls:   # running at the engine, held by the gate
+            await asyncio.sleep(0.01)
+        call.cancel()
+        await asyncio.sleep(0.05)
+        call.cancel()   # again, while it waits for the worker's end
+        await asyncio.sleep(0.2)
+        assert not call.done()   # the worker has not ended it: it is still held
+        engine.gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert channel.calls == {} and not channel.order
+        channel.close()
+    run(main())
+
+
 def test_cancel_stops_a_running_stream(worker):
     engine = Echo()
     w = worker(engine)

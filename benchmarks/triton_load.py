@@ -4,6 +4,8 @@ sealbox's own): `python -m benchmarks.triton_load TARGET MODEL MODE N [THREADS]`
 MODE small: N sequential calls with a (1, 4) FP32 input, per-call seconds.
 MODE threads: THREADS threads making N calls each, total calls and elapsed seconds.
 MODE big: N sequential round trips of a 64 MiB FP32 input (the echo model returns it), per-call seconds.
+MODE send: N sequential calls sending the 64 MiB input, the answer not checked (for a server that
+answers without computing: what receiving the request costs it), per-call seconds.
 MODE shm: the same round trips with input and output in system shared memory (Triton's extension, as
 tritonclient.utils.shared_memory uses it: one region per tensor, registered once), per-call seconds.
 """
@@ -52,6 +54,15 @@ def main(target: str, model: str, mode: str, n: int, threads: int = 8) -> dict:
     big = np.random.default_rng(0).standard_normal((4 * 2**20, 4)).astype(np.float32)   # 64 MiB
     if mode == "shm":
         return shared_memory_round_trips(client, model, big, n)
+    if mode == "send":
+        samples = []
+        for _ in range(n):
+            t = time.perf_counter()
+            inp = tc.InferInput("x", list(big.shape), "FP32")
+            inp.set_data_from_numpy(big)
+            client.infer(model, [inp])
+            samples.append(time.perf_counter() - t)
+        return {"samples": samples, "bytes": big.nbytes}
     assert np.array_equal(call(client, model, big), big)
     samples = []
     for _ in range(n):

@@ -160,9 +160,12 @@ def load_to_ready() -> None:
         for _ in range(max(ROUNDS, 5)):
             for name, daemon in daemons.items():
                 with Client(daemon.target, admin_target=daemon.admin_target) as client:
-                    if name == "pool":   # the refill has a worker listening again (a used one is gone)
-                        wait_for(lambda: any("-pool-" in n and os.path.exists(os.path.join(daemon.run_dir, n, "worker.sock"))
-                                             for n in os.listdir(daemon.run_dir)), what="a listening pool worker")
+                    # Before every measurement, not only the pool's: the pool's refill (a worker started
+                    # after each take) must not compete for the two cores with another daemon's load.
+                    pool_dir = daemons["pool"].run_dir
+                    wait_for(lambda: any("-pool-" in n and os.path.exists(os.path.join(pool_dir, n, "worker.sock"))
+                                         for n in os.listdir(pool_dir)), what="a listening pool worker")
+                    time.sleep(0.2)   # its start-up's tail (warm-up imports) is over
                     t = time.perf_counter()
                     client.load("tiny")
                     times[name].append(time.perf_counter() - t)

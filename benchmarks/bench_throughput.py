@@ -64,13 +64,15 @@ def _client_process(target: str, model: str, threads: int, seconds: float, start
         w.start()
     ready.wait()
     start.wait()   # every process's clients connected: the window opens for all at once
+    cpu = time.process_time()
     go.set()
     for w in workers:
         w.join()
-    queue.put((sum(counts), sum(errors), sorted(seen)[:3]))
+    queue.put((sum(counts), sum(errors), sorted(seen)[:3], time.process_time() - cpu))
 
 
-def calls_per_second(target: str, model: str) -> tuple[float, int]:
+def calls_per_second(target: str, model: str) -> tuple[float, int, float]:
+    """Calls per second, failed calls, and the clients' own CPU seconds in the window."""
     ctx = multiprocessing.get_context("spawn")
     start, queue = ctx.Barrier(PROCESSES), ctx.Queue()
     procs = [ctx.Process(target=_client_process, args=(target, model, CLIENTS // PROCESSES, SECONDS, start, queue))
@@ -80,10 +82,10 @@ def calls_per_second(target: str, model: str) -> tuple[float, int]:
     results = [queue.get(timeout=SECONDS + 300) for _ in procs]
     for p in procs:
         p.join()
-    for _calls, _errors, seen in results:
+    for _calls, _errors, seen, _cpu_s in results:
         for text in seen:
             print(f"  ({model}: {text})")
-    return sum(r[0] for r in results) / SECONDS, sum(r[1] for r in results)
+    return sum(r[0] for r in results) / SECONDS, sum(r[1] for r in results), sum(r[3] for r in results)
 
 
 def _cpu(daemon) -> tuple[float, float]:
@@ -116,16 +118,16 @@ def throughput() -> None:
             wait_for(lambda: all(m.state == "READY" for m in client.models()), what="every model READY")
         samples: dict[str, list[float]] = {name: [] for name in CONFIGS}
         failures = {name: 0 for name in CONFIGS}
-        cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in CONFIGS}   # (supervisor, workers) s/call
+        cpu: dict[str, list[tuple[float, float, float]]] = {name: [] for name in CONFIGS}   # (supervisor, workers, clients) s/call
         for _ in range(ROUNDS):
             for name in CONFIGS:
                 before = _cpu(daemon)
-                rate, errors = calls_per_second(daemon.target, name)
+                rate, errors, clients_cpu = calls_per_second(daemon.target, name)
                 after = _cpu(daemon)
                 samples[name].append(rate)
                 failures[name] += errors
                 calls = max(1.0, rate * SECONDS)
-                cpu[name].append(((after[0] - before[0]) / calls, (after[1] - before[1]) / calls))
+                cpu[name].append(((after[0] - before[0]) / calls, (after[1] - before[1]) / calls, clients_cpu / calls))
         base = statistics.median(samples["one"])
         print(f"{CLIENTS} clients ({PROCESSES} processes), demo MLP batch 1, {SECONDS:g} s windows, "
               f"median of {ROUNDS} interleaved rounds:")
@@ -133,8 +135,9 @@ def throughput() -> None:
             rate = statistics.median(samples[name])
             sup = statistics.median(c[0] for c in cpu[name]) * 1e6
             work = statistics.median(c[1] for c in cpu[name]) * 1e6
+            clients = statistics.median(c[2] for c in cpu[name]) * 1e6
             print(f"  {name:12s} {rate:8.0f} calls/s  {rate / base:5.2f}x one instance   CPU per call: supervisor "
-                  f"{sup:4.0f} us, workers {work:4.0f} us   "
+                  f"{sup:4.0f} us, workers {work:4.0f} us, the clients themselves {clients:4.0f} us   "
                   f"({opts.replace(chr(10), ', ') or 'instances = 1, no batching'}; failed calls {failures[name]})")
     finally:
         daemon.stop()

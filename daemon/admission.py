@@ -92,8 +92,12 @@ class ModelGate:
                 raise exhausted(f"queued requests for model '{self.name}'")
             self.waiting += 1
             try:
-                await asyncio.wait_for(self._sem.acquire(), timeout)
-            except asyncio.TimeoutError:
+                # Not wait_for: on Python 3.11 it returns a turn granted in the same step as the caller's
+                # cancellation, losing the cancellation (a departed client's call would then run).
+                # A cancelled acquire() hands a granted turn on.
+                async with asyncio.timeout(timeout):
+                    await self._sem.acquire()
+            except TimeoutError:
                 raise unavailable(self.name, f"busy: no turn within {timeout:g} s") from None
             finally:
                 self.waiting -= 1

@@ -50,6 +50,7 @@ from .worker_hop import finished
 
 log = logging.getLogger("sealboxd")
 SERVICE = "inference.GRPCInferenceService"
+SHUTDOWN_GRACE_S = 2   # calls in flight at SIGTERM get this long before they are cancelled
 
 
 class FrontDoor:
@@ -147,7 +148,7 @@ class FrontDoor:
 
     async def _routed(self, name: str, version: str, status, box: list, timing: "_Timing") -> bytes:
         """Wait for the model's turn (bounded queue), then call its worker, all in the handler's own task
-        (no task per call: each cost event-loop turns). When the client goes away, grpc.aio cancels that
+        (no further task per call: each cost event-loop turns). When the client goes away, grpc.aio cancels that
         task: a call still queued leaves the queue unsent; a call at the worker is cancelled there
         (worker_hop sends CANCEL: dropped if still queued at the worker, a generation stopped at its next
         token) and the turn, the request's bytes and any shared-memory copies stay held until the
@@ -549,10 +550,15 @@ async def serve(supervisor: Supervisor, audit: CallAudit, hooks=None) -> int:
         hooks.stopping()
     log.info("stopping")
     await health.enter_graceful_shutdown()
-    await asyncio.gather(*(listener.stop(2) for listener in listeners))   # no RPC (a load, say) runs on after
+    # Calls get the grace period; then grpc.aio cancels the rest, and those at a worker end only once the
+    # worker has ended them or its hop is closed: so the workers are stopped after the grace period even
+    # if calls are still pending, not only once every handler has returned (a hung model would hold it).
+    stopping = [asyncio.ensure_future(listener.stop(SHUTDOWN_GRACE_S)) for listener in listeners]
+    await asyncio.wait(stopping, timeout=SHUTDOWN_GRACE_S + 0.5)   # normally done: no RPC (a load, say) runs on
     for task in tasks:
         task.cancel()
     await loop.run_in_executor(None, supervisor.shutdown)
+    await asyncio.gather(*stopping)
     door.admin_pool.shutdown(wait=False)
     door.shm.close()
     await asyncio.sleep(0)   # let the workers' channels close on this loop

@@ -176,9 +176,12 @@ class WorkerHop:
             made = self.loop.run_in_executor(None, lambda: hop.Outgoing(hop.INFER, call.id, [request], flags,
                                                                          shm_fds=shm_fds))
             try:
-                record = await asyncio.shield(made)
-            except asyncio.CancelledError:   # the client went away meanwhile: close the memfd once it exists
-                made.add_done_callback(lambda f: f.exception() is None and f.result().close())
+                # Waited out even if the client goes away meanwhile: the thread copies the request and dups
+                # the shared-memory fds, which the caller closes once this returns.
+                record = await finished(made)
+            except asyncio.CancelledError:   # the client went away meanwhile: the record is never sent
+                if not made.cancelled() and made.exception() is None:
+                    made.result().close()
                 raise
             if self.sock is None:   # closed while the memfd was made
                 record.close()
@@ -242,7 +245,8 @@ class WorkerHop:
             self._end(call, None)
         else:
             call.push((record.body, False, record.shm))
-            self._taken(call)   # a streamed response: the timeout starts afresh
+            if not call.cancelled:   # a streamed response: the timeout starts afresh (not for an abandoned call)
+                self._taken(call)
 
     def _execution(self, side: bytes) -> None:
         """A batching worker's account of the engine call that answered (statistics only: a worker
@@ -258,6 +262,9 @@ class WorkerHop:
         call.timer = self.loop.call_later(call.timeout, self._expire, call)
 
     def _expire(self, call: _Call) -> None:
+        if call.cancelled:   # nobody waits for its HopTimeout to kill the worker: do it here
+            self._broken(f"an abandoned call was not ended within {call.timeout:g} s")
+            return
         self._end(call, HopTimeout(f"no answer within {call.timeout:g} s"))
 
     def _end(self, call: _Call, failure: BaseException | None) -> None:
@@ -330,9 +337,14 @@ async def finished(future: asyncio.Future):
             await asyncio.wait([future])   # never cancels `future` itself
         except asyncio.CancelledError as exc:
             interrupted = exc
-    if interrupted is not None:
+    if interrupted is None:
+        return future.result()
+    if not future.cancelled():
+        future.exception()   # retrieved: its failure is superseded by the cancellation
+    try:
         raise interrupted
-    return future.result()
+    finally:
+        interrupted = None   # no exception -> traceback -> frame -> exception cycle
 
 
 def describe(socket_path: str, max_bytes: int, timeout: float) -> bytes:

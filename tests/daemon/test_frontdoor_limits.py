@@ -128,6 +128,40 @@ def test_a_hung_model_fills_only_its_own_queue(daemon_factory, demo_model, keys)
     assert timeouts and timeouts[0]["model"] == "a" and timeouts[0]["listener"] == "public"
 
 
+def test_sigterm_with_calls_held_by_a_hung_model_stops_promptly(daemon_factory, demo_model, keys):
+    """SIGTERM while callers wait at a SIGSTOPped worker (inference timeout 60 s): the calls get the
+    grace period, are then cancelled, and the daemon stops its workers and exits cleanly within seconds,
+    not after the model's inference timeout (a cancelled call at a worker is held until the worker ends
+    it; stopping the workers is what ends it)."""
+    daemon = daemon_factory({"a": {"path": demo_model, "options": "infer_timeout_s = 60"}}, keys[1]).start()
+    request = infer_bytes("a")
+    with grpc.insecure_channel(daemon.target) as channel:
+        assert channel.unary_unary(OIP + "ModelInfer")(request, timeout=10)
+    workers = worker_tree(daemon, "a")
+    for proc in workers:
+        proc.send_signal(signal.SIGSTOP)
+
+    async def run():
+        callers = [grpc.aio.insecure_channel(daemon.target, options=ONE_CONNECTION_EACH) for _ in range(2)]
+        held = [asyncio.ensure_future(_timed(c.unary_unary(OIP + "ModelInfer")(request, timeout=90)))
+                for c in callers]
+        await asyncio.sleep(1.0)   # both at the hung worker (model_inflight = 2)
+        assert not any(t.done() for t in held)
+        start = time.monotonic()
+        daemon.proc.send_signal(signal.SIGTERM)
+        await asyncio.get_running_loop().run_in_executor(None, daemon.proc.wait, 30)
+        exited = time.monotonic() - start
+        results = await asyncio.gather(*held)
+        for c in callers:
+            await c.close()
+        return exited, results
+    exited, results = asyncio.run(run())
+    assert daemon.proc.returncode == 0
+    assert exited < 10, exited   # grace (2 s) + stopping the workers; not the 60 s inference timeout
+    assert all(code != "OK" for code, _ in results), results
+    assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in workers)
+
+
 def test_field_bomb_is_refused_fast(daemon_factory, demo_model, keys):
     daemon = daemon_factory({"demo": {"path": demo_model}}, keys[1]).start()
     bomb = pb.ModelInferRequest(model_name="demo").SerializeToString() + b"\x78\x00" * (30 * MiB)  # 31 M fields

@@ -330,6 +330,36 @@ def test_a_call_cancelled_twice_still_waits_for_the_worker(worker):
     run(main())
 
 
+def test_an_abandoned_call_the_worker_never_ends_breaks_the_hop_at_its_timeout(worker):
+    """A cancelled call whose worker ignores the CANCEL (the engine keeps running) is not held for ever:
+    at its inference timeout the hop is declared broken (the supervisor then kills the worker), as a
+    call that times out with its client still waiting would."""
+    engine = Echo()
+    engine.gate = threading.Event()
+    w = worker(engine)
+    broken = []
+
+    async def main():
+        channel = WorkerHop(w.path, MAX)
+        channel.on_broken = broken.append
+        call = asyncio.ensure_future(channel.infer(request(np.full((1, 1), 1, np.float32)), 0.5))
+        while not engine.calls:
+            await asyncio.sleep(0.01)
+        call.cancel()   # the worker's engine is held by the gate: the call cannot end
+        started = time.monotonic()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        waited = time.monotonic() - started
+        assert channel.closed and channel.calls == {}
+        return waited
+    try:
+        waited = run(main())
+    finally:
+        engine.gate.set()
+    assert 0.3 < waited < 3, waited
+    assert broken == ["an abandoned call was not ended within 0.5 s"]
+
+
 def test_cancel_stops_a_running_stream(worker):
     engine = Echo()
     w = worker(engine)

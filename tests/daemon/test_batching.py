@@ -151,3 +151,61 @@ def test_unbatched_model_counts_one_execution_per_request(batching):
     stats = statistics(batching, "plain")
     assert stats.execution_count == stats.inference_count >= 3
     assert [b.batch_size for b in stats.batch_stats] == [1]
+
+
+def _slow_square(x):
+    """x [rows, 64] -> [rows, 64]; rows x rows matrix powers: ~0.02 s at 1 row, many seconds at 600."""
+    g = x @ x.T
+    for _ in range(1500):
+        g = g @ g / 600.0
+    return g @ x
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_batch_fails_every_member_and_leaks_nothing(tmp_path, daemon_factory, keys):
+    """Four requests joined into one engine call (one of them memfd-sized), the worker SIGKILLed while it
+    computes: every caller gets UNAVAILABLE with the reason, the supervisor holds no hop memfd, and the
+    restarted worker answers exactly again."""
+    import concurrent.futures
+    import signal
+    import time
+
+    import mlx.core as mx
+    from tests.daemon.test_containment import mlx_model
+    from tests.daemon.test_hop_daemon import hop_memfds, python_worker
+
+    spec = {"datatype": "FP32", "shape": [-1, 64]}
+    meta = {"function": "model.mlxfn", "inputs": [dict(spec, name="x")], "outputs": [dict(spec, name="y")]}
+    model = mlx_model(tmp_path / "models" / "square", meta, function=_slow_square, example=mx.zeros((2, 64)))
+    upstream_sign(model, keys[0])
+    daemon = daemon_factory({"square": {"path": model, "options": "max_batch_size = 1024\nmax_queue_delay_us = 500000"}},
+                            keys[1], extra=LIMITS).start()
+    with daemon.client() as client:
+        small = np.full((1, 64), 0.01, np.float32)
+        expected_small = client.infer("square", {"x": small})["y"]
+        pool = concurrent.futures.ThreadPoolExecutor(4)
+        # 300 rows = 75 KiB: that request crosses as a memfd; the joined batch (600 rows) takes many seconds
+        sizes = [300, 100, 100, 100]
+        calls = [pool.submit(client.infer, "square", {"x": np.full((rows, 64), 0.01, np.float32)}) for rows in sizes]
+        time.sleep(2.0)   # joined within max_queue_delay_us, computing
+        assert not any(c.done() for c in calls)
+        os.kill(python_worker(daemon), signal.SIGKILL)
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as err:
+                call.result(timeout=30)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert err.value.details() in ("model 'square' is unavailable: worker killed by SIGKILL while serving",
+                                           "model 'square' is unavailable: worker killed by SIGKILL")
+        assert hop_memfds(daemon.proc.pid) == []
+        failed = statistics(daemon, "square").inference_stats
+        assert (failed.success.count, failed.fail.count) == (1, 4)   # the first small call; the four
+        deadline = time.monotonic() + 30
+        while True:   # restarted from the same sealed copies
+            try:
+                np.testing.assert_allclose(client.infer("square", {"x": small})["y"], expected_small, rtol=1e-5)
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc.details()
+                time.sleep(0.05)
+        pool.shutdown()
+    assert hop_memfds(daemon.proc.pid) == []

@@ -172,7 +172,7 @@ def test_a_worker_killed_mid_batch_fails_every_member_and_leaks_nothing(tmp_path
 
     import mlx.core as mx
     from tests.daemon.test_containment import mlx_model
-    from tests.daemon.test_hop_daemon import hop_memfds, python_worker
+    from tests.daemon.test_hop_daemon import assert_killed_mid_call, hop_memfds, python_worker, wait_until_exact
 
     spec = {"datatype": "FP32", "shape": [-1, 64]}
     meta = {"function": "model.mlxfn", "inputs": [dict(spec, name="x")], "outputs": [dict(spec, name="y")]}
@@ -191,21 +191,10 @@ def test_a_worker_killed_mid_batch_fails_every_member_and_leaks_nothing(tmp_path
         assert not any(c.done() for c in calls)
         os.kill(python_worker(daemon), signal.SIGKILL)
         for call in calls:
-            with pytest.raises(grpc.RpcError) as err:
-                call.result(timeout=30)
-            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert err.value.details() in ("model 'square' is unavailable: worker killed by SIGKILL while serving",
-                                           "model 'square' is unavailable: worker killed by SIGKILL")
+            assert_killed_mid_call(call, "square")
         assert hop_memfds(daemon.proc.pid) == []
         failed = statistics(daemon, "square").inference_stats
         assert (failed.success.count, failed.fail.count) == (1, 4)   # the first small call; the four
-        deadline = time.monotonic() + 30
-        while True:   # restarted from the same sealed copies
-            try:
-                np.testing.assert_allclose(client.infer("square", {"x": small})["y"], expected_small, rtol=1e-5)
-                break
-            except grpc.RpcError as exc:
-                assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc.details()
-                time.sleep(0.05)
+        wait_until_exact(client, "square", small, expected_small, rtol=1e-5)
         pool.shutdown()
     assert hop_memfds(daemon.proc.pid) == []

@@ -36,6 +36,29 @@ def python_worker(daemon) -> int:
     raise AssertionError("no worker process")
 
 
+def assert_killed_mid_call(call, name: str) -> None:
+    """`call` (a future of client.infer) failed UNAVAILABLE because its worker was SIGKILLed: the watcher's
+    reason ("... while serving") or, if the hop saw the death first, the exit itself."""
+    with pytest.raises(grpc.RpcError) as err:
+        call.result(timeout=30)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert err.value.details() in (f"model '{name}' is unavailable: worker killed by SIGKILL while serving",
+                                   f"model '{name}' is unavailable: worker killed by SIGKILL")
+
+
+def wait_until_exact(client, name: str, x: np.ndarray, expected: np.ndarray, rtol: float) -> None:
+    """The killed worker is restarted from the same sealed copies: UNAVAILABLE meanwhile, then the exact
+    answer (within 30 s)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            np.testing.assert_allclose(client.infer(name, {"x": x})["y"], expected, rtol=rtol)
+            return
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc.details()
+            time.sleep(0.05)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("rows", [4000, 8192])   # a 62.5 KiB request inline, a 128 KiB one in a memfd
 def test_worker_killed_mid_call_is_unavailable_with_the_reason(tmp_path, daemon_factory, keys, rows):
@@ -51,21 +74,9 @@ def test_worker_killed_mid_call_is_unavailable_with_the_reason(tmp_path, daemon_
         time.sleep(1.5)   # at the worker, computing (minutes at these sizes)
         assert not call.done()
         os.kill(python_worker(daemon), signal.SIGKILL)
-        with pytest.raises(grpc.RpcError) as err:
-            call.result(timeout=30)
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        # The watcher's reason ("... while serving") or, if the hop saw the death first, the exit itself.
-        assert err.value.details() in ("model 'quad' is unavailable: worker killed by SIGKILL while serving",
-                                       "model 'quad' is unavailable: worker killed by SIGKILL")
+        assert_killed_mid_call(call, "quad")
         assert hop_memfds(daemon.proc.pid) == []
-        deadline = time.monotonic() + 30
-        while True:   # restarted from the same sealed copies
-            try:
-                np.testing.assert_allclose(client.infer("quad", {"x": small})["y"], expected, rtol=1e-6)
-                break
-            except grpc.RpcError as exc:
-                assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc.details()
-                time.sleep(0.05)
+        wait_until_exact(client, "quad", small, expected, rtol=1e-6)
     assert hop_memfds(daemon.proc.pid) == []
 
 

@@ -60,13 +60,15 @@ def test_a_load_audits_and_logs_where_its_time_went(daemon_factory, demo_model, 
         restarted = wait_for(lambda: loads(daemon, "demo")[2:], what="the restart's audit event")[-1]
         check_phases(restarted, verified=False)
 
+        # The audit event is written before the log line: wait for the restart's line, not just the event.
+        restarted_line = rf"model demo ready in {restarted['ready_s']:.3f} s \(spawn {restarted['spawn_s']:.3f} s"
+        wait_for(lambda: re.search(restarted_line, daemon.stderr_path.read_text()), what="the restart's log line")
         log = daemon.stderr_path.read_text()
         lines = re.findall(r"INFO sealboxd: model demo ready in ([0-9.]+) s \(verify ([0-9.]+) s, of which "
                            r"hashing ([0-9.]+) s; spawn ([0-9.]+) s", log)
         assert len(lines) == 2, log
         assert [float(x) for x in lines[0]] == pytest.approx(
             [first["ready_s"], first["verify_s"], first["hash_s"], first["spawn_s"]], abs=1e-3)
-        assert re.search(rf"model demo ready in {restarted['ready_s']:.3f} s \(spawn {restarted['spawn_s']:.3f} s", log)
     finally:
         daemon.stop()
 

@@ -857,10 +857,11 @@ class Supervisor:
             release(body)
             return response
         # A large copy runs off the event loop; the memfd is unmapped once the copy is done, even if
-        # this call is cancelled meanwhile.
-        copy = asyncio.get_running_loop().run_in_executor(None, b"".join, (body, tail))
-        copy.add_done_callback(lambda _: release(body))
-        return await asyncio.shield(copy)
+        # this call is cancelled meanwhile (finished() waits the copy out before raising).
+        try:
+            return await finished(asyncio.get_running_loop().run_in_executor(None, b"".join, (body, tail)))
+        finally:
+            release(body)
 
     async def _failure_reason(self, model: ManagedModel, worker: WorkerProcess) -> str:
         """Why the hop failed, in the supervisor's words: the watcher's reason once it has seen the

@@ -1,11 +1,13 @@
 """64-client throughput with 1 and 2 instances and with dynamic batching, against one instance
-without batching (today's default), and tiny-model load to READY from the warm pool against a cold
+without batching (today's default) and against the daemon as it was when issue 11 was filed (rebuilt
+from git history: filing_time.py), and tiny-model load to READY from the warm pool against a cold
 spawn; all measured in the same run, interleaved, medians.
 
     python -m benchmarks.bench_throughput            (BENCH_SECONDS=5 per window, BENCH_ROUNDS=3)
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import statistics
@@ -14,6 +16,7 @@ import time
 
 import numpy as np
 
+from . import filing_time
 from .common import DemoDaemon
 
 CLIENTS = 64
@@ -112,22 +115,34 @@ def throughput() -> None:
     daemon = Daemon(pathlib.Path(demo.dir), {name: {"path": model_dir, "options": opts} for name, opts in CONFIGS.items()},
                     pathlib.Path(demo.dir) / "keys" / "demo-signer.pub", extra=LIMITS)
     daemon.start()
+    missing = filing_time.unavailable()
+    filed = contextlib.nullcontext() if missing else filing_time.FilingTimeDaemon()
     try:
         from sealbox.client import Client
         with Client(daemon.target, admin_target=daemon.admin_target) as client:
             wait_for(lambda: all(m.state == "READY" for m in client.models()), what="every model READY")
-        samples: dict[str, list[float]] = {name: [] for name in CONFIGS}
-        failures = {name: 0 for name in CONFIGS}
-        cpu: dict[str, list[tuple[float, float, float]]] = {name: [] for name in CONFIGS}   # (supervisor, workers, clients) s/call
-        for _ in range(ROUNDS):
-            for name in CONFIGS:
-                before = _cpu(daemon)
-                rate, errors, clients_cpu = calls_per_second(daemon.target, name)
-                after = _cpu(daemon)
-                samples[name].append(rate)
-                failures[name] += errors
-                calls = max(1.0, rate * SECONDS)
-                cpu[name].append(((after[0] - before[0]) / calls, (after[1] - before[1]) / calls, clients_cpu / calls))
+        with filed as filed_target:
+            if filed_target:   # the same demo model (its builder is deterministic): the same answer
+                x = np.array([[0.5, -1.0, 2.0, 0.25]], np.float32)
+                with Client(filed_target) as old_client, Client(daemon.target) as client:
+                    assert np.array_equal(old_client.infer("demo", {"x": x})["y"], client.infer("one", {"x": x})["y"])
+            samples: dict[str, list[float]] = {name: [] for name in CONFIGS}
+            old_samples: list[float] = []
+            failures = {name: 0 for name in CONFIGS}
+            cpu: dict[str, list[tuple[float, float, float]]] = {name: [] for name in CONFIGS}   # (supervisor, workers, clients) s/call
+            for i in range(ROUNDS):
+                if filed_target and i % 2 == 0:
+                    old_samples.append(calls_per_second(filed_target, "demo")[0])
+                for name in CONFIGS:
+                    before = _cpu(daemon)
+                    rate, errors, clients_cpu = calls_per_second(daemon.target, name)
+                    after = _cpu(daemon)
+                    samples[name].append(rate)
+                    failures[name] += errors
+                    calls = max(1.0, rate * SECONDS)
+                    cpu[name].append(((after[0] - before[0]) / calls, (after[1] - before[1]) / calls, clients_cpu / calls))
+                if filed_target and i % 2 == 1:
+                    old_samples.append(calls_per_second(filed_target, "demo")[0])
         base = statistics.median(samples["one"])
         print(f"{CLIENTS} clients ({PROCESSES} processes), demo MLP batch 1, {SECONDS:g} s windows, "
               f"median of {ROUNDS} interleaved rounds:")
@@ -139,6 +154,14 @@ def throughput() -> None:
             print(f"  {name:12s} {rate:8.0f} calls/s  {rate / base:5.2f}x one instance   CPU per call: supervisor "
                   f"{sup:4.0f} us, workers {work:4.0f} us, the clients themselves {clients:4.0f} us   "
                   f"({opts.replace(chr(10), ', ') or 'instances = 1, no batching'}; failed calls {failures[name]})")
+        if missing:
+            print(f"  (no filing-time baseline: {missing})")
+        else:
+            old = statistics.median(old_samples)
+            print(f"  the daemon when issue 11 was filed ({filing_time.FILING_COMMIT}, one instance, the same demo "
+                  f"model): {old:.0f} calls/s; batched {statistics.median(samples['batched']) / old:.2f}x, two "
+                  f"instances batched {statistics.median(samples['two_batched']) / old:.2f}x, one instance "
+                  f"{base / old:.2f}x of it (goal: >= 3x with batching)")
     finally:
         daemon.stop()
 

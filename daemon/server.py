@@ -46,7 +46,6 @@ from .errors import ClientError
 from .listeners import BindError, Listener, start_all
 from .shared_memory import SharedCall, SharedMemoryRegistry
 from .supervisor import LoadRefused, ModelUnavailable, State, Supervisor
-from .worker_hop import finished
 
 log = logging.getLogger("sealboxd")
 SERVICE = "inference.GRPCInferenceService"
@@ -157,14 +156,12 @@ class FrontDoor:
         gate = self.admission.model(name, self.sup.calls_at_workers(name))
         shared = self._shared(box[0])
         try:
-            # The inputs' shared-memory bytes are copied (sealed) for the worker: they count as request bytes.
+            # The inputs' shared-memory bytes are copied for the worker: they count as request bytes.
             with self.admission.request_bytes(gate, len(box[0]) + (shared.input_bytes if shared else 0)):
                 async with gate.turn(self.limits.model_queue_timeout_s):
                     at_worker = time.monotonic()
                     timing.queue_s = at_worker - timing.start
                     try:
-                        if shared is not None:
-                            await finished(self.loop.run_in_executor(None, shared.prepare))
                         return await self.sup.infer(name, box, shared)
                     finally:
                         timing.compute_s = time.monotonic() - at_worker

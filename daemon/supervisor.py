@@ -784,11 +784,14 @@ class Supervisor:
         status, worker, hop = model.enter_call()
         if hop is None:
             raise errors.unavailable(name, _reason(status))
-        if shared is None:
-            call = hop.infer(request, worker.profile.infer_timeout_s)
-        else:   # shared-memory tensors (shared_memory.SharedCall): inputs attached, outputs copied out
-            call = hop.infer_shared(request, worker.profile.infer_timeout_s, shared.input_fds)
         try:
+            if shared is None:
+                call = hop.infer(request, worker.profile.infer_timeout_s)
+            else:   # shared-memory tensors (shared_memory.SharedCall): inputs into this worker's arenas,
+                # attached; outputs copied out. The caller gives the arenas back once the call has ended.
+                await finished(asyncio.get_running_loop().run_in_executor(None, shared.prepare, hop.input_arenas))
+                call = hop.infer_shared(request, worker.profile.infer_timeout_s, shared.input_fds,
+                                        shared.input_sizes)
             del request   # (the hop holds it until sent)
             body = await self._at_hop(name, model, worker, call)
             if shared is not None:

@@ -27,6 +27,7 @@ import socket
 import time
 
 from ..proto import hop
+from .shared_memory import InputArenas
 
 # Above this, building the request's memfd (and joining a response out of one) runs on a thread,
 # not on the event loop: 64 MiB takes ~10-20 ms to copy.
@@ -97,6 +98,7 @@ class WorkerHop:
         # f(reason) when the worker broke the protocol or its socket failed: a worker the supervisor
         # cannot talk to any more is killed (and restarted by its watcher), never left running mute.
         self.on_broken = None
+        self.input_arenas = InputArenas()   # this worker's shared-memory inputs, closed with the hop
 
     # -- connection ---------------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -120,6 +122,7 @@ class WorkerHop:
             sock.close()
         while self._unsent:
             self._unsent.popleft().close()
+        self.input_arenas.close()   # arenas still in a call's hands are closed when it gives them back
         calls, self.calls = self.calls, {}
         self.order.clear()
         for call in calls.values():
@@ -164,7 +167,7 @@ class WorkerHop:
         except OSError:
             self._broken("the worker's socket failed")
 
-    async def _start(self, request, timeout: float, stream: bool, shm_fds=()) -> _Call:
+    async def _start(self, request, timeout: float, stream: bool, shm_fds=(), side: bytes = b"") -> _Call:
         if self.sock is None:
             self._connect()
         if isinstance(request, list):   # the caller's box: from here only this frame holds the bytes
@@ -174,7 +177,7 @@ class WorkerHop:
         flags = hop.STREAM if stream else 0
         if len(request) > OFFLOAD_BYTES:
             made = self.loop.run_in_executor(None, lambda: hop.Outgoing(hop.INFER, call.id, [request], flags,
-                                                                         shm_fds=shm_fds))
+                                                                         side=side, shm_fds=shm_fds))
             try:
                 # Waited out even if the client goes away meanwhile: the thread copies the request and dups
                 # the shared-memory fds, which the caller closes once this returns.
@@ -187,7 +190,7 @@ class WorkerHop:
                 record.close()
                 raise HopClosed("the connection to the worker was closed")
         else:
-            record = hop.Outgoing(hop.INFER, call.id, [request], flags, shm_fds=shm_fds)
+            record = hop.Outgoing(hop.INFER, call.id, [request], flags, side=side, shm_fds=shm_fds)
         self._send(record)
         self.calls[call.id] = call
         self.order.append(call)
@@ -293,11 +296,12 @@ class WorkerHop:
         _release((None, None, shm))
         return body
 
-    async def infer_shared(self, request, timeout: float, shm_fds=()):
-        """infer() for a request naming shared-memory tensors: `shm_fds` (sealed copies of its inputs'
-        bytes, proto/hop.py SHM) go with it; returns (body, the outputs' read-only mappings), the
-        caller releases both."""
-        call = await self._start(request, timeout, stream=False, shm_fds=shm_fds)
+    async def infer_shared(self, request, timeout: float, shm_fds=(), shm_sizes=()):
+        """infer() for a request naming shared-memory tensors: `shm_fds` (this worker's input arenas
+        holding its inputs' bytes, `shm_sizes` of them each, proto/hop.py SHM) go with it; returns
+        (body, the outputs' read-only mappings), the caller releases both."""
+        side = b"".join(hop.SHM_SIZE.pack(size) for size in shm_sizes)
+        call = await self._start(request, timeout, stream=False, shm_fds=shm_fds, side=side)
         del request
         try:
             body, _final, shm = await call.next()

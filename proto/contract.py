@@ -45,6 +45,14 @@ SOCKET_NAME = "worker.sock"
 # Seals on every memfd handed to a worker: its bytes can never change after verification.
 MEMFD_SEALS = (fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
                if hasattr(fcntl, "F_SEAL_SEAL") else 0)  # memfds are Linux-only
+# Seals on a shared-memory input arena (daemon/shared_memory.py InputArenas): a memfd the supervisor
+# reuses for one worker's inputs, call after call. F_SEAL_FUTURE_WRITE (Linux 5.1; Python's fcntl
+# does not name it) lets only the mapping the supervisor made before sealing write: anyone holding
+# the descriptor, the worker included, can neither write(), map it writable, mprotect a read-only
+# mapping to writable, punch holes in it, nor change its size.
+F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
+ARENA_SEALS = (fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE
+               if hasattr(fcntl, "F_SEAL_SEAL") else 0)
 
 
 class SpecError(ValueError):

@@ -27,8 +27,8 @@ can count the calls in flight. The worker takes calls strictly in the order they
 A body longer than INLINE_MAX travels as a sealed memfd (contract.MEMFD_SEALS) attached to the
 record (flag MEMFD, the body length in the header, nothing inline): the receiver checks its
 seals and size, maps it read-only and closes the descriptor. Side data is reserved for per-call
-extras (a batching worker's EXECUTION on a final RESPONSE; bounded); fds beyond the one memfd are
-refused until a kind needs them (MAX_FDS).
+extras (a batching worker's EXECUTION on a final RESPONSE, an INFER's shared-memory input sizes;
+bounded); fds beyond the one memfd are the shared-memory tensors' (flag SHM, below), at most MAX_FDS.
 
 Everything read is bounded: the body length against the receiver's max message bytes, side data
 against MAX_SIDE, inline bodies against INLINE_MAX, at most MAX_FDS descriptors; an unknown kind
@@ -47,7 +47,7 @@ import struct
 import threading
 from typing import NamedTuple
 
-from .contract import MEMFD_SEALS
+from .contract import ARENA_SEALS, MEMFD_SEALS
 
 HEADER = struct.Struct("<BBHIIQ")
 
@@ -75,7 +75,11 @@ MAX_SIDE = 4096
 # order: the inputs' bytes on an INFER (copies made by the supervisor: never the client's region),
 # the outputs' bytes on a final RESPONSE (made by the worker; the supervisor copies them into the
 # client's region). Mapped read-only by the receiver, like a memfd body.
+# An INFER's inputs come in the supervisor's reusable input arenas (contract.ARENA_SEALS: larger than
+# the tensor, writable by no one but the supervisor's own mapping): its side data then gives each
+# input's byte size (SHM_SIZE, one per fd, in order), and the worker maps exactly that many bytes.
 MAX_SHM_FDS = 16
+SHM_SIZE = struct.Struct("<Q")
 MAX_FDS = 1 + MAX_SHM_FDS
 # A final RESPONSE's side data from a worker with dynamic batching: the engine call that answered
 # it (rows in it, this response's index in it, its duration in ns); index 0 counts the execution.
@@ -268,11 +272,15 @@ def _decode(data: memoryview, msg_flags: int, fds: list[int], max_body: int, kin
         body = bytes(data[inline:])
     shm = []
     try:
-        for fd in shm_fds:
-            size = os.fstat(fd).st_size
+        arenas = kind == INFER and flags & SHM
+        if arenas and len(side) != SHM_SIZE.size * len(shm_fds):
+            raise ProtocolError(f"shared-memory inputs: {len(shm_fds)} attached, {len(side) / SHM_SIZE.size:g} sizes"
+                                " in the side data")
+        for i, fd in enumerate(shm_fds):
+            size = SHM_SIZE.unpack_from(side, SHM_SIZE.size * i)[0] if arenas else os.fstat(fd).st_size
             if size > max_body:
                 raise ProtocolError(f"a shared-memory tensor of {size} bytes, above the limit of {max_body}")
-            shm.append(_map_memfd(fd, size) if size else b"")
+            shm.append((_map_arena(fd, size) if arenas else _map_memfd(fd, size)) if size else b"")
     except BaseException:
         release(body)
         for view in shm:
@@ -290,6 +298,20 @@ def _map_memfd(fd: int, length: int) -> mmap.mmap:
     if st.st_size != length:
         raise ProtocolError(f"the attached memfd holds {st.st_size} bytes, its header says {length}")
     # MAP_POPULATE: the pages are mapped in one call, not one fault each (measured faster for 64 MiB).
+    return mmap.mmap(fd, length, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
+
+
+def _map_arena(fd: int, length: int) -> mmap.mmap:
+    """The first `length` bytes of an input arena, read-only: sealed so that no one but the supervisor
+    writes it and its size never changes (no SIGBUS under the worker's arrays)."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise ProtocolError("the attached descriptor is not a memfd")
+    seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS) if ARENA_SEALS else 0
+    if ARENA_SEALS and seals & ARENA_SEALS != ARENA_SEALS and seals & MEMFD_SEALS != MEMFD_SEALS:
+        raise ProtocolError("the attached input arena is not sealed")
+    if st.st_size < length:
+        raise ProtocolError(f"the attached input arena holds {st.st_size} bytes, its input {length}")
     return mmap.mmap(fd, length, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
 
 

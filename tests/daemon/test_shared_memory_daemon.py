@@ -12,6 +12,7 @@ import numpy as np
 import psutil
 import pytest
 
+from sealbox.daemon.shared_memory import MAX_FREE_ARENA_BYTES
 from tests.support import PYTHON, REPO, wait_for
 from tests.support.models import reference, worker_python
 
@@ -36,6 +37,18 @@ def open_files(pid: int) -> list[str]:
     return targets
 
 
+def input_arenas(pid: int) -> list[int]:
+    """The sizes of the supervisor's shared-memory input arenas (memfds)."""
+    sizes = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if "sealbox-shm-input" in os.readlink(f"/proc/{pid}/fd/{fd}"):
+                sizes.append(os.stat(f"/proc/{pid}/fd/{fd}").st_size)
+        except OSError:
+            pass
+    return sizes
+
+
 def test_tritonclient_shared_memory_in_and_out(daemon_factory, demo_model, keys):
     daemon = daemon_factory({"demo": {"path": demo_model}}, keys[1], server="shared_memory_owners = [0]").start()
     tag = uuid.uuid4().hex[:8]
@@ -44,6 +57,10 @@ def test_tritonclient_shared_memory_in_and_out(daemon_factory, demo_model, keys)
     x = np.array(out["x"], np.float32)
     np.testing.assert_allclose(np.array(out["y"]), reference(x), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.array(out["y_raw"]), reference(x), rtol=1e-5, atol=1e-5)
+    small = np.array(out["x_small"], np.float32)   # through the arena the larger input used before
+    np.testing.assert_allclose(np.array(out["y_small"]), reference(small), rtol=1e-5, atol=1e-5)
+    assert out["shape_past_its_bytes"] == ["StatusCode.INVALID_ARGUMENT", "input "
+                                           "'x': 32 bytes of shared-memory contents, shape [5, 4] of FP32 needs 80"]
     assert out["unregistered"] == ["StatusCode.INVALID_ARGUMENT",
                                    "shared memory: no region 'no-such-region' is registered"]
     assert out["past_the_region"] == ["StatusCode.INVALID_ARGUMENT", f"shared memory: input 'x': bytes [4112, 4192) "
@@ -60,12 +77,16 @@ def test_tritonclient_shared_memory_in_and_out(daemon_factory, demo_model, keys)
     assert out["status_after_unregister"] == [f"out-{tag}"]
     assert out["after_unregister"] == ["StatusCode.INVALID_ARGUMENT", f"shared memory: no region 'in-{tag}' is registered"]
     assert out["status_after_unregister_all"] == []
-    # Nothing left open: no region of the client's, no sealed input copy, in the supervisor; the worker
-    # never held a descriptor of a client's region at all.
-    assert not [t for t in open_files(daemon.proc.pid) if f"sealbox-{tag}" in t or "sealbox-shm-input" in t]
+    # Nothing of the client's left open in the supervisor, and the worker never held a descriptor of a
+    # client's region at all. The worker's input arenas stay for its next calls (bounded), and go with it.
+    assert not [t for t in open_files(daemon.proc.pid) if f"sealbox-{tag}" in t]
     assert not [t for t in open_files(worker_python(daemon).pid) if t.startswith("/dev/shm")]
+    assert 0 < sum(input_arenas(daemon.proc.pid)) <= MAX_FREE_ARENA_BYTES
     events = daemon.audit_events()
     assert [e["region"] for e in events if e["event"] == "shm_register"] == [f"in-{tag}", f"out-{tag}"]
+    with daemon.admin_client() as client:
+        client.unload("demo")
+    assert input_arenas(daemon.proc.pid) == []
 
 
 def test_a_worker_killed_during_a_shared_memory_call_leaves_nothing_open(daemon_factory, demo_model, keys):

@@ -34,8 +34,8 @@ try:
     client.register_system_shared_memory(f"out-{tag}", f"/sealbox-{tag}-out", 8192)
     out["status"] = sorted(client.get_system_shared_memory_status(as_json=True).get("regions", {}))
 
-    def call(in_offset=4096, in_size=x.nbytes, out_offset=100, out_size=y_bytes, region=f"in-{tag}"):
-        inp = tc.InferInput("x", list(x.shape), "FP32")
+    def call(in_offset=4096, in_size=x.nbytes, out_offset=100, out_size=y_bytes, region=f"in-{tag}", shape=x.shape):
+        inp = tc.InferInput("x", list(shape), "FP32")
         inp.set_shared_memory(region, in_size, offset=in_offset)
         want = tc.InferRequestedOutput("y")
         want.set_shared_memory(f"out-{tag}", out_size, offset=out_offset)
@@ -50,6 +50,14 @@ try:
         sys.exit(0)
     out["x"] = x.tolist()
     out["y"] = call().tolist()
+    # A smaller input next: the worker's input arena still holds the larger one's bytes past its end.
+    small = np.random.default_rng(8).standard_normal([2, 4]).astype(np.float32)
+    shm.set_shared_memory_region(in_handle, [small], offset=4096)
+    out["x_small"] = small.tolist()
+    out["y_small"] = call(in_size=small.nbytes, out_size=2 * 3 * 4, shape=small.shape).tolist()
+    # Five rows declared, two rows' bytes given: the other three must not come from the arena's past.
+    out["shape_past_its_bytes"] = error(lambda: call(in_size=small.nbytes))
+    shm.set_shared_memory_region(in_handle, [x], offset=4096)
     # Input in shared memory, output in the response (a mix, as tritonclient allows).
     inp = tc.InferInput("x", list(x.shape), "FP32")
     inp.set_shared_memory(f"in-{tag}", x.nbytes, offset=4096)

@@ -446,8 +446,15 @@ MALFORMED = {
     "shm flag without tensors": (lambda: (hop.header(hop.INFER, 1, 0, flags=hop.SHM), [])),
     "more shm tensors than allowed": (lambda: (hop.header(hop.INFER, 1, 0, flags=hop.SHM),
                                                [_memfd(b"x") for _ in range(hop.MAX_SHM_FDS + 2)])),
-    "unsealed shm tensor": (lambda: (hop.header(hop.INFER, 1, 0, flags=hop.SHM), [_memfd(b"x", seal=False)])),
+    "unsealed shm input": (lambda: (hop.header(hop.INFER, 1, 0, flags=hop.SHM, side=8) + hop.SHM_SIZE.pack(1),
+                                    [_memfd(b"x", seal=False)])),
+    "shm input without its size": (lambda: (hop.header(hop.INFER, 1, 0, flags=hop.SHM), [_memfd(b"x")])),
+    "shm input past its arena": (lambda: (hop.header(hop.INFER, 1, 0, flags=hop.SHM, side=8) + hop.SHM_SIZE.pack(2),
+                                          [_memfd(b"x")])),
+    "unsealed shm output": (lambda: (hop.header(hop.RESPONSE, 1, 0, flags=hop.SHM | hop.FINAL),
+                                     [_memfd(b"x", seal=False)])),
 }
+TO_THE_SUPERVISOR = {"unsealed shm output"}   # the others are received as a worker would
 REASONS = {
     "oversized length": f"INFER body of {MAX + 1} bytes, above the limit of {MAX}",
     "unknown kind": "unexpected record kind 99",
@@ -461,7 +468,10 @@ REASONS = {
     "shm flag on a cancel": "shared-memory tensors on a CANCEL record",
     "shm flag without tensors": "shared-memory tensors flagged, none attached",
     "more shm tensors than allowed": f"more than {hop.MAX_FDS} file descriptor(s) attached to a record",
-    "unsealed shm tensor": "the attached memfd is not sealed",
+    "unsealed shm input": "the attached input arena is not sealed",
+    "shm input without its size": "shared-memory inputs: 1 attached, 0 sizes in the side data",
+    "shm input past its arena": "the attached input arena holds 1 bytes, its input 2",
+    "unsealed shm output": "the attached memfd is not sealed",
 }
 
 
@@ -474,7 +484,7 @@ def test_hop_recv_refuses_malformed_records(case):
     for fd in fds:
         os.close(fd)
     with pytest.raises(hop.ProtocolError) as err:
-        hop.recv(b, MAX, hop.TO_WORKER)
+        hop.recv(b, MAX, hop.TO_SUPERVISOR if case in TO_THE_SUPERVISOR else hop.TO_WORKER)
     assert str(err.value) == REASONS[case]
     a.close(), b.close()
     assert open_fds() <= before   # every received descriptor was closed

@@ -5,16 +5,22 @@ root; the daemon-level tests (tests/daemon/test_shared_memory_daemon.py) use /de
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
+import mmap
 import os
+import socket
 
 import grpc
+import numpy as np
 import pytest
 
 from sealbox.daemon.errors import ClientError
-from sealbox.daemon.shared_memory import SharedMemoryRegistry, shm_input_memfd, write_output
+from sealbox.daemon.shared_memory import ARENA_GRAIN, InputArenas, SharedMemoryRegistry, copy_input, write_output
+from sealbox.proto import hop
 from sealbox.proto import inference_pb2 as pb
-from sealbox.proto.contract import MEMFD_SEALS
+from sealbox.proto.contract import ARENA_SEALS
 from sealbox.proto.wire import PeekError, shared_memory_tensors
 
 ME = frozenset({os.getuid()})
@@ -42,13 +48,16 @@ def test_register_use_and_unregister(shm):
     assert (region.key, region.offset, region.byte_size) == ("/in0", 256, 1024)
     assert [r.name for r in reg.status("public", "")] == ["in0"]
     used = reg.acquire("public", "in0")
-    fd = shm_input_memfd(used, 16, 32, "input 'x'")
+    arenas = InputArenas()
+    arena = arenas.take(32)
     try:
-        assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & MEMFD_SEALS == MEMFD_SEALS
+        copy_input(used, 16, 32, "input 'x'", arena)
+        assert fcntl.fcntl(arena.fd, fcntl.F_GET_SEALS) == ARENA_SEALS
         file_bytes = (shm[2] / "in0").read_bytes()
-        assert os.pread(fd, 64, 0) == file_bytes[256 + 16:256 + 48]   # region offset 256, then 16 into it
+        assert os.pread(arena.fd, 32, 0) == file_bytes[256 + 16:256 + 48]   # region offset 256, then 16 into it
     finally:
-        os.close(fd)
+        arenas.give(arena)
+        arenas.close()
     reg.unregister("public", "in0")
     os.fstat(used.fd)            # still open: a call is using it
     reg.release(used)
@@ -94,11 +103,15 @@ def test_listeners_do_not_share_regions(shm):
 def test_bounds_and_a_truncated_region(shm):
     reg, make, root = shm
     region = reg.register("public", ME, "t", make("t", 4096), 0, 4096)
-    msg = refused(shm_input_memfd, region, 4000, 200, "input 'x'").message
+    arenas = InputArenas()
+    arena = arenas.take(4096)
+    msg = refused(copy_input, region, 4000, 200, "input 'x'", arena).message
     assert msg == "shared memory: input 'x': bytes [4000, 4200) are outside region 't' of 4096 bytes"
     assert "outside region" in refused(write_output, region, -1, b"ab", "output 'y'").message
     os.truncate(root / "t", 100)             # the owner shrinks its region under the daemon
-    assert "shorter than registered" in refused(shm_input_memfd, region, 0, 4096, "input 'x'").message
+    assert "shorter than registered" in refused(copy_input, region, 0, 4096, "input 'x'", arena).message
+    arenas.give(arena)
+    arenas.close()
     write_output(region, 4000, b"z" * 96, "output 'y'")   # pwrite: grows the file, never SIGBUS
     assert (root / "t").read_bytes()[4000:] == b"z" * 96
     reg.close()
@@ -119,3 +132,85 @@ def test_request_scan_finds_shared_memory_tensors():
     assert shared_memory_tensors(pb.ModelInferRequest(model_name="m").SerializeToString()) == []
     with pytest.raises(PeekError):
         shared_memory_tensors(raw[:-2])
+
+
+def test_an_input_arena_is_written_only_through_the_supervisors_mapping():
+    """What a worker holding an arena's descriptor could try (seals bind root too, so this runs as is):
+    reopen it read-write, write, map it writable, make a read-only mapping writable, punch a hole,
+    shrink it. Each is refused by the kernel; the supervisor's own mapping still writes."""
+    arenas = InputArenas()
+    arena = arenas.take(100)
+    reopened = os.open(f"/proc/self/fd/{arena.fd}", os.O_RDWR)
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        with pytest.raises(PermissionError):
+            os.pwrite(reopened, b"x", 0)
+        with pytest.raises(PermissionError):
+            mmap.mmap(reopened, 4096, flags=mmap.MAP_SHARED)
+        with pytest.raises(PermissionError):
+            os.ftruncate(reopened, 1)
+        with pytest.raises(PermissionError):
+            os.posix_fallocate(reopened, 0, 2 * ARENA_GRAIN)   # growing it
+        punch = 0x02 | 0x01   # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        assert libc.fallocate(reopened, punch, ctypes.c_long(0), ctypes.c_long(4096)) == -1
+        assert ctypes.get_errno() == errno.EPERM
+        view = mmap.mmap(reopened, 4096, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)   # reading is allowed
+        seen = np.frombuffer(view, np.uint8)
+        assert libc.mprotect(ctypes.c_void_p(seen.ctypes.data), ctypes.c_size_t(4096),
+                             mmap.PROT_READ | mmap.PROT_WRITE) == -1
+        assert ctypes.get_errno() == errno.EACCES
+        arena.mapping[:4] = b"abcd"   # the supervisor's mapping, made before sealing, writes
+        assert bytes(seen[:4]) == b"abcd" and os.pread(reopened, 4, 0) == b"abcd"
+        del seen
+        view.close()
+        assert os.fstat(reopened).st_size == ARENA_GRAIN
+    finally:
+        os.close(reopened)
+        arenas.give(arena)
+        arenas.close()
+
+
+def test_input_arenas_are_reused_bounded_and_closed():
+    arenas = InputArenas(max_free_bytes=2 * ARENA_GRAIN)
+    first = arenas.take(100)
+    assert first.capacity == ARENA_GRAIN
+    arenas.give(first)
+    again = arenas.take(ARENA_GRAIN)             # fits: the same memfd, its pages already allocated
+    assert again is first
+    other = arenas.take(10)                      # while `first` is in a call: another arena
+    big = arenas.take(ARENA_GRAIN + 1)           # sized in whole MiB
+    assert other is not first and big.capacity == 2 * ARENA_GRAIN
+    arenas.give(big)
+    arenas.give(first)                           # over max_free_bytes: closed, not kept
+    with pytest.raises(OSError):
+        os.fstat(first.fd)
+    assert arenas.take(5) is big                 # the smallest free arena that fits
+    arenas.give(big)
+    arenas.close()                               # the worker's hop closed: free arenas go
+    with pytest.raises(OSError):
+        os.fstat(big.fd)
+    arenas.give(other)                           # an arena still in a call goes when given back
+    with pytest.raises(OSError):
+        os.fstat(other.fd)
+
+
+def test_a_worker_maps_exactly_its_input_from_a_reused_arena():
+    """An arena holds an earlier, larger input past the new one's end: the receiving worker maps only
+    the size the record gives, so those bytes are never part of the new call's input."""
+    arenas = InputArenas()
+    arena = arenas.take(8192)
+    arena.mapping[:8192] = b"A" * 8192            # the previous call's input
+    arena.mapping[:16] = b"new input bytes!"
+    supervisor, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        hop.send(supervisor, hop.INFER, 7, [b"request"], side=hop.SHM_SIZE.pack(16), shm_fds=[arena.fd])
+        record = hop.recv(worker, 1 << 20, hop.TO_WORKER)
+        try:
+            assert len(record.shm) == 1 and len(record.shm[0]) == 16 and record.shm[0][:] == b"new input bytes!"
+        finally:
+            record.release()
+    finally:
+        supervisor.close()
+        worker.close()
+        arenas.give(arena)
+        arenas.close()

@@ -15,17 +15,19 @@ The root supervisor never maps a client's region. A client can truncate its regi
 mapped page past the end of a file raises SIGBUS, which would kill the supervisor: it uses pread and
 pwrite on the region's descriptor only (a short read is the client's error; a write past the end
 just grows the file). The worker never receives a descriptor of a client's region at all: inputs
-reach it as a copy in one of its input arenas (copy_input) and outputs come back in a sealed memfd
-of its own, which the supervisor copies once into the client's range (write_output).
+reach it as a copy in one of its input arenas (copy_input), and it writes outputs into output arenas,
+from which the supervisor copies them once into the client's range (write_output).
 
-Input arenas (InputArenas, one set per worker, kept while it lives): memfds the supervisor maps
-writable once, then seals (contract.ARENA_SEALS: no other writer, no size change, F_SEAL_FUTURE_WRITE)
-and reuses call after call. A fresh memfd per input cost ~50 ms per 64 MiB here, nearly all of it
-the kernel allocating and zeroing new pages; a copy into an arena's warm pages ~12 ms. What the reuse
-shows a worker is what it was sent anyway: an arena serves only that worker, only once its previous
-call has ended, and the worker maps exactly the input's size (the side data's SHM_SIZE), so the
-bytes of an earlier call beyond it stay unmapped; a compromised worker that maps more sees only
-inputs it was already given.
+Arenas (Arenas, one set for inputs and one for outputs per worker, kept while it lives): memfds the
+supervisor makes, maps once and reuses call after call. An input arena is mapped writable, then sealed
+(contract.ARENA_SEALS: no other writer, no size change); an output arena is sealed against size changes
+and mapped read-only: the worker writes its output into it and says how many bytes it has. A fresh
+memfd per tensor cost ~50 ms per 64 MiB here, nearly all of it the kernel allocating and zeroing new
+pages; a copy into an arena's warm pages ~12 ms. What the reuse shows a worker is what it was sent or
+wrote anyway: an arena serves only that worker, only once its previous call has ended; the worker maps
+exactly an input's size (the side data's SHM_SIZE), and an output's copy stops at the size it gives, so
+an earlier call's bytes past them are never part of a call; a compromised worker that reads or reports
+more sees only its own earlier inputs and outputs.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ import re
 import stat
 import threading
 
+from ..proto import hop
 from ..proto.contract import ARENA_SEALS
 from . import errors
 from .errors import ClientError
@@ -175,7 +178,7 @@ class SharedMemoryRegistry:
 @dataclasses.dataclass(eq=False)
 class Arena:
     fd: int
-    mapping: mmap.mmap    # the supervisor's own writable mapping, made before sealing
+    mapping: mmap.mmap    # the supervisor's own mapping: writable for inputs (made before sealing), read-only for outputs
     capacity: int
 
     def close(self) -> None:
@@ -183,12 +186,18 @@ class Arena:
         os.close(self.fd)
 
 
-class InputArenas:
-    """One worker's reusable input memfds (see the module's docstring). take() on a copying thread,
-    give() once the call has ended at the worker, close() when the worker's hop closes."""
+class Arenas:
+    """One worker's reusable memfds for shared-memory inputs, or for its outputs (see the module's
+    docstring). take() on a copying thread, give() once the call has ended at the worker, close() when
+    the worker's hop closes.
 
-    def __init__(self, max_free_bytes: int = MAX_FREE_ARENA_BYTES):
-        self.max_free_bytes = max_free_bytes
+    Input arenas are sealed with contract.ARENA_SEALS after the supervisor maps them writable: only that
+    mapping ever writes them. Output arenas are sealed against size changes only: the worker writes its
+    output into them; the supervisor maps them read-only and copies what the worker says it wrote
+    (never past the arena's fixed end, so a worker cannot make the root process fault)."""
+
+    def __init__(self, outputs: bool = False, max_free_bytes: int = MAX_FREE_ARENA_BYTES):
+        self.outputs, self.max_free_bytes = outputs, max_free_bytes
         self._free: list[Arena] = []
         self._lock = threading.Lock()
         self.closed = False
@@ -201,11 +210,16 @@ class InputArenas:
                 self._free.remove(best)
                 return best
         capacity = max(ARENA_GRAIN, -(-size // ARENA_GRAIN) * ARENA_GRAIN)
-        fd, mapping = os.memfd_create("sealbox-shm-input", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING), None
+        name = "sealbox-shm-output" if self.outputs else "sealbox-shm-input"
+        fd, mapping = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING), None
         try:
             os.ftruncate(fd, capacity)
-            mapping = mmap.mmap(fd, capacity, flags=mmap.MAP_SHARED)
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, ARENA_SEALS)   # after the mapping: it stays the only writer
+            if self.outputs:
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+                mapping = mmap.mmap(fd, capacity, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            else:
+                mapping = mmap.mmap(fd, capacity, flags=mmap.MAP_SHARED)
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, ARENA_SEALS)   # after the mapping: it stays the only writer
         except BaseException:
             if mapping is not None:
                 mapping.close()
@@ -268,9 +282,9 @@ class SharedCall:
 
     Made from the request's tensor messages that name a region (wire.shared_memory_tensors); holds
     each region (acquire/release) for the call's lifetime. `prepare()` copies the inputs into the
-    chosen worker's arenas (`input_fds` and `input_sizes`, in request order, as proto/hop.py SHM expects
-    them); `deliver()` copies the worker's output memfds into the clients' ranges; `close()`, once the
-    call has ended at the worker, lets everything go."""
+    chosen worker's arenas and takes its output arenas (`arena_fds` and `arena_sizes`, as proto/hop.py
+    SHM expects them); `deliver()` copies the outputs from their arenas into the clients' ranges;
+    `close()`, once the call has ended at the worker, lets everything go."""
 
     def __init__(self, registry: SharedMemoryRegistry, listener: str, refs: list[tuple[int, int, bytes]]):
         from ..proto import inference_pb2 as pb
@@ -278,8 +292,9 @@ class SharedCall:
         self.registry = registry
         self.inputs: list[tuple[Region, int, int, str]] = []    # region, offset, size, what
         self.outputs: list[tuple[Region, int, int, str]] = []
-        self._arenas: list[Arena] = []
-        self._pool: InputArenas | None = None
+        self._in: list[Arena] = []
+        self._out: list[Arena] = []
+        self._pools: tuple[Arenas, Arenas] | None = None
         try:
             for field, _index, message in refs:
                 kind = pb.ModelInferRequest.InferInputTensor if field == INFER_REQUEST_INPUTS else \
@@ -314,35 +329,44 @@ class SharedCall:
         return sum(size for _, _, size, _ in self.inputs)
 
     @property
-    def input_fds(self) -> list[int]:
-        return [arena.fd for arena in self._arenas]
+    def arena_fds(self) -> list[int]:
+        """The arenas' descriptors, inputs then outputs, each in request order (proto/hop.py SHM)."""
+        return [arena.fd for arena in self._in + self._out]
 
     @property
-    def input_sizes(self) -> list[int]:
-        return [size for _, _, size, _ in self.inputs]
+    def arena_sizes(self) -> list[int]:
+        """The matching SHM_SIZE entries: each input's byte size, then hop.OUTPUT_ARENA per output."""
+        return [size for _, _, size, _ in self.inputs] + [hop.OUTPUT_ARENA] * len(self._out)
 
-    def prepare(self, pool: InputArenas) -> None:
-        """Copy the inputs into arenas of the worker's `pool` (blocking: run it off the event loop)."""
-        self._pool = pool
+    def prepare(self, inputs: Arenas, outputs: Arenas) -> None:
+        """Copy the inputs into arenas of the worker's `inputs` pool and take an arena from `outputs`
+        for each output, as large as the range the client gave it (blocking: run it off the event loop)."""
+        self._pools = (inputs, outputs)
         for region, offset, size, what in self.inputs:
-            self._arenas.append(pool.take(size))
-            copy_input(region, offset, size, what, self._arenas[-1])
+            self._in.append(inputs.take(size))
+            copy_input(region, offset, size, what, self._in[-1])
+        for _region, _offset, size, _what in self.outputs:
+            self._out.append(outputs.take(size))
 
-    def deliver(self, model: str, outputs) -> None:
-        """Copy each output (a read-only mapping of the worker's memfd, or b"") into its range
-        (blocking). A worker that attached the wrong number of outputs failed; an output larger than
-        its range is the client's error, as in Triton."""
-        if len(outputs) != len(self.outputs):
+    def deliver(self, model: str, sizes: list[int]) -> None:
+        """Copy each output, `sizes[i]` bytes from the start of its arena as the worker reported them,
+        into its range (blocking). A worker that reported the wrong number of outputs failed; an output
+        larger than its range is the client's error, as in Triton."""
+        if len(sizes) != len(self.outputs):
             raise ClientError(SC.INTERNAL, f"model '{model}' failed")
-        for (region, offset, size, what), data in zip(self.outputs, outputs):
-            if len(data) > size:
-                raise _refuse(SC.INVALID_ARGUMENT, f"{what}: {len(data)} bytes do not fit the {size} bytes given "
+        for (region, offset, size, what), arena, n in zip(self.outputs, self._out, sizes):
+            if n > size:
+                raise _refuse(SC.INVALID_ARGUMENT, f"{what}: {n} bytes do not fit the {size} bytes given "
                                                    f"in region '{region.name}'")
-            write_output(region, offset, data, what)
+            with memoryview(arena.mapping) as view:
+                write_output(region, offset, view[:n], what)
 
     def close(self) -> None:
-        while self._arenas:
-            self._pool.give(self._arenas.pop())
+        """Give the arenas back (once the call has ended at the worker) and let the regions go."""
+        while self._in:
+            self._pools[0].give(self._in.pop())
+        while self._out:
+            self._pools[1].give(self._out.pop())
         for region, *_ in self.inputs + self.outputs:
             self.registry.release(region)
         self.inputs, self.outputs = [], []

@@ -789,21 +789,18 @@ class Supervisor:
                 call = hop.infer(request, worker.profile.infer_timeout_s)
             else:   # shared-memory tensors (shared_memory.SharedCall): inputs into this worker's arenas,
                 # attached; outputs copied out. The caller gives the arenas back once the call has ended.
-                await finished(asyncio.get_running_loop().run_in_executor(None, shared.prepare, hop.input_arenas))
-                call = hop.infer_shared(request, worker.profile.infer_timeout_s, shared.input_fds,
-                                        shared.input_sizes)
+                await finished(asyncio.get_running_loop().run_in_executor(
+                    None, shared.prepare, hop.input_arenas, hop.output_arenas))
+                call = hop.infer_shared(request, worker.profile.infer_timeout_s, shared.arena_fds, shared.arena_sizes)
             del request   # (the hop holds it until sent)
             body = await self._at_hop(name, model, worker, call)
             if shared is not None:
-                body, outputs = body
+                body, sizes = body
                 try:
-                    await finished(asyncio.get_running_loop().run_in_executor(None, shared.deliver, name, outputs))
+                    await finished(asyncio.get_running_loop().run_in_executor(None, shared.deliver, name, sizes))
                 except BaseException:
                     release(body)
                     raise
-                finally:
-                    for view in outputs:
-                        release(view)
             return await self._stamped(name, model, worker, body, None)
         finally:
             worker.inflight -= 1   # a replaced worker is stopped once its calls are done

@@ -27,7 +27,7 @@ import socket
 import time
 
 from ..proto import hop
-from .shared_memory import InputArenas
+from .shared_memory import Arenas
 
 # Above this, building the request's memfd (and joining a response out of one) runs on a thread,
 # not on the event loop: 64 MiB takes ~10-20 ms to copy.
@@ -55,11 +55,12 @@ class WorkerStatus(HopError):
 
 
 class _Call:
-    __slots__ = ("id", "stream", "timeout", "items", "waiter", "timer", "ended", "cancelled", "loop")
+    __slots__ = ("id", "stream", "timeout", "items", "waiter", "timer", "ended", "cancelled", "loop", "outputs")
 
-    def __init__(self, call_id: int, stream: bool, timeout: float, loop):
+    def __init__(self, call_id: int, stream: bool, timeout: float, loop, outputs: int = 0):
         self.id, self.stream, self.timeout, self.loop = call_id, stream, timeout, loop
-        self.items: collections.deque = collections.deque()   # (body, final, shm) or an exception
+        self.outputs = outputs   # shared-memory output arenas sent with it: its final RESPONSE gives their sizes
+        self.items: collections.deque = collections.deque()   # (body, final, output sizes) or an exception
         self.waiter = None
         self.timer = None
         self.ended = loop.create_future()   # set once the call's terminal record (or failure) arrived
@@ -98,7 +99,8 @@ class WorkerHop:
         # f(reason) when the worker broke the protocol or its socket failed: a worker the supervisor
         # cannot talk to any more is killed (and restarted by its watcher), never left running mute.
         self.on_broken = None
-        self.input_arenas = InputArenas()   # this worker's shared-memory inputs, closed with the hop
+        # This worker's shared-memory arenas (daemon/shared_memory.py), closed with the hop.
+        self.input_arenas, self.output_arenas = Arenas(), Arenas(outputs=True)
 
     # -- connection ---------------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -123,6 +125,7 @@ class WorkerHop:
         while self._unsent:
             self._unsent.popleft().close()
         self.input_arenas.close()   # arenas still in a call's hands are closed when it gives them back
+        self.output_arenas.close()
         calls, self.calls = self.calls, {}
         self.order.clear()
         for call in calls.values():
@@ -167,13 +170,14 @@ class WorkerHop:
         except OSError:
             self._broken("the worker's socket failed")
 
-    async def _start(self, request, timeout: float, stream: bool, shm_fds=(), side: bytes = b"") -> _Call:
+    async def _start(self, request, timeout: float, stream: bool, shm_fds=(), side: bytes = b"",
+                     outputs: int = 0) -> _Call:
         if self.sock is None:
             self._connect()
         if isinstance(request, list):   # the caller's box: from here only this frame holds the bytes
             request = request.pop()
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
-        call = _Call(self._next_id, stream, timeout, self.loop)
+        call = _Call(self._next_id, stream, timeout, self.loop, outputs)
         flags = hop.STREAM if stream else 0
         if len(request) > OFFLOAD_BYTES:
             made = self.loop.run_in_executor(None, lambda: hop.Outgoing(hop.INFER, call.id, [request], flags,
@@ -231,9 +235,12 @@ class WorkerHop:
             self._broken("the worker's socket failed")
             return
         call = self.calls.get(record.call_id)
+        # A call with output arenas ends with a final RESPONSE flagged SHM giving their sizes; no other does.
+        sizes_end = hop.SHM_SIZE.size * call.outputs if call is not None else 0
+        with_sizes = call is not None and call.outputs > 0 and record.kind == hop.RESPONSE and record.final
         if call is None or record.kind == hop.DESCRIBE_REPLY or (
                 record.kind == hop.RESPONSE and not record.final and not call.stream) or (
-                record.shm and (not record.final or call.stream)):
+                bool(record.flags & hop.SHM) != with_sizes) or (with_sizes and len(record.side) < sizes_end):
             record.release()
             self._broken("the worker broke the hop protocol: an unexpected record")
             return
@@ -242,12 +249,13 @@ class WorkerHop:
             record.release()
             self._end(call, WorkerStatus(record.code, message))
         elif record.final:
-            if record.side and self.on_execution is not None:
-                self._execution(record.side)
-            call.push((record.body, True, record.shm))
+            sizes = [hop.SHM_SIZE.unpack_from(record.side, i)[0] for i in range(0, sizes_end, hop.SHM_SIZE.size)]
+            if len(record.side) > sizes_end and self.on_execution is not None:
+                self._execution(record.side[sizes_end:])
+            call.push((record.body, True, sizes))
             self._end(call, None)
         else:
-            call.push((record.body, False, record.shm))
+            call.push((record.body, False, ()))
             if not call.cancelled:   # a streamed response: the timeout starts afresh (not for an abandoned call)
                 self._taken(call)
 
@@ -292,31 +300,29 @@ class WorkerHop:
     async def infer(self, request, timeout: float):
         """The worker's one response body to a ModelInfer request (bytes, or a one-element list holding
         them, emptied once they are sent)."""
-        body, shm = await self.infer_shared(request, timeout)
-        _release((None, None, shm))
-        return body
+        return (await self.infer_shared(request, timeout))[0]
 
-    async def infer_shared(self, request, timeout: float, shm_fds=(), shm_sizes=()):
-        """infer() for a request naming shared-memory tensors: `shm_fds` (this worker's input arenas
-        holding its inputs' bytes, `shm_sizes` of them each, proto/hop.py SHM) go with it; returns
-        (body, the outputs' read-only mappings), the caller releases both."""
-        side = b"".join(hop.SHM_SIZE.pack(size) for size in shm_sizes)
-        call = await self._start(request, timeout, stream=False, shm_fds=shm_fds, side=side)
+    async def infer_shared(self, request, timeout: float, arena_fds=(), arena_sizes=()):
+        """infer() for a request naming shared-memory tensors: this worker's arenas go with it
+        (`arena_fds` and their SHM_SIZE entries `arena_sizes`, shared_memory.SharedCall); returns (body,
+        the byte size of each output the worker wrote into its arena), the caller releases the body."""
+        side = b"".join(hop.SHM_SIZE.pack(size) for size in arena_sizes)
+        outputs = sum(size == hop.OUTPUT_ARENA for size in arena_sizes)
+        call = await self._start(request, timeout, stream=False, shm_fds=arena_fds, side=side, outputs=outputs)
         del request
         try:
-            body, _final, shm = await call.next()
+            body, _final, sizes = await call.next()
         except asyncio.CancelledError:
             await self._abandon(call)
             raise
-        return body, shm
+        return body, sizes
 
     async def stream(self, request: bytes, timeout: float):
         """(response, final) pairs of a ModelStreamInfer request; the last has final=True."""
         call = await self._start(request, timeout, stream=True)
         try:
             while True:
-                body, final, shm = await call.next()
-                _release((None, None, shm))   # refused above: never sent on a stream
+                body, final, _sizes = await call.next()
                 yield body, final
                 if final:
                     return
@@ -374,7 +380,5 @@ def describe(socket_path: str, max_bytes: int, timeout: float) -> bytes:
 
 
 def _release(item) -> None:
-    """Unmap a queued (body, final, shm) item's memfd body and shared-memory output mappings."""
+    """Unmap a queued (body, final, sizes) item's memfd body."""
     hop.release(item[0])
-    for view in item[2]:
-        hop.release(view)

@@ -70,16 +70,19 @@ KNOWN_FLAGS = FINAL | STREAM | MEMFD | SHM
 # 208 KiB default.
 INLINE_MAX = 64 * 1024
 MAX_SIDE = 4096
-# Shared-memory tensors (Triton's system shared-memory extension, daemon/shared_memory.py): with flag
-# SHM, sealed memfds follow the body's own memfd, one per tensor that names a region, in request
-# order: the inputs' bytes on an INFER (copies made by the supervisor: never the client's region),
-# the outputs' bytes on a final RESPONSE (made by the worker; the supervisor copies them into the
-# client's region). Mapped read-only by the receiver, like a memfd body.
-# An INFER's inputs come in the supervisor's reusable input arenas (contract.ARENA_SEALS: larger than
-# the tensor, writable by no one but the supervisor's own mapping): its side data then gives each
-# input's byte size (SHM_SIZE, one per fd, in order), and the worker maps exactly that many bytes.
-MAX_SHM_FDS = 16
+# Shared-memory tensors (Triton's system shared-memory extension, daemon/shared_memory.py) cross in
+# the supervisor's arenas (memfds it reuses for one worker, call after call; never the client's region):
+# with flag SHM, an INFER carries one arena per tensor that names a region, after the body's own memfd,
+# and its side data one SHM_SIZE entry per arena, in the same order: an input's byte size (its arena is
+# sealed with contract.ARENA_SEALS, written by no one but the supervisor's own mapping; the worker maps
+# exactly that many bytes, read-only), or OUTPUT_ARENA (an arena sealed against size changes that the
+# worker writes an output into, from its start). Inputs and outputs each keep request order. The final
+# RESPONSE to such a call is flagged SHM and carries no descriptor: its side data starts with one
+# SHM_SIZE per output arena, the bytes the output has (written only when they fit the arena),
+# followed by anything else the side data holds (EXECUTION).
+MAX_SHM_FDS = 32   # 16 inputs and 16 outputs (daemon/shared_memory.py)
 SHM_SIZE = struct.Struct("<Q")
+OUTPUT_ARENA = 2**64 - 1
 MAX_FDS = 1 + MAX_SHM_FDS
 # A final RESPONSE's side data from a worker with dynamic batching: the engine call that answered
 # it (rows in it, this response's index in it, its duration in ns); index 0 counts the execution.
@@ -111,12 +114,15 @@ class Record(NamedTuple):
     call_id: int
     side: bytes
     body: object   # bytes (inline) or a read-only mmap (MEMFD): the receiver closes it
-    shm: tuple = ()   # SHM: one read-only mapping (or b"" when empty) per shared-memory tensor
+    shm: tuple = ()       # an INFER's SHM inputs: one read-only mapping (or b"" when empty) each
+    outputs: tuple = ()   # an INFER's SHM output arenas: descriptors, closed by release()
 
     def release(self) -> None:
         release(self.body)
         for view in self.shm:
             release(view)
+        for fd in self.outputs:
+            os.close(fd)
 
     @property
     def final(self) -> bool:
@@ -255,8 +261,11 @@ def _decode(data: memoryview, msg_flags: int, fds: list[int], max_body: int, kin
     if flags & SHM:
         if kind not in (INFER, RESPONSE):
             raise ProtocolError(f"shared-memory tensors on a {KIND_NAMES[kind]} record")
-        if not shm_fds:
+        if kind == INFER and not shm_fds:
             raise ProtocolError("shared-memory tensors flagged, none attached")
+        if kind == RESPONSE and shm_fds:
+            raise ProtocolError("a response's shared-memory outputs are in the supervisor's arenas, "
+                                "not in descriptors of its own")
     elif shm_fds:
         raise ProtocolError("more than 1 file descriptor(s) attached to a record" if flags & MEMFD else
                             "file descriptor attached to a record without a memfd body")
@@ -270,23 +279,28 @@ def _decode(data: memoryview, msg_flags: int, fds: list[int], max_body: int, kin
         if len(data) != inline + length:
             raise ProtocolError(f"record carries {len(data) - inline} body bytes, its header says {length}")
         body = bytes(data[inline:])
-    shm = []
+    shm, outputs = [], []
     try:
-        arenas = kind == INFER and flags & SHM
-        if arenas and len(side) != SHM_SIZE.size * len(shm_fds):
-            raise ProtocolError(f"shared-memory inputs: {len(shm_fds)} attached, {len(side) / SHM_SIZE.size:g} sizes"
-                                " in the side data")
+        if shm_fds and len(side) != SHM_SIZE.size * len(shm_fds):
+            raise ProtocolError(f"shared-memory tensors: {len(shm_fds)} attached, {len(side) / SHM_SIZE.size:g} "
+                                "sizes in the side data")
         for i, fd in enumerate(shm_fds):
-            size = SHM_SIZE.unpack_from(side, SHM_SIZE.size * i)[0] if arenas else os.fstat(fd).st_size
+            size = SHM_SIZE.unpack_from(side, SHM_SIZE.size * i)[0]
+            if size == OUTPUT_ARENA:
+                _check_output_arena(fd)
+                outputs.append(os.dup(fd))   # the received one is closed by recv()
+                continue
             if size > max_body:
                 raise ProtocolError(f"a shared-memory tensor of {size} bytes, above the limit of {max_body}")
-            shm.append((_map_arena(fd, size) if arenas else _map_memfd(fd, size)) if size else b"")
+            shm.append(_map_arena(fd, size) if size else b"")
     except BaseException:
         release(body)
         for view in shm:
             release(view)
+        for fd in outputs:
+            os.close(fd)
         raise
-    return Record(kind, flags, code, call_id, side, body, tuple(shm))
+    return Record(kind, flags, code, call_id, side, body, tuple(shm), tuple(outputs))
 
 
 def _map_memfd(fd: int, length: int) -> mmap.mmap:
@@ -313,6 +327,29 @@ def _map_arena(fd: int, length: int) -> mmap.mmap:
     if st.st_size < length:
         raise ProtocolError(f"the attached input arena holds {st.st_size} bytes, its input {length}")
     return mmap.mmap(fd, length, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
+
+
+_SIZE_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW if ARENA_SEALS else 0
+
+
+def _check_output_arena(fd: int) -> None:
+    """An output arena: a memfd whose size no one can change (the supervisor maps it to read the output)."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        raise ProtocolError("the attached descriptor is not a memfd")
+    if _SIZE_SEALS and fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _SIZE_SEALS != _SIZE_SEALS:
+        raise ProtocolError("the attached output arena is not sealed")
+
+
+def write_output(fd: int, data) -> int:
+    """The worker's side of an output arena: write the output's bytes from the arena's start if they
+    fit (lseek and write: the worker's seccomp filter has no pwrite); return how many bytes it has."""
+    view = memoryview(data).cast("B")
+    n = len(view)
+    if n <= os.fstat(fd).st_size:
+        os.lseek(fd, 0, os.SEEK_SET)
+        while view:
+            view = view[os.write(fd, view):]
+    return n
 
 
 def release(body) -> None:

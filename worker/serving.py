@@ -15,7 +15,6 @@ engine with the default one-response `responses`) is answered by exactly one RES
 from __future__ import annotations
 
 import collections
-import os
 import queue
 import socket
 import sys
@@ -41,12 +40,11 @@ class Connection:
         self.calls: dict[int, threading.Event] = {}   # call id -> cancelled, while queued or running
         self.open = True
 
-    def send(self, kind: int, call_id: int, parts=(), flags: int = 0, code: int = 0, side: bytes = b"",
-             shm_fds=()) -> None:
+    def send(self, kind: int, call_id: int, parts=(), flags: int = 0, code: int = 0, side: bytes = b"") -> None:
         with self.send_lock:
             if self.open:
                 try:
-                    hop.send(self.sock, kind, call_id, parts, flags, code, side, shm_fds)
+                    hop.send(self.sock, kind, call_id, parts, flags, code, side)
                 except OSError:   # the supervisor went away: its calls are dropped as they come up
                     self.close()
 
@@ -180,7 +178,7 @@ class WorkerServer:
             conn.error(record.call_id, hop.INVALID_ARGUMENT, str(exc))
             return None
         streaming = bool(record.flags & hop.STREAM)
-        # A call with shared-memory outputs runs alone: its outputs leave in memfds of its own.
+        # A call with shared-memory outputs runs alone: its outputs go into its own output arenas.
         alone = streaming or any(tensors.SHM_REGION in o.parameters for o in request.outputs)
         key, rows = batching.batch_key(inputs) if self.batching is not None and not alone else (None, 0)
         if rows > self.batching_max:   # as Triton: a request's batch is at most max_batch_size
@@ -306,20 +304,21 @@ class WorkerServer:
         except Exception as exc:   # an engine bug: one clean line
             conn.error(record.call_id, hop.INTERNAL, f"inference failed: {type(exc).__name__}: {exc}")
             return
-        side = b""
+        side, flags = b"", hop.FINAL
+        if to_shm:
+            # Outputs named in a shared-memory region go into the supervisor's output arenas sent with the
+            # call, in request order; the side data says how many bytes each has (the supervisor copies
+            # them into the client's region, which the worker never sees).
+            if len(record.outputs) != len(to_shm):
+                conn.error(record.call_id, hop.INTERNAL, "the call's shared-memory output arenas are missing")
+                return
+            side = b"".join(hop.SHM_SIZE.pack(hop.write_output(fd, tensors.raw_bytes(last_results[name])))
+                            for name, fd in zip(to_shm, record.outputs))
+            flags |= hop.SHM
         if self.batching is not None and call.rows and not streaming:   # an execution of one request
             self.batch_sizes[call.rows] += 1
-            side = hop.EXECUTION.pack(call.rows, 0, time.perf_counter_ns() - started)
-        shm_fds = []
-        try:
-            # Outputs named in a shared-memory region leave as sealed memfds of their own, in request
-            # order; the supervisor copies each into the client's region (the worker never sees one).
-            for name in to_shm:
-                shm_fds.append(hop.body_memfd([tensors.raw_bytes(last_results[name])]))
-            conn.send(hop.RESPONSE, record.call_id, last, flags=hop.FINAL, side=side, shm_fds=shm_fds)
-        finally:
-            for fd in shm_fds:
-                os.close(fd)
+            side += hop.EXECUTION.pack(call.rows, 0, time.perf_counter_ns() - started)
+        conn.send(hop.RESPONSE, record.call_id, last, flags=flags, side=side)
 
     def _outputs(self, request) -> list[str]:
         known = [o.name for o in self.engine.outputs]

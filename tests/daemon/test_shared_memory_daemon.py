@@ -37,12 +37,12 @@ def open_files(pid: int) -> list[str]:
     return targets
 
 
-def input_arenas(pid: int) -> list[int]:
-    """The sizes of the supervisor's shared-memory input arenas (memfds)."""
+def arenas(pid: int) -> list[int]:
+    """The sizes of the supervisor's shared-memory arenas (memfds, inputs and outputs)."""
     sizes = []
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            if "sealbox-shm-input" in os.readlink(f"/proc/{pid}/fd/{fd}"):
+            if "sealbox-shm-" in os.readlink(f"/proc/{pid}/fd/{fd}"):
                 sizes.append(os.stat(f"/proc/{pid}/fd/{fd}").st_size)
         except OSError:
             pass
@@ -78,15 +78,15 @@ def test_tritonclient_shared_memory_in_and_out(daemon_factory, demo_model, keys)
     assert out["after_unregister"] == ["StatusCode.INVALID_ARGUMENT", f"shared memory: no region 'in-{tag}' is registered"]
     assert out["status_after_unregister_all"] == []
     # Nothing of the client's left open in the supervisor, and the worker never held a descriptor of a
-    # client's region at all. The worker's input arenas stay for its next calls (bounded), and go with it.
+    # client's region at all. The worker's arenas stay for its next calls (bounded), and go with it.
     assert not [t for t in open_files(daemon.proc.pid) if f"sealbox-{tag}" in t]
     assert not [t for t in open_files(worker_python(daemon).pid) if t.startswith("/dev/shm")]
-    assert 0 < sum(input_arenas(daemon.proc.pid)) <= MAX_FREE_ARENA_BYTES
+    assert 0 < sum(arenas(daemon.proc.pid)) <= 2 * MAX_FREE_ARENA_BYTES   # one set for inputs, one for outputs
     events = daemon.audit_events()
     assert [e["region"] for e in events if e["event"] == "shm_register"] == [f"in-{tag}", f"out-{tag}"]
     with daemon.admin_client() as client:
         client.unload("demo")
-    assert input_arenas(daemon.proc.pid) == []
+    assert arenas(daemon.proc.pid) == []
 
 
 def test_a_worker_killed_during_a_shared_memory_call_leaves_nothing_open(daemon_factory, demo_model, keys):
@@ -97,13 +97,13 @@ def test_a_worker_killed_during_a_shared_memory_call_leaves_nothing_open(daemon_
     proc = subprocess.Popen([PYTHON, str(REPO / "tests" / "daemon" / "triton_shm_probe.py"), daemon.target, "demo",
                              tag, "killed"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: any("sealbox-shm-input" in t for t in open_files(daemon.proc.pid)), 60,
-             "the sealed input copy to be made")
+             "the input's arena to be made")
     worker.kill()
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
     code, message = json.loads(stdout)["killed"]
     assert code == "StatusCode.UNAVAILABLE" and message.startswith("model 'demo' is unavailable: worker killed by SIGKILL")
-    assert not [t for t in open_files(daemon.proc.pid) if f"sealbox-{tag}" in t or "sealbox-shm-input" in t]
+    assert not [t for t in open_files(daemon.proc.pid) if f"sealbox-{tag}" in t or "sealbox-shm-" in t]
 
 
 def test_a_listener_without_owners_refuses_registration(daemon_factory, demo_model, keys):

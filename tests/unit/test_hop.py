@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 
+from sealbox.daemon.shared_memory import Arenas
 from sealbox.daemon.worker_hop import HopClosed, HopTimeout, WorkerHop, WorkerStatus, describe
 from sealbox.proto import hop, tensors
 from sealbox.proto import inference_pb2 as pb
@@ -451,10 +452,12 @@ MALFORMED = {
     "shm input without its size": (lambda: (hop.header(hop.INFER, 1, 0, flags=hop.SHM), [_memfd(b"x")])),
     "shm input past its arena": (lambda: (hop.header(hop.INFER, 1, 0, flags=hop.SHM, side=8) + hop.SHM_SIZE.pack(2),
                                           [_memfd(b"x")])),
-    "unsealed shm output": (lambda: (hop.header(hop.RESPONSE, 1, 0, flags=hop.SHM | hop.FINAL),
-                                     [_memfd(b"x", seal=False)])),
+    "unsealed output arena": (lambda: (hop.header(hop.INFER, 1, 0, flags=hop.SHM, side=8)
+                                       + hop.SHM_SIZE.pack(hop.OUTPUT_ARENA), [_memfd(b"x", seal=False)])),
+    "a response's own shm descriptor": (lambda: (hop.header(hop.RESPONSE, 1, 0, flags=hop.SHM | hop.FINAL),
+                                                 [_memfd(b"x")])),
 }
-TO_THE_SUPERVISOR = {"unsealed shm output"}   # the others are received as a worker would
+TO_THE_SUPERVISOR = {"a response's own shm descriptor"}   # the others are received as a worker would
 REASONS = {
     "oversized length": f"INFER body of {MAX + 1} bytes, above the limit of {MAX}",
     "unknown kind": "unexpected record kind 99",
@@ -469,9 +472,11 @@ REASONS = {
     "shm flag without tensors": "shared-memory tensors flagged, none attached",
     "more shm tensors than allowed": f"more than {hop.MAX_FDS} file descriptor(s) attached to a record",
     "unsealed shm input": "the attached input arena is not sealed",
-    "shm input without its size": "shared-memory inputs: 1 attached, 0 sizes in the side data",
+    "shm input without its size": "shared-memory tensors: 1 attached, 0 sizes in the side data",
     "shm input past its arena": "the attached input arena holds 1 bytes, its input 2",
-    "unsealed shm output": "the attached memfd is not sealed",
+    "unsealed output arena": "the attached output arena is not sealed",
+    "a response's own shm descriptor": "a response's shared-memory outputs are in the supervisor's arenas, not in "
+                                       "descriptors of its own",
 }
 
 
@@ -534,7 +539,11 @@ def _fake_worker(answer):
 
 SUPERVISOR_MALFORMED = {
     "shared-memory outputs on a non-final record": lambda cid: (
-        hop.header(hop.RESPONSE, cid, 0, flags=hop.SHM), [_memfd(b"y")]),
+        hop.header(hop.RESPONSE, cid, 0, flags=hop.SHM, side=8) + hop.SHM_SIZE.pack(1), []),
+    "shared-memory output sizes for a call without output arenas": lambda cid: (
+        hop.header(hop.RESPONSE, cid, 0, flags=hop.SHM | hop.FINAL, side=8) + hop.SHM_SIZE.pack(1), []),
+    "a response's own shared-memory descriptor": lambda cid: (
+        hop.header(hop.RESPONSE, cid, 0, flags=hop.SHM | hop.FINAL), [_memfd(b"y")]),
     "oversized length": lambda cid: (hop.header(hop.RESPONSE, cid, MAX + 1, flags=hop.FINAL), []),
     "unknown kind": lambda cid: (hop.header(99, cid, 0), []),
     "a kind only the worker receives": lambda cid: (hop.header(hop.INFER, cid, 0), []),
@@ -566,6 +575,65 @@ def test_supervisor_hop_closes_on_a_malformed_record(case):
     reason = run(main())
     assert reason.startswith("the worker broke the hop protocol"), reason
     assert broken == [reason]
+    assert no_fd_left(before)
+
+
+def _arena_worker(answer):
+    """A worker for one call with output arenas: writes b"abc" into each, answers with `answer(call_id,
+    sizes)` (a header + side data); closes everything it received."""
+    directory = tempfile.mkdtemp()
+    listener = hop.listen(f"{directory}/worker.sock")
+
+    def serve():
+        conn, _ = listener.accept()
+        record = hop.recv(conn, MAX, hop.TO_WORKER)
+        sizes = [hop.write_output(fd, b"abc") for fd in record.outputs]
+        record.release()
+        _send_raw(conn, answer(record.call_id, sizes))
+        time.sleep(0.5)
+        conn.close()
+        listener.close()
+    threading.Thread(target=serve, daemon=True).start()
+    return f"{directory}/worker.sock"
+
+
+def _final_with_sizes(cid, sizes):
+    side = b"".join(hop.SHM_SIZE.pack(n) for n in sizes)
+    return hop.header(hop.RESPONSE, cid, 0, flags=hop.FINAL | hop.SHM, side=len(side)) + side
+
+
+@pytest.mark.parametrize("answer, expected", [
+    (_final_with_sizes, [3]),
+    (lambda cid, sizes: hop.header(hop.RESPONSE, cid, 0, flags=hop.FINAL), "broken"),   # sizes missing
+    (lambda cid, sizes: _final_with_sizes(cid, []), "broken"),                          # SHM flag, no size
+])
+def test_supervisor_hop_with_an_output_arena(answer, expected):
+    """The worker writes into the supervisor's output arena and gives the size in its final RESPONSE;
+    a final RESPONSE that does not give it breaks the hop."""
+    path = _arena_worker(answer)
+    before = open_fds()
+    arenas = Arenas(outputs=True)
+    arena = arenas.take(3)
+    broken = []
+
+    async def main():
+        channel = WorkerHop(path, MAX)
+        channel.on_broken = broken.append
+        try:
+            body, sizes = await channel.infer_shared(request(np.ones((1, 1), np.float32)), 10, [arena.fd],
+                                                     [hop.OUTPUT_ARENA])
+        except HopClosed as exc:
+            return str(exc)
+        hop.release(body)
+        channel.close()
+        return sizes
+    result = run(main())
+    if expected == "broken":
+        assert result.startswith("the worker broke the hop protocol") and broken == [result]
+    else:
+        assert result == expected and arena.mapping[:3] == b"abc"
+    arenas.give(arena)
+    arenas.close()
     assert no_fd_left(before)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from sealbox.daemon.errors import ClientError
-from sealbox.daemon.shared_memory import ARENA_GRAIN, InputArenas, SharedMemoryRegistry, copy_input, write_output
+from sealbox.daemon.shared_memory import ARENA_GRAIN, Arenas, SharedMemoryRegistry, copy_input, write_output
 from sealbox.proto import hop
 from sealbox.proto import inference_pb2 as pb
 from sealbox.proto.contract import ARENA_SEALS
@@ -48,7 +48,7 @@ def test_register_use_and_unregister(shm):
     assert (region.key, region.offset, region.byte_size) == ("/in0", 256, 1024)
     assert [r.name for r in reg.status("public", "")] == ["in0"]
     used = reg.acquire("public", "in0")
-    arenas = InputArenas()
+    arenas = Arenas()
     arena = arenas.take(32)
     try:
         copy_input(used, 16, 32, "input 'x'", arena)
@@ -103,7 +103,7 @@ def test_listeners_do_not_share_regions(shm):
 def test_bounds_and_a_truncated_region(shm):
     reg, make, root = shm
     region = reg.register("public", ME, "t", make("t", 4096), 0, 4096)
-    arenas = InputArenas()
+    arenas = Arenas()
     arena = arenas.take(4096)
     msg = refused(copy_input, region, 4000, 200, "input 'x'", arena).message
     assert msg == "shared memory: input 'x': bytes [4000, 4200) are outside region 't' of 4096 bytes"
@@ -138,7 +138,7 @@ def test_an_input_arena_is_written_only_through_the_supervisors_mapping():
     """What a worker holding an arena's descriptor could try (seals bind root too, so this runs as is):
     reopen it read-write, write, map it writable, make a read-only mapping writable, punch a hole,
     shrink it. Each is refused by the kernel; the supervisor's own mapping still writes."""
-    arenas = InputArenas()
+    arenas = Arenas()
     arena = arenas.take(100)
     reopened = os.open(f"/proc/self/fd/{arena.fd}", os.O_RDWR)
     libc = ctypes.CDLL(None, use_errno=True)
@@ -170,8 +170,32 @@ def test_an_input_arena_is_written_only_through_the_supervisors_mapping():
         arenas.close()
 
 
+def test_an_output_arena_keeps_its_size_and_takes_only_what_fits():
+    """The worker writes its output into the arena through its descriptor (as hop.write_output does);
+    it cannot change the arena's size, so the supervisor's read-only mapping never faults."""
+    arenas = Arenas(outputs=True)
+    arena = arenas.take(10)
+    worker_fd = os.open(f"/proc/self/fd/{arena.fd}", os.O_RDWR)
+    try:
+        assert hop.write_output(worker_fd, b"hello") == 5
+        assert arena.mapping[:5] == b"hello"
+        too_big = b"x" * (arena.capacity + 1)
+        assert hop.write_output(worker_fd, too_big) == arena.capacity + 1   # reported, not written
+        assert arena.mapping[:5] == b"hello"
+        with pytest.raises(PermissionError):
+            os.ftruncate(worker_fd, 1)
+        with pytest.raises(PermissionError):
+            os.posix_fallocate(worker_fd, 0, 2 * ARENA_GRAIN)
+        with pytest.raises(TypeError):
+            arena.mapping[:1] = b"z"   # the supervisor's own mapping is read-only
+    finally:
+        os.close(worker_fd)
+        arenas.give(arena)
+        arenas.close()
+
+
 def test_input_arenas_are_reused_bounded_and_closed():
-    arenas = InputArenas(max_free_bytes=2 * ARENA_GRAIN)
+    arenas = Arenas(max_free_bytes=2 * ARENA_GRAIN)
     first = arenas.take(100)
     assert first.capacity == ARENA_GRAIN
     arenas.give(first)
@@ -197,7 +221,7 @@ def test_input_arenas_are_reused_bounded_and_closed():
 def test_a_worker_maps_exactly_its_input_from_a_reused_arena():
     """An arena holds an earlier, larger input past the new one's end: the receiving worker maps only
     the size the record gives, so those bytes are never part of the new call's input."""
-    arenas = InputArenas()
+    arenas = Arenas()
     arena = arenas.take(8192)
     arena.mapping[:8192] = b"A" * 8192            # the previous call's input
     arena.mapping[:16] = b"new input bytes!"

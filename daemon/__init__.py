@@ -16,6 +16,7 @@
 | admission.py | bounded cost: lanes, caps on calls, streams and bytes, per-model queues, `tune_malloc` |
 | errors.py | every status a client sees: fixed texts, worker statuses mapped and truncated |
 | provenance.py | which verified model answered (manifest digest, version, signer), stamped on every answer |
+| shared_memory.py | Triton's system shared memory: regions per listener, owners by uid, pread/pwrite only; each worker's reused input and output arenas |
 | worker_hop.py | the supervisor's side of the hop (proto/hop.py) on the event loop: pipelined calls, streams, CANCEL, timeouts from the take; blocking Describe |
 | audit.py | the audit log: one JSON line per decision, in its own file; reopened on SIGHUP |
 | call_audit.py | the caller's identity on every audit event of a call; refusals rate-limited |

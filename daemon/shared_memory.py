@@ -38,6 +38,7 @@ import os
 import re
 import stat
 import threading
+import time
 
 from ..proto import hop
 from ..proto.contract import ARENA_SEALS
@@ -48,6 +49,7 @@ SHM_DIR = "/dev/shm"
 MAX_REGIONS_PER_LISTENER = 64
 ARENA_GRAIN = 1 << 20                # arenas are sized in MiB steps (pages never touched cost nothing)
 MAX_FREE_ARENA_BYTES = 128 << 20     # arena capacity a worker keeps between calls; beyond, closed on return
+ARENA_IDLE_S = 30.0                  # a free arena unused this long is closed (Arenas.trim)
 # A POSIX shm name as tritonclient passes it: "/name" or "name", one path component.
 _KEY = re.compile(r"/?([A-Za-z0-9_.-]{1,200})")
 _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
@@ -180,6 +182,7 @@ class Arena:
     fd: int
     mapping: mmap.mmap    # the supervisor's own mapping: writable for inputs (made before sealing), read-only for outputs
     capacity: int
+    freed_at: float = 0.0   # time.monotonic() when last given back
 
     def close(self) -> None:
         self.mapping.close()
@@ -230,9 +233,22 @@ class Arenas:
     def give(self, arena: Arena) -> None:
         with self._lock:
             if not self.closed and sum(a.capacity for a in self._free) + arena.capacity <= self.max_free_bytes:
+                arena.freed_at = time.monotonic()
                 self._free.append(arena)
                 return
         arena.close()
+
+    def trim(self, idle_s: float = ARENA_IDLE_S) -> bool:
+        """Close the free arenas unused for idle_s seconds (their pages are the supervisor's memory);
+        True while some are still kept."""
+        now = time.monotonic()
+        with self._lock:
+            stale = [a for a in self._free if now - a.freed_at >= idle_s]
+            self._free = [a for a in self._free if a not in stale]
+            kept = bool(self._free)
+        for arena in stale:
+            arena.close()
+        return kept
 
     def close(self) -> None:
         with self._lock:

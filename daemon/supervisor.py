@@ -804,6 +804,8 @@ class Supervisor:
             return await self._stamped(name, model, worker, body, None)
         finally:
             worker.inflight -= 1   # a replaced worker is stopped once its calls are done
+            if shared is not None:
+                hop.trim_arenas_later()
 
     async def infer_stream(self, name: str, request: bytes):
         """The responses to one ModelStreamInfer request (an async iterator of bytes), each stamped and

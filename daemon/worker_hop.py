@@ -27,7 +27,7 @@ import socket
 import time
 
 from ..proto import hop
-from .shared_memory import Arenas
+from .shared_memory import ARENA_IDLE_S, Arenas
 
 # Above this, building the request's memfd (and joining a response out of one) runs on a thread,
 # not on the event loop: 64 MiB takes ~10-20 ms to copy.
@@ -99,8 +99,10 @@ class WorkerHop:
         # f(reason) when the worker broke the protocol or its socket failed: a worker the supervisor
         # cannot talk to any more is killed (and restarted by its watcher), never left running mute.
         self.on_broken = None
-        # This worker's shared-memory arenas (daemon/shared_memory.py), closed with the hop.
+        # This worker's shared-memory arenas (daemon/shared_memory.py), closed with the hop, and when
+        # unused for ARENA_IDLE_S (trim_arenas_later).
         self.input_arenas, self.output_arenas = Arenas(), Arenas(outputs=True)
+        self._trim_timer = None
 
     # -- connection ---------------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -126,10 +128,23 @@ class WorkerHop:
             self._unsent.popleft().close()
         self.input_arenas.close()   # arenas still in a call's hands are closed when it gives them back
         self.output_arenas.close()
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()
         calls, self.calls = self.calls, {}
         self.order.clear()
         for call in calls.values():
             self._end(call, HopClosed(reason))
+
+    def trim_arenas_later(self) -> None:
+        """After a shared-memory call (on the loop): close this worker's arenas once unused for
+        ARENA_IDLE_S, checking again while some are kept."""
+        if self._trim_timer is None and not self.closed:
+            self._trim_timer = self.loop.call_later(ARENA_IDLE_S, self._trim_arenas)
+
+    def _trim_arenas(self) -> None:
+        self._trim_timer = None
+        if self.input_arenas.trim(ARENA_IDLE_S) | self.output_arenas.trim(ARENA_IDLE_S):
+            self.trim_arenas_later()
 
     def close_soon(self) -> None:
         """Close on the hop's own loop; callable from any thread, idempotent."""

@@ -340,7 +340,7 @@ def _check_output_arena(fd: int) -> None:
         raise ProtocolError("the attached output arena is not sealed")
 
 
-def write_output(fd: int, data) -> int:
+def fill_output_arena(fd: int, data) -> int:
     """The worker's side of an output arena: write the output's bytes from the arena's start if they
     fit (lseek and write: the worker's seccomp filter has no pwrite); return how many bytes it has."""
     view = memoryview(data).cast("B")

@@ -312,7 +312,7 @@ class WorkerServer:
             if len(record.outputs) != len(to_shm):
                 conn.error(record.call_id, hop.INTERNAL, "the call's shared-memory output arenas are missing")
                 return
-            side = b"".join(hop.SHM_SIZE.pack(hop.write_output(fd, tensors.raw_bytes(last_results[name])))
+            side = b"".join(hop.SHM_SIZE.pack(hop.fill_output_arena(fd, tensors.raw_bytes(last_results[name])))
                             for name, fd in zip(to_shm, record.outputs))
             flags |= hop.SHM
         if self.batching is not None and call.rows and not streaming:   # an execution of one request

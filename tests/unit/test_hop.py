@@ -587,7 +587,7 @@ def _arena_worker(answer):
     def serve():
         conn, _ = listener.accept()
         record = hop.recv(conn, MAX, hop.TO_WORKER)
-        sizes = [hop.write_output(fd, b"abc") for fd in record.outputs]
+        sizes = [hop.fill_output_arena(fd, b"abc") for fd in record.outputs]
         record.release()
         _send_raw(conn, answer(record.call_id, sizes))
         time.sleep(0.5)
@@ -635,6 +635,27 @@ def test_supervisor_hop_with_an_output_arena(answer, expected):
     arenas.give(arena)
     arenas.close()
     assert no_fd_left(before)
+
+
+def test_the_hop_closes_arenas_left_unused(monkeypatch):
+    """After a shared-memory call the hop checks its arenas again ARENA_IDLE_S later (30 s; 0.2 s here):
+    those unused that long are closed, and it keeps checking while any are kept."""
+    from sealbox.daemon import worker_hop
+    monkeypatch.setattr(worker_hop, "ARENA_IDLE_S", 0.2)
+
+    async def main():
+        channel = WorkerHop("/nonexistent/worker.sock", MAX)   # never connected: arenas only
+        arena = channel.output_arenas.take(1)
+        channel.output_arenas.give(arena)
+        channel.trim_arenas_later()
+        await asyncio.sleep(0.05)
+        os.fstat(arena.fd)                        # not idle long enough yet
+        await asyncio.sleep(0.6)
+        with pytest.raises(OSError):
+            os.fstat(arena.fd)
+        assert channel._trim_timer is None        # nothing kept: no more checks
+        channel.close()
+    run(main())
 
 
 def test_supervisor_hop_fails_pending_calls_when_the_worker_goes():

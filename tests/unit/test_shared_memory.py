@@ -171,16 +171,16 @@ def test_an_input_arena_is_written_only_through_the_supervisors_mapping():
 
 
 def test_an_output_arena_keeps_its_size_and_takes_only_what_fits():
-    """The worker writes its output into the arena through its descriptor (as hop.write_output does);
+    """The worker writes its output into the arena through its descriptor (as hop.fill_output_arena does);
     it cannot change the arena's size, so the supervisor's read-only mapping never faults."""
     arenas = Arenas(outputs=True)
     arena = arenas.take(10)
     worker_fd = os.open(f"/proc/self/fd/{arena.fd}", os.O_RDWR)
     try:
-        assert hop.write_output(worker_fd, b"hello") == 5
+        assert hop.fill_output_arena(worker_fd, b"hello") == 5
         assert arena.mapping[:5] == b"hello"
         too_big = b"x" * (arena.capacity + 1)
-        assert hop.write_output(worker_fd, too_big) == arena.capacity + 1   # reported, not written
+        assert hop.fill_output_arena(worker_fd, too_big) == arena.capacity + 1   # reported, not written
         assert arena.mapping[:5] == b"hello"
         with pytest.raises(PermissionError):
             os.ftruncate(worker_fd, 1)
@@ -216,6 +216,22 @@ def test_input_arenas_are_reused_bounded_and_closed():
     arenas.give(other)                           # an arena still in a call goes when given back
     with pytest.raises(OSError):
         os.fstat(other.fd)
+
+
+def test_free_arenas_unused_for_a_while_are_closed():
+    arenas = Arenas()
+    old, recent = arenas.take(1), arenas.take(1)
+    arenas.give(old)
+    old.freed_at -= 31                           # given back 31 s ago
+    arenas.give(recent)
+    assert arenas.trim(idle_s=30) is True        # `recent` is kept
+    with pytest.raises(OSError):
+        os.fstat(old.fd)
+    os.fstat(recent.fd)
+    assert arenas.trim(idle_s=0) is False        # nothing kept now
+    with pytest.raises(OSError):
+        os.fstat(recent.fd)
+    arenas.close()
 
 
 def test_a_worker_maps_exactly_its_input_from_a_reused_arena():

@@ -61,6 +61,10 @@ def _mounts() -> tuple[str | None, dict[str, str]]:
     return v2, v1
 
 
+# A cgroup file's errors once its group is removed (ENOENT), or while it is being removed (ENODEV).
+_GONE = (errno.ENOENT, errno.ENODEV)
+
+
 def _read(path: str) -> str:
     with open(path) as f:
         return f.read()
@@ -356,19 +360,25 @@ class WorkerCgroup:
                 os.close(fd)
 
     def pids(self) -> list[int]:
-        """Every process in the worker's groups."""
+        """Every process in the worker's groups (none in a group that is gone or being removed)."""
         found: set[int] = set()
         for path in self._procs_files:
             try:
                 found.update(int(p) for p in _read(path).split())
-            except FileNotFoundError:
-                pass
+            except OSError as exc:
+                if exc.errno not in _GONE:
+                    raise
         return sorted(found)
 
     def kill(self, timeout: float = 5.0) -> None:
-        """Kill every process of the worker and wait until the groups are empty."""
-        _empty_group(self.pids, os.path.join(self.v2_dir, "cgroup.kill") if self.v2_dir else None, timeout,
-                     f"worker {self.name}")
+        """Kill every process of the worker and wait until the groups are empty. A group removed
+        meanwhile (the worker's watcher cleans up once it has reaped the worker) is empty: done."""
+        try:
+            _empty_group(self.pids, os.path.join(self.v2_dir, "cgroup.kill") if self.v2_dir else None, timeout,
+                         f"worker {self.name}")
+        except OSError as exc:
+            if exc.errno not in _GONE:
+                raise
 
     def _counter(self, path: str, key: str) -> int | None:
         try:

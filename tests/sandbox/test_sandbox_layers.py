@@ -525,6 +525,19 @@ def test_cgroup_attach_moves_a_running_process(make_cgroup):
         sleeper.wait(timeout=10)
 
 
+def test_killing_a_worker_whose_group_was_removed_meanwhile_is_done(make_cgroup):
+    """The worker's watcher removes its group once it has reaped the worker; a kill that the supervisor
+    makes at the same moment (an inference timeout) finds the group gone: nothing left to kill, no error.
+    (CI saw the same race surface as ENODEV, reading cgroup.procs of a group being removed.)"""
+    group = make_cgroup()
+    sleeper = subprocess.Popen(["sleep", "60"], preexec_fn=group.attach_self)
+    group.kill()
+    sleeper.wait(timeout=10)
+    group.remove()
+    assert group.pids() == []
+    group.kill()   # raised FileNotFoundError (or OSError ENODEV mid-removal) before
+
+
 def test_cgroup_refuses_bad_names():
     for name in ("../escape", "", "a/b", ".."):
         with pytest.raises(cgroups.CgroupError, match="name"):

@@ -185,8 +185,12 @@ class Arena:
     freed_at: float = 0.0   # time.monotonic() when last given back
 
     def close(self) -> None:
-        self.mapping.close()
-        os.close(self.fd)
+        try:
+            self.mapping.close()
+        except BufferError:   # a view still exported (say, held by a failed copy's traceback): unmapped once it goes
+            pass
+        finally:
+            os.close(self.fd)
 
 
 class Arenas:
@@ -205,7 +209,9 @@ class Arenas:
         self._lock = threading.Lock()
         self.closed = False
 
-    def take(self, size: int) -> Arena:
+    def take(self, size: int, most: int | None = None) -> Arena:
+        """A free arena of at least `size` bytes, or a new one; `most` caps a new one's capacity, even
+        below `size` (an output arena: what does not fit is refused when the worker reports it)."""
         with self._lock:
             fits = [a for a in self._free if a.capacity >= size]
             if fits:
@@ -213,6 +219,8 @@ class Arenas:
                 self._free.remove(best)
                 return best
         capacity = max(ARENA_GRAIN, -(-size // ARENA_GRAIN) * ARENA_GRAIN)
+        if most is not None:
+            capacity = min(capacity, most)
         name = "sealbox-shm-output" if self.outputs else "sealbox-shm-input"
         fd, mapping = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING), None
         try:
@@ -311,6 +319,7 @@ class SharedCall:
         self._in: list[Arena] = []
         self._out: list[Arena] = []
         self._pools: tuple[Arenas, Arenas] | None = None
+        self._max_bytes = 0
         try:
             for field, _index, message in refs:
                 kind = pb.ModelInferRequest.InferInputTensor if field == INFER_REQUEST_INPUTS else \
@@ -354,15 +363,21 @@ class SharedCall:
         """The matching SHM_SIZE entries: each input's byte size, then hop.OUTPUT_ARENA per output."""
         return [size for _, _, size, _ in self.inputs] + [hop.OUTPUT_ARENA] * len(self._out)
 
-    def prepare(self, inputs: Arenas, outputs: Arenas) -> None:
+    def prepare(self, inputs: Arenas, outputs: Arenas, max_bytes: int) -> None:
         """Copy the inputs into arenas of the worker's `inputs` pool and take an arena from `outputs`
-        for each output, as large as the range the client gave it (blocking: run it off the event loop)."""
+        for each output, as large as the range the client gave it but at most `max_bytes`, the largest
+        message the worker may send (blocking: run it off the event loop)."""
+        self._max_bytes = max_bytes
+        for region, _offset, size, what in self.inputs:
+            if size > max_bytes:
+                raise _refuse(SC.INVALID_ARGUMENT, f"{what}: {size} bytes in region '{region.name}', more than "
+                                                   f"the largest message this daemon takes ({max_bytes} bytes)")
         self._pools = (inputs, outputs)
         for region, offset, size, what in self.inputs:
             self._in.append(inputs.take(size))
             copy_input(region, offset, size, what, self._in[-1])
         for _region, _offset, size, _what in self.outputs:
-            self._out.append(outputs.take(size))
+            self._out.append(outputs.take(size, most=max_bytes))
 
     def deliver(self, model: str, sizes: list[int]) -> None:
         """Copy each output, `sizes[i]` bytes from the start of its arena as the worker reported them,
@@ -374,6 +389,9 @@ class SharedCall:
             if n > size:
                 raise _refuse(SC.INVALID_ARGUMENT, f"{what}: {n} bytes do not fit the {size} bytes given "
                                                    f"in region '{region.name}'")
+            if n > arena.capacity:   # the worker could not write it (its arena is at most max_bytes)
+                raise _refuse(SC.INVALID_ARGUMENT, f"{what}: {n} bytes, more than the largest message this "
+                                                   f"daemon moves ({self._max_bytes} bytes)")
             with memoryview(arena.mapping) as view:
                 write_output(region, offset, view[:n], what)
 

@@ -790,7 +790,7 @@ class Supervisor:
             else:   # shared-memory tensors (shared_memory.SharedCall): inputs into this worker's arenas,
                 # attached; outputs copied out. The caller gives the arenas back once the call has ended.
                 await finished(asyncio.get_running_loop().run_in_executor(
-                    None, shared.prepare, hop.input_arenas, hop.output_arenas))
+                    None, shared.prepare, hop.input_arenas, hop.output_arenas, worker.profile.max_message_bytes))
                 call = hop.infer_shared(request, worker.profile.infer_timeout_s, shared.arena_fds, shared.arena_sizes)
             del request   # (the hop holds it until sent)
             body = await self._at_hop(name, model, worker, call)

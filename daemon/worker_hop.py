@@ -126,14 +126,14 @@ class WorkerHop:
             sock.close()
         while self._unsent:
             self._unsent.popleft().close()
-        self.input_arenas.close()   # arenas still in a call's hands are closed when it gives them back
-        self.output_arenas.close()
-        if self._trim_timer is not None:
-            self._trim_timer.cancel()
         calls, self.calls = self.calls, {}
         self.order.clear()
         for call in calls.values():
             self._end(call, HopClosed(reason))
+        self.input_arenas.close()   # arenas still in a call's hands are closed when it gives them back
+        self.output_arenas.close()
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()
 
     def trim_arenas_later(self) -> None:
         """After a shared-memory call (on the loop): close this worker's arenas once unused for

@@ -312,8 +312,12 @@ class WorkerServer:
             if len(record.outputs) != len(to_shm):
                 conn.error(record.call_id, hop.INTERNAL, "the call's shared-memory output arenas are missing")
                 return
-            side = b"".join(hop.SHM_SIZE.pack(hop.fill_output_arena(fd, tensors.raw_bytes(last_results[name])))
-                            for name, fd in zip(to_shm, record.outputs))
+            try:
+                side = b"".join(hop.SHM_SIZE.pack(hop.fill_output_arena(fd, tensors.raw_bytes(last_results[name])))
+                                for name, fd in zip(to_shm, record.outputs))
+            except (OSError, tensors.TensorError) as exc:
+                conn.error(record.call_id, hop.INTERNAL, f"writing a shared-memory output failed: {exc}")
+                return
             flags |= hop.SHM
         if self.batching is not None and call.rows and not streaming:   # an execution of one request
             self.batch_sizes[call.rows] += 1

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from sealbox.daemon.errors import ClientError
-from sealbox.daemon.shared_memory import ARENA_GRAIN, Arenas, SharedMemoryRegistry, copy_input, write_output
+from sealbox.daemon.shared_memory import (ARENA_GRAIN, Arenas, SharedCall, SharedMemoryRegistry, copy_input,
+                                          write_output)
 from sealbox.proto import hop
 from sealbox.proto import inference_pb2 as pb
 from sealbox.proto.contract import ARENA_SEALS
@@ -254,3 +255,62 @@ def test_a_worker_maps_exactly_its_input_from_a_reused_arena():
         worker.close()
         arenas.give(arena)
         arenas.close()
+
+
+def _shared_call(reg, inputs=(), outputs=()):
+    """A SharedCall for a request naming (region, size) inputs and outputs, as the front door makes it."""
+    req = pb.ModelInferRequest(model_name="m")
+    for i, (region, size) in enumerate(inputs):
+        t = req.inputs.add(name=f"x{i}", datatype="UINT8", shape=[size])
+        t.parameters["shared_memory_region"].string_param = region
+        t.parameters["shared_memory_byte_size"].int64_param = size
+    for i, (region, size) in enumerate(outputs):
+        t = req.outputs.add(name=f"y{i}")
+        t.parameters["shared_memory_region"].string_param = region
+        t.parameters["shared_memory_byte_size"].int64_param = size
+    return SharedCall(reg, "public", shared_memory_tensors(req.SerializeToString()))
+
+
+def test_arenas_are_bounded_by_the_message_limit(shm):
+    """A client's range can be far larger than any message (a sparse file in /dev/shm): an output arena is
+    at most the message limit, an output larger than that is refused, and so is an input."""
+    reg, make, root = shm
+    reg.register("public", ME, "big", make("big", 8 * ARENA_GRAIN), 0, 8 * ARENA_GRAIN)
+    inputs, outputs = Arenas(), Arenas(outputs=True)
+    call = _shared_call(reg, outputs=[("big", 8 * ARENA_GRAIN)])
+    try:
+        call.prepare(inputs, outputs, max_bytes=2 * ARENA_GRAIN)
+        assert [os.fstat(fd).st_size for fd in call.arena_fds] == [2 * ARENA_GRAIN]
+        msg = refused(call.deliver, "m", [3 * ARENA_GRAIN]).message
+        assert msg == (f"shared memory: output 'y0': {3 * ARENA_GRAIN} bytes, more than the largest message this "
+                       f"daemon moves ({2 * ARENA_GRAIN} bytes)")
+        worker_fd = os.open(f"/proc/self/fd/{call.arena_fds[0]}", os.O_RDWR)
+        assert hop.fill_output_arena(worker_fd, b"out" * 10) == 30
+        os.close(worker_fd)
+        call.deliver("m", [30])
+        assert (root / "big").read_bytes()[:30] == b"out" * 10
+    finally:
+        call.close()
+    call = _shared_call(reg, inputs=[("big", 3 * ARENA_GRAIN)])
+    try:
+        msg = refused(call.prepare, inputs, outputs, 2 * ARENA_GRAIN).message
+        assert msg == (f"shared memory: input 'x0': {3 * ARENA_GRAIN} bytes in region 'big', more than the largest "
+                       f"message this daemon takes ({2 * ARENA_GRAIN} bytes)")
+        assert call.arena_fds == []
+    finally:
+        call.close()
+    inputs.close(), outputs.close()
+    reg.close()
+
+
+def test_an_arena_still_viewed_is_closed_without_error():
+    """A failed copy's traceback can keep a view of an arena's mapping alive: closing it must still
+    close its descriptor (and not raise, which stopped a call's clean-up before)."""
+    arenas = Arenas()
+    arena = arenas.take(10)
+    view = memoryview(arena.mapping)[:5]
+    arenas.close()
+    arena.close()
+    with pytest.raises(OSError):
+        os.fstat(arena.fd)
+    view.release()

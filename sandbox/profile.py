@@ -15,7 +15,6 @@ import sys
 import sysconfig
 
 from ..proto.contract import Batching
-from ..proto.hop import MAX_QUEUED_CALLS, MAX_SHM_FDS
 
 
 
@@ -43,10 +42,6 @@ def find_openblas() -> str | None:
     return real if real and real.startswith("/usr/") else None
 
 
-# A model worker's descriptors: 256 for itself, plus what the hop may make it hold. Each call it has
-# queued (at most MAX_QUEUED_CALLS) keeps its body's memfd and up to MAX_SHM_FDS shared-memory arenas
-# (a mapped memfd keeps a descriptor too: Python's mmap duplicates it) until the call is done.
-WORKER_NOFILE = 256 + MAX_QUEUED_CALLS * (1 + MAX_SHM_FDS)
 # mlx-lm workers (SandboxProfile.for_model): see there for why.
 LLM_NOFILE = 4096
 LLM_REQUEST_TIME_S = 120.0
@@ -105,11 +100,11 @@ class SandboxProfile:
             extra_ro = tuple(p for p in (julia_root, julia_depot) if p)
             extra_env = tuple((k, v) for k, v in (("PYTHON_JULIAPKG_EXE", julia),
                                                  ("JULIA_DEPOT_PATH", julia_depot)) if v)
-        nofile, symlink_dirs = WORKER_NOFILE, ()
+        nofile, symlink_dirs = 256, ()
         if engine == "mlx-lm":
             # `import mlx_lm` calls setrlimit(RLIMIT_NOFILE, (2048, 4096)) and raises ValueError under a lower
             # hard limit; mlx_lm.load wants a directory: symlinks to the sealed memfds in the private /tmp.
-            nofile, symlink_dirs = max(LLM_NOFILE, WORKER_NOFILE), ("/tmp",)
+            nofile, symlink_dirs = LLM_NOFILE, ("/tmp",)
             extra_env += (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_HOME", "/tmp/hf"))
             # The per-request time budget replaces the inference timeout: the worker ends a generation at
             # the budget; the supervisor kills it only if it overruns that by LLM_GRACE_S.

@@ -15,7 +15,9 @@ engine with the default one-response `responses`) is answered by exactly one RES
 from __future__ import annotations
 
 import collections
+import mmap
 import queue
+import resource
 import socket
 import sys
 import threading
@@ -31,6 +33,12 @@ from .engine import Engine, InferenceError, InputError
 
 MAX_CONNECTIONS = 4        # the supervisor uses one (plus one for Describe at load)
 MAX_QUEUED = hop.MAX_QUEUED_CALLS   # calls a worker holds; the supervisor keeps at most half that many in flight
+# Descriptors: each queued call holds some (its memfd body's mapping, its shared-memory input mappings
+# and output arenas; Python's mmap keeps a duplicate of what it maps) until it is done. The reader reads
+# the next record only while that leaves room for the largest record being received and decoded
+# (RECORD_FDS) and FD_RESERVE for the worker's own files, so pipelined calls never exhaust RLIMIT_NOFILE.
+FD_RESERVE = 32
+RECORD_FDS = 2 * (hop.MAX_FDS + 1)   # received, plus the duplicates decoding makes
 
 
 class Connection:
@@ -61,6 +69,12 @@ class Connection:
             pass
 
 
+def _fds_held(record: hop.Record) -> int:
+    """Descriptors a received record keeps until it is released."""
+    return (isinstance(record.body, mmap.mmap) + sum(isinstance(v, mmap.mmap) for v in record.shm)
+            + len(record.outputs))
+
+
 class _Call(NamedTuple):
     item: tuple          # (connection, record, cancelled)
     request: object      # the parsed ModelInferRequest
@@ -84,6 +98,10 @@ class WorkerServer:
         self.calls: queue.Queue = queue.Queue()
         self._connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._queued = threading.BoundedSemaphore(MAX_QUEUED)
+        # Room for the descriptors queued calls hold (see FD_RESERVE), from the worker's own limit.
+        self.fd_room = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FD_RESERVE - RECORD_FDS
+        self._held_fds = 0
+        self._fds_freed = threading.Condition()
 
     # -- reading (one thread per connection) --------------------------------------------------------
     def accept_forever(self, listener: socket.socket) -> None:
@@ -103,6 +121,8 @@ class WorkerServer:
         conn = Connection(sock)
         try:
             while True:
+                with self._fds_freed:   # wait until the calls the engine finishes leave room
+                    self._fds_freed.wait_for(lambda: self._held_fds <= self.fd_room)
                 record = hop.recv(sock, self.max_message_bytes, hop.TO_WORKER)
                 if record.kind == hop.DESCRIBE:
                     conn.send(hop.DESCRIBE_REPLY, record.call_id, [self.describe])
@@ -111,6 +131,8 @@ class WorkerServer:
                         record.release()
                         raise hop.ProtocolError("a call id already in flight, or too many calls queued")
                     cancelled = conn.calls[record.call_id] = threading.Event()
+                    with self._fds_freed:
+                        self._held_fds += _fds_held(record)
                     self.calls.put((conn, record, cancelled))
                 else:   # CANCEL: dropped if still queued, else the engine's iterator sees it
                     event = conn.calls.get(record.call_id)
@@ -149,9 +171,13 @@ class WorkerServer:
                     self._run_batch(batch)
             finally:
                 for conn, record, _cancelled in taken:
+                    held = _fds_held(record)
                     record.release()
                     conn.calls.pop(record.call_id, None)
                     self._queued.release()
+                    with self._fds_freed:
+                        self._held_fds -= held
+                        self._fds_freed.notify_all()
 
     def stop(self) -> None:
         self.calls.put(None)

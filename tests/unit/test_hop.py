@@ -277,6 +277,37 @@ def test_a_unary_call_answered_twice_is_internal(worker):
     assert (err.code, err.message) == (hop.INTERNAL, "the engine answered a unary call more than once")
 
 
+def test_the_reader_waits_while_queued_calls_hold_the_descriptors_it_has_room_for(worker):
+    """Each queued memfd-sized call holds a descriptor (its body's mapping); a worker with room for two
+    reads no further record until the engine has finished calls, instead of running out of descriptors
+    (with shared-memory arenas, up to 33 per call, 256 were soon gone). Every call is still answered
+    exactly, in order."""
+    engine = Echo()
+    engine.gate = threading.Event()
+    w = worker(engine)
+    w.server.fd_room = 2
+    seen = []
+
+    async def main():
+        channel = WorkerHop(w.path, MAX)
+        calls = [asyncio.ensure_future(channel.infer(request(np.full((2**15, 4), i, np.float32)), 30))
+                 for i in range(6)]   # 512 KiB each: memfd bodies
+        while len(channel.order) < 6:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        seen.append((w.server._held_fds, w.server.calls.qsize()))
+        engine.gate.set()
+        bodies = await asyncio.gather(*calls)
+        channel.close()
+        return [outputs(b)["y"] for b in bodies]
+    results = run(main())
+    assert seen == [(3, 2)]   # read while 0, 1, 2 were held: 3 held (one at the engine, 2 queued), 3 unread
+    for i, y in enumerate(results):
+        assert y.shape == (2**15, 4) and (y == i).all()
+    assert engine.calls == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert w.server._held_fds == 0
+
+
 # ---- cancellation ----------------------------------------------------------------------------------
 def test_cancel_drops_a_queued_call(worker):
     engine = Echo()

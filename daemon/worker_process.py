@@ -124,9 +124,11 @@ class WorkerProcess:
             return self._hop
 
     def _hop_broken(self, reason: str) -> None:
+        """On the event loop: kill on a thread (the kill waits for the worker's group to empty)."""
         if not self.stopping and self.proc.poll() is None:
             log.warning("worker %s: %s; killing it", self.name, reason)
-            self.sandboxed.kill()   # its watcher reports the death and restarts it with backoff
+            # its watcher reports the death and restarts it with backoff
+            threading.Thread(target=self.sandboxed.kill, daemon=True, name=f"kill-{self.name}").start()
 
     def wait_ready(self, timeout: float) -> bytes:
         """The worker's serialized ModelMetadataResponse once it answers; ModelUnavailable if it

@@ -41,7 +41,7 @@ import threading
 import time
 
 from ..proto import hop
-from ..proto.contract import ARENA_SEALS
+from ..proto.contract import ARENA_SEALS, SIZE_SEALS
 from . import errors
 from .errors import ClientError
 
@@ -226,7 +226,7 @@ class Arenas:
         try:
             os.ftruncate(fd, capacity)
             if self.outputs:
-                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SIZE_SEALS)
                 mapping = mmap.mmap(fd, capacity, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
             else:
                 mapping = mmap.mmap(fd, capacity, flags=mmap.MAP_SHARED)

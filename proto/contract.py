@@ -42,17 +42,19 @@ STDERR_PREFIX = "sealbox worker: "
 SOCKET_DIR_IN_SANDBOX = "/run/sealbox"
 SOCKET_NAME = "worker.sock"
 
+# A memfd whose size no one can change (no SIGBUS under a mapping of it): a shared-memory output arena,
+# which the worker writes and the supervisor maps (daemon/shared_memory.py Arenas).
+SIZE_SEALS = (fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+              if hasattr(fcntl, "F_SEAL_SEAL") else 0)  # memfds are Linux-only
 # Seals on every memfd handed to a worker: its bytes can never change after verification.
-MEMFD_SEALS = (fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
-               if hasattr(fcntl, "F_SEAL_SEAL") else 0)  # memfds are Linux-only
-# Seals on a shared-memory input arena (daemon/shared_memory.py InputArenas): a memfd the supervisor
+MEMFD_SEALS = SIZE_SEALS | fcntl.F_SEAL_WRITE if SIZE_SEALS else 0
+# Seals on a shared-memory input arena (daemon/shared_memory.py Arenas): a memfd the supervisor
 # reuses for one worker's inputs, call after call. F_SEAL_FUTURE_WRITE (Linux 5.1; Python's fcntl
 # does not name it) lets only the mapping the supervisor made before sealing write: anyone holding
 # the descriptor, the worker included, can neither write(), map it writable, mprotect a read-only
 # mapping to writable, punch holes in it, nor change its size.
 F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
-ARENA_SEALS = (fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE
-               if hasattr(fcntl, "F_SEAL_SEAL") else 0)
+ARENA_SEALS = SIZE_SEALS | F_SEAL_FUTURE_WRITE if SIZE_SEALS else 0
 
 
 class SpecError(ValueError):

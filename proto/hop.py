@@ -47,7 +47,7 @@ import struct
 import threading
 from typing import NamedTuple
 
-from .contract import ARENA_SEALS, MEMFD_SEALS
+from .contract import ARENA_SEALS, MEMFD_SEALS, SIZE_SEALS
 
 HEADER = struct.Struct("<BBHIIQ")
 
@@ -303,41 +303,42 @@ def _decode(data: memoryview, msg_flags: int, fds: list[int], max_body: int, kin
     return Record(kind, flags, code, call_id, side, body, tuple(shm), tuple(outputs))
 
 
-def _map_memfd(fd: int, length: int) -> mmap.mmap:
+def _sealed(fd: int, seal_sets: tuple, what: str) -> os.stat_result:
+    """fstat of an attached memfd that carries every seal of one of `seal_sets`; ProtocolError otherwise."""
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         raise ProtocolError("the attached descriptor is not a memfd")
-    if MEMFD_SEALS and fcntl.fcntl(fd, fcntl.F_GET_SEALS) & MEMFD_SEALS != MEMFD_SEALS:
-        raise ProtocolError("the attached memfd is not sealed")
-    if st.st_size != length:
-        raise ProtocolError(f"the attached memfd holds {st.st_size} bytes, its header says {length}")
+    if MEMFD_SEALS:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        if not any(seals & wanted == wanted for wanted in seal_sets):
+            raise ProtocolError(f"the attached {what} is not sealed")
+    return st
+
+
+def _map_read_only(fd: int, length: int) -> mmap.mmap:
     # MAP_POPULATE: the pages are mapped in one call, not one fault each (measured faster for 64 MiB).
     return mmap.mmap(fd, length, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
+
+
+def _map_memfd(fd: int, length: int) -> mmap.mmap:
+    st = _sealed(fd, (MEMFD_SEALS,), "memfd")
+    if st.st_size != length:
+        raise ProtocolError(f"the attached memfd holds {st.st_size} bytes, its header says {length}")
+    return _map_read_only(fd, length)
 
 
 def _map_arena(fd: int, length: int) -> mmap.mmap:
     """The first `length` bytes of an input arena, read-only: sealed so that no one but the supervisor
     writes it and its size never changes (no SIGBUS under the worker's arrays)."""
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        raise ProtocolError("the attached descriptor is not a memfd")
-    seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS) if ARENA_SEALS else 0
-    if ARENA_SEALS and seals & ARENA_SEALS != ARENA_SEALS and seals & MEMFD_SEALS != MEMFD_SEALS:
-        raise ProtocolError("the attached input arena is not sealed")
+    st = _sealed(fd, (ARENA_SEALS, MEMFD_SEALS), "input arena")
     if st.st_size < length:
         raise ProtocolError(f"the attached input arena holds {st.st_size} bytes, its input {length}")
-    return mmap.mmap(fd, length, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
-
-
-_SIZE_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW if ARENA_SEALS else 0
+    return _map_read_only(fd, length)
 
 
 def _check_output_arena(fd: int) -> None:
     """An output arena: a memfd whose size no one can change (the supervisor maps it to read the output)."""
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        raise ProtocolError("the attached descriptor is not a memfd")
-    if _SIZE_SEALS and fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _SIZE_SEALS != _SIZE_SEALS:
-        raise ProtocolError("the attached output arena is not sealed")
+    _sealed(fd, (SIZE_SEALS,), "output arena")
 
 
 def fill_output_arena(fd: int, data) -> int:

@@ -62,16 +62,18 @@ def _shape(name: str, shape) -> tuple[int, ...]:
 SHM_REGION = "shared_memory_region"   # an input or output naming a client's registered region
 
 
-def request_inputs(request: pb.ModelInferRequest, shared=()) -> dict[str, np.ndarray]:
+def request_inputs(request: pb.ModelInferRequest, shared=(), raw=None) -> dict[str, np.ndarray]:
     """Decode every input of a request into a numpy array (read-only views of raw bytes).
 
     shared: the bytes of the inputs that name a shared-memory region, in request order (the worker
     gets them as sealed copies attached to the call, proto/hop.py); the other inputs take the
-    raw_input_contents entries in order, as tritonclient sends them."""
+    raw_input_contents entries in order, as tritonclient sends them: the request's own, or `raw` when
+    the caller split them off before parsing (wire.split_raw_inputs)."""
     in_shm = [SHM_REGION in tensor.parameters for tensor in request.inputs]
     if sum(in_shm) != len(shared):
         raise TensorError(f"{sum(in_shm)} inputs name a shared-memory region, {len(shared)} were attached")
-    raw = request.raw_input_contents
+    if raw is None:
+        raw = request.raw_input_contents
     if raw and len(raw) != len(in_shm) - sum(in_shm):
         raise TensorError(f"raw_input_contents has {len(raw)} entries for {len(request.inputs) - sum(in_shm)} inputs")
     shared, raw_entries = iter(shared), iter(raw)

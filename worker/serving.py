@@ -28,7 +28,7 @@ from . import batching
 from ..proto import hop
 from ..proto import inference_pb2 as pb
 from ..proto.contract import STDERR_PREFIX
-from ..proto import tensors
+from ..proto import tensors, wire
 from .engine import Engine, InferenceError, InputError
 
 MAX_CONNECTIONS = 4        # the supervisor uses one (plus one for Describe at load)
@@ -156,7 +156,7 @@ class WorkerServer:
             item, call = self._held.popleft() if self._held else (self.calls.get(), None)
             if item is None:
                 return
-            taken = [item]   # every item taken here ends exactly once, below
+            taken, batch = [item], None   # every item taken here ends exactly once, below
             try:
                 call = call or self._prepare(item)
                 if call is None:   # answered with an error already
@@ -170,6 +170,10 @@ class WorkerServer:
                 else:
                     self._run_batch(batch)
             finally:
+                # The calls' input arrays may view their records' mappings (a large body's raw inputs,
+                # shared-memory inputs): dropped first, so that release() unmaps them now, not when the
+                # next call comes.
+                call = batch = None
                 for conn, record, _cancelled in taken:
                     held = _fds_held(record)
                     record.release()
@@ -188,16 +192,18 @@ class WorkerServer:
         if cancelled.is_set():
             conn.error(record.call_id, hop.CANCELLED, "cancelled")
             return None
-        view = memoryview(record.body)   # protobuf parses bytes or a memoryview of the memfd's mapping
+        raw = None
         try:
-            request = pb.ModelInferRequest.FromString(view)
-        except Exception as exc:   # protobuf's DecodeError: the client's error, not INTERNAL
+            if record.flags & hop.MEMFD:   # a large body: its raw inputs stay in the mapping (no copies)
+                rest, raw = wire.split_raw_inputs(record.body)
+                request = pb.ModelInferRequest.FromString(rest)
+            else:
+                request = pb.ModelInferRequest.FromString(record.body)
+        except Exception as exc:   # protobuf's DecodeError or wire.PeekError: the client's error, not INTERNAL
             conn.error(record.call_id, hop.INVALID_ARGUMENT, f"malformed ModelInferRequest: {exc}")
             return None
-        finally:
-            view.release()
         try:
-            inputs = tensors.request_inputs(request, record.shm)
+            inputs = tensors.request_inputs(request, record.shm, raw)
             self.engine.check_inputs(inputs)
             wanted = self._outputs(request)
         except (InputError, tensors.TensorError) as exc:

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from sealbox.proto import inference_pb2 as pb
-from sealbox.proto import tensors
+from sealbox.proto import tensors, wire
 
 ARRAYS = {
     "f32": np.arange(12, dtype=np.float32).reshape(3, 4),
@@ -133,3 +133,60 @@ def test_bf16_only_travels_raw():
     with pytest.raises(tensors.TensorError) as err:
         tensors.request_inputs(request)
     assert str(err.value) == "input 'b': datatype BF16 only travels as raw contents"
+
+
+# ---- the worker's split of a large request: raw inputs as views, the rest parsed by protobuf ----------
+def _split_decoded(raw: bytes) -> tuple[pb.ModelInferRequest, dict]:
+    rest, views = wire.split_raw_inputs(raw)
+    request = pb.ModelInferRequest.FromString(rest)
+    assert not request.raw_input_contents
+    return request, tensors.request_inputs(request, raw=views)
+
+
+def test_split_raw_inputs_decodes_as_protobuf_does():
+    raw = tensors.encode_request("m", ARRAYS, ["out"], version="2")
+    request, decoded = _split_decoded(raw)
+    whole = pb.ModelInferRequest.FromString(raw)
+    del whole.raw_input_contents[:]
+    assert request == whole   # every other field, the same
+    for name, array in ARRAYS.items():
+        np.testing.assert_array_equal(decoded[name], array)
+        assert decoded[name].shape == array.shape
+
+
+def test_split_raw_inputs_views_the_request_and_keeps_wire_order():
+    # raw entries BEFORE the inputs that name them, a field in between, and a length varint padded
+    # to more bytes than needed (valid protobuf): the views are exact slices, in wire order.
+    a, b = np.arange(4, dtype=np.float32), np.arange(4, 8, dtype=np.float32)
+    padded = bytes([(wire.RAW_INPUT_FIELD << 3) | wire.WIRE_LEN, 0x90, 0x80, 0x00]) + b.tobytes()   # 16, 3 bytes
+    head = pb.ModelInferRequest(model_name="m")
+    head.inputs.add(name="a", datatype="FP32", shape=[4])
+    head.inputs.add(name="b", datatype="FP32", shape=[4])
+    raw = bytearray(wire.length_delimited_header(wire.RAW_INPUT_FIELD, 16) + a.tobytes()
+                    + pb.ModelInferRequest(id="between").SerializeToString() + padded + head.SerializeToString())
+    rest, views = wire.split_raw_inputs(raw)
+    assert [bytes(v) for v in views] == [a.tobytes(), b.tobytes()]
+    request = pb.ModelInferRequest.FromString(rest)
+    assert (request.model_name, request.id, [t.name for t in request.inputs]) == ("m", "between", ["a", "b"])
+    decoded = tensors.request_inputs(request, raw=views)
+    np.testing.assert_array_equal(decoded["b"], b)
+    b_end = len(raw) - len(head.SerializeToString())
+    raw[b_end - 4:b_end] = np.float32(-1).tobytes()   # b's last element, in the request's bytes
+    assert decoded["b"][-1] == -1   # a view of the request's bytes, not a copy
+
+
+def test_split_raw_inputs_leaves_a_field_7_of_another_wire_type_to_protobuf():
+    raw = tensors.encode_request("m", {"x": np.ones(2, np.float32)}) + bytes([wire.RAW_INPUT_FIELD << 3, 5])
+    rest, views = wire.split_raw_inputs(raw)
+    assert len(views) == 1 and rest.endswith(bytes([wire.RAW_INPUT_FIELD << 3, 5]))
+
+
+@pytest.mark.parametrize("tail, why", [
+    (bytes([(wire.RAW_INPUT_FIELD << 3) | wire.WIRE_LEN, 9, 0]), "truncated field"),
+    (bytes([(wire.RAW_INPUT_FIELD << 3) | wire.WIRE_LEN, 0x80]), "truncated varint"),
+    (bytes([(wire.RAW_INPUT_FIELD << 3) | 3]), "unsupported wire type 3"),
+])
+def test_split_raw_inputs_refuses_a_malformed_request(tail, why):
+    with pytest.raises(wire.PeekError) as err:
+        wire.split_raw_inputs(tensors.encode_request("m", {"x": np.ones(2, np.float32)}) + tail)
+    assert str(err.value) == why

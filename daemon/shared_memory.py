@@ -194,8 +194,8 @@ class Arena:
 
 
 class Arenas:
-    """One worker's reusable memfds for shared-memory inputs, or for its outputs (see the module's
-    docstring). take() on a copying thread, give() once the call has ended at the worker, close() when
+    """One worker's reusable memfds for shared-memory inputs (and large request bodies: worker_hop.py),
+    or for its outputs (see the module's docstring). take() on a copying thread, give() once the call has ended at the worker, close() when
     the worker's hop closes.
 
     Input arenas are sealed with contract.ARENA_SEALS after the supervisor maps them writable: only that

@@ -29,8 +29,8 @@ import time
 from ..proto import hop
 from .shared_memory import ARENA_IDLE_S, Arenas
 
-# Above this, building the request's memfd (and joining a response out of one) runs on a thread,
-# not on the event loop: 64 MiB takes ~10-20 ms to copy.
+# Above this, copying the request into its arena (and joining a response out of a memfd) runs on a
+# thread, not on the event loop: 64 MiB takes ~10-20 ms to copy.
 OFFLOAD_BYTES = 1 << 20
 
 
@@ -55,11 +55,13 @@ class WorkerStatus(HopError):
 
 
 class _Call:
-    __slots__ = ("id", "stream", "timeout", "items", "waiter", "timer", "ended", "cancelled", "loop", "outputs")
+    __slots__ = ("id", "stream", "timeout", "items", "waiter", "timer", "ended", "cancelled", "loop", "outputs",
+                 "body_arena")
 
     def __init__(self, call_id: int, stream: bool, timeout: float, loop, outputs: int = 0):
         self.id, self.stream, self.timeout, self.loop = call_id, stream, timeout, loop
         self.outputs = outputs   # shared-memory output arenas sent with it: its final RESPONSE gives their sizes
+        self.body_arena = None   # the input arena holding its request's bytes (a large request), until it ends
         self.items: collections.deque = collections.deque()   # (body, final, output sizes) or an exception
         self.waiter = None
         self.timer = None
@@ -195,8 +197,7 @@ class WorkerHop:
         call = _Call(self._next_id, stream, timeout, self.loop, outputs)
         flags = hop.STREAM if stream else 0
         if len(request) > OFFLOAD_BYTES:
-            made = self.loop.run_in_executor(None, lambda: hop.Outgoing(hop.INFER, call.id, [request], flags,
-                                                                         side=side, shm_fds=shm_fds))
+            made = self.loop.run_in_executor(None, self._record, call, request, flags, side, shm_fds)
             try:
                 # Waited out even if the client goes away meanwhile: the thread copies the request and dups
                 # the shared-memory fds, which the caller closes once this returns.
@@ -204,18 +205,54 @@ class WorkerHop:
             except asyncio.CancelledError:   # the client went away meanwhile: the record is never sent
                 if not made.cancelled() and made.exception() is None:
                     made.result().close()
+                self._arena_back(call, reuse=True)
                 raise
-            if self.sock is None:   # closed while the memfd was made
+            if self.sock is None:   # closed while the request was copied
                 record.close()
+                self._arena_back(call, reuse=False)
                 raise HopClosed("the connection to the worker was closed")
         else:
-            record = hop.Outgoing(hop.INFER, call.id, [request], flags, side=side, shm_fds=shm_fds)
-        self._send(record)
+            record = self._record(call, request, flags, side, shm_fds)
+        try:
+            self._send(record)
+        except HopClosed:
+            self._arena_back(call, reuse=False)
+            raise
         self.calls[call.id] = call
         self.order.append(call)
         if len(self.order) == 1:
             self._taken(call)
         return call
+
+    def _record(self, call: _Call, request, flags: int, side: bytes, shm_fds) -> hop.Outgoing:
+        """The INFER record of `call`. A large request's bytes go into one of this worker's input arenas
+        (reused call after call: a fresh memfd's page allocation cost more than the copy itself); the
+        arena stays the call's until it ends (_arena_back)."""
+        if len(request) <= hop.INLINE_MAX:
+            return hop.Outgoing(hop.INFER, call.id, [request], flags, side=side, shm_fds=shm_fds)
+        arena = self.input_arenas.take(len(request))
+        try:
+            arena.mapping[:len(request)] = request
+            record = hop.Outgoing(hop.INFER, call.id, flags=flags, side=side, shm_fds=shm_fds,
+                                  body_arena=(arena.fd, len(request)))
+        except BaseException:
+            self.input_arenas.give(arena)
+            raise
+        call.body_arena = arena
+        return record
+
+    def _arena_back(self, call: _Call, reuse: bool) -> None:
+        """The call's request arena goes back to the pool when the worker is done with it (the call was
+        never sent, or the worker ended it), and is closed otherwise (a timed-out or broken call: the worker
+        may still be reading it)."""
+        arena, call.body_arena = call.body_arena, None
+        if arena is None:
+            return
+        if reuse:
+            self.input_arenas.give(arena)
+            self.trim_arenas_later()
+        else:
+            arena.close()
 
     def _cancel(self, call: _Call) -> None:
         """The client went away: tell the worker (it drops the call, or its engine stops iterating)."""
@@ -305,6 +342,7 @@ class WorkerHop:
             self.order.remove(call)
         except ValueError:
             pass
+        self._arena_back(call, reuse=failure is None or isinstance(failure, WorkerStatus))
         if failure is not None:
             call.push(failure)
         call.ended.set_result(None)

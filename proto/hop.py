@@ -26,7 +26,9 @@ can count the calls in flight. The worker takes calls strictly in the order they
 
 A body longer than INLINE_MAX travels as a sealed memfd (contract.MEMFD_SEALS) attached to the
 record (flag MEMFD, the body length in the header, nothing inline): the receiver checks its
-seals and size, maps it read-only and closes the descriptor. Side data is reserved for per-call
+seals and size, maps it read-only and closes the descriptor. An INFER's body may instead sit at the
+start of one of the supervisor's input arenas (below: sealed with contract.ARENA_SEALS, at least as
+large as the body), which it reuses for that worker's calls; the worker maps exactly the body's length. Side data is reserved for per-call
 extras (a batching worker's EXECUTION on a final RESPONSE, an INFER's shared-memory input sizes;
 bounded); fds beyond the one memfd are the shared-memory tensors' (flag SHM, below), at most MAX_FDS.
 
@@ -154,18 +156,20 @@ class Outgoing:
     __slots__ = ("buffers", "ancillary", "fd", "shm_fds")
 
     def __init__(self, kind: int, call_id: int, parts=(), flags: int = 0, code: int = 0, side: bytes = b"",
-                 shm_fds=()):
+                 shm_fds=(), body_arena: tuple[int, int] | None = None):
+        """`body_arena` = (fd, length): an INFER whose body (longer than INLINE_MAX) the caller has
+        already written into an input arena; `parts` is then empty."""
         if len(side) > MAX_SIDE:
             raise ValueError(f"side data of {len(side)} bytes, at most {MAX_SIDE}")
         if len(shm_fds) > MAX_SHM_FDS:
             raise ValueError(f"{len(shm_fds)} shared-memory tensors, at most {MAX_SHM_FDS}")
-        length = sum(memoryview(p).nbytes for p in parts)
+        length = sum(memoryview(p).nbytes for p in parts) if body_arena is None else body_arena[1]
         self.fd = None
         self.shm_fds = [os.dup(fd) for fd in shm_fds]   # ours until sent: the caller may close its own
         if shm_fds:
             flags |= SHM
         if length > INLINE_MAX:
-            self.fd = body_memfd(parts)
+            self.fd = body_memfd(parts) if body_arena is None else os.dup(body_arena[0])
             flags |= MEMFD
             self.buffers = [header(kind, call_id, length, flags, code, len(side)), side]
             fds = [self.fd, *self.shm_fds]
@@ -274,7 +278,7 @@ def _decode(data: memoryview, msg_flags: int, fds: list[int], max_body: int, kin
             raise ProtocolError("a memfd record needs exactly one descriptor and no inline body")
         if length <= INLINE_MAX:
             raise ProtocolError(f"memfd body of {length} bytes, which travels inline")
-        body = _map_memfd(body_fds[0], length)
+        body = _map_memfd(body_fds[0], length, arena=kind == INFER)
     else:
         if len(data) != inline + length:
             raise ProtocolError(f"record carries {len(data) - inline} body bytes, its header says {length}")
@@ -320,9 +324,11 @@ def _map_read_only(fd: int, length: int) -> mmap.mmap:
     return mmap.mmap(fd, length, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
 
 
-def _map_memfd(fd: int, length: int) -> mmap.mmap:
-    st = _sealed(fd, (MEMFD_SEALS,), "memfd")
-    if st.st_size != length:
+def _map_memfd(fd: int, length: int, arena: bool = False) -> mmap.mmap:
+    """A memfd body, read-only: exactly `length` bytes, or, with `arena` (an INFER's body may sit in an
+    input arena), the first `length` bytes of an arena at least that large."""
+    st = _sealed(fd, (MEMFD_SEALS, ARENA_SEALS) if arena else (MEMFD_SEALS,), "memfd")
+    if st.st_size < length or (st.st_size != length and not arena):
         raise ProtocolError(f"the attached memfd holds {st.st_size} bytes, its header says {length}")
     return _map_read_only(fd, length)
 

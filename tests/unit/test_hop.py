@@ -6,6 +6,7 @@ from __future__ import annotations
 import array
 import asyncio
 import fcntl
+import mmap
 import os
 import socket
 import struct
@@ -18,7 +19,7 @@ import pytest
 
 from sealbox.daemon.shared_memory import Arenas
 from sealbox.daemon.worker_hop import HopClosed, HopTimeout, WorkerHop, WorkerStatus, describe
-from sealbox.proto import hop, tensors
+from sealbox.proto import hop, tensors, wire
 from sealbox.proto import inference_pb2 as pb
 from sealbox.proto.contract import MEMFD_SEALS
 from sealbox.worker.engine import Engine, InputError, TensorSpec
@@ -210,6 +211,89 @@ def test_worker_errors_carry_their_status(worker):
     err, bad = run(main())
     assert (err.code, err.message) == (hop.INVALID_ARGUMENT, "input 'x' is not to my taste; see /etc/shadow")
     assert bad.code == hop.INVALID_ARGUMENT and bad.message.startswith("malformed ModelInferRequest")
+
+
+class Viewing(Echo):
+    """Records, per call, whether the input array the engine got is a view of the record's memfd mapping."""
+    def __init__(self):
+        super().__init__()
+        self.mapped = []
+
+    def responses(self, inputs, *, streaming, cancelled):
+        base = inputs["x"]
+        while isinstance(base, np.ndarray) and base.base is not None:
+            base = base.base
+        self.mapped.append(isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap))
+        yield from super().responses(inputs, streaming=streaming, cancelled=cancelled)
+
+
+def test_a_large_request_reaches_the_engine_as_views_of_its_mapping(worker):
+    """A memfd body's raw inputs are not copied by protobuf: the engine's arrays view the worker's read-only
+    mapping, wherever the raw entries stand in the request; small (inline) requests parse as before.
+    Every answer exact, and nothing stays mapped once the calls are done."""
+    engine = Viewing()
+    w = worker(engine)
+    big = np.random.default_rng(1).standard_normal((50_000, 4)).astype(np.float32)   # 800 KB: a memfd body
+    head = pb.ModelInferRequest(model_name="m")
+    head.inputs.add(name="x", datatype="FP32", shape=list(big.shape))
+    raw_first = wire.length_delimited_header(wire.RAW_INPUT_FIELD, big.nbytes) + big.tobytes() + head.SerializeToString()
+    before = open_fds()
+
+    async def main():
+        channel = WorkerHop(w.path, MAX)
+        got = [outputs(await channel.infer(body, 10))["y"] for body in
+               (request(big), raw_first, request(big[:2]))]
+        with pytest.raises(WorkerStatus) as bad:   # a large body cut inside its last field
+            await channel.infer(request(big)[:-1], 10)
+        channel.close()
+        return got, bad.value
+    got, bad = run(main())
+    for y, x in zip(got, (big, big, big[:2])):
+        np.testing.assert_array_equal(y, x)
+    assert engine.mapped == [True, True, False]
+    assert (bad.code, bad.message) == (hop.INVALID_ARGUMENT, "malformed ModelInferRequest: truncated field")
+    assert no_fd_left(before)   # the worker unmapped every body once its call was done
+
+
+def test_large_requests_cross_in_the_workers_reused_input_arenas(worker):
+    """A request too large to go inline is copied into one of the worker's input arenas, which goes back to
+    its pool once the worker has ended the call (an error or a cancel included) and serves the next call
+    (a smaller request after a larger one comes back exact: the worker maps only its length). The arena
+    of a call that timed out is closed, not reused: the worker may still be reading it."""
+    engine = Echo()
+    w = worker(engine)
+    big = np.random.default_rng(2).standard_normal((50_000, 4)).astype(np.float32)   # 800 KB
+    small = big[:20_000] + 1                                                           # 320 KB
+    before = open_fds()
+
+    async def main():
+        channel = WorkerHop(w.path, MAX)
+        pool = channel.input_arenas
+        got = [outputs(await channel.infer(request(big), 10))["y"]]
+        first = list(pool._free)
+        got.append(outputs(await channel.infer(request(small), 10))["y"])
+        assert len(first) == 1 and pool._free == first        # the same arena, again
+        engine.gate = threading.Event()                       # the next call waits at the engine...
+        task = asyncio.ensure_future(channel.infer(request(small), 10))
+        await asyncio.sleep(0.2)
+        assert pool._free == []                               # ...holding the arena
+        task.cancel()
+        await asyncio.sleep(0.2)
+        assert pool._free == []                               # cancelled, the worker not done with it yet
+        engine.gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert pool._free == first                            # the worker ended it: back
+        engine.gate, engine.delays = None, [1.0]
+        with pytest.raises(HopTimeout):
+            await channel.infer(request(small), 0.3)
+        assert pool._free == [] and first[0].mapping.closed   # timed out: closed, never reused
+        channel.close()   # (the supervisor kills a worker that timed out)
+        return got
+    got = run(main())
+    for y, x in zip(got, (big, small)):
+        np.testing.assert_array_equal(y, x)
+    assert no_fd_left(before)
 
 
 # ---- streams ---------------------------------------------------------------------------------------
@@ -471,7 +555,8 @@ MALFORMED = {
     "short header": (lambda: (b"\x03\x00", [])),
     "length differs from the body": (lambda: (hop.header(hop.INFER, 1, 10) + b"abc", [])),
     "too many fds": (lambda: (hop.header(hop.INFER, 1, BIG, flags=hop.MEMFD), [_memfd(b"x" * BIG), _memfd(b"y")])),
-    "fd size differs": (lambda: (hop.header(hop.INFER, 1, BIG, flags=hop.MEMFD), [_memfd(b"x" * (BIG + 1))])),
+    # (an INFER body may sit at the start of a larger input arena; a shorter memfd is refused)
+    "fd size differs": (lambda: (hop.header(hop.INFER, 1, BIG, flags=hop.MEMFD), [_memfd(b"x" * (BIG - 1))])),
     "unsealed memfd": (lambda: (hop.header(hop.INFER, 1, BIG, flags=hop.MEMFD), [_memfd(b"x" * BIG, seal=False)])),
     "fd without the memfd flag": (lambda: (hop.header(hop.INFER, 1, 0), [_memfd(b"x")])),
     "shm flag on a cancel": (lambda: (hop.header(hop.CANCEL, 1, 0, flags=hop.SHM), [_memfd(b"x")])),
@@ -496,7 +581,7 @@ REASONS = {
     "short header": "record of 2 bytes, shorter than the 20-byte header",
     "length differs from the body": "record carries 3 body bytes, its header says 10",
     "too many fds": "more than 1 file descriptor(s) attached to a record",
-    "fd size differs": f"the attached memfd holds {BIG + 1} bytes, its header says {BIG}",
+    "fd size differs": f"the attached memfd holds {BIG - 1} bytes, its header says {BIG}",
     "unsealed memfd": "the attached memfd is not sealed",
     "fd without the memfd flag": "file descriptor attached to a record without a memfd body",
     "shm flag on a cancel": "shared-memory tensors on a CANCEL record",

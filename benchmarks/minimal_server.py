@@ -7,6 +7,13 @@ are per thread, as in a sealbox worker's one engine thread). Prints "ready" once
 `python -m benchmarks.minimal_server SOCKET MODEL_DIR --aio-fixed`: the floor of a grpc.aio front door
 (what sealbox's supervisor is): a grpc.aio server whose ModelInfer reads the request as bytes and
 returns a fixed, valid answer for a (1, 4) input without computing anything.
+
+`python -m benchmarks.minimal_server SOCKET MODEL_DIR --aio-echo` and `--front-door-echo`: grpc.aio
+servers whose ModelInfer decodes the request and answers its input as the output (the echo model's
+answer, without MLX): the first as a plain unary handler, the second shaped like sealbox's front door
+(ModelInfer a stream_unary handler that reads its one request, so that admission can run before the
+body is read; glibc's malloc tuned as sealboxd tunes it). For 64 MiB round trips they show what a
+grpc.aio server costs, and what those two choices of the front door cost, before any second process.
 """
 from __future__ import annotations
 
@@ -46,6 +53,36 @@ def aio_fixed(socket_path: str) -> None:
     asyncio.run(serve())
 
 
+def aio_echo(socket_path: str, front_door: bool) -> None:
+    import asyncio
+
+    def answer(raw: bytes) -> bytes:
+        request = pb.ModelInferRequest.FromString(raw)
+        x = tensors.request_inputs(request)["x"]
+        return tensors.encode_response(pb.ModelInferResponse(model_name=request.model_name, id=request.id), {"y": x})
+
+    async def unary(raw: bytes, context):
+        return answer(raw)
+
+    async def stream_unary(requests, context):
+        return answer(await context.read())
+
+    async def serve():
+        server = grpc.aio.server(options=OPTIONS)
+        handler = grpc.stream_unary_rpc_method_handler(stream_unary) if front_door else \
+            grpc.unary_unary_rpc_method_handler(unary)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {
+            "ModelInfer": handler}),))
+        server.add_insecure_port(f"unix:{socket_path}")
+        await server.start()
+        print("ready", flush=True)
+        await server.wait_for_termination()
+    if front_door:
+        from sealbox.daemon.admission import tune_malloc
+        tune_malloc()
+    asyncio.run(serve())
+
+
 def main(socket_path: str, model_dir: str) -> None:
     loaded = {}
 
@@ -76,5 +113,7 @@ def main(socket_path: str, model_dir: str) -> None:
 if __name__ == "__main__":
     if sys.argv[3:] == ["--aio-fixed"]:
         aio_fixed(sys.argv[1])
+    elif sys.argv[3:] in (["--aio-echo"], ["--front-door-echo"]):
+        aio_echo(sys.argv[1], front_door=sys.argv[3] == "--front-door-echo")
     else:
         main(*sys.argv[1:3])

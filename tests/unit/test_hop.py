@@ -389,6 +389,10 @@ def test_the_reader_waits_while_queued_calls_hold_the_descriptors_it_has_room_fo
     for i, y in enumerate(results):
         assert y.shape == (2**15, 4) and (y == i).all()
     assert engine.calls == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    # The engine thread releases a call's record right after sending its answer: waited for briefly.
+    deadline = time.monotonic() + 3
+    while w.server._held_fds and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert w.server._held_fds == 0
 
 

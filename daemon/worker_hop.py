@@ -71,7 +71,7 @@ class _Call:
     def push(self, item) -> None:
         if self.cancelled:   # nobody will read it
             if isinstance(item, tuple):
-                _release(item)
+                hop.release(item[0])   # a (body, final, sizes) item: unmap its memfd body
             return
         self.items.append(item)
         if self.waiter is not None and not self.waiter.done():
@@ -260,7 +260,7 @@ class WorkerHop:
         while call.items:
             item = call.items.popleft()
             if isinstance(item, tuple):
-                _release(item)
+                hop.release(item[0])   # a (body, final, sizes) item: unmap its memfd body
         if not call.ended.done() and self.sock is not None:
             try:
                 self._send(hop.Outgoing(hop.CANCEL, call.id))
@@ -430,8 +430,3 @@ def describe(socket_path: str, max_bytes: int, timeout: float) -> bytes:
                 raise hop.ProtocolError("unexpected answer to DESCRIBE")
     finally:
         sock.close()
-
-
-def _release(item) -> None:
-    """Unmap a queued (body, final, sizes) item's memfd body."""
-    hop.release(item[0])

@@ -14,6 +14,23 @@ def reference(x: np.ndarray) -> np.ndarray:
     return np.array(demo_function(mx.array(x), **w))
 
 
+def sealed_files(directory) -> dict[str, str]:
+    """What a worker is handed for an engine loaded in-process: signed name -> /proc/self/fd/N of a
+    sealed memfd holding that file's bytes (the descriptors stay open for the test process's life)."""
+    import fcntl
+    import os
+    import pathlib
+
+    from sealbox.proto.contract import MEMFD_SEALS
+    files = {}
+    for path in sorted(pathlib.Path(directory).iterdir()):
+        fd = os.memfd_create(path.name, os.MFD_ALLOW_SEALING)
+        os.write(fd, path.read_bytes())
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, MEMFD_SEALS)
+        files[path.name] = f"/proc/self/fd/{fd}"
+    return files
+
+
 def worker_python(daemon) -> psutil.Process:
     for pid in daemon.worker_pids():
         try:

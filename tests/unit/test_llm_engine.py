@@ -2,9 +2,7 @@
 with mlx_lm token for token, streaming piece by piece, cancellation, and the refusals at load."""
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -13,21 +11,10 @@ import threading
 import numpy as np
 import pytest
 
-from sealbox.proto.contract import MEMFD_SEALS
 from tests.support.llm import make_tiny_llm, reference_generate
+from tests.support.models import sealed_files
 
 PROMPT = "the quick brown fox"
-
-
-def sealed_files(directory: pathlib.Path) -> dict[str, str]:
-    """What a worker is handed: signed name -> /proc/self/fd/N of a sealed memfd."""
-    files = {}
-    for path in sorted(directory.iterdir()):
-        fd = os.memfd_create(path.name, os.MFD_ALLOW_SEALING)
-        os.write(fd, path.read_bytes())
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, MEMFD_SEALS)
-        files[path.name] = f"/proc/self/fd/{fd}"
-    return files
 
 
 @pytest.fixture(scope="module")

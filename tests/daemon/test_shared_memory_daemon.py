@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import uuid
 
 import numpy as np
@@ -117,3 +118,98 @@ def test_a_listener_without_owners_refuses_registration(daemon_factory, demo_mod
     assert result.stdout.strip() == ("StatusCode.PERMISSION_DENIED shared memory: this listener accepts no "
                                      "shared-memory regions (its configuration lists no shared_memory_owners)")
     assert psutil.pid_exists(daemon.proc.pid)
+
+
+WIDE = 16   # inputs and outputs: hop.MAX_SHM_FDS, the most one call may name
+
+
+def wide_model(directory):
+    """x0..x15 FP32 [-1, 4] -> y0..y15 = x_i * (i + 1): a call with 32 shared-memory tensors."""
+    import mlx.core as mx
+    os.environ.setdefault("MLX_DISABLE_COMPILE", "1")
+    directory.mkdir()
+    mx.export_function(str(directory / "model.mlxfn"), lambda *xs: [x * (i + 1) for i, x in enumerate(xs)],
+                       *[mx.zeros((2, 4))] * WIDE, shapeless=True)
+    (directory / "model.json").write_text(json.dumps({
+        "function": "model.mlxfn",
+        "inputs": [{"name": f"x{i}", "datatype": "FP32", "shape": [-1, 4]} for i in range(WIDE)],
+        "outputs": [{"name": f"y{i}", "datatype": "FP32", "shape": [-1, 4]} for i in range(WIDE)]}))
+    return directory
+
+
+def test_pipelined_calls_naming_many_shared_memory_tensors_never_exhaust_the_workers_descriptors(
+        tmp_path, daemon_factory, keys):
+    """12 calls at the worker at once, each with 16 inputs and 16 outputs in shared memory, hold ~32
+    descriptors each in the worker (its input mappings and output arenas): 384, where its RLIMIT_NOFILE is
+    256. Its reader takes a further call only while the calls it holds leave room (worker/serving.py), so
+    every answer is exact and the worker is never replaced."""
+    import grpc
+
+    from sealbox.proto import inference_pb2 as pb
+    from sealbox.proto import inference_pb2_grpc
+    from tests.support.pki import upstream_sign
+
+    model = wide_model(tmp_path / "wide")
+    upstream_sign(model, keys[0])
+    clients, rounds, rows = 12, 8, 2
+    tensor = rows * 4 * 4
+    daemon = daemon_factory({"wide": {"path": model}}, keys[1], server="shared_memory_owners = [0]",
+                            extra="[server.limits]\ninference_rpcs = 32\nmodel_inflight = 12\nmodel_queue = 8\n"
+                                  "per_caller_rpcs = 32\n").start()
+    worker = worker_python(daemon)
+    tag = uuid.uuid4().hex[:8]
+    channel = grpc.insecure_channel(daemon.target)
+    stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+    paths = {}
+    for c in range(clients):
+        for side in ("in", "out"):
+            name = f"{side}-{tag}-{c}"
+            paths[name] = f"/dev/shm/sealbox-{name}"
+            with open(paths[name], "wb") as f:
+                f.truncate(WIDE * tensor)
+            stub.SystemSharedMemoryRegister(pb.SystemSharedMemoryRegisterRequest(
+                name=name, key=f"/sealbox-{name}", byte_size=WIDE * tensor), timeout=30)
+
+    def shm(tensor_proto, region: str, i: int) -> None:
+        tensor_proto.parameters["shared_memory_region"].string_param = region
+        tensor_proto.parameters["shared_memory_byte_size"].int64_param = tensor
+        tensor_proto.parameters["shared_memory_offset"].int64_param = i * tensor
+
+    failures, sent = [], []
+
+    def client(c: int) -> None:
+        rng = np.random.default_rng(c)
+        try:
+            for r in range(rounds):
+                xs = rng.standard_normal((WIDE, rows, 4)).astype(np.float32)
+                with open(paths[f"in-{tag}-{c}"], "r+b") as f:
+                    f.write(xs.tobytes())
+                request = pb.ModelInferRequest(model_name="wide", id=f"{c}-{r}")
+                for i in range(WIDE):
+                    shm(request.inputs.add(name=f"x{i}", datatype="FP32", shape=[rows, 4]), f"in-{tag}-{c}", i)
+                    shm(request.outputs.add(name=f"y{i}"), f"out-{tag}-{c}", i)
+                response = stub.ModelInfer(request, timeout=120)
+                assert [(o.name, list(o.shape)) for o in response.outputs] == [
+                    (f"y{i}", [rows, 4]) for i in range(WIDE)]
+                with open(paths[f"out-{tag}-{c}"], "rb") as f:
+                    ys = np.frombuffer(f.read(), np.float32).reshape(WIDE, rows, 4)
+                for i in range(WIDE):
+                    np.testing.assert_array_equal(ys[i], xs[i] * (i + 1))
+                sent.append(1)
+        except Exception as exc:  # noqa: BLE001 - reported below, with the client's number
+            failures.append(f"client {c}: {exc!r}")
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+    finally:
+        channel.close()
+        for path in paths.values():
+            os.unlink(path)
+    assert failures == []
+    assert len(sent) == clients * rounds
+    assert worker_python(daemon).pid == worker.pid and worker.is_running()
+    assert not [e for e in daemon.audit_events() if e["event"] == "worker_died"]

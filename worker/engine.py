@@ -103,6 +103,11 @@ class Engine(abc.ABC):
     def load(cls, files: Mapping[str, str]) -> "Engine":
         """Parse the model from files (signed name -> openable path); raise ModelError if unusable."""
 
+    def keep_freed_buffers(self, max_bytes: int) -> None:
+        """Called once, after load and before serving: the engine may keep up to `max_bytes` of the
+        memory its calls free for the next calls (the worker passes its largest message), rather than
+        give it back to the kernel and fault it in afresh each call. The default changes nothing."""
+
     @abc.abstractmethod
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model on checked inputs; return one array per output spec, by name."""

@@ -1,6 +1,7 @@
-"""The MLX engine's warm-up of the built-in architecture, in-process from sealed memfds as a worker gets
-them: one call on an empty batch, which reads no weight but still fails the load when the declared
-inputs do not fit the first layer or the outputs are not what model.json declares."""
+"""The MLX engine in-process, loaded from sealed memfds as a worker gets them: the built-in architecture's
+warm-up (one call on an empty batch, which reads no weight but still fails the load when the declared
+inputs do not fit the first layer or the outputs are not what model.json declares), and the buffers it
+keeps between calls."""
 from __future__ import annotations
 
 import json
@@ -69,3 +70,28 @@ def test_an_output_other_than_declared_fails_the_load(mlp, output, returned):
         MlxEngine.load(sealed_files(mlp))
     assert str(refused.value) == (f"model.json: output 'y' is declared {output['datatype']} {output['shape']} "
                                   f"but the model returns {returned}")
+
+
+def test_buffers_freed_by_a_call_are_kept_up_to_the_limit_given_and_reused(mlp):
+    """A 24 MiB batch: its input array and its output do not fit MLX's default 32 MiB cache together,
+    so without the limit raised one of them would go back to the kernel after every call."""
+    import mlx.core as mx
+
+    from sealbox.worker.mlx_engine import MlxEngine
+
+    engine = MlxEngine.load(sealed_files(mlp))
+    x = np.ones((12288, SIDE), np.float32)   # 24 MiB, and so is the output
+    limit = 96 * 2**20
+    engine.keep_freed_buffers(limit)
+    try:
+        engine.infer({"x": x})
+        kept = mx.get_cache_memory()
+        assert 2 * x.nbytes <= kept <= limit   # input and output both kept (the default keeps 32 MiB at most)
+        engine.infer({"x": x})
+        assert mx.get_cache_memory() == kept   # the second call took them and gave them back: none added
+        engine.keep_freed_buffers(x.nbytes)
+        engine.infer({"x": x})
+        assert mx.get_cache_memory() <= x.nbytes
+    finally:
+        mx.set_cache_limit(32 * 2**20)   # MLX's default, for the other tests in this process
+        mx.clear_cache()

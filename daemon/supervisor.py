@@ -848,25 +848,26 @@ class Supervisor:
 
     async def _stamped(self, name: str, model: ManagedModel, worker: WorkerProcess, body, final) -> bytes:
         """The worker's response body + the supervisor's provenance (the last map entries win) and, on a
-        stream, triton_final_response; copied once out of a memfd body, which is then released."""
-        try:
-            check_complete(body)   # nothing in it can swallow the parameters appended below (a memfd is sealed)
-        except PeekError:
-            release(body)
-            raise errors.ClientError(grpc.StatusCode.INTERNAL, f"model '{name}' failed") from None
-        model.failures.pop(worker.slot, None)  # it served: the next death starts the backoff afresh
+        stream, triton_final_response. Copied once out of the body, which is then released, and checked
+        in the copy: a body in the call's response arena is the worker's to write until it is released."""
         tail = worker.stamp if final is None else worker.stamp + bool_parameters(
             INFER_RESPONSE_PARAMETERS, {"triton_final_response": final})
-        if len(body) <= OFFLOAD_BYTES:
-            response = b"".join((body, tail))
-            release(body)
-            return response
-        # A large copy runs off the event loop; the memfd is unmapped once the copy is done, even if
-        # this call is cancelled meanwhile (finished() waits the copy out before raising).
+        length = len(body)
         try:
-            return await finished(asyncio.get_running_loop().run_in_executor(None, b"".join, (body, tail)))
+            if length <= OFFLOAD_BYTES:
+                response = b"".join((body, tail))
+            else:
+                # A large copy runs off the event loop; the body is released once the copy is done, even
+                # if this call is cancelled meanwhile (finished() waits the copy out before raising).
+                response = await finished(asyncio.get_running_loop().run_in_executor(None, b"".join, (body, tail)))
         finally:
             release(body)
+        try:
+            check_complete(memoryview(response)[:length])   # nothing in it can swallow the parameters appended
+        except PeekError:
+            raise errors.ClientError(grpc.StatusCode.INTERNAL, f"model '{name}' failed") from None
+        model.failures.pop(worker.slot, None)  # it served: the next death starts the backoff afresh
+        return response
 
     async def _failure_reason(self, model: ManagedModel, worker: WorkerProcess) -> str:
         """Why the hop failed, in the supervisor's words: the watcher's reason once it has seen the

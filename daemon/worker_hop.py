@@ -11,8 +11,9 @@ its streamed responses), never from when it was sent.
 This is the one seam the supervisor and the server use:
   `await hop.infer(request_bytes, timeout)`      -> the worker's response body
   `hop.stream(request_bytes, timeout)`           -> async iterator of (response body, final)
-A response body is bytes, or a read-only mmap of the worker's sealed memfd for a large one: the
-caller copies what it needs and calls proto.hop.release(body).
+A response body is bytes, or a read-only mmap for a large one (of the worker's sealed memfd, or of the
+call's response arena, which the worker can still write): the caller copies it, then checks the copy,
+and calls proto.hop.release(body), which gives a response arena back.
   `hop.close_soon()`                             (any thread, idempotent)
 Failures: WorkerStatus (the worker's ERROR record: a gRPC code and its text), HopTimeout (the
 supervisor then kills the worker), HopClosed (the connection ended: the worker died or was
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import mmap
 import socket
 import time
 
@@ -56,12 +58,14 @@ class WorkerStatus(HopError):
 
 class _Call:
     __slots__ = ("id", "stream", "timeout", "items", "waiter", "timer", "ended", "cancelled", "loop", "outputs",
-                 "body_arena")
+                 "body_arena", "response_arena")
 
     def __init__(self, call_id: int, stream: bool, timeout: float, loop, outputs: int = 0):
         self.id, self.stream, self.timeout, self.loop = call_id, stream, timeout, loop
         self.outputs = outputs   # shared-memory output arenas sent with it: its final RESPONSE gives their sizes
         self.body_arena = None   # the input arena holding its request's bytes (a large request), until it ends
+        self.response_arena = None   # an output arena for its response body (a large unary request), until
+        # it ends or its body, written there, is released
         self.items: collections.deque = collections.deque()   # (body, final, output sizes) or an exception
         self.waiter = None
         self.timer = None
@@ -85,6 +89,18 @@ class _Call:
         if isinstance(item, BaseException):
             raise item
         return item
+
+
+class ArenaBody(mmap.mmap):
+    """A response body the worker wrote into its call's response arena: a read-only mapping of exactly
+    its length; close() (proto.hop.release) also gives the arena back to its pool (or closes it, if the
+    hop has closed meanwhile), once nothing reads it any more."""
+
+    def close(self) -> None:
+        super().close()   # BufferError while something still views it: the arena is kept until then
+        give_back, self.give_back = getattr(self, "give_back", None), None
+        if give_back is not None:
+            give_back()
 
 
 class WorkerHop:
@@ -227,32 +243,57 @@ class WorkerHop:
     def _record(self, call: _Call, request, flags: int, side: bytes, shm_fds) -> hop.Outgoing:
         """The INFER record of `call`. A large request's bytes go into one of this worker's input arenas
         (reused call after call: a fresh memfd's page allocation cost more than the copy itself); the
-        arena stays the call's until it ends (_arena_back)."""
+        arena stays the call's until it ends (_arena_back). A large unary request without shared-memory
+        tensors also gets a response arena (an output arena), as large as the request and INLINE_MAX more:
+        a large request often has a response of about its size (an echo, an image to an image)."""
         if len(request) <= hop.INLINE_MAX:
             return hop.Outgoing(hop.INFER, call.id, [request], flags, side=side, shm_fds=shm_fds)
         arena = self.input_arenas.take(len(request))
         try:
+            if not call.stream and not shm_fds:
+                call.response_arena = self.output_arenas.take(len(request) + hop.INLINE_MAX,
+                                                              most=self.max_message_bytes)
+                shm_fds, side = [call.response_arena.fd], hop.SHM_SIZE.pack(hop.RESPONSE_ARENA)
             arena.mapping[:len(request)] = request
             record = hop.Outgoing(hop.INFER, call.id, flags=flags, side=side, shm_fds=shm_fds,
                                   body_arena=(arena.fd, len(request)))
         except BaseException:
             self.input_arenas.give(arena)
+            if call.response_arena is not None:
+                self.output_arenas.give(call.response_arena)
+                call.response_arena = None
             raise
         call.body_arena = arena
         return record
 
     def _arena_back(self, call: _Call, reuse: bool) -> None:
-        """The call's request arena goes back to the pool when the worker is done with it (the call was
-        never sent, or the worker ended it), and is closed otherwise (a timed-out or broken call: the worker
-        may still be reading it)."""
-        arena, call.body_arena = call.body_arena, None
-        if arena is None:
-            return
-        if reuse:
-            self.input_arenas.give(arena)
-            self.trim_arenas_later()
-        else:
+        """The call's request arena (and its response arena, unless its body went there) go back to their
+        pools when the worker is done with them (the call was never sent, or the worker ended it), and are
+        closed otherwise (a timed-out or broken call: the worker may still be reading or writing them)."""
+        for arena, pool in ((call.body_arena, self.input_arenas), (call.response_arena, self.output_arenas)):
+            if arena is None:
+                continue
+            if reuse:
+                pool.give(arena)
+                self.trim_arenas_later()
+            else:
+                arena.close()
+        call.body_arena = call.response_arena = None
+
+    def _arena_body(self, call: _Call, length: int) -> ArenaBody:
+        """The body the worker wrote into the call's response arena; the arena is the body's from now on."""
+        arena, call.response_arena = call.response_arena, None
+        try:
+            body = ArenaBody(arena.fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        except BaseException:
             arena.close()
+            raise
+
+        def give_back() -> None:   # on the loop thread (the caller releases the body there)
+            self.output_arenas.give(arena)
+            self.trim_arenas_later()
+        body.give_back = give_back
+        return body
 
     def _cancel(self, call: _Call) -> None:
         """The client went away: tell the worker (it drops the call, or its engine stops iterating)."""
@@ -287,9 +328,11 @@ class WorkerHop:
             self._broken("the worker's socket failed")
             return
         call = self.calls.get(record.call_id)
-        # A call with output arenas ends with a final RESPONSE flagged SHM giving their sizes; no other does.
-        sizes_end = hop.SHM_SIZE.size * call.outputs if call is not None else 0
-        with_sizes = call is not None and call.outputs > 0 and record.kind == hop.RESPONSE and record.final
+        # A call with output arenas (a response arena counts) ends with a final RESPONSE flagged SHM giving
+        # their sizes; no other does.
+        arenas = call.outputs + (call.response_arena is not None) if call is not None else 0
+        sizes_end = hop.SHM_SIZE.size * arenas
+        with_sizes = arenas > 0 and record.kind == hop.RESPONSE and record.final
         if call is None or record.kind == hop.DESCRIBE_REPLY or (
                 record.kind == hop.RESPONSE and not record.final and not call.stream) or (
                 bool(record.flags & hop.SHM) != with_sizes) or (with_sizes and len(record.side) < sizes_end):
@@ -302,9 +345,22 @@ class WorkerHop:
             self._end(call, WorkerStatus(record.code, message))
         elif record.final:
             sizes = [hop.SHM_SIZE.unpack_from(record.side, i)[0] for i in range(0, sizes_end, hop.SHM_SIZE.size)]
+            body = record.body
+            in_arena = sizes.pop() if call.response_arena is not None else 0
+            if in_arena:
+                if len(body) or in_arena > call.response_arena.capacity:
+                    record.release()
+                    self._broken("the worker broke the hop protocol: a response both in its arena and in the "
+                                 "record, or longer than its arena")
+                    return
+                try:
+                    body = self._arena_body(call, in_arena)
+                except OSError:   # the supervisor could not map it (memory): the call fails, the worker is fine
+                    self._end(call, HopClosed("the response could not be mapped"))
+                    return
             if len(record.side) > sizes_end and self.on_execution is not None:
                 self._execution(record.side[sizes_end:])
-            call.push((record.body, True, sizes))
+            call.push((body, True, sizes))
             self._end(call, None)
         else:
             call.push((record.body, False, ()))

@@ -28,7 +28,9 @@ A body longer than INLINE_MAX travels as a sealed memfd (contract.MEMFD_SEALS) a
 record (flag MEMFD, the body length in the header, nothing inline): the receiver checks its
 seals and size, maps it read-only and closes the descriptor. An INFER's body may instead sit at the
 start of one of the supervisor's input arenas (below: sealed with contract.ARENA_SEALS, at least as
-large as the body), which it reuses for that worker's calls; the worker maps exactly the body's length. Side data is reserved for per-call
+large as the body), which it reuses for that worker's calls; the worker maps exactly the body's length.
+The final RESPONSE to such a call may have its body in the call's response arena instead (below,
+RESPONSE_ARENA). Side data is reserved for per-call
 extras (a batching worker's EXECUTION on a final RESPONSE, an INFER's shared-memory input sizes;
 bounded); fds beyond the one memfd are the shared-memory tensors' (flag SHM, below), at most MAX_FDS.
 
@@ -82,9 +84,16 @@ MAX_SIDE = 4096
 # RESPONSE to such a call is flagged SHM and carries no descriptor: its side data starts with one
 # SHM_SIZE per output arena, the bytes the output has (written only when they fit the arena),
 # followed by anything else the side data holds (EXECUTION).
+# A unary INFER whose body is large (in an input arena) also carries, the same way, one RESPONSE_ARENA:
+# an arena sealed against size changes for the response body. If the body is longer than INLINE_MAX
+# and fits, the worker writes it there from the start and its final RESPONSE carries no body; that
+# arena's SHM_SIZE entry (after the outputs') is the body's length, or 0 when the body travels in the
+# record as usual. The worker can still write the arena afterwards: the supervisor copies the body out
+# before it checks it (a fresh memfd's pages cost ~74 ms per 64 MiB here, rewriting an arena's ~17).
 MAX_SHM_FDS = 32   # 16 inputs and 16 outputs (daemon/shared_memory.py)
 SHM_SIZE = struct.Struct("<Q")
 OUTPUT_ARENA = 2**64 - 1
+RESPONSE_ARENA = 2**64 - 2
 MAX_FDS = 1 + MAX_SHM_FDS
 # A final RESPONSE's side data from a worker with dynamic batching: the engine call that answered
 # it (rows in it, this response's index in it, its duration in ns); index 0 counts the execution.
@@ -118,6 +127,7 @@ class Record(NamedTuple):
     body: object   # bytes (inline) or a read-only mmap (MEMFD): the receiver closes it
     shm: tuple = ()       # an INFER's SHM inputs: one read-only mapping (or b"" when empty) each
     outputs: tuple = ()   # an INFER's SHM output arenas: descriptors, closed by release()
+    response_arena: int | None = None   # an INFER's RESPONSE_ARENA: a descriptor, closed by release()
 
     def release(self) -> None:
         release(self.body)
@@ -125,6 +135,8 @@ class Record(NamedTuple):
             release(view)
         for fd in self.outputs:
             os.close(fd)
+        if self.response_arena is not None:
+            os.close(self.response_arena)
 
     @property
     def final(self) -> bool:
@@ -283,7 +295,7 @@ def _decode(data: memoryview, msg_flags: int, fds: list[int], max_body: int, kin
         if len(data) != inline + length:
             raise ProtocolError(f"record carries {len(data) - inline} body bytes, its header says {length}")
         body = bytes(data[inline:])
-    shm, outputs = [], []
+    shm, outputs, response_arena = [], [], None
     try:
         if shm_fds and len(side) != SHM_SIZE.size * len(shm_fds):
             raise ProtocolError(f"shared-memory tensors: {len(shm_fds)} attached, {len(side) / SHM_SIZE.size:g} "
@@ -291,8 +303,14 @@ def _decode(data: memoryview, msg_flags: int, fds: list[int], max_body: int, kin
         for i, fd in enumerate(shm_fds):
             size = SHM_SIZE.unpack_from(side, SHM_SIZE.size * i)[0]
             if size == OUTPUT_ARENA:
-                _check_output_arena(fd)
+                _sealed(fd, (SIZE_SEALS,), "output arena")
                 outputs.append(os.dup(fd))   # the received one is closed by recv()
+                continue
+            if size == RESPONSE_ARENA:
+                if response_arena is not None:
+                    raise ProtocolError("more than one response arena")
+                _sealed(fd, (SIZE_SEALS,), "response arena")
+                response_arena = os.dup(fd)
                 continue
             if size > max_body:
                 raise ProtocolError(f"a shared-memory tensor of {size} bytes, above the limit of {max_body}")
@@ -303,8 +321,10 @@ def _decode(data: memoryview, msg_flags: int, fds: list[int], max_body: int, kin
             release(view)
         for fd in outputs:
             os.close(fd)
+        if response_arena is not None:
+            os.close(response_arena)
         raise
-    return Record(kind, flags, code, call_id, side, body, tuple(shm), tuple(outputs))
+    return Record(kind, flags, code, call_id, side, body, tuple(shm), tuple(outputs), response_arena)
 
 
 def _sealed(fd: int, seal_sets: tuple, what: str) -> os.stat_result:
@@ -342,21 +362,32 @@ def _map_arena(fd: int, length: int) -> mmap.mmap:
     return _map_read_only(fd, length)
 
 
-def _check_output_arena(fd: int) -> None:
-    """An output arena: a memfd whose size no one can change (the supervisor maps it to read the output)."""
-    _sealed(fd, (SIZE_SEALS,), "output arena")
+def _fill_arena(fd: int, parts) -> int:
+    """The worker's side of an output or response arena (a memfd whose size no one can change): write
+    the parts one after the other from its start if they fit (lseek and write: the worker's seccomp
+    filter has no pwrite); return their total length, written or not."""
+    views = [memoryview(p).cast("B") for p in parts]
+    n = sum(len(v) for v in views)
+    if n <= os.fstat(fd).st_size:
+        os.lseek(fd, 0, os.SEEK_SET)
+        for view in views:
+            while view:
+                view = view[os.write(fd, view):]
+    return n
 
 
 def fill_output_arena(fd: int, data) -> int:
-    """The worker's side of an output arena: write the output's bytes from the arena's start if they
-    fit (lseek and write: the worker's seccomp filter has no pwrite); return how many bytes it has."""
-    view = memoryview(data).cast("B")
-    n = len(view)
-    if n <= os.fstat(fd).st_size:
-        os.lseek(fd, 0, os.SEEK_SET)
-        while view:
-            view = view[os.write(fd, view):]
-    return n
+    """Write one output's bytes into its output arena if they fit; return how many bytes it has."""
+    return _fill_arena(fd, [data])
+
+
+def fill_response_arena(fd: int, parts) -> int:
+    """Write a response body (its parts) into the call's response arena if it is longer than INLINE_MAX
+    and fits: its length if it is there, else 0 (it then travels in the record)."""
+    n = sum(memoryview(p).nbytes for p in parts)
+    if n <= INLINE_MAX or n > os.fstat(fd).st_size:
+        return 0
+    return _fill_arena(fd, parts)
 
 
 def release(body) -> None:

@@ -72,7 +72,7 @@ class Connection:
 def _fds_held(record: hop.Record) -> int:
     """Descriptors a received record keeps until it is released."""
     return (isinstance(record.body, mmap.mmap) + sum(isinstance(v, mmap.mmap) for v in record.shm)
-            + len(record.outputs))
+            + len(record.outputs) + (record.response_arena is not None))
 
 
 class _Call(NamedTuple):
@@ -281,8 +281,7 @@ class WorkerServer:
         spent = time.perf_counter_ns() - started
         for index, (call, answer) in enumerate(zip(live, answers)):
             conn, record, _cancelled = call.item
-            conn.send(hop.RESPONSE, record.call_id, answer, flags=hop.FINAL,
-                      side=hop.EXECUTION.pack(rows, index, spent))
+            self._final(conn, record, answer, execution=hop.EXECUTION.pack(rows, index, spent))
 
     @staticmethod
     def _fail_all(calls: list, code: int, message: str) -> None:
@@ -336,7 +335,7 @@ class WorkerServer:
         except Exception as exc:   # an engine bug: one clean line
             conn.error(record.call_id, hop.INTERNAL, f"inference failed: {type(exc).__name__}: {exc}")
             return
-        side, flags = b"", hop.FINAL
+        sizes, flags = b"", hop.FINAL
         if to_shm:
             # Outputs named in a shared-memory region go into the supervisor's output arenas sent with the
             # call, in request order; the side data says how many bytes each has (the supervisor copies
@@ -345,16 +344,35 @@ class WorkerServer:
                 conn.error(record.call_id, hop.INTERNAL, "the call's shared-memory output arenas are missing")
                 return
             try:
-                side = b"".join(hop.SHM_SIZE.pack(hop.fill_output_arena(fd, tensors.raw_bytes(last_results[name])))
-                                for name, fd in zip(to_shm, record.outputs))
+                sizes = b"".join(hop.SHM_SIZE.pack(hop.fill_output_arena(fd, tensors.raw_bytes(last_results[name])))
+                                 for name, fd in zip(to_shm, record.outputs))
             except (OSError, tensors.TensorError) as exc:
                 conn.error(record.call_id, hop.INTERNAL, f"writing a shared-memory output failed: {exc}")
                 return
             flags |= hop.SHM
+        execution = b""
         if self.batching is not None and call.rows and not streaming:   # an execution of one request
             self.batch_sizes[call.rows] += 1
-            side += hop.EXECUTION.pack(call.rows, 0, time.perf_counter_ns() - started)
-        conn.send(hop.RESPONSE, record.call_id, last, flags=flags, side=side)
+            execution = hop.EXECUTION.pack(call.rows, 0, time.perf_counter_ns() - started)
+        self._final(conn, record, last, flags, sizes, execution)
+
+    @staticmethod
+    def _final(conn: Connection, record: hop.Record, parts: list, flags: int = hop.FINAL, sizes: bytes = b"",
+               execution: bytes = b"") -> None:
+        """A call's final RESPONSE: side data = the output arenas' sizes, the response arena's (if the call
+        came with one: the body is written there when it is large and fits, and the record then carries
+        none), then the batch's EXECUTION."""
+        if record.response_arena is not None:
+            try:
+                in_arena = hop.fill_response_arena(record.response_arena, parts)
+            except OSError as exc:
+                conn.error(record.call_id, hop.INTERNAL, f"writing the response failed: {exc}")
+                return
+            sizes += hop.SHM_SIZE.pack(in_arena)
+            flags |= hop.SHM
+            if in_arena:
+                parts = ()
+        conn.send(hop.RESPONSE, record.call_id, parts, flags=flags, side=sizes + execution)
 
     def _outputs(self, request) -> list[str]:
         known = [o.name for o in self.engine.outputs]

@@ -14,11 +14,12 @@ import tempfile
 import threading
 import time
 
+import grpc
 import numpy as np
 import pytest
 
 from sealbox.daemon.shared_memory import Arenas
-from sealbox.daemon.worker_hop import HopClosed, HopTimeout, WorkerHop, WorkerStatus, describe
+from sealbox.daemon.worker_hop import ArenaBody, HopClosed, HopTimeout, WorkerHop, WorkerStatus, describe
 from sealbox.proto import hop, tensors, wire
 from sealbox.proto import inference_pb2 as pb
 from sealbox.proto.contract import MEMFD_SEALS
@@ -296,6 +297,64 @@ def test_large_requests_cross_in_the_workers_reused_input_arenas(worker):
     assert no_fd_left(before)
 
 
+class Grows(Plain):
+    """Answers three times its input: a response larger than the request (and its response arena)."""
+
+    def infer(self, inputs):
+        return {"y": np.concatenate([inputs["x"]] * 3)}
+
+
+def test_large_responses_come_back_in_the_calls_response_arena(worker):
+    """A large unary request gets a response arena: the worker writes the response body there (no fresh
+    memfd), the supervisor reads it through a mapping of exactly its length, and the arena goes back to
+    the pool when that body is released, to serve the next call. A response that does not fit travels as
+    a memfd, and its arena goes back as soon as the call ends; a stream gets none; after a timeout the
+    arena is closed, not reused (the worker may still write it)."""
+    engine = Echo()
+    w, w2 = worker(engine), worker(Grows())
+    big = np.random.default_rng(3).standard_normal((50_000, 4)).astype(np.float32)   # 800 KB
+    small = big[:20_000] - 1                                                           # 320 KB
+    before = open_fds()
+
+    async def main():
+        channel = WorkerHop(w.path, MAX)
+        pool = channel.output_arenas
+        body = await channel.infer(request(big), 10)
+        assert isinstance(body, ArenaBody) and pool._free == []   # the arena is the body's while it is held
+        got = [outputs(body)["y"]]
+        first = list(pool._free)
+        assert len(first) == 1 and first[0].capacity >= len(request(big)) + hop.INLINE_MAX
+        body = await channel.infer(request(small), 10)
+        assert isinstance(body, ArenaBody)
+        got.append(outputs(body)["y"])
+        assert pool._free == first                                 # the same arena, again
+        engine.delays = [1.0]
+        with pytest.raises(HopTimeout):
+            await channel.infer(request(small), 0.3)
+        assert pool._free == [] and first[0].mapping.closed       # timed out: closed, never reused
+        channel.close()
+        return got
+    got = run(main())
+    np.testing.assert_array_equal(got[0], big)
+    np.testing.assert_array_equal(got[1], small)
+
+    async def larger_and_stream():
+        channel = WorkerHop(w2.path, MAX)
+        body = await channel.infer(request(big), 10)
+        assert not isinstance(body, ArenaBody) and isinstance(body, mmap.mmap)   # a memfd of its own
+        assert len(channel.output_arenas._free) == 1               # the unused arena is back already
+        grown = outputs(body)["y"]
+        streamed = [(body, final) async for body, final in channel.stream(request(big), 10)]
+        assert [final for _, final in streamed] == [True] and not isinstance(streamed[0][0], ArenaBody)
+        streamed_y = outputs(streamed[0][0])["y"]
+        channel.close()
+        return grown, streamed_y
+    grown, streamed_y = run(larger_and_stream())
+    np.testing.assert_array_equal(grown, np.concatenate([big] * 3))
+    np.testing.assert_array_equal(streamed_y, np.concatenate([big] * 3))
+    assert no_fd_left(before)
+
+
 # ---- streams ---------------------------------------------------------------------------------------
 def test_decoupled_stream_several_responses_then_the_end(worker):
     """An engine overriding responses() streams: each response leaves at once, a FINAL record with an
@@ -362,10 +421,10 @@ def test_a_unary_call_answered_twice_is_internal(worker):
 
 
 def test_the_reader_waits_while_queued_calls_hold_the_descriptors_it_has_room_for(worker):
-    """Each queued memfd-sized call holds a descriptor (its body's mapping); a worker with room for two
-    reads no further record until the engine has finished calls, instead of running out of descriptors
-    (with shared-memory arenas, up to 33 per call, 256 were soon gone). Every call is still answered
-    exactly, in order."""
+    """Each queued memfd-sized call holds two descriptors (its body's mapping and its response arena); a
+    worker with room for two reads no further record until the engine has finished calls, instead of
+    running out of descriptors (with shared-memory arenas, up to 33 per call, 256 were soon gone). Every
+    call is still answered exactly, in order."""
     engine = Echo()
     engine.gate = threading.Event()
     w = worker(engine)
@@ -385,7 +444,7 @@ def test_the_reader_waits_while_queued_calls_hold_the_descriptors_it_has_room_fo
         channel.close()
         return [outputs(b)["y"] for b in bodies]
     results = run(main())
-    assert seen == [(3, 2)]   # read while 0, 1, 2 were held: 3 held (one at the engine, 2 queued), 3 unread
+    assert seen == [(4, 1)]   # read while 0 and 2 were held: 4 held (one call at the engine, 1 queued), 4 unread
     for i, y in enumerate(results):
         assert y.shape == (2**15, 4) and (y == i).all()
     assert engine.calls == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
@@ -576,6 +635,10 @@ MALFORMED = {
                                        + hop.SHM_SIZE.pack(hop.OUTPUT_ARENA), [_memfd(b"x", seal=False)])),
     "a response's own shm descriptor": (lambda: (hop.header(hop.RESPONSE, 1, 0, flags=hop.SHM | hop.FINAL),
                                                  [_memfd(b"x")])),
+    "unsealed response arena": (lambda: (hop.header(hop.INFER, 1, 0, flags=hop.SHM, side=8)
+                                         + hop.SHM_SIZE.pack(hop.RESPONSE_ARENA), [_memfd(b"x", seal=False)])),
+    "two response arenas": (lambda: (hop.header(hop.INFER, 1, 0, flags=hop.SHM, side=16)
+                                     + hop.SHM_SIZE.pack(hop.RESPONSE_ARENA) * 2, [_memfd(b"x"), _memfd(b"y")])),
 }
 TO_THE_SUPERVISOR = {"a response's own shm descriptor"}   # the others are received as a worker would
 REASONS = {
@@ -597,6 +660,8 @@ REASONS = {
     "unsealed output arena": "the attached output arena is not sealed",
     "a response's own shm descriptor": "a response's shared-memory outputs are in the supervisor's arenas, not in "
                                        "descriptors of its own",
+    "unsealed response arena": "the attached response arena is not sealed",
+    "two response arenas": "more than one response arena",
 }
 
 
@@ -645,7 +710,7 @@ def _fake_worker(answer):
     def serve():
         conn, _ = listener.accept()
         record = hop.recv(conn, MAX, hop.TO_WORKER)
-        hop.release(record.body)
+        record.release()
         data, fds = answer(record.call_id)
         _send_raw(conn, data, fds)
         for fd in fds:
@@ -755,6 +820,92 @@ def test_supervisor_hop_with_an_output_arena(answer, expected):
     arenas.give(arena)
     arenas.close()
     assert no_fd_left(before)
+
+
+def _response_arena_worker(write: bytes, answer):
+    """A worker for one large unary call: writes `write` into the call's response arena, then answers
+    with `answer(call_id, capacity)` (a record's bytes); closes everything it received."""
+    directory = tempfile.mkdtemp()
+    listener = hop.listen(f"{directory}/worker.sock")
+
+    def serve():
+        conn, _ = listener.accept()
+        record = hop.recv(conn, MAX, hop.TO_WORKER)
+        capacity = os.fstat(record.response_arena).st_size
+        os.lseek(record.response_arena, 0, os.SEEK_SET)
+        os.write(record.response_arena, write)
+        record.release()
+        _send_raw(conn, answer(record.call_id, capacity))
+        time.sleep(0.5)
+        conn.close()
+        listener.close()
+    threading.Thread(target=serve, daemon=True).start()
+    return f"{directory}/worker.sock"
+
+
+VALID_BODY = tensors.encode_response(pb.ModelInferResponse(model_name="m"), {"y": np.ones((30_000, 1), np.float32)})
+BOTH_OR_LONGER = "the worker broke the hop protocol: a response both in its arena and in the record, or longer than its arena"
+
+
+@pytest.mark.parametrize("answer, expected", [
+    (lambda cid, capacity: _final_with_sizes(cid, [len(VALID_BODY)]), "served"),
+    (lambda cid, capacity: _final_with_sizes(cid, [capacity + 1]), BOTH_OR_LONGER),
+    (lambda cid, capacity: hop.header(hop.RESPONSE, cid, 1, flags=hop.FINAL | hop.SHM, side=8)
+     + hop.SHM_SIZE.pack(len(VALID_BODY)) + b"x", BOTH_OR_LONGER),
+    (lambda cid, capacity: hop.header(hop.RESPONSE, cid, 1, flags=hop.FINAL) + b"x",    # its size missing
+     "the worker broke the hop protocol: an unexpected record"),
+])
+def test_supervisor_hop_with_a_response_arena(answer, expected):
+    """What a worker may say about a body in its call's response arena: its length, at most the arena's,
+    and then nothing in the record itself; anything else breaks the hop."""
+    path = _response_arena_worker(VALID_BODY, answer)
+    before = open_fds()
+    broken = []
+
+    async def main():
+        channel = WorkerHop(path, MAX)
+        channel.on_broken = broken.append
+        try:
+            body = await channel.infer(request(np.ones((30_000, 1), np.float32)), 10)
+        except HopClosed as exc:
+            return str(exc)
+        data = bytes(body)
+        hop.release(body)
+        assert len(channel.output_arenas._free) == 1   # given back with the body
+        channel.close()
+        return data
+    result = run(main())
+    if expected == "served":
+        assert result == VALID_BODY
+    else:
+        assert result == expected and broken == [expected]
+    assert no_fd_left(before)
+
+
+def test_a_response_in_its_arena_is_checked_once_copied_out():
+    """A body in the response arena that would swallow the supervisor's provenance (it ends inside a
+    length-delimited field) is refused like any other, and its arena is given back."""
+    from types import SimpleNamespace
+
+    from sealbox.daemon import errors
+    from sealbox.daemon.supervisor import Supervisor
+    swallowing = VALID_BODY + wire.length_delimited_header(wire.RAW_OUTPUT_FIELD, 64)
+    path = _response_arena_worker(swallowing, lambda cid, capacity: _final_with_sizes(cid, [len(swallowing)]))
+    model = SimpleNamespace(failures={0: "an earlier death"})
+    stamp = wire.string_parameters(wire.INFER_RESPONSE_PARAMETERS, {"sealbox_version": "test"})
+
+    async def main():
+        channel = WorkerHop(path, MAX)
+        body = await channel.infer(request(np.ones((30_000, 1), np.float32)), 10)
+        assert isinstance(body, ArenaBody)
+        with pytest.raises(errors.ClientError) as refused:
+            await Supervisor._stamped(None, "m", model, SimpleNamespace(stamp=stamp, slot=0), body, None)
+        assert len(channel.output_arenas._free) == 1
+        channel.close()
+        return refused.value
+    refused = run(main())
+    assert (refused.code, refused.message) == (grpc.StatusCode.INTERNAL, "model 'm' failed")
+    assert model.failures == {0: "an earlier death"}   # it did not serve
 
 
 def test_the_hop_closes_arenas_left_unused(monkeypatch):

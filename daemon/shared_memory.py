@@ -239,12 +239,20 @@ class Arenas:
         return Arena(fd, mapping, capacity)
 
     def give(self, arena: Arena) -> None:
+        """Back to the free list. Beyond max_free_bytes the arenas given back longest ago are closed: the
+        sizes the worker's calls use now are the ones worth keeping (keeping the old ones instead made a
+        64 MiB call after shared-memory calls allocate fresh arenas every time)."""
         with self._lock:
-            if not self.closed and sum(a.capacity for a in self._free) + arena.capacity <= self.max_free_bytes:
+            if self.closed or arena.capacity > self.max_free_bytes:
+                evicted = [arena]
+            else:
                 arena.freed_at = time.monotonic()
-                self._free.append(arena)
-                return
-        arena.close()
+                self._free.append(arena)   # in the order given back
+                evicted = []
+                while sum(a.capacity for a in self._free) > self.max_free_bytes:
+                    evicted.append(self._free.pop(0))
+        for old in evicted:
+            old.close()
 
     def trim(self, idle_s: float = ARENA_IDLE_S) -> bool:
         """Close the free arenas unused for idle_s seconds (their pages are the supervisor's memory);

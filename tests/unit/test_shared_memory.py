@@ -206,14 +206,25 @@ def test_input_arenas_are_reused_bounded_and_closed():
     big = arenas.take(ARENA_GRAIN + 1)           # sized in whole MiB
     assert other is not first and big.capacity == 2 * ARENA_GRAIN
     arenas.give(big)
-    arenas.give(first)                           # over max_free_bytes: closed, not kept
-    with pytest.raises(OSError):
-        os.fstat(first.fd)
-    assert arenas.take(5) is big                 # the smallest free arena that fits
-    arenas.give(big)
-    arenas.close()                               # the worker's hop closed: free arenas go
+    arenas.give(first)                           # over max_free_bytes: the one given back longest ago goes
     with pytest.raises(OSError):
         os.fstat(big.fd)
+    os.fstat(first.fd)
+    assert arenas.take(5) is first               # kept
+    bigger = arenas.take(3 * ARENA_GRAIN)
+    arenas.give(bigger)                          # larger than max_free_bytes alone: closed at once
+    with pytest.raises(OSError):
+        os.fstat(bigger.fd)
+    small = arenas.take(1)
+    arenas.give(first)
+    arenas.give(small)                           # both fit: both kept
+    assert arenas.take(ARENA_GRAIN) is first and arenas.take(1) is small
+    arenas.give(first)
+    arenas.give(small)
+    arenas.close()                               # the worker's hop closed: free arenas go
+    for gone in (first, small):
+        with pytest.raises(OSError):
+            os.fstat(gone.fd)
     arenas.give(other)                           # an arena still in a call goes when given back
     with pytest.raises(OSError):
         os.fstat(other.fd)

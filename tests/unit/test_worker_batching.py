@@ -107,6 +107,38 @@ def test_queued_calls_join_and_split_exactly():
     assert errors[1] == (hop.INVALID_ARGUMENT, "a batch of 9 rows is more than the model's max_batch_size 8")
 
 
+def test_large_calls_in_one_batch_each_answer_in_their_own_response_arena():
+    """Requests above INLINE_MAX come with response arenas: a batch's members each get their own rows
+    written into their own arena, and the batch's EXECUTION still follows the arena's size."""
+    from sealbox.daemon.worker_hop import ArenaBody
+    engine = Rows()
+    server, path = serve(engine, Batching(8, 0))
+    rng = np.random.default_rng(2)
+    xs = [rng.standard_normal((n, 8192)).astype(np.float32) for n in (1, 3, 2)]   # 32 KiB per row
+    executions = []
+
+    async def main():
+        h = WorkerHop(path, 2**26)
+        h.on_execution = lambda rows, ns: executions.append(rows)
+        first = asyncio.ensure_future(h.infer(tensors.encode_request("m", {"x": xs[0]}, None), 10))
+        await until(lambda: engine.shapes)
+        rest = [asyncio.ensure_future(h.infer(tensors.encode_request("m", {"x": x}, None), 10)) for x in xs[1:]]
+        await until(lambda: server.calls.qsize() == 2)
+        engine.gate.set()
+        bodies = [await t for t in (first, *rest)]
+        kinds = [isinstance(b, ArenaBody) for b in bodies]
+        answers = [decode(b) for b in bodies]
+        h.close()
+        return kinds, answers
+    kinds, answers = asyncio.run(main())
+    server.stop()
+    assert kinds == [False, True, True]   # the first (32 KiB) is inline; the two others in their arenas
+    for x, got in zip(xs, answers):
+        np.testing.assert_array_equal(got["y"], x * 2)
+        np.testing.assert_array_equal(got["s"], x.sum(axis=1))
+    assert engine.shapes == [(1, 8192), (5, 8192)] and executions == [1, 5]
+
+
 def test_a_failing_batch_fails_each_member_with_the_same_error():
     class Broken(Rows):
         def infer(self, inputs):

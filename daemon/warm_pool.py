@@ -88,7 +88,8 @@ class WarmPool:
         # Everything a spawned worker's spec carries for its model (sandbox/launcher.worker_spec), engine
         # options too (mlx-lm's prompt and token limits).
         handoff = ModelHandoff(files={n: i for i, n in enumerate(names)}, max_message_bytes=profile.max_message_bytes,
-                               engine_options=dict(profile.engine_options), batching=profile.batching)
+                               engine_options=dict(profile.engine_options), batching=profile.batching,
+                               freed_buffer_bytes=profile.freed_buffer_bytes)
         body = json.dumps(dataclasses.asdict(handoff)).encode()
         deadline = time.monotonic() + timeout
         while True:

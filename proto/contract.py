@@ -91,6 +91,7 @@ class ModelHandoff:
     max_message_bytes: int = 256 * 2**20
     engine_options: Mapping[str, float] = dataclasses.field(default_factory=dict)   # e.g. mlx-lm's limits
     batching: Batching | None = None
+    freed_buffer_bytes: int = 0   # what the engine may keep of what its calls free (SandboxProfile)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +160,9 @@ def handoff_from_dict(data: Any) -> ModelHandoff:
                               and all(isinstance(n, int) and 0 < n <= b.max_batch_size
                                       for n in b.preferred_batch_sizes)):
         raise SpecError(f"malformed batching {b!r}")
+    if not isinstance(model.freed_buffer_bytes, int) or isinstance(model.freed_buffer_bytes, bool) \
+            or model.freed_buffer_bytes < 0:
+        raise SpecError(f"freed_buffer_bytes must be a byte count, not {model.freed_buffer_bytes!r}")
     return model
 
 

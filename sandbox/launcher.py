@@ -105,7 +105,8 @@ def worker_spec(profile: SandboxProfile, files: Mapping[str, int], run: ToolRun 
         symlink_dirs=profile.symlink_dirs)
     return WorkerSpec(sandbox, ModelHandoff(files=dict(files), max_message_bytes=profile.max_message_bytes,
                                             engine_options=dict(profile.engine_options),
-                                            batching=profile.batching), run, pool)
+                                            batching=profile.batching,
+                                            freed_buffer_bytes=profile.freed_buffer_bytes), run, pool)
 
 
 def make_socket_dir(parent: str, name: str, profile: SandboxProfile) -> str:

@@ -79,6 +79,12 @@ class SandboxProfile:
     # The host's network namespace (the fetch helper only; every model worker gets a fresh, empty one).
     network: bool = False
 
+    @property
+    def freed_buffer_bytes(self) -> int:
+        """Memory the engine may keep, freed by one call, for the next (Engine.keep_freed_buffers): the
+        largest message, and at most a quarter of the memory limit, which it counts against."""
+        return min(self.max_message_bytes, self.memory_bytes // 4)
+
     @classmethod
     def for_model(cls, engine: str, *, user: str = "sealbox-worker", python: str = sys.executable,
                   memory_bytes: int = 2 * 2**30, pids_max: int = 64, load_timeout_s: float = 60.0,

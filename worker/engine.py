@@ -105,8 +105,9 @@ class Engine(abc.ABC):
 
     def keep_freed_buffers(self, max_bytes: int) -> None:
         """Called once, after load and before serving: the engine may keep up to `max_bytes` of the
-        memory its calls free for the next calls (the worker passes its largest message), rather than
-        give it back to the kernel and fault it in afresh each call. The default changes nothing."""
+        memory its calls free for the next calls (the worker's largest message, at most a quarter of its
+        memory limit: SandboxProfile.freed_buffer_bytes), rather than give it back to the kernel and
+        fault it in afresh each call. The default changes nothing."""
 
     @abc.abstractmethod
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -131,7 +131,7 @@ def main(argv: list[str]) -> int:
         # Leave at once: a parser that refused hostile bytes may have left its heap corrupt, and
         # running finalizers would turn a clean refusal into a crash at exit.
         os._exit(EXIT_MODEL_REFUSED)
-    engine.keep_freed_buffers(handoff.max_message_bytes)
+    engine.keep_freed_buffers(handoff.freed_buffer_bytes)
     batching = handoff.batching
     if batching is not None:
         from .batching import check_batchable

@@ -14,7 +14,8 @@ from sealbox.proto import inference_pb2 as pb
 def test_a_worker_spec_survives_the_trip_through_json_unchanged():
     spec = WorkerSpec(SandboxSpec(engine="mlx", read_only=("/usr", "/opt/venv"), read_write=("/tmp",),
                                   socket_dirs=("/run/sealbox",), seccomp_stage2_fd=7, preload=("/usr/lib/x.so",)),
-                      ModelHandoff(files={"model.json": 5, "w.safetensors": 6}, max_message_bytes=1 << 20),
+                      ModelHandoff(files={"model.json": 5, "w.safetensors": 6}, max_message_bytes=1 << 20,
+                                   freed_buffer_bytes=1 << 18),
                       ToolRun("module", "sealbox.worker.flux.scan_cli", ("--json",)))
     assert WorkerSpec.from_json(spec.to_json()) == spec
 
@@ -28,6 +29,8 @@ def test_a_worker_spec_survives_the_trip_through_json_unchanged():
     ('{"sandbox": {"engine": "mlx"}, "model": {}, "run": {"kind": "shell", "target": "x"}}',
      "unknown run kind 'shell'"),
     ('{"sandbox": {"engine": "mlx"}, "model": {}, "surprise": 1}', "unknown keys ['surprise']"),
+    ('{"sandbox": {"engine": "mlx"}, "model": {"freed_buffer_bytes": -1}}', "freed_buffer_bytes must be a byte count"),
+    ('{"sandbox": {"engine": "mlx"}, "model": {"freed_buffer_bytes": true}}', "freed_buffer_bytes must be a byte count"),
 ])
 def test_a_malformed_spec_is_refused_with_its_reason(text, message):
     with pytest.raises(SpecError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -68,3 +71,12 @@ def test_varints_round_trip(n):
 
 def test_spec_json_is_plain_data():
     assert json.loads(WorkerSpec(SandboxSpec(engine="flux")).to_json())["sandbox"]["engine"] == "flux"
+
+
+def test_the_freed_buffers_a_worker_keeps_are_bounded_by_its_message_and_memory_limits():
+    from sealbox.sandbox.launcher import worker_spec
+    from sealbox.sandbox.profile import SandboxProfile
+    assert SandboxProfile.for_model("mlx", max_message_bytes=256 << 20).freed_buffer_bytes == 256 << 20
+    small = SandboxProfile.for_model("mlx", max_message_bytes=256 << 20, memory_bytes=512 << 20)
+    assert small.freed_buffer_bytes == 128 << 20
+    assert worker_spec(small, {"model.json": 3}, None, 4).model.freed_buffer_bytes == 128 << 20

@@ -82,10 +82,24 @@ def test_async_client(served):
 
 
 def test_large_tensor_over_4mb(served):
+    """A large unary response comes back through its call's response arena: the sandboxed worker wrote
+    the output's raw bytes into the memfd the supervisor gave it, which is back in the supervisor's pool."""
     x = np.random.default_rng(4).standard_normal((300_000, 4)).astype(np.float32)  # 4.8 MB in, 3.6 MB out
     with served.client() as client:
         out = client.infer("demo", {"x": x})
     np.testing.assert_allclose(out["y"], reference(x), rtol=1e-4, atol=1e-4)
+    arenas = {}   # by inode: the supervisor's mapping of an arena holds a second descriptor of it
+    for fd in os.listdir(f"/proc/{served.proc.pid}/fd"):
+        path = f"/proc/{served.proc.pid}/fd/{fd}"
+        try:
+            if "sealbox-shm-output" in os.readlink(path):
+                with open(path, "rb") as f:
+                    arenas[os.fstat(f.fileno()).st_ino] = f.read()
+        except OSError:
+            pass
+    assert len(arenas) == 1
+    [arena] = arenas.values()
+    assert len(arena) >= x.nbytes and out["y"].astype(np.float32).tobytes() in arena
 
 
 @pytest.mark.parametrize("inputs, code, message", [

@@ -702,16 +702,19 @@ def test_worker_closes_the_connection_on_a_malformed_record(worker, case):
     assert run(still_serves())["y"].tolist() == [[1.0]]
 
 
-def _fake_worker(answer):
-    """A hostile worker: accepts one connection, reads one record, answers with `answer(call_id)`."""
+def _one_call_worker(answer):
+    """A hostile worker: accepts one connection, reads one record, answers with `answer(record)` ->
+    (bytes, fds), which may write the record's arenas first; closes everything it received."""
     directory = tempfile.mkdtemp()
     listener = hop.listen(f"{directory}/worker.sock")
 
     def serve():
         conn, _ = listener.accept()
         record = hop.recv(conn, MAX, hop.TO_WORKER)
-        record.release()
-        data, fds = answer(record.call_id)
+        try:
+            data, fds = answer(record)
+        finally:
+            record.release()
         _send_raw(conn, data, fds)
         for fd in fds:
             os.close(fd)
@@ -720,6 +723,11 @@ def _fake_worker(answer):
         listener.close()
     threading.Thread(target=serve, daemon=True).start()
     return f"{directory}/worker.sock"
+
+
+def _fake_worker(answer):
+    """Answers with `answer(call_id)` -> (bytes, fds)."""
+    return _one_call_worker(lambda record: answer(record.call_id))
 
 
 SUPERVISOR_MALFORMED = {
@@ -765,21 +773,9 @@ def test_supervisor_hop_closes_on_a_malformed_record(case):
 
 def _arena_worker(answer):
     """A worker for one call with output arenas: writes b"abc" into each, answers with `answer(call_id,
-    sizes)` (a header + side data); closes everything it received."""
-    directory = tempfile.mkdtemp()
-    listener = hop.listen(f"{directory}/worker.sock")
-
-    def serve():
-        conn, _ = listener.accept()
-        record = hop.recv(conn, MAX, hop.TO_WORKER)
-        sizes = [hop.fill_output_arena(fd, b"abc") for fd in record.outputs]
-        record.release()
-        _send_raw(conn, answer(record.call_id, sizes))
-        time.sleep(0.5)
-        conn.close()
-        listener.close()
-    threading.Thread(target=serve, daemon=True).start()
-    return f"{directory}/worker.sock"
+    sizes)` (a header + side data)."""
+    return _one_call_worker(lambda record: (
+        answer(record.call_id, [hop.fill_output_arena(fd, b"abc") for fd in record.outputs]), []))
 
 
 def _final_with_sizes(cid, sizes):
@@ -824,23 +820,12 @@ def test_supervisor_hop_with_an_output_arena(answer, expected):
 
 def _response_arena_worker(write: bytes, answer):
     """A worker for one large unary call: writes `write` into the call's response arena, then answers
-    with `answer(call_id, capacity)` (a record's bytes); closes everything it received."""
-    directory = tempfile.mkdtemp()
-    listener = hop.listen(f"{directory}/worker.sock")
-
-    def serve():
-        conn, _ = listener.accept()
-        record = hop.recv(conn, MAX, hop.TO_WORKER)
-        capacity = os.fstat(record.response_arena).st_size
+    with `answer(call_id, capacity)` (a record's bytes)."""
+    def handle(record):
         os.lseek(record.response_arena, 0, os.SEEK_SET)
         os.write(record.response_arena, write)
-        record.release()
-        _send_raw(conn, answer(record.call_id, capacity))
-        time.sleep(0.5)
-        conn.close()
-        listener.close()
-    threading.Thread(target=serve, daemon=True).start()
-    return f"{directory}/worker.sock"
+        return answer(record.call_id, os.fstat(record.response_arena).st_size), []
+    return _one_call_worker(handle)
 
 
 VALID_BODY = tensors.encode_response(pb.ModelInferResponse(model_name="m"), {"y": np.ones((30_000, 1), np.float32)})

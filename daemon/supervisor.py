@@ -36,7 +36,7 @@ from .config import Config, ConfigError, ModelConfig, load_config
 from .fetching import Fetcher, FetchBusy
 from .preflight import preflight
 from .provenance import Provenance
-from .worker_hop import OFFLOAD_BYTES, HopClosed, HopTimeout, WorkerStatus, finished
+from .worker_hop import OFFLOAD_BYTES, HopClosed, HopTimeout, WorkerStatus, copy_out, finished
 from .warm_pool import EarlyStart, WarmPool
 from .worker_process import ModelUnavailable, Spawner, WorkerProcess, describe_exit
 
@@ -855,14 +855,16 @@ class Supervisor:
         length = len(body)
         try:
             if length <= OFFLOAD_BYTES:
-                response = b"".join((body, tail))
+                response = copy_out(body, tail)
             else:
                 # A large copy runs off the event loop; the body is released once the copy is done, even
                 # if this call is cancelled meanwhile (finished() waits the copy out before raising).
-                response = await finished(asyncio.get_running_loop().run_in_executor(None, b"".join, (body, tail)))
+                response = await finished(asyncio.get_running_loop().run_in_executor(None, copy_out, body, tail))
         finally:
             release(body)
         try:
+            if not response.endswith(tail):   # (a response arena's worker rewrote the room the tail went into)
+                raise PeekError("the appended parameters changed")
             check_complete(memoryview(response)[:length])   # nothing in it can swallow the parameters appended
         except PeekError:
             raise errors.ClientError(grpc.StatusCode.INTERNAL, f"model '{name}' failed") from None

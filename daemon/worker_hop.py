@@ -11,9 +11,9 @@ its streamed responses), never from when it was sent.
 This is the one seam the supervisor and the server use:
   `await hop.infer(request_bytes, timeout)`      -> the worker's response body
   `hop.stream(request_bytes, timeout)`           -> async iterator of (response body, final)
-A response body is bytes, or a read-only mmap for a large one (of the worker's sealed memfd, or of the
-call's response arena, which the worker can still write): the caller copies it, then checks the copy,
-and calls proto.hop.release(body), which gives a response arena back.
+A response body is bytes, a read-only mmap of the worker's sealed memfd for a large one, or an
+ArenaBody (in the call's response arena, which the worker can still write): the caller copies it with
+`copy_out(body, tail)`, then checks the copy, and calls proto.hop.release(body).
   `hop.close_soon()`                             (any thread, idempotent)
 Failures: WorkerStatus (the worker's ERROR record: a gRPC code and its text), HopTimeout (the
 supervisor then kills the worker), HopClosed (the connection ended: the worker died or was
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import mmap
+import os
 import socket
 import time
 
@@ -91,16 +91,40 @@ class _Call:
         return item
 
 
-class ArenaBody(mmap.mmap):
-    """A response body the worker wrote into its call's response arena: a read-only mapping of exactly
-    its length; close() (proto.hop.release) also gives the arena back to its pool (or closes it, if the
-    hop has closed meanwhile), once nothing reads it any more."""
+class ArenaBody:
+    """A response body the worker wrote into its call's response arena: its first `length` bytes. Never
+    mapped by the supervisor: a page there can be a hole the worker left (reading it through a mapping
+    would allocate it, for the root process) or change under a reader. close() (proto.hop.release) gives
+    the arena back to its pool, or closes it if the hop has closed meanwhile."""
+    __slots__ = ("arena", "length", "_give_back")
+
+    def __init__(self, arena, length: int, give_back):
+        self.arena, self.length, self._give_back = arena, length, give_back
+
+    def __len__(self) -> int:
+        return self.length
+
+    def read_with(self, tail: bytes) -> bytes:
+        """The body with `tail` after it, in one bytes object: the tail is written into the room the
+        worker left (hop.RESPONSE_TAIL_ROOM), then both are read with one pread (holes read as zeros,
+        allocating nothing). The worker may rewrite either meanwhile: the caller checks the copy."""
+        fd, n = self.arena.fd, self.length
+        if n + len(tail) > self.arena.capacity:   # a tail longer than the room: two copies
+            return os.pread(fd, n, 0) + tail
+        os.pwrite(fd, tail, n)
+        return os.pread(fd, n + len(tail), 0)
 
     def close(self) -> None:
-        super().close()   # BufferError while something still views it: the arena is kept until then
-        give_back, self.give_back = getattr(self, "give_back", None), None
+        give_back, self._give_back = self._give_back, None
         if give_back is not None:
             give_back()
+
+
+def copy_out(body, tail: bytes) -> bytes:
+    """A response body (bytes, a memfd's mapping, an ArenaBody) with `tail` appended, copied once."""
+    if isinstance(body, ArenaBody):
+        return body.read_with(tail)
+    return b"".join((body, tail))
 
 
 class WorkerHop:
@@ -283,17 +307,11 @@ class WorkerHop:
     def _arena_body(self, call: _Call, length: int) -> ArenaBody:
         """The body the worker wrote into the call's response arena; the arena is the body's from now on."""
         arena, call.response_arena = call.response_arena, None
-        try:
-            body = ArenaBody(arena.fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        except BaseException:
-            arena.close()
-            raise
 
-        def give_back() -> None:   # on the loop thread (the caller releases the body there)
+        def give_back() -> None:
             self.output_arenas.give(arena)
-            self.trim_arenas_later()
-        body.give_back = give_back
-        return body
+            self.loop.call_soon_threadsafe(self.trim_arenas_later)   # released on any thread
+        return ArenaBody(arena, length, give_back)
 
     def _cancel(self, call: _Call) -> None:
         """The client went away: tell the worker (it drops the call, or its engine stops iterating)."""
@@ -348,16 +366,12 @@ class WorkerHop:
             body = record.body
             in_arena = sizes.pop() if call.response_arena is not None else 0
             if in_arena:
-                if len(body) or in_arena > call.response_arena.capacity:
+                if len(body) or in_arena > call.response_arena.capacity - hop.RESPONSE_TAIL_ROOM:
                     record.release()
                     self._broken("the worker broke the hop protocol: a response both in its arena and in the "
-                                 "record, or longer than its arena")
+                                 "record, or longer than its arena leaves room for")
                     return
-                try:
-                    body = self._arena_body(call, in_arena)
-                except OSError:   # the supervisor could not map it (memory): the call fails, the worker is fine
-                    self._end(call, HopClosed("the response could not be mapped"))
-                    return
+                body = self._arena_body(call, in_arena)
             if len(record.side) > sizes_end and self.on_execution is not None:
                 self._execution(record.side[sizes_end:])
             call.push((body, True, sizes))

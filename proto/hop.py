@@ -86,14 +86,17 @@ MAX_SIDE = 4096
 # followed by anything else the side data holds (EXECUTION).
 # A unary INFER whose body is large (in an input arena) also carries, the same way, one RESPONSE_ARENA:
 # an arena sealed against size changes for the response body. If the body is longer than INLINE_MAX
-# and fits, the worker writes it there from the start and its final RESPONSE carries no body; that
-# arena's SHM_SIZE entry (after the outputs') is the body's length, or 0 when the body travels in the
-# record as usual. The worker can still write the arena afterwards: the supervisor copies the body out
-# before it checks it (a fresh memfd's pages cost ~74 ms per 64 MiB here, rewriting an arena's ~17).
+# and fits with RESPONSE_TAIL_ROOM bytes to spare, the worker writes it there from the start and its
+# final RESPONSE carries no body; that arena's SHM_SIZE entry (after the outputs') is the body's length,
+# or 0 when the body travels in the record as usual. The supervisor writes its own parameters into the
+# spare room and reads body and parameters back with one pread, never through a mapping; the worker can
+# still write the arena meanwhile, so the supervisor checks the copy (a fresh memfd's pages cost ~74 ms
+# per 64 MiB here, rewriting an arena's ~17).
 MAX_SHM_FDS = 32   # 16 inputs and 16 outputs (daemon/shared_memory.py)
 SHM_SIZE = struct.Struct("<Q")
 OUTPUT_ARENA = 2**64 - 1
 RESPONSE_ARENA = 2**64 - 2
+RESPONSE_TAIL_ROOM = 4096   # left free after a body in a response arena, for the supervisor's parameters
 MAX_FDS = 1 + MAX_SHM_FDS
 # A final RESPONSE's side data from a worker with dynamic batching: the engine call that answered
 # it (rows in it, this response's index in it, its duration in ns); index 0 counts the execution.
@@ -383,19 +386,22 @@ def fill_output_arena(fd: int, data) -> int:
 
 def fill_response_arena(fd: int, parts) -> int:
     """Write a response body (its parts) into the call's response arena if it is longer than INLINE_MAX
-    and fits: its length if it is there, else 0 (it then travels in the record)."""
+    and fits with RESPONSE_TAIL_ROOM to spare: its length if it is there, else 0 (it then travels in the
+    record)."""
     n = sum(memoryview(p).nbytes for p in parts)
-    if n <= INLINE_MAX or n > os.fstat(fd).st_size:
+    if n <= INLINE_MAX or n + RESPONSE_TAIL_ROOM > os.fstat(fd).st_size:
         return 0
     return _fill_arena(fd, parts)
 
 
 def release(body) -> None:
-    """Unmap a memfd body (inline bodies need nothing). While arrays still view the mapping (a batch's
-    inputs, say) it cannot be closed yet: it is then unmapped when the last of them is freed."""
-    if isinstance(body, mmap.mmap):
+    """Unmap a memfd body, or close whatever else holds one (the supervisor's response-arena bodies give
+    their arena back); inline bodies need nothing. While arrays still view a mapping (a batch's inputs,
+    say) it cannot be closed yet: it is then unmapped when the last of them is freed."""
+    close = getattr(body, "close", None)   # (bytes have none)
+    if close is not None:
         try:
-            body.close()
+            close()
         except BufferError:
             pass
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from sealbox.daemon.shared_memory import Arenas
-from sealbox.daemon.worker_hop import ArenaBody, HopClosed, HopTimeout, WorkerHop, WorkerStatus, describe
+from sealbox.daemon.worker_hop import ArenaBody, HopClosed, HopTimeout, WorkerHop, WorkerStatus, copy_out, describe
 from sealbox.proto import hop, tensors, wire
 from sealbox.proto import inference_pb2 as pb
 from sealbox.proto.contract import MEMFD_SEALS
@@ -121,7 +121,7 @@ def request(x: np.ndarray, **kw) -> bytes:
 
 
 def outputs(body) -> dict:
-    data = bytes(body)
+    data = copy_out(body, b"")
     hop.release(body)
     return tensors.response_outputs(pb.ModelInferResponse.FromString(data))
 
@@ -829,12 +829,14 @@ def _response_arena_worker(write: bytes, answer):
 
 
 VALID_BODY = tensors.encode_response(pb.ModelInferResponse(model_name="m"), {"y": np.ones((30_000, 1), np.float32)})
-BOTH_OR_LONGER = "the worker broke the hop protocol: a response both in its arena and in the record, or longer than its arena"
+BOTH_OR_LONGER = ("the worker broke the hop protocol: a response both in its arena and in the record, or longer than its "
+                  "arena leaves room for")
 
 
 @pytest.mark.parametrize("answer, expected", [
     (lambda cid, capacity: _final_with_sizes(cid, [len(VALID_BODY)]), "served"),
     (lambda cid, capacity: _final_with_sizes(cid, [capacity + 1]), BOTH_OR_LONGER),
+    (lambda cid, capacity: _final_with_sizes(cid, [capacity - hop.RESPONSE_TAIL_ROOM + 1]), BOTH_OR_LONGER),
     (lambda cid, capacity: hop.header(hop.RESPONSE, cid, 1, flags=hop.FINAL | hop.SHM, side=8)
      + hop.SHM_SIZE.pack(len(VALID_BODY)) + b"x", BOTH_OR_LONGER),
     (lambda cid, capacity: hop.header(hop.RESPONSE, cid, 1, flags=hop.FINAL) + b"x",    # its size missing
@@ -854,7 +856,7 @@ def test_supervisor_hop_with_a_response_arena(answer, expected):
             body = await channel.infer(request(np.ones((30_000, 1), np.float32)), 10)
         except HopClosed as exc:
             return str(exc)
-        data = bytes(body)
+        data = copy_out(body, b"")
         hop.release(body)
         assert len(channel.output_arenas._free) == 1   # given back with the body
         channel.close()
@@ -891,6 +893,34 @@ def test_a_response_in_its_arena_is_checked_once_copied_out():
     refused = run(main())
     assert (refused.code, refused.message) == (grpc.StatusCode.INTERNAL, "model 'm' failed")
     assert model.failures == {0: "an earlier death"}   # it did not serve
+
+
+def test_a_body_the_worker_never_wrote_allocates_nothing_in_the_supervisor():
+    """A worker that reports 512 KiB in its response arena without writing them: the supervisor reads
+    the arena with pread, never through a mapping, so the holes read as zeros and allocate no page of
+    its own (through a mapping, each page read would be allocated, charged to the root process); the
+    zeros are refused as a malformed response."""
+    from types import SimpleNamespace
+
+    from sealbox.daemon import errors
+    from sealbox.daemon.supervisor import Supervisor
+    path = _response_arena_worker(b"", lambda cid, capacity: _final_with_sizes(cid, [512 * 1024]))
+    stamp = wire.string_parameters(wire.INFER_RESPONSE_PARAMETERS, {"sealbox_version": "test"})
+
+    async def main():
+        channel = WorkerHop(path, MAX)
+        body = await channel.infer(request(np.ones((30_000, 1), np.float32)), 10)
+        arena = body.arena
+        with pytest.raises(errors.ClientError) as refused:
+            await Supervisor._stamped(None, "m", SimpleNamespace(failures={}), SimpleNamespace(stamp=stamp, slot=0),
+                                      body, None)
+        allocated = os.fstat(arena.fd).st_blocks * 512
+        assert channel.output_arenas._free == [arena]
+        channel.close()
+        return refused.value, allocated
+    refused, allocated = run(main())
+    assert (refused.code, refused.message) == (grpc.StatusCode.INTERNAL, "model 'm' failed")
+    assert allocated <= 4096   # the one page the supervisor's own parameters went into
 
 
 def test_the_hop_closes_arenas_left_unused(monkeypatch):

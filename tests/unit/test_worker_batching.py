@@ -57,7 +57,8 @@ async def until(predicate, timeout: float = 10.0) -> None:
 
 
 def decode(body) -> dict:
-    data = bytes(body)
+    from sealbox.daemon.worker_hop import copy_out
+    data = copy_out(body, b"")
     hop.release(body)
     return tensors.response_outputs(pb.ModelInferResponse.FromString(data))
 

@@ -75,7 +75,7 @@ class _Call:
     def push(self, item) -> None:
         if self.cancelled:   # nobody will read it
             if isinstance(item, tuple):
-                hop.release(item[0])   # a (body, final, sizes) item: unmap its memfd body
+                hop.release(item[0])   # a (body, final, sizes) item: unmap its memfd body, give its arena back
             return
         self.items.append(item)
         if self.waiter is not None and not self.waiter.done():
@@ -319,7 +319,7 @@ class WorkerHop:
         while call.items:
             item = call.items.popleft()
             if isinstance(item, tuple):
-                hop.release(item[0])   # a (body, final, sizes) item: unmap its memfd body
+                hop.release(item[0])   # a (body, final, sizes) item: unmap its memfd body, give its arena back
         if not call.ended.done() and self.sock is not None:
             try:
                 self._send(hop.Outgoing(hop.CANCEL, call.id))

@@ -365,33 +365,34 @@ def _map_arena(fd: int, length: int) -> mmap.mmap:
     return _map_read_only(fd, length)
 
 
-def _fill_arena(fd: int, parts) -> int:
-    """The worker's side of an output or response arena (a memfd whose size no one can change): write
-    the parts one after the other from its start if they fit (lseek and write: the worker's seccomp
-    filter has no pwrite); return their total length, written or not."""
-    views = [memoryview(p).cast("B") for p in parts]
-    n = sum(len(v) for v in views)
-    if n <= os.fstat(fd).st_size:
-        os.lseek(fd, 0, os.SEEK_SET)
-        for view in views:
-            while view:
-                view = view[os.write(fd, view):]
-    return n
+def _write_from_start(fd: int, views: list) -> None:
+    """The worker's side of an output or response arena (a memfd whose size no one can change): the
+    byte views one after the other from its start (lseek and write: the worker's seccomp filter has no
+    pwrite). The caller has checked that they fit."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    for view in views:
+        while view:
+            view = view[os.write(fd, view):]
 
 
 def fill_output_arena(fd: int, data) -> int:
     """Write one output's bytes into its output arena if they fit; return how many bytes it has."""
-    return _fill_arena(fd, [data])
+    view = memoryview(data).cast("B")
+    if len(view) <= os.fstat(fd).st_size:
+        _write_from_start(fd, [view])
+    return len(view)
 
 
 def fill_response_arena(fd: int, parts) -> int:
     """Write a response body (its parts) into the call's response arena if it is longer than INLINE_MAX
     and fits with RESPONSE_TAIL_ROOM to spare: its length if it is there, else 0 (it then travels in the
     record)."""
-    n = sum(memoryview(p).nbytes for p in parts)
+    views = [memoryview(p).cast("B") for p in parts]
+    n = sum(len(v) for v in views)
     if n <= INLINE_MAX or n + RESPONSE_TAIL_ROOM > os.fstat(fd).st_size:
         return 0
-    return _fill_arena(fd, parts)
+    _write_from_start(fd, views)
+    return n
 
 
 def release(body) -> None:

@@ -93,8 +93,9 @@ class _Call:
 
 class ArenaBody:
     """A response body the worker wrote into its call's response arena: its first `length` bytes. Never
-    mapped by the supervisor: a page there can be a hole the worker left (reading it through a mapping
-    would allocate it, for the root process) or change under a reader. close() (proto.hop.release) gives
+    read through the arena's mapping (made with every output arena, left untouched here): a page there can
+    be a hole the worker left (reading it through a mapping would allocate it, for the root process) or
+    change under a reader. close() (proto.hop.release) gives
     the arena back to its pool, or closes it if the hop has closed meanwhile."""
     __slots__ = ("arena", "length", "_give_back")
 

@@ -5,6 +5,7 @@ unit's capability bounding set). Real systemd as PID 1 is not available here: SE
 was never run under it."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import pathlib
@@ -18,6 +19,8 @@ import uuid
 import numpy as np
 import pytest
 
+from sealbox.daemon.config import ServerConfig, WorkerConfig
+from sealbox.sandbox.profile import SandboxProfile
 from tests.support import PYTHON, REPO
 
 PACKAGING = REPO / "packaging"
@@ -79,7 +82,6 @@ def test_unit_settings_the_daemon_relies_on():
                    "PrivateUsers", "MemoryDenyWriteExecute", "SystemCallFilter", "User", "DynamicUser"):
         assert absent not in s, f"{absent} breaks workers or cgroups (SECURITY.md)"
     # The daemon's default paths ([server] in daemon/config.py) are all writable under the unit.
-    from sealbox.daemon.config import ServerConfig
     writable = writable_paths(s)
     d = ServerConfig()
     for path in (d.socket, d.run_dir, d.state_dir, d.audit_log):
@@ -93,13 +95,17 @@ def writable_paths(s: dict[str, list[str]]) -> list[str]:
     return sorted(set(paths))
 
 
-def test_sysusers_creates_the_worker_user(tmp_path):
+def test_sysusers_creates_the_worker_and_fetch_users(tmp_path):
     (tmp_path / "etc").mkdir()
     subprocess.run(["systemd-sysusers", f"--root={tmp_path}", str(PACKAGING / "systemd" / "sealbox.sysusers")],
                    check=True, capture_output=True, timeout=60)
-    entry = next(line.split(":") for line in (tmp_path / "etc" / "passwd").read_text().splitlines()
-                 if line.startswith("sealbox-worker:"))
-    assert 0 < int(entry[2]) < 1000 and entry[6] == "/usr/sbin/nologin"
+    entries = {line.split(":")[0]: line.split(":") for line in (tmp_path / "etc" / "passwd").read_text().splitlines()}
+    # The names the code runs them as (config's worker user, the fetch helper's profile)
+    fetch_user = inspect.signature(SandboxProfile.for_fetch_helper).parameters["user"].default
+    for name in (WorkerConfig.user, fetch_user):
+        entry = entries[name]
+        assert 0 < int(entry[2]) < 1000 and entry[6] == "/usr/sbin/nologin", entry
+    assert entries[WorkerConfig.user][2] != entries[fetch_user][2]   # two uids: neither can touch the other
 
 
 def test_tmpfiles_creates_the_directories(tmp_path):

@@ -312,7 +312,8 @@ def _int_parameter(parameters, key: str, default: int | None) -> int | None:
 class SharedCall:
     """The shared-memory tensors of one ModelInfer call, between the front door and the worker hop.
 
-    Made from the request's tensor messages that name a region (wire.shared_memory_tensors); holds
+    Made from the name and parameters of the request's tensors that name a region
+    (wire.shared_memory_tensors: only those fields are decoded here, on the event loop); holds
     each region (acquire/release) for the call's lifetime. `prepare()` copies the inputs into the
     chosen worker's arenas and takes its output arenas (`arena_fds` and `arena_sizes`, as proto/hop.py
     SHM expects them); `deliver()` copies the outputs from their arenas into the clients' ranges;
@@ -328,6 +329,9 @@ class SharedCall:
         self._out: list[Arena] = []
         self._pools: tuple[Arenas, Arenas] | None = None
         self._max_bytes = 0
+        if sum(field == INFER_REQUEST_INPUTS for field, _, _ in refs) > 16 or \
+                sum(field != INFER_REQUEST_INPUTS for field, _, _ in refs) > 16:   # proto/hop.py MAX_SHM_FDS
+            raise _refuse(SC.INVALID_ARGUMENT, "at most 16 inputs and 16 outputs may name shared memory")
         try:
             for field, _index, message in refs:
                 kind = pb.ModelInferRequest.InferInputTensor if field == INFER_REQUEST_INPUTS else \
@@ -351,8 +355,6 @@ class SharedCall:
                 target = self.inputs if field == INFER_REQUEST_INPUTS else self.outputs
                 target.append((region, offset, size, what))
                 region.check_range(offset, size, what)
-            if len(self.inputs) > 16 or len(self.outputs) > 16:   # proto/hop.py MAX_SHM_FDS
-                raise _refuse(SC.INVALID_ARGUMENT, "at most 16 inputs and 16 outputs may name shared memory")
         except BaseException:
             self.close()
             raise

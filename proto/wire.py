@@ -211,14 +211,25 @@ INFER_REQUEST_INPUTS, INFER_REQUEST_OUTPUTS = 5, 6   # ModelInferRequest.inputs 
 SHM_REGION = b"shared_memory_region"                 # the parameter naming a registered region
 
 
-def shared_memory_tensors(request: bytes, max_fields: int = MAX_TOP_LEVEL_FIELDS) -> list[tuple[int, int, bytes]]:
-    """(field, index, tensor message bytes) of every input (field 5) and requested output (field 6)
-    whose message mentions the shared-memory parameter, in request order.
+# What the supervisor copies out of such a tensor message for protobuf to decode: its name and its
+# parameters (InferInputTensor.parameters = 4, InferRequestedOutputTensor.parameters = 2), never its
+# contents; a walk of at most MAX_TENSOR_FIELDS fields, at most MAX_SHM_TENSOR_BYTES copied.
+TENSOR_NAME = 1
+TENSOR_PARAMETERS = {INFER_REQUEST_INPUTS: 4, INFER_REQUEST_OUTPUTS: 2}
+MAX_TENSOR_FIELDS = 256
+MAX_SHM_TENSOR_BYTES = 64 * 1024
 
-    The same bounded top-level scan as peek_model; a tensor message is copied out only when its bytes
+
+def shared_memory_tensors(request: bytes, max_fields: int = MAX_TOP_LEVEL_FIELDS) -> list[tuple[int, int, bytes]]:
+    """(field, index, the tensor's name and parameters fields) of every input (field 5) and requested
+    output (field 6) whose message mentions the shared-memory parameter, in request order.
+
+    The same bounded top-level scan as peek_model; a tensor message is looked into only when its bytes
     contain "shared_memory_region", so a request without shared memory costs one substring search
-    per tensor message (never over raw_input_contents). The caller decodes the few small messages
-    this returns with protobuf. Raises PeekError.
+    per tensor message (never over raw_input_contents). Only the tensor's name and parameters are
+    copied out (`_name_and_parameters`): the caller decodes them with protobuf on the event loop, so
+    whatever else a client packs into the tensor (millions of empty contents entries, say) is never
+    decoded there. Raises PeekError.
     """
     found: list[tuple[int, int, bytes]] = []
     counts = {INFER_REQUEST_INPUTS: 0, INFER_REQUEST_OUTPUTS: 0}
@@ -226,8 +237,28 @@ def shared_memory_tensors(request: bytes, max_fields: int = MAX_TOP_LEVEL_FIELDS
     def on_field(field: int, pos: int, length: int, _key: int) -> None:
         if field in counts:
             if request.find(SHM_REGION, pos, pos + length) >= 0:
-                found.append((field, counts[field], bytes(request[pos:pos + length])))
+                kept = _name_and_parameters(request, field, pos, length)
+                if SHM_REGION in kept:   # (not when only the tensor's contents mention it)
+                    found.append((field, counts[field], kept))
             counts[field] += 1
 
     walk_fields(request, max_fields, on_field)
     return found
+
+
+def _name_and_parameters(request: bytes, field: int, pos: int, length: int) -> bytes:
+    """The name and parameters fields of the tensor message at request[pos:pos + length], as they are
+    on the wire (a valid message of the same type); PeekError past the bounds above."""
+    tensor = memoryview(request)[pos:pos + length]
+    keep, pieces, size = (TENSOR_NAME, TENSOR_PARAMETERS[field]), [], 0
+
+    def on_field(inner: int, start: int, inner_length: int, key_start: int) -> None:
+        nonlocal size
+        if inner in keep:
+            size += start + inner_length - key_start
+            if size > MAX_SHM_TENSOR_BYTES:
+                raise PeekError("a shared-memory tensor's name and parameters exceed 64 KiB")
+            pieces.append(tensor[key_start:start + inner_length])
+
+    walk_fields(tensor, MAX_TENSOR_FIELDS, on_field)
+    return b"".join(pieces)

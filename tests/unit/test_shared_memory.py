@@ -22,6 +22,7 @@ from sealbox.daemon.shared_memory import (ARENA_GRAIN, Arenas, SharedCall, Share
 from sealbox.proto import hop
 from sealbox.proto import inference_pb2 as pb
 from sealbox.proto.contract import ARENA_SEALS
+from sealbox.proto import wire
 from sealbox.proto.wire import PeekError, shared_memory_tensors
 
 ME = frozenset({os.getuid()})
@@ -133,6 +134,59 @@ def test_request_scan_finds_shared_memory_tensors():
     assert shared_memory_tensors(pb.ModelInferRequest(model_name="m").SerializeToString()) == []
     with pytest.raises(PeekError):
         shared_memory_tensors(raw[:-2])
+
+
+def test_only_a_tensors_name_and_parameters_are_copied_out_for_decoding(shm):
+    """The front door decodes shared-memory tensors on its event loop: whatever else a client packs into
+    such a tensor (here 4 MiB of empty bytes_contents entries, which protobuf would turn into two million
+    objects) is never copied out or decoded; pathological tensors are refused before protobuf sees them."""
+    bomb = pb.ModelInferRequest.InferInputTensor(name="x", datatype="BYTES", shape=[1])
+    bomb.parameters["shared_memory_region"].string_param = "in0"
+    bomb.parameters["shared_memory_byte_size"].int64_param = 16
+    wanted = pb.ModelInferRequest.InferInputTensor(name="x")
+    wanted.parameters.MergeFrom(bomb.parameters)
+    contents = b"\x42\x00" * (2 << 20)   # InferTensorContents.bytes_contents = b"", two million times
+    tensor = bomb.SerializeToString() + wire.length_delimited_header(5, len(contents)) + contents
+    request = (pb.ModelInferRequest(model_name="m").SerializeToString()
+               + wire.length_delimited_header(wire.INFER_REQUEST_INPUTS, len(tensor)) + tensor)
+    (field, index, kept), = shared_memory_tensors(request)
+    assert (field, index) == (5, 0) and len(kept) < 100
+    assert pb.ModelInferRequest.InferInputTensor.FromString(kept) == wanted   # no datatype, shape or contents
+    # A tensor that mentions the parameter only in its contents is not a shared-memory tensor.
+    plain = pb.ModelInferRequest(model_name="m")
+    plain.inputs.add(name="x", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"shared_memory_region")
+    assert shared_memory_tensors(plain.SerializeToString()) == []
+
+    def with_tensor(t) -> bytes:
+        r = pb.ModelInferRequest(model_name="m")
+        r.inputs.append(t)
+        return r.SerializeToString()
+    many = pb.ModelInferRequest.InferInputTensor(name="x")
+    many.parameters["shared_memory_region"].string_param = "in0"
+    for i in range(300):   # each map entry is a field of the tensor: past wire.MAX_TENSOR_FIELDS
+        many.parameters[f"p{i}"].bool_param = True
+    with pytest.raises(PeekError, match="too many fields"):
+        shared_memory_tensors(with_tensor(many))
+    large = pb.ModelInferRequest.InferInputTensor(name="x")
+    large.parameters["shared_memory_region"].string_param = "in0"
+    large.parameters["note"].string_param = "n" * (64 * 1024)
+    with pytest.raises(PeekError, match="exceed 64 KiB"):
+        shared_memory_tensors(with_tensor(large))
+
+    # More than 16 inputs naming shared memory: refused before any is decoded or any region is held.
+    reg, make, _root = shm
+    region = reg.register("public", ME, "in0", make("in0", 4096), 0, 4096)
+    seventeen = pb.ModelInferRequest(model_name="m")
+    for i in range(17):
+        t = seventeen.inputs.add(name=f"x{i}", datatype="FP32", shape=[1])
+        t.parameters["shared_memory_region"].string_param = "in0"
+        t.parameters["shared_memory_byte_size"].int64_param = 4
+    refs = shared_memory_tensors(seventeen.SerializeToString())
+    assert len(refs) == 17
+    msg = refused(SharedCall, reg, "public", refs).message
+    assert msg == "shared memory: at most 16 inputs and 16 outputs may name shared memory"
+    assert region.users == 0
+    reg.close()
 
 
 def test_an_input_arena_is_written_only_through_the_supervisors_mapping():

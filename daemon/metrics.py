@@ -209,13 +209,14 @@ class Metrics:
             stats.compute_infer.add(compute_s or 0.0)
             stats.last_inference_ms = int(time.time() * 1000)
 
-    def observe_execution(self, model: str, version: str, rows: int, ns: int) -> None:
-        """One engine call of a batching worker: `rows` rows (one or more requests) in `ns` ns."""
+    def observe_execution(self, model: str, version: str, rows: int, ns: int, longest_ns: int) -> None:
+        """One engine call of a batching worker: `rows` rows (one or more requests) in `ns` ns, as the
+        worker says; counted as at most `longest_ns` (the inference timeout: a longer call is killed)."""
         with self._stats_lock:
             stats = self._stats.setdefault((model, version or ""), RequestStats())
             duration = stats.batches.setdefault(rows, Duration())
             duration.count += 1
-            duration.ns += max(0, ns)
+            duration.ns += min(max(0, ns), longest_ns)
 
     def statistics(self) -> dict[tuple[str, str], RequestStats]:
         """A copy of every (model, version)'s RequestStats so far."""

@@ -402,6 +402,9 @@ class FrontDoor:
         return grpc.method_handlers_generic_handler(SERVICE, methods)
 
 
+UINT64_MAX = 2**64 - 1
+
+
 class _Timing:
     """One request's phases, in seconds: queue (until its turn at the worker), compute (at the worker)."""
     __slots__ = ("start", "queue_s", "compute_s")
@@ -435,6 +438,12 @@ def _data_type(datatype: str) -> int:
     return pb.DataType.Value(name) if name in pb.DataType.keys() else pb.TYPE_INVALID
 
 
+def _duration(duration) -> "pb.StatisticDuration":
+    # uint64 fields: a sum past 2**64 - 1 (a batching worker's claimed times add up) saturates
+    # instead of failing every ModelStatistics call
+    return pb.StatisticDuration(count=min(duration.count, UINT64_MAX), ns=min(duration.ns, UINT64_MAX))
+
+
 def add_statistics(entry, stats) -> None:
     """Fill one ModelStatistics from a metrics.RequestStats (None: nothing served yet)."""
     if stats is None:
@@ -443,17 +452,16 @@ def add_statistics(entry, stats) -> None:
     entry.last_inference = stats.last_inference_ms
     entry.inference_count = entry.execution_count = stats.success.count   # one inference per request
     if stats.batches:   # dynamic batching: the engine calls the worker made, by rows in each
-        entry.execution_count = sum(d.count for d in stats.batches.values())
+        entry.execution_count = min(sum(d.count for d in stats.batches.values()), UINT64_MAX)
     inference = entry.inference_stats
     for field in ("success", "fail", "queue", "compute_infer"):
         duration = getattr(stats, field)
-        getattr(inference, field).MergeFrom(pb.StatisticDuration(count=duration.count, ns=duration.ns))
+        getattr(inference, field).MergeFrom(_duration(duration))
     for rows, duration in sorted(stats.batches.items()):
-        entry.batch_stats.add(batch_size=rows).compute_infer.MergeFrom(
-            pb.StatisticDuration(count=duration.count, ns=duration.ns))
+        entry.batch_stats.add(batch_size=rows).compute_infer.MergeFrom(_duration(duration))
     if stats.success.count and not stats.batches:   # without batching every execution is a batch of one
         batch = entry.batch_stats.add(batch_size=1)
-        batch.compute_infer.MergeFrom(pb.StatisticDuration(count=stats.compute_infer.count, ns=stats.compute_infer.ns))
+        batch.compute_infer.MergeFrom(_duration(stats.compute_infer))
 
 
 class ReadinessHealth(HealthServicer):

@@ -362,10 +362,11 @@ class Supervisor:
         worker.slot = slot
         if cfg.batching is not None:
             limit, version = cfg.batching.max_batch_size, verified.version or ""
+            longest_ns = int(worker.profile.infer_timeout_s * 1e9)   # a longer engine call is killed
 
             def executed(rows: int, ns: int) -> None:   # bounded labels: a worker's claim past the limit is dropped
                 if 0 < rows <= limit:
-                    self.metrics.observe_execution(cfg.name, version, rows, ns)
+                    self.metrics.observe_execution(cfg.name, version, rows, ns, longest_ns)
             worker.on_execution = executed
         # Bound to this worker: its answers are stamped with the model it was started from.
         worker.provenance = Provenance.of(verified)

@@ -983,3 +983,28 @@ def test_cancel_while_the_request_memfd_is_made_leaks_nothing(worker):
         return outputs(body)
     assert run(main())["y"].tolist() == [[1.0]]
     assert no_fd_left(before)
+
+
+def test_a_batching_workers_claimed_execution_time_is_bounded():
+    """A batching worker reports each engine call's rows and time (EXECUTION side data, statistics only).
+    A worker claiming 2**64 - 1 ns is counted as the inference timeout at most, and sums past uint64
+    saturate: ModelStatistics keeps working (it failed to build its uint64 field for every model)."""
+    from sealbox.daemon.metrics import Duration, Metrics
+    from sealbox.daemon.server import UINT64_MAX, add_statistics
+    side = hop.EXECUTION.pack(1, 0, 2**64 - 1)
+    path = _fake_worker(lambda cid: (hop.header(hop.RESPONSE, cid, 0, flags=hop.FINAL, side=len(side)) + side, []))
+    metrics, timeout = Metrics(), 10
+
+    async def main():
+        channel = WorkerHop(path, MAX)
+        channel.on_execution = lambda rows, ns: metrics.observe_execution("m", "1", rows, ns, int(timeout * 1e9))
+        hop.release(await channel.infer(request(np.ones((1, 1), np.float32)), timeout))
+        channel.close()
+    run(main())
+    stats = metrics.statistics()[("m", "1")]
+    assert stats.batches[1].count == 1 and stats.batches[1].ns == 10 * 10**9
+    stats.batches[1] = Duration(count=3, ns=3 * (2**64 - 1))   # what unbounded sums reached before
+    entry = pb.ModelStatisticsResponse().model_stats.add(name="m", version="1")
+    add_statistics(entry, stats)
+    assert [(b.batch_size, b.compute_infer.count, b.compute_infer.ns) for b in entry.batch_stats] == \
+        [(1, 3, UINT64_MAX)]

@@ -353,6 +353,11 @@ def _map_memfd(fd: int, length: int, arena: bool = False) -> mmap.mmap:
     st = _sealed(fd, (MEMFD_SEALS, ARENA_SEALS) if arena else (MEMFD_SEALS,), "memfd")
     if st.st_size < length or (st.st_size != length and not arena):
         raise ProtocolError(f"the attached memfd holds {st.st_size} bytes, its header says {length}")
+    if not arena and st.st_blocks * 512 < length:
+        # Holes: mapping them (MAP_POPULATE) would allocate the pages for the RECEIVER, charged to it
+        # (the root process, for a worker's body) and kept while the sender holds the memfd. The sender
+        # writes every byte (body_memfd); the write seal keeps holes from being punched later.
+        raise ProtocolError(f"the attached memfd has holes: {st.st_blocks * 512} of its {length} bytes written")
     return _map_read_only(fd, length)
 
 

@@ -1008,3 +1008,37 @@ def test_a_batching_workers_claimed_execution_time_is_bounded():
     add_statistics(entry, stats)
     assert [(b.batch_size, b.compute_infer.count, b.compute_infer.ns) for b in entry.batch_stats] == \
         [(1, 3, UINT64_MAX)]
+
+
+def test_a_memfd_body_with_holes_breaks_the_hop_and_allocates_nothing():
+    """A worker's memfd body made by ftruncate alone (nothing written) would have the supervisor's
+    mapping allocate every page, for the root process; it is refused before it is mapped."""
+    length, kept = 4 << 20, []
+
+    def sparse(cid):
+        fd = os.memfd_create("t", os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, length)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, MEMFD_SEALS)
+        kept.append(os.dup(fd))
+        return hop.header(hop.RESPONSE, cid, length, flags=hop.MEMFD | hop.FINAL), [fd]
+    path = _fake_worker(sparse)
+    broken = []
+
+    async def main():
+        channel = WorkerHop(path, MAX)
+        channel.on_broken = broken.append
+        with pytest.raises(HopClosed):
+            await channel.infer(request(np.ones((1, 1), np.float32)), 10)
+    run(main())
+    assert broken == ["the worker broke the hop protocol: the attached memfd has holes: 0 of its 4194304 bytes written"]
+    assert os.fstat(kept[0]).st_blocks == 0   # no page of it was allocated
+    os.close(kept[0])
+    # A body the sender wrote whole is taken.
+    whole = _memfd(b"x" * (hop.INLINE_MAX + 1))
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    _send_raw(a, hop.header(hop.RESPONSE, 1, hop.INLINE_MAX + 1, flags=hop.MEMFD | hop.FINAL), [whole])
+    record = hop.recv(b, MAX, hop.TO_SUPERVISOR)
+    assert bytes(record.body) == b"x" * (hop.INLINE_MAX + 1)
+    record.release()
+    for fd in (whole, a.detach(), b.detach()):
+        os.close(fd)

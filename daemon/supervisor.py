@@ -36,7 +36,7 @@ from .config import Config, ConfigError, ModelConfig, load_config
 from .fetching import Fetcher, FetchBusy
 from .preflight import preflight
 from .provenance import Provenance
-from .worker_hop import OFFLOAD_BYTES, HopClosed, HopTimeout, WorkerStatus, copy_out, finished
+from .worker_hop import OFFLOAD_BYTES, HopClosed, HopTimeout, StreamBacklog, WorkerStatus, copy_out, finished
 from .warm_pool import EarlyStart, WarmPool
 from .worker_process import ModelUnavailable, Spawner, WorkerProcess, describe_exit
 
@@ -844,6 +844,9 @@ class Supervisor:
             raise errors.unavailable(name, reason) from None
         except WorkerStatus as exc:
             raise errors.from_worker_status(name, _status_code(exc.code), exc.message) from None
+        except StreamBacklog as exc:
+            raise errors.ClientError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"model '{name}': {exc}; stream cancelled") \
+                from None
         except (HopClosed, OSError):   # the worker died or was stopped under us
             raise errors.unavailable(name, await self._failure_reason(model, worker)) from None
 

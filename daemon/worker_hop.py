@@ -17,7 +17,9 @@ ArenaBody (in the call's response arena, which the worker can still write): the 
   `hop.close_soon()`                             (any thread, idempotent)
 Failures: WorkerStatus (the worker's ERROR record: a gRPC code and its text), HopTimeout (the
 supervisor then kills the worker), HopClosed (the connection ended: the worker died or was
-stopped; every pending call fails with it). Supervisor.infer turns each into a client error.
+stopped; every pending call fails with it), StreamBacklog (a stream's client fell
+MAX_STREAM_BACKLOG responses behind: the call is cancelled). Supervisor.infer turns each into a
+client error.
 Describe at load is `describe()`, a plain blocking exchange on a connection of its own.
 """
 from __future__ import annotations
@@ -34,6 +36,10 @@ from .shared_memory import ARENA_IDLE_S, Arenas
 # Above this, copying the request into its arena (and joining a response out of a memfd) runs on a
 # thread, not on the event loop: 64 MiB takes ~10-20 ms to copy.
 OFFLOAD_BYTES = 1 << 20
+# Responses of one stream received from the worker and not yet taken by its client. Each holds root
+# memory (an inline body, up to 64 KiB) or two descriptors and a mapping (a memfd body): past this the
+# call is cancelled, so neither a client that stops reading nor a worker that floods can pile them up.
+MAX_STREAM_BACKLOG = 64
 
 
 class HopError(Exception):
@@ -46,6 +52,10 @@ class HopClosed(HopError, ConnectionError):
 
 class HopTimeout(HopError):
     """The worker took longer than the inference timeout on one call (counted from its take)."""
+
+
+class StreamBacklog(HopError):
+    """A stream's client fell MAX_STREAM_BACKLOG responses behind; the call was cancelled."""
 
 
 class WorkerStatus(HopError):
@@ -77,6 +87,9 @@ class _Call:
             if isinstance(item, tuple):
                 hop.release(item[0])   # a (body, final, sizes) item: unmap its memfd body, give its arena back
             return
+        self.put(item)
+
+    def put(self, item) -> None:
         self.items.append(item)
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
@@ -377,6 +390,10 @@ class WorkerHop:
                 self._execution(record.side[sizes_end:])
             call.push((body, True, sizes))
             self._end(call, None)
+        elif len(call.items) >= MAX_STREAM_BACKLOG:
+            record.release()
+            self._cancel(call)   # lets go of what it holds; the worker's later records are dropped as they come
+            call.put(StreamBacklog(f"the client fell {MAX_STREAM_BACKLOG} responses behind"))
         else:
             call.push((record.body, False, ()))
             if not call.cancelled:   # a streamed response: the timeout starts afresh (not for an abandoned call)
@@ -452,6 +469,9 @@ class WorkerHop:
                     return
         except (asyncio.CancelledError, GeneratorExit):   # the client went away, or stopped reading
             await self._abandon(call)
+            raise
+        except StreamBacklog:   # cancelled already: the turn is given back once the worker has ended it
+            await finished(call.ended)
             raise
 
     async def _abandon(self, call: _Call) -> None:

@@ -1042,3 +1042,52 @@ def test_a_memfd_body_with_holes_breaks_the_hop_and_allocates_nothing():
     record.release()
     for fd in (whole, a.detach(), b.detach()):
         os.close(fd)
+
+
+def test_a_stream_whose_client_falls_behind_is_cancelled_not_piled_up():
+    """A worker floods a stream with responses its client does not take (a client that stopped reading,
+    or a hostile worker): past MAX_STREAM_BACKLOG the supervisor lets go of all of them and cancels the
+    call, instead of holding a descriptor and a mapping (or an inline body) for each without limit."""
+    from sealbox.daemon.worker_hop import MAX_STREAM_BACKLOG, StreamBacklog
+    flood, seen = 4 * MAX_STREAM_BACKLOG, []
+    directory = tempfile.mkdtemp()
+    listener = hop.listen(f"{directory}/worker.sock")
+
+    def serve():
+        conn, _ = listener.accept()
+        record = hop.recv(conn, MAX, hop.TO_WORKER)
+        record.release()
+        for _ in range(flood):
+            fd = _memfd(b"r" * (hop.INLINE_MAX + 1))
+            _send_raw(conn, hop.header(hop.RESPONSE, record.call_id, hop.INLINE_MAX + 1, flags=hop.MEMFD), [fd])
+            os.close(fd)
+        cancel = hop.recv(conn, MAX, hop.TO_WORKER)
+        seen.append((cancel.kind, cancel.call_id == record.call_id))
+        hop.send_error(conn, record.call_id, hop.CANCELLED, "cancelled")
+        time.sleep(0.5)
+        conn.close()
+        listener.close()
+    threading.Thread(target=serve, daemon=True).start()
+    before = open_fds()
+
+    async def main():
+        channel = WorkerHop(f"{directory}/worker.sock", MAX)
+        responses = channel.stream(request(np.ones((1, 1), np.float32)), 10)
+        body, final = await responses.__anext__()
+        assert not final and len(body) == hop.INLINE_MAX + 1
+        hop.release(body)
+        await asyncio.sleep(1.0)   # the flood arrives; nobody takes it
+        peak = len(open_fds() - before)
+        taken = 0
+        with pytest.raises(StreamBacklog, match=f"fell {MAX_STREAM_BACKLOG} responses behind"):
+            while True:
+                body, _final = await responses.__anext__()
+                hop.release(body)
+                taken += 1
+        channel.close()
+        return peak, taken
+    peak, taken = run(main())
+    assert taken == 0                                  # what was queued was let go, not handed on
+    assert peak <= 2 * MAX_STREAM_BACKLOG + 8          # a mapping's descriptor pair per queued response, at most
+    assert seen == [(hop.CANCEL, True)]                # the worker was told
+    assert no_fd_left(before)

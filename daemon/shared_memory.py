@@ -27,7 +27,8 @@ pages; a copy into an arena's warm pages ~12 ms. What the reuse shows a worker i
 wrote anyway: an arena serves only that worker, only once its previous call has ended; the worker maps
 exactly an input's size (the side data's SHM_SIZE), and an output's copy stops at the size it gives, so
 an earlier call's bytes past them are never part of a call; a compromised worker that reads or reports
-more sees only its own earlier inputs and outputs.
+more sees only its own earlier inputs and outputs. An output is copied only once no page of it is a hole
+(`deliver`): the supervisor's mapping would allocate a hole's page for the root process.
 """
 from __future__ import annotations
 
@@ -402,6 +403,11 @@ class SharedCall:
             if n > arena.capacity:   # the worker could not write it (its arena is at most max_bytes)
                 raise _refuse(SC.INVALID_ARGUMENT, f"{what}: {n} bytes, more than the largest message this "
                                                    f"daemon moves ({self._max_bytes} bytes)")
+            if n and os.lseek(arena.fd, 0, os.SEEK_HOLE) < n:
+                # A page the worker says it wrote and never did: copied through the mapping, it would be
+                # allocated for the root process. (A written page stays: the worker's seccomp filter has
+                # neither fallocate nor madvise(MADV_REMOVE) to punch it out again while this copies.)
+                raise ClientError(SC.INTERNAL, f"model '{model}' failed")
             with memoryview(arena.mapping) as view:
                 write_output(region, offset, view[:n], what)
 

@@ -35,8 +35,8 @@ _ALLOW = (
     (("read", "write", "pread64", "lseek", "close", "openat", "newfstatat", "fstat", "stat",
       "readlink", "access", "getdents64", "getcwd"),
      "files: Python imports (getcwd for -m and ''), the sealed model memfds (/proc/self/fd/N), stdio"),
-    (("mmap", "munmap", "mprotect", "mremap", "brk", "madvise"),
-     "memory: malloc/realloc (mremap when a big read buffer shrinks), the dynamic loader"),
+    (("mmap", "munmap", "mprotect", "mremap", "brk"),
+     "memory: malloc/realloc (mremap when a big read buffer shrinks), the dynamic loader (madvise: below)"),
     (("mbind", "sched_yield"),
      "OpenBLAS (numpy's, and Debian's when the profile preloads it): NUMA policy, yielding threads"),
     (("futex", "set_robust_list", "rseq", "set_tid_address", "gettid", "exit", "exit_group",
@@ -99,6 +99,7 @@ _TCGETS, _FIOCLEX, _TIOCGWINSZ, _FIONBIO = 0x5401, 0x5451, 0x5413, 0x5421
 _F_GETFD, _F_SETFD, _F_GETFL, _F_SETFL = 1, 2, 3, 4
 _F_ADD_SEALS, _F_GET_SEALS, _F_DUPFD_CLOEXEC = 1033, 1034, 1030
 _SIGABRT = 6
+_MADV_REMOVE = 9
 _NR_SECCOMP_X86_64 = 317
 _BPF_INSN_SIZE = 8          # sizeof(struct sock_filter)
 _BPF_MAXINSNS = 4096
@@ -180,6 +181,11 @@ def stage1_bpf(engine: str) -> bytes:
     # prctl: naming anonymous memory (glibc), no_new_privs before stage 2.
     for option in (_PR_SET_VMA, _PR_SET_NO_NEW_PRIVS):
         f.add_rule(sc.ALLOW, "prctl", sc.Arg(0, sc.EQ, option))
+    # madvise: every advice but MADV_REMOVE, the one that punches a hole in a shared file mapping. A
+    # worker could otherwise empty pages of an output arena it said it wrote while the supervisor
+    # copies them (daemon/shared_memory.py), so that the root process allocates them; neither
+    # malloc, MLX nor the runtimes use it (the sandbox tests run them all under this filter).
+    f.add_rule(sc.ALLOW, "madvise", sc.Arg(2, sc.NE, _MADV_REMOVE))
     # Only our own rlimits (glibc's getrlimit is prlimit64(0, ...)).
     f.add_rule(sc.ALLOW, "prlimit64", sc.Arg(0, sc.EQ, 0))
     # abort() signals itself with SIGABRT: an MLX crash shows as SIGABRT, not a seccomp kill.

@@ -481,6 +481,23 @@ def perf_event_open(p):
     return "ok:perf event"
 
 
+def madvise_remove(p):
+    """Punch a hole in a shared memfd mapping (how a worker could empty output-arena pages it reported
+    written while the supervisor copies them, for the root process to allocate)."""
+    import mmap
+    fd = os.memfd_create("probe")
+    try:
+        os.write(fd, b"w" * 8192)
+        mapping = mmap.mmap(fd, 8192, flags=mmap.MAP_SHARED)
+        before = os.fstat(fd).st_blocks
+        mapping.madvise(mmap.MADV_REMOVE)
+        after = os.fstat(fd).st_blocks
+        mapping.close()
+    finally:
+        os.close(fd)
+    return f"ok:hole punched (st_blocks {before} -> {after})"
+
+
 def io_uring_setup(p):
     sys_call("io_uring_setup", c_long(0), None)  # 0 entries, NULL params: EINVAL/EFAULT
     return "ok:io_uring"

@@ -170,6 +170,9 @@ ATTEMPTS = [
     # ---------------------------------------------------------------- kernel surfaces
     _a("bpf", "bpf(BPF_PROG_LOAD) with an invalid attr", "seccomp (SIGSYS)", KILLED, "root", "OSError:E2BIG"),
     _a("perf_event_open", "perf_event_open with a NULL attr", "seccomp (SIGSYS)", KILLED, "root", "OSError:EFAULT"),
+    _a("madvise_remove", "madvise(MADV_REMOVE) on a shared memfd mapping: punch a hole (an output arena's pages, "
+       "emptied while the supervisor copies them)", "seccomp (madvise advice not allowed: SIGSYS)", KILLED,
+       "worker", "ok:hole punched (st_blocks 16 -> 0)"),
     _a("io_uring_setup", "io_uring_setup(0, NULL)", "seccomp (SIGSYS)", KILLED, "root", "OSError:EFAULT"),
     _a("userfaultfd", "userfaultfd with invalid flags", "seccomp (SIGSYS)", KILLED, "root", "OSError:EINVAL"),
     _a("keyctl", "keyctl(KEYCTL_GET_KEYRING_ID, session keyring)", "seccomp (SIGSYS)", KILLED,

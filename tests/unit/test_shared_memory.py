@@ -368,6 +368,34 @@ def test_arenas_are_bounded_by_the_message_limit(shm):
     reg.close()
 
 
+def test_an_output_the_worker_never_wrote_is_refused_and_allocates_nothing(shm):
+    """A worker that reports 512 KiB of output it never wrote: copying those holes through the supervisor's
+    mapping would allocate their pages for the root process. Refused, nothing allocated, nothing copied;
+    the same size written whole is copied."""
+    reg, make, root = shm
+    reg.register("public", ME, "out", make("out", 4 * ARENA_GRAIN), 0, 4 * ARENA_GRAIN)
+    before = (root / "out").read_bytes()
+    outputs = Arenas(outputs=True)
+    call = _shared_call(reg, outputs=[("out", 4 * ARENA_GRAIN)])
+    try:
+        call.prepare(Arenas(), outputs, max_bytes=4 * ARENA_GRAIN)
+        fd = call.arena_fds[0]
+        msg = refused(call.deliver, "m", [512 * 1024]).message
+        assert msg == "model 'm' failed"
+        assert os.fstat(fd).st_blocks == 0 and (root / "out").read_bytes() == before
+        worker_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
+        assert hop.fill_output_arena(worker_fd, b"w" * (512 * 1024 - 1)) == 512 * 1024 - 1
+        os.close(worker_fd)
+        msg = refused(call.deliver, "m", [512 * 1024 + 4096]).message   # one page past what it wrote
+        assert msg == "model 'm' failed" and os.fstat(fd).st_blocks * 512 == 512 * 1024
+        call.deliver("m", [512 * 1024 - 1])
+        assert (root / "out").read_bytes()[:512 * 1024] == b"w" * (512 * 1024 - 1) + before[512 * 1024 - 1:512 * 1024]
+    finally:
+        call.close()
+    outputs.close()
+    reg.close()
+
+
 def test_an_arena_still_viewed_is_closed_without_error():
     """A failed copy's traceback can keep a view of an arena's mapping alive: closing it must still
     close its descriptor (and not raise, which stopped a call's clean-up before)."""

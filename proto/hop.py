@@ -179,12 +179,18 @@ class Outgoing:
         if len(shm_fds) > MAX_SHM_FDS:
             raise ValueError(f"{len(shm_fds)} shared-memory tensors, at most {MAX_SHM_FDS}")
         length = sum(memoryview(p).nbytes for p in parts) if body_arena is None else body_arena[1]
-        self.fd = None
-        self.shm_fds = [os.dup(fd) for fd in shm_fds]   # ours until sent: the caller may close its own
+        self.fd, self.shm_fds = None, []
+        try:   # descriptors ours until sent (the caller may close its own); none kept if one cannot be made
+            for fd in shm_fds:
+                self.shm_fds.append(os.dup(fd))
+            if length > INLINE_MAX:
+                self.fd = body_memfd(parts) if body_arena is None else os.dup(body_arena[0])
+        except BaseException:
+            self.close()
+            raise
         if shm_fds:
             flags |= SHM
         if length > INLINE_MAX:
-            self.fd = body_memfd(parts) if body_arena is None else os.dup(body_arena[0])
             flags |= MEMFD
             self.buffers = [header(kind, call_id, length, flags, code, len(side)), side]
             fds = [self.fd, *self.shm_fds]

@@ -1091,3 +1091,15 @@ def test_a_stream_whose_client_falls_behind_is_cancelled_not_piled_up():
     assert peak <= 2 * MAX_STREAM_BACKLOG + 8          # a mapping's descriptor pair per queued response, at most
     assert seen == [(hop.CANCEL, True)]                # the worker was told
     assert no_fd_left(before)
+
+
+def test_a_record_that_cannot_be_made_keeps_no_descriptor():
+    """The shared-memory descriptors an Outgoing duplicates are closed if its body memfd then cannot be
+    made (here a strided array, which cannot be written as one byte run)."""
+    arena = _memfd(b"a" * 4096)
+    before = open_fds()
+    strided = np.ones((300, 300), np.float32)[:, ::2]   # 180 KB: a memfd body
+    with pytest.raises(TypeError):
+        hop.Outgoing(hop.INFER, 1, [strided], shm_fds=[arena, arena])
+    assert open_fds() == before
+    os.close(arena)

@@ -100,21 +100,31 @@ class SharedMemoryRegistry:
             raise _refuse(SC.INVALID_ARGUMENT, "the key must name one shared-memory object (\"/name\")")
         if byte_size <= 0:
             raise _refuse(SC.INVALID_ARGUMENT, "byte_size must be positive")
+        # The file is first only looked at (O_PATH: not opened for reading or writing, so another user's
+        # file sees no open, lease break or inotify event from root), then reopened read-write through
+        # that same descriptor once it is known to be a regular file of an accepted owner.
         try:
             dir_fd = os.open(self.shm_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                fd = os.open(m.group(1), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+                path_fd = os.open(m.group(1), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
             finally:
                 os.close(dir_fd)
         except OSError:
             raise _refuse(SC.INVALID_ARGUMENT, f"cannot open shared-memory object '{m.group(1)}'") from None
         try:
-            st = os.fstat(fd)
+            st = os.fstat(path_fd)
             if not stat.S_ISREG(st.st_mode):
                 raise _refuse(SC.INVALID_ARGUMENT, f"'{m.group(1)}' is not a shared-memory object")
             if st.st_uid not in owners:
                 raise _refuse(SC.PERMISSION_DENIED, f"'{m.group(1)}' is owned by a user this listener does"
                                                     " not accept regions from")
+            try:
+                fd = os.open(f"/proc/self/fd/{path_fd}", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError:
+                raise _refuse(SC.INVALID_ARGUMENT, f"cannot open shared-memory object '{m.group(1)}'") from None
+        finally:
+            os.close(path_fd)
+        try:
             if offset < 0 or offset + byte_size > st.st_size:
                 raise _refuse(SC.INVALID_ARGUMENT, f"[{offset}, {offset + byte_size}) is outside '{m.group(1)}'"
                                                    f" ({st.st_size} bytes)")

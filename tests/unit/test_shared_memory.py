@@ -78,7 +78,8 @@ def test_registration_refusals(shm, tmp_path):
     assert "one shared-memory object" in refused(reg.register, "public", ME, "a", "/../etc/passwd", 0, 1).message
     assert "cannot open shared-memory object 'nope'" in refused(reg.register, "public", ME, "a", "/nope", 0, 1).message
     os.symlink(root / "r", root / "link")
-    assert "cannot open shared-memory object 'link'" in refused(reg.register, "public", ME, "a", "/link", 0, 1).message
+    # A symlink is looked at, never followed (O_PATH | O_NOFOLLOW gives the link itself)
+    assert "'link' is not a shared-memory object" in refused(reg.register, "public", ME, "a", "/link", 0, 1).message
     os.mkfifo(root / "fifo")
     assert "is not a shared-memory object" in refused(reg.register, "public", ME, "a", "/fifo", 0, 1).message
     assert refused(reg.register, "public", ME, "", key, 0, 1).code == grpc.StatusCode.INVALID_ARGUMENT
@@ -89,6 +90,36 @@ def test_registration_refusals(shm, tmp_path):
     reg.register("public", ME, "c", key, 0, 16)
     assert refused(reg.register, "public", ME, "d", key, 0, 16).code == grpc.StatusCode.RESOURCE_EXHAUSTED
     reg.close()
+
+
+def test_a_region_is_opened_only_once_its_owner_is_accepted(shm):
+    """Root looks at a /dev/shm file (O_PATH) before it opens it read-write: another user's file, or a
+    FIFO, is refused without being opened (no open event, no lease break for its owner)."""
+    reg, make, root = shm
+    key = make("theirs", 1024)
+    os.mkfifo(root / "pipe")
+    libc = ctypes.CDLL(None, use_errno=True)
+    IN_OPEN = 0x20
+    watcher = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert watcher >= 0
+    try:
+        for name in ("theirs", "pipe"):
+            assert libc.inotify_add_watch(watcher, str(root / name).encode(), IN_OPEN) >= 0
+
+        def opened() -> int:
+            try:
+                return len(os.read(watcher, 4096)) // 16   # struct inotify_event, no names for file watches
+            except BlockingIOError:
+                return 0
+        other = refused(reg.register, "public", frozenset({os.getuid() + 1}), "a", key, 0, 16)
+        assert other.code == grpc.StatusCode.PERMISSION_DENIED
+        assert "is not a shared-memory object" in refused(reg.register, "public", ME, "a", "/pipe", 0, 1).message
+        assert opened() == 0
+        reg.register("public", ME, "a", key, 0, 16)   # accepted: opened read-write once
+        assert opened() == 1
+    finally:
+        os.close(watcher)
+        reg.close()
 
 
 def test_listeners_do_not_share_regions(shm):

@@ -338,11 +338,14 @@ def _decode(data: memoryview, msg_flags: int, fds: list[int], max_body: int, kin
 
 def _sealed(fd: int, seal_sets: tuple, what: str) -> os.stat_result:
     """fstat of an attached memfd that carries every seal of one of `seal_sets`; ProtocolError otherwise."""
-    st = os.fstat(fd)
+    try:   # (an O_PATH descriptor, say, fails both: the peer's error, not a socket failure to retry)
+        st = os.fstat(fd)
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS) if MEMFD_SEALS and stat.S_ISREG(st.st_mode) else 0
+    except OSError as exc:
+        raise ProtocolError(f"the attached descriptor cannot be checked ({exc.strerror})") from None
     if not stat.S_ISREG(st.st_mode):
         raise ProtocolError("the attached descriptor is not a memfd")
     if MEMFD_SEALS:
-        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
         if not any(seals & wanted == wanted for wanted in seal_sets):
             raise ProtocolError(f"the attached {what} is not sealed")
     return st

@@ -621,6 +621,9 @@ MALFORMED = {
     # (an INFER body may sit at the start of a larger input arena; a shorter memfd is refused)
     "fd size differs": (lambda: (hop.header(hop.INFER, 1, BIG, flags=hop.MEMFD), [_memfd(b"x" * (BIG - 1))])),
     "unsealed memfd": (lambda: (hop.header(hop.INFER, 1, BIG, flags=hop.MEMFD), [_memfd(b"x" * BIG, seal=False)])),
+    # (before, the OSError from F_GET_SEALS made Describe at load retry until the load timeout)
+    "an O_PATH descriptor as the body": (lambda: (hop.header(hop.RESPONSE, 1, BIG, flags=hop.MEMFD | hop.FINAL),
+                                                  [os.open(__file__, os.O_PATH)])),
     "fd without the memfd flag": (lambda: (hop.header(hop.INFER, 1, 0), [_memfd(b"x")])),
     "shm flag on a cancel": (lambda: (hop.header(hop.CANCEL, 1, 0, flags=hop.SHM), [_memfd(b"x")])),
     "shm flag without tensors": (lambda: (hop.header(hop.INFER, 1, 0, flags=hop.SHM), [])),
@@ -640,7 +643,7 @@ MALFORMED = {
     "two response arenas": (lambda: (hop.header(hop.INFER, 1, 0, flags=hop.SHM, side=16)
                                      + hop.SHM_SIZE.pack(hop.RESPONSE_ARENA) * 2, [_memfd(b"x"), _memfd(b"y")])),
 }
-TO_THE_SUPERVISOR = {"a response's own shm descriptor"}   # the others are received as a worker would
+TO_THE_SUPERVISOR = {"a response's own shm descriptor", "an O_PATH descriptor as the body"}   # the others are received as a worker would
 REASONS = {
     "oversized length": f"INFER body of {MAX + 1} bytes, above the limit of {MAX}",
     "unknown kind": "unexpected record kind 99",
@@ -650,6 +653,7 @@ REASONS = {
     "too many fds": "more than 1 file descriptor(s) attached to a record",
     "fd size differs": f"the attached memfd holds {BIG - 1} bytes, its header says {BIG}",
     "unsealed memfd": "the attached memfd is not sealed",
+    "an O_PATH descriptor as the body": "the attached descriptor cannot be checked (Bad file descriptor)",
     "fd without the memfd flag": "file descriptor attached to a record without a memfd body",
     "shm flag on a cancel": "shared-memory tensors on a CANCEL record",
     "shm flag without tensors": "shared-memory tensors flagged, none attached",

@@ -23,6 +23,13 @@ Lanes
        answered with several responses holds one turn for all of them.
   streams        ModelStreamInfer: idle timeout between messages (`stream_idle_s`); an idle
                  stream costs a coroutine and an HTTP/2 stream, no thread.
+  unary requests every other method's one request message (health, metadata, the repository, the
+                 shared-memory RPCs: a few hundred bytes each) is read only after the role check and
+                 its lane's admission, at most UNARY_READS at once, and refused above
+                 MAX_UNARY_REQUEST_BYTES (`read_unary`). gRPC takes a message up to the message limit
+                 before anyone can look at it, so without this every admitted control call could
+                 make the root process hold max_message_bytes (measured: 8 ServerLive requests of
+                 100 MiB took a plain grpc.aio server +1.75 GiB).
 """
 from __future__ import annotations
 
@@ -35,6 +42,8 @@ import grpc
 from .errors import ClientError, exhausted, unavailable
 
 MiB = 2**20
+UNARY_READS = 2                        # unary-request messages being received at once (read_unary)
+MAX_UNARY_REQUEST_BYTES = 1 * MiB      # the largest such message taken
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +128,32 @@ class Admission:
         self.per_caller: dict[str, int] = {}
         self.models: dict[str, ModelGate] = {}
         self.refusals = 0
+        self._unary_reads = asyncio.Semaphore(UNARY_READS)
+
+    async def read_unary(self, context, deserializer):
+        """The one request message of a unary-request RPC, read after its admission (listeners._wrap),
+        while at most UNARY_READS others are; ClientError when it does not come in time (waiting
+        included), is missing, larger than MAX_UNARY_REQUEST_BYTES or malformed."""
+        try:
+            async with asyncio.timeout(self.l.read_timeout_s):
+                async with self._unary_reads:
+                    raw = await context.read()
+        except TimeoutError:
+            raise ClientError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"no request within {self.l.read_timeout_s:g} s") from None
+        if raw is grpc.aio.EOF:
+            raise ClientError(grpc.StatusCode.INVALID_ARGUMENT, "no request message")
+        if len(raw) > MAX_UNARY_REQUEST_BYTES:
+            size = len(raw)
+            del raw   # the refusal's traceback keeps this frame, and grpc.aio keeps the abort chained to it
+            raise ClientError(grpc.StatusCode.INVALID_ARGUMENT, f"a request of {size} bytes: this method "
+                                                                f"takes at most {MAX_UNARY_REQUEST_BYTES} bytes")
+        if deserializer is None:
+            return raw
+        try:
+            return deserializer(raw)
+        except Exception:   # protobuf's DecodeError
+            raise ClientError(grpc.StatusCode.INVALID_ARGUMENT, "malformed request message") from None
 
     def model(self, name: str, concurrency: int | None = None) -> ModelGate:
         """Gates exist for configured models only (the caller checks the name first), so this dict is bounded.

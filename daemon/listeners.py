@@ -122,30 +122,47 @@ def parse_ip_port(address: str) -> tuple[ipaddress._BaseAddress, int]:
 
 
 # ---- authorization ---------------------------------------------------------------------------------
-def _wrap(handler: grpc.RpcMethodHandler, guard):
+def _wrap(handler: grpc.RpcMethodHandler, guard, read_unary):
     """A copy of `handler` whose behavior first runs `guard(context)` (a sync context-manager
     factory) around the original behavior.  Works for all four RPC kinds, for behaviors that are
-    coroutines (return / context.write) or async generators (yield)."""
+    coroutines (return / context.write) or async generators (yield).
+
+    A method whose request is one message (unary_unary, unary_stream) is served as its request-streaming
+    twin (stream_unary, stream_stream): gRPC reads a unary request, up to the message limit, before the
+    behavior starts, and a request-streaming behavior reads it itself. So the guard (role check, lane
+    admission) runs before a byte of the request is read, and `read_unary(context, deserializer)`
+    (Admission.read_unary) then reads it under its bounds. On the wire both are the same: the client
+    sends one message and half-closes."""
+    unary_request = bool(handler.unary_unary or handler.unary_stream)
     if handler.unary_unary:
-        behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+        behavior, factory = handler.unary_unary, grpc.stream_unary_rpc_method_handler
     elif handler.unary_stream:
-        behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
+        behavior, factory = handler.unary_stream, grpc.stream_stream_rpc_method_handler
     elif handler.stream_unary:
         behavior, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
     else:
         behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+    deserializer = handler.request_deserializer
 
-    # guard(context) returns a context manager whose __enter__ may raise ClientError (refusal):
-    # that becomes `await context.abort(...)` (grpc.aio's abort is a coroutine and must be the one
-    # raising: grpc.aio asserts the AbortError it catches is the one abort() made).
+    async def admitted(request, context):
+        """The guard entered, then the request (read now for a unary-request method); ClientError aborts."""
+        g = guard(context)
+        g.__enter__()
+        try:
+            return g, (await read_unary(context, deserializer) if unary_request else request)
+        except BaseException:
+            g.__exit__(None, None, None)
+            raise
+
+    # A refusal (ClientError) becomes `await context.abort(...)` (grpc.aio's abort is a coroutine and
+    # must be the one raising: grpc.aio asserts the AbortError it catches is the one abort() made).
     # An unexpected exception in a handler would reach the client as "Unexpected <class>: <text>":
     # it is logged here and the client gets a fixed INTERNAL text instead.
     method = getattr(behavior, "__qualname__", "?")
     if inspect.isasyncgenfunction(behavior):
         async def wrapped(request, context):
-            g = guard(context)
             try:
-                g.__enter__()
+                g, request = await admitted(request, context)
             except ClientError as e:
                 await context.abort(e.code, e.message)
             failed = False
@@ -163,9 +180,8 @@ def _wrap(handler: grpc.RpcMethodHandler, guard):
                 await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_TEXT)
     else:
         async def wrapped(request, context):
-            g = guard(context)
             try:
-                g.__enter__()
+                g, request = await admitted(request, context)
             except ClientError as e:
                 await context.abort(e.code, e.message)
             try:
@@ -177,7 +193,7 @@ def _wrap(handler: grpc.RpcMethodHandler, guard):
             finally:
                 g.__exit__(None, None, None)
             await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_TEXT)
-    return factory(wrapped, request_deserializer=handler.request_deserializer,
+    return factory(wrapped, request_deserializer=None if unary_request else deserializer,
                    response_serializer=handler.response_serializer)
 
 
@@ -231,7 +247,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                     self.lane.__exit__(*exc)
                 return False
 
-        return _wrap(handler, _Guard)
+        return _wrap(handler, _Guard, admission.read_unary)
 
 
 # ---- building and binding ---------------------------------------------------------------------------

@@ -233,3 +233,52 @@ def test_80_concurrent_big_requests_keep_the_supervisor_bounded(daemon_factory, 
     assert sampler.peak - baseline < bound
     with daemon.client() as client:
         assert client.model_ready("demo")
+
+
+def test_large_requests_to_unary_methods_are_read_a_few_at_a_time_and_refused(daemon_factory, demo_model, keys):
+    """gRPC reads a unary request, up to the message limit, before a handler can look at it: 40 concurrent
+    60 MiB ServerLive and ModelMetadata requests (unknown fields: valid protobuf) would have had the root
+    process hold all of them. Each is now read after its admission, at most UNARY_READS at once, and
+    refused for its size; the supervisor stays within two such reads, and health still answers."""
+    from sealbox.daemon.admission import MAX_UNARY_REQUEST_BYTES, UNARY_READS
+    max_mb, flood = 64, 40
+    daemon = daemon_factory({"demo": {"path": demo_model}}, keys[1], server=f"max_message_mb = {max_mb}").start()
+    junk = b"\x52" + bytes([0x80, 0x80, 0x80, 0x1e]) + b"j" * (60 * MiB)   # field 10, 60 MiB
+    supervisor = psutil.Process(daemon.proc.pid)
+    time.sleep(0.5)
+    baseline = supervisor.memory_info().rss
+    sampler = _RssSampler(daemon.proc.pid)
+    sampler.start()
+
+    async def send():
+        channels = [grpc.aio.insecure_channel(daemon.target, options=ONE_CONNECTION_EACH) for _ in range(flood)]
+        try:
+            calls = [c.unary_unary(OIP + ("ServerLive" if i % 2 else "ModelMetadata"))(junk, timeout=120)
+                     for i, c in enumerate(channels)]
+            return await asyncio.gather(*(_refusal(call) for call in calls))
+        finally:
+            await asyncio.gather(*(c.close() for c in channels))
+    results = asyncio.run(send())
+    sampler.running = False
+    sampler.join()
+    bound = 3 * UNARY_READS * max_mb * MiB + 256 * MiB
+    print(f"\nMEASURED {flood} x 60 MiB unary requests: supervisor RSS +{(sampler.peak - baseline) / MiB:.0f} MiB "
+          f"(bound +{bound / MiB:.0f})")
+    too_large = (f"a request of {len(junk)} bytes: this method takes at most {MAX_UNARY_REQUEST_BYTES} bytes")
+    assert results == [("INVALID_ARGUMENT", too_large)] * flood
+    assert sampler.peak - baseline < bound
+    with daemon.client() as client:
+        assert client.ready() and client.model_ready("demo")
+
+    async def malformed():
+        async with grpc.aio.insecure_channel(daemon.target) as channel:
+            return await _refusal(channel.unary_unary(OIP + "ServerLive")(b"\xff", timeout=30))
+    assert asyncio.run(malformed()) == ("INVALID_ARGUMENT", "malformed request message")
+
+
+async def _refusal(call):
+    try:
+        await call
+        return "OK", ""
+    except grpc.aio.AioRpcError as exc:
+        return exc.code().name, exc.details()

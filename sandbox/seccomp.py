@@ -99,7 +99,9 @@ _TCGETS, _FIOCLEX, _TIOCGWINSZ, _FIONBIO = 0x5401, 0x5451, 0x5413, 0x5421
 _F_GETFD, _F_SETFD, _F_GETFL, _F_SETFL = 1, 2, 3, 4
 _F_ADD_SEALS, _F_GET_SEALS, _F_DUPFD_CLOEXEC = 1033, 1034, 1030
 _SIGABRT = 6
-_MADV_REMOVE = 9
+# madvise advices (<asm-generic/mman-common.h>) a worker may give: all but MADV_REMOVE (9) and the
+# hardware-poisoning ones (100, 101: root only anyway). malloc uses DONTNEED/FREE, numpy HUGEPAGE.
+_MADV_ALLOWED = (0, 1, 2, 3, 4, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25)
 _NR_SECCOMP_X86_64 = 317
 _BPF_INSN_SIZE = 8          # sizeof(struct sock_filter)
 _BPF_MAXINSNS = 4096
@@ -181,11 +183,12 @@ def stage1_bpf(engine: str) -> bytes:
     # prctl: naming anonymous memory (glibc), no_new_privs before stage 2.
     for option in (_PR_SET_VMA, _PR_SET_NO_NEW_PRIVS):
         f.add_rule(sc.ALLOW, "prctl", sc.Arg(0, sc.EQ, option))
-    # madvise: every advice but MADV_REMOVE, the one that punches a hole in a shared file mapping. A
-    # worker could otherwise empty pages of an output arena it said it wrote while the supervisor
-    # copies them (daemon/shared_memory.py), so that the root process allocates them; neither
-    # malloc, MLX nor the runtimes use it (the sandbox tests run them all under this filter).
-    f.add_rule(sc.ALLOW, "madvise", sc.Arg(2, sc.NE, _MADV_REMOVE))
+    # madvise: the listed advices only, compared on all 64 bits (the kernel reads the advice as an int,
+    # so a "not MADV_REMOVE" rule would pass 0x1_00000009). MADV_REMOVE, which punches a hole in a shared
+    # file mapping, is not among them: a worker could otherwise empty pages of an output arena it said it
+    # wrote while the supervisor copies them (daemon/shared_memory.py), for the root process to allocate.
+    for advice in _MADV_ALLOWED:
+        f.add_rule(sc.ALLOW, "madvise", sc.Arg(2, sc.EQ, advice))
     # Only our own rlimits (glibc's getrlimit is prlimit64(0, ...)).
     f.add_rule(sc.ALLOW, "prlimit64", sc.Arg(0, sc.EQ, 0))
     # abort() signals itself with SIGABRT: an MLX crash shows as SIGABRT, not a seccomp kill.

@@ -33,7 +33,7 @@ NR = {
     "connect": 42, "clone": 56, "kill": 62, "ptrace": 101, "personality": 135, "chroot": 161,
     "mount": 165, "init_module": 175, "tgkill": 234, "kexec_load": 246, "add_key": 248, "keyctl": 250,
     "mknodat": 259, "unshare": 272, "perf_event_open": 298, "open_by_handle_at": 304,
-    "process_vm_readv": 310, "ioctl": 16, "getpid": 39, "pidfd_open": 434, "pidfd_getfd": 438, "finit_module": 313, "bpf": 321, "userfaultfd": 323, "io_uring_setup": 425,
+    "process_vm_readv": 310, "ioctl": 16, "madvise": 28, "getpid": 39, "pidfd_open": 434, "pidfd_getfd": 438, "finit_module": 313, "bpf": 321, "userfaultfd": 323, "io_uring_setup": 425,
 }
 
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
@@ -493,6 +493,23 @@ def madvise_remove(p):
         mapping.madvise(mmap.MADV_REMOVE)
         after = os.fstat(fd).st_blocks
         mapping.close()
+    finally:
+        os.close(fd)
+    return f"ok:hole punched (st_blocks {before} -> {after})"
+
+
+def madvise_remove_high_bits(p):
+    """The same hole through a filter that would compare the advice on all 64 bits but the kernel reads
+    as an int: MADV_REMOVE with bit 32 set (0x1_00000009), as a raw syscall."""
+    import mmap
+    fd = os.memfd_create("probe")
+    try:
+        os.write(fd, b"w" * 8192)
+        mapping = mmap.mmap(fd, 8192, flags=mmap.MAP_SHARED)
+        address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+        before = os.fstat(fd).st_blocks
+        sys_call("madvise", ctypes.c_void_p(address), c_long(8192), c_long((1 << 32) | 9))
+        after = os.fstat(fd).st_blocks
     finally:
         os.close(fd)
     return f"ok:hole punched (st_blocks {before} -> {after})"

@@ -24,12 +24,15 @@ Lanes
   streams        ModelStreamInfer: idle timeout between messages (`stream_idle_s`); an idle
                  stream costs a coroutine and an HTTP/2 stream, no thread.
   unary requests every other method's one request message (health, metadata, the repository, the
-                 shared-memory RPCs: a few hundred bytes each) is read only after the role check and
-                 its lane's admission, at most UNARY_READS at once, and refused above
-                 MAX_UNARY_REQUEST_BYTES (`read_unary`). gRPC takes a message up to the message limit
-                 before anyone can look at it, so without this every admitted control call could
-                 make the root process hold max_message_bytes (measured: 8 ServerLive requests of
-                 100 MiB took a plain grpc.aio server +1.75 GiB).
+                 shared-memory RPCs: a few hundred bytes each) is read only after the role check,
+                 at most UNARY_READS at once per caller with at most UNARY_WAITERS more of that
+                 caller's waiting (beyond: refused at once), and refused above
+                 MAX_UNARY_REQUEST_BYTES (`read_unary`); the control lane is entered after it. gRPC
+                 takes a message up to the message limit once it is read, so without this every
+                 control call could make the root process hold max_message_bytes (measured: 8
+                 ServerLive requests of 100 MiB took a plain grpc.aio server +1.75 GiB); a call
+                 not yet read costs what HTTP/2 flow control lets in (~5-10 MiB, measured). Per
+                 caller, so that a caller who sends slowly, or never, delays only its own requests.
 """
 from __future__ import annotations
 
@@ -42,7 +45,8 @@ import grpc
 from .errors import ClientError, exhausted, unavailable
 
 MiB = 2**20
-UNARY_READS = 2                        # unary-request messages being received at once (read_unary)
+UNARY_READS = 2                        # unary-request messages of one caller being received at once
+UNARY_WAITERS = 8                      # more of its unary requests waiting for one of those reads
 MAX_UNARY_REQUEST_BYTES = 1 * MiB      # the largest such message taken
 
 
@@ -118,6 +122,14 @@ class ModelGate:
             self._sem.release()
 
 
+class _UnaryReads:
+    """One caller's unary-request reads: UNARY_READS turns, and how many of its calls hold or wait for one."""
+    __slots__ = ("turns", "calls")
+
+    def __init__(self):
+        self.turns, self.calls = asyncio.Semaphore(UNARY_READS), 0
+
+
 class Admission:
     def __init__(self, limits: Limits):
         self.l = limits
@@ -128,19 +140,30 @@ class Admission:
         self.per_caller: dict[str, int] = {}
         self.models: dict[str, ModelGate] = {}
         self.refusals = 0
-        self._unary_reads = asyncio.Semaphore(UNARY_READS)
+        self._unary_reads: dict[str, _UnaryReads] = {}   # active callers only
 
-    async def read_unary(self, context, deserializer):
-        """The one request message of a unary-request RPC, read after its admission (listeners._wrap),
-        while at most UNARY_READS others are; ClientError when it does not come in time (waiting
-        included), is missing, larger than MAX_UNARY_REQUEST_BYTES or malformed."""
+    async def read_unary(self, context, deserializer, caller_key: str):
+        """The one request message of a unary-request RPC (listeners._wrap), read while at most
+        UNARY_READS others of the same caller are, after at most UNARY_WAITERS of its calls ahead of it;
+        ClientError when there is no room, when it does not come within read_timeout_s (waiting
+        included), or when it is missing, larger than MAX_UNARY_REQUEST_BYTES or malformed."""
+        reads = self._unary_reads.get(caller_key)
+        if reads is None:
+            reads = self._unary_reads[caller_key] = _UnaryReads()
+        if reads.calls >= UNARY_READS + UNARY_WAITERS:
+            raise self._refuse("requests being received for this caller")
+        reads.calls += 1
         try:
             async with asyncio.timeout(self.l.read_timeout_s):
-                async with self._unary_reads:
+                async with reads.turns:
                     raw = await context.read()
         except TimeoutError:
             raise ClientError(grpc.StatusCode.DEADLINE_EXCEEDED,
                               f"no request within {self.l.read_timeout_s:g} s") from None
+        finally:
+            reads.calls -= 1
+            if not reads.calls:
+                del self._unary_reads[caller_key]
         if raw is grpc.aio.EOF:
             raise ClientError(grpc.StatusCode.INVALID_ARGUMENT, "no request message")
         if len(raw) > MAX_UNARY_REQUEST_BYTES:

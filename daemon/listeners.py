@@ -123,16 +123,18 @@ def parse_ip_port(address: str) -> tuple[ipaddress._BaseAddress, int]:
 
 # ---- authorization ---------------------------------------------------------------------------------
 def _wrap(handler: grpc.RpcMethodHandler, guard, read_unary):
-    """A copy of `handler` whose behavior first runs `guard(context)` (a sync context-manager
-    factory) around the original behavior.  Works for all four RPC kinds, for behaviors that are
-    coroutines (return / context.write) or async generators (yield).
+    """A copy of `handler` whose behavior first runs `guard(context)` around the original behavior:
+    its `check()` (the role; returns the caller), then, entered as a context manager, its lane. Works
+    for all four RPC kinds, for behaviors that are coroutines (return / context.write) or async
+    generators (yield).
 
     A method whose request is one message (unary_unary, unary_stream) is served as its request-streaming
     twin (stream_unary, stream_stream): gRPC reads a unary request, up to the message limit, before the
-    behavior starts, and a request-streaming behavior reads it itself. So the guard (role check, lane
-    admission) runs before a byte of the request is read, and `read_unary(context, deserializer)`
-    (Admission.read_unary) then reads it under its bounds. On the wire both are the same: the client
-    sends one message and half-closes."""
+    behavior starts, and a request-streaming behavior reads it itself. So the role check runs before a
+    byte of the request is read, `read_unary(context, deserializer, caller key)` (Admission.read_unary)
+    then reads it under its per-caller bounds, and only then is the lane entered (a call that never sends
+    its message holds no lane). On the wire both are the same: the client sends one message and
+    half-closes."""
     unary_request = bool(handler.unary_unary or handler.unary_stream)
     if handler.unary_unary:
         behavior, factory = handler.unary_unary, grpc.stream_unary_rpc_method_handler
@@ -145,14 +147,14 @@ def _wrap(handler: grpc.RpcMethodHandler, guard, read_unary):
     deserializer = handler.request_deserializer
 
     async def admitted(request, context):
-        """The guard entered, then the request (read now for a unary-request method); ClientError aborts."""
+        """The role checked, the request (read now for a unary-request method), the lane entered; a
+        ClientError on the way aborts the call."""
         g = guard(context)
+        caller = g.check()
+        if unary_request:
+            request = await read_unary(context, deserializer, caller.key)
         g.__enter__()
-        try:
-            return g, (await read_unary(context, deserializer) if unary_request else request)
-        except BaseException:
-            g.__exit__(None, None, None)
-            raise
+        return g, request
 
     # A refusal (ClientError) becomes `await context.abort(...)` (grpc.aio's abort is a coroutine and
     # must be the one raising: grpc.aio asserts the AbortError it catches is the one abort() made).
@@ -225,22 +227,27 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         class _Guard:
             def __init__(self, context):
                 self.context = context
-                self.lane = None
+                self.lane = self.caller = None
 
-            def __enter__(self):
+            def check(self):
+                """The caller, if its role admits the method; ClientError otherwise."""
                 caller = R.caller_from_context(self.context, spec.name, spec.transport, spec.roles,
                                                spec.identity_roles)
                 current_caller.set(caller)
                 if role is None or role not in caller.roles:
                     audit.denied(caller, method, role)
                     raise denied(method, role)
+                self.caller = caller
+                return caller
+
+            def __enter__(self):
                 if method in R.CONTROL_STREAMS:
-                    self.lane = admission.inference_call(caller.key, stream=True)
+                    self.lane = admission.inference_call(self.caller.key, stream=True)
                     self.lane.__enter__()
                 elif role in R.CONTROL_ROLES:
                     self.lane = admission.control_call()
                     self.lane.__enter__()
-                return caller
+                return self.caller
 
             def __exit__(self, *exc):
                 if self.lane is not None:

@@ -200,6 +200,8 @@ class FrontDoor:
         await context.abort(code, message)
 
     async def ModelStreamInfer(self, request_iterator, context):
+        """Responses are written one by one, each taken by the client within stream_idle_s (`_write`): a
+        client that stops reading ends its stream, and with it the call that holds the model's turn."""
         caller = current_caller.get()
         failure = None
         try:
@@ -212,13 +214,32 @@ class FrontDoor:
                         async with contextlib.aclosing(self._forward_stream(request)) as responses:
                             del request
                             async for response in responses:
-                                yield stream_wrap(response)
+                                await self._write(context, stream_wrap(response))
+                    except _NotReading as e:
+                        # Nothing more reaches this client before the response its window does not take
+                        # (HTTP/2 sends in order), so no abort (it would fail on that pending response):
+                        # the handler ends, and this status follows if the client ever reads on.
+                        context.set_code(e.code)
+                        context.set_details(e.message)
+                        return
                     except ClientError as e:   # per-message errors stay in-band, as Triton does
-                        yield pb.ModelStreamInferResponse(error_message=e.message).SerializeToString()
+                        await self._write(context,
+                                          pb.ModelStreamInferResponse(error_message=e.message).SerializeToString())
         except ClientError as e:
             failure = (e.code, e.message)
         if failure:
             await context.abort(*failure)
+
+    async def _write(self, context, message: bytes) -> None:
+        """One stream response, sent once the client's HTTP/2 window takes it; _NotReading when it has
+        not within stream_idle_s (a client that stopped reading would otherwise hold the stream, its
+        call and the model's turn for as long as it keeps its connection)."""
+        try:
+            async with asyncio.timeout(self.limits.stream_idle_s):
+                await context.write(message)
+        except TimeoutError:
+            raise _NotReading(grpc.StatusCode.DEADLINE_EXCEEDED, "the client took no response for "
+                                                                 f"{self.limits.stream_idle_s:g} s") from None
 
     # -- health and metadata (control lane) ---------------------------------------------------------
     async def ServerLive(self, request, context):
@@ -403,6 +424,10 @@ class FrontDoor:
 
 
 UINT64_MAX = 2**64 - 1
+
+
+class _NotReading(ClientError):
+    """A stream's client took no response within stream_idle_s: the stream ends (never answered in-band)."""
 
 
 class _Timing:

@@ -285,3 +285,38 @@ async def _refusal(call):
         return "OK", ""
     except grpc.aio.AioRpcError as exc:
         return exc.code().name, exc.details()
+
+
+def test_a_stream_whose_client_stops_reading_ends_and_frees_the_models_turn(daemon_factory, demo_model, keys):
+    """A ModelStreamInfer client that sends requests with large answers and never reads them: once its
+    HTTP/2 window is full the next response cannot be written. Before, the stream then held its call, and
+    the model's one turn, for as long as the client kept its connection; now the daemon ends the stream after
+    stream_idle_s without a response taken (the call is cancelled at the worker), and another caller is
+    served."""
+    daemon = daemon_factory({"demo": {"path": demo_model}}, keys[1],
+                            server="[server.limits]\nstream_idle_s = 2\nmodel_inflight = 1\nmodel_queue = 1\n"
+                                   "model_queue_timeout_s = 8").start()
+    big = infer_bytes("demo", 1 << 18)   # 4 MiB in, 3 MiB out
+
+    async def run():
+        stalled = grpc.aio.insecure_channel(daemon.target, options=ONE_CONNECTION_EACH)
+        stream = stalled.stream_stream(OIP + "ModelStreamInfer")(timeout=120)
+
+        async def send():   # never read: the answers fill the client's window, then the daemon's writes wait
+            try:
+                for _ in range(40):
+                    await stream.write(big)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                pass   # the daemon ended the stream meanwhile
+        sender = asyncio.ensure_future(send())
+        await asyncio.sleep(1.0)
+        async with grpc.aio.insecure_channel(daemon.target, options=ONE_CONNECTION_EACH) as other:
+            outcome = await _refusal(other.unary_unary(OIP + "ModelInfer")(infer_bytes("demo"), timeout=60))
+        # (The stream's status cannot reach this client: HTTP/2 sends it after the answers it does not read.)
+        stream.cancel()
+        await asyncio.gather(sender, return_exceptions=True)   # (its write, if still waiting, is cancelled)
+        await stalled.close()
+        return outcome
+    outcome = asyncio.run(run())
+    assert outcome == ("OK", ""), outcome   # before: UNAVAILABLE, busy: no turn within 8 s
+    assert "Traceback" not in daemon.stderr_path.read_text()   # ended quietly: no failed abort logged

@@ -200,46 +200,55 @@ class FrontDoor:
         await context.abort(code, message)
 
     async def ModelStreamInfer(self, request_iterator, context):
-        """Responses are written one by one, each taken by the client within stream_idle_s (`_write`): a
-        client that stops reading ends its stream, and with it the call that holds the model's turn."""
+        """Responses are written one by one (`_write`). A client that takes none within its time (it
+        stopped reading) gets no more: the call is cancelled at the worker and the model's turn given
+        back at once; the stream and its lane stay until that client takes the pending response or
+        leaves (only then can a status follow it; gRPC holds the response meanwhile)."""
         caller = current_caller.get()
         failure = None
         try:
             with self.admission.inference_call(caller.key, stream=True):
-                while True:
-                    request = await read_one(context, self.limits.stream_idle_s)   # idle timeout
-                    if request is None:
-                        return
-                    try:
-                        async with contextlib.aclosing(self._forward_stream(request)) as responses:
-                            del request
-                            async for response in responses:
-                                await self._write(context, stream_wrap(response))
-                    except _NotReading as e:
-                        # Nothing more reaches this client before the response its window does not take
-                        # (HTTP/2 sends in order), so no abort (it would fail on that pending response):
-                        # the handler ends, and this status follows if the client ever reads on.
-                        context.set_code(e.code)
-                        context.set_details(e.message)
-                        return
-                    except ClientError as e:   # per-message errors stay in-band, as Triton does
-                        await self._write(context,
-                                          pb.ModelStreamInferResponse(error_message=e.message).SerializeToString())
+                try:
+                    await self._serve_stream(context)
+                except _NotReading as stalled:
+                    await asyncio.wait({stalled.write})   # until the client reads on or leaves
+                    context.set_code(stalled.code)
+                    context.set_details(stalled.message)
         except ClientError as e:
             failure = (e.code, e.message)
         if failure:
             await context.abort(*failure)
 
+    async def _serve_stream(self, context) -> None:
+        while True:
+            request = await read_one(context, self.limits.stream_idle_s)   # idle timeout
+            if request is None:
+                return
+            try:
+                async with contextlib.aclosing(self._forward_stream(request)) as responses:
+                    del request
+                    async for response in responses:
+                        await self._write(context, stream_wrap(response))
+            except _NotReading:
+                raise
+            except ClientError as e:   # per-message errors stay in-band, as Triton does
+                await self._write(context, pb.ModelStreamInferResponse(error_message=e.message).SerializeToString())
+
     async def _write(self, context, message: bytes) -> None:
-        """One stream response, sent once the client's HTTP/2 window takes it; _NotReading when it has
-        not within stream_idle_s (a client that stopped reading would otherwise hold the stream, its
-        call and the model's turn for as long as it keeps its connection)."""
-        try:
-            async with asyncio.timeout(self.limits.stream_idle_s):
-                await context.write(message)
-        except TimeoutError:
-            raise _NotReading(grpc.StatusCode.DEADLINE_EXCEEDED, "the client took no response for "
-                                                                 f"{self.limits.stream_idle_s:g} s") from None
+        """One stream response, once the client's HTTP/2 window takes it. _NotReading (holding the write,
+        which gRPC keeps pending) when it has not within stream_idle_s, plus the time its size takes at
+        MIN_STREAM_RATE: a slow client that reads is not cut off. A client gone meanwhile ends the
+        call quietly, as grpc.aio's own writes do."""
+        write = asyncio.ensure_future(context.write(message))
+        write.add_done_callback(_retrieved)
+        await asyncio.wait({write}, timeout=self.limits.stream_idle_s + len(message) / MIN_STREAM_RATE)
+        if not write.done():
+            raise _NotReading(grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"the client took no response for {self.limits.stream_idle_s:g} s", write)
+        if write.exception() is not None:
+            if context.cancelled():
+                raise asyncio.CancelledError()
+            raise write.exception()
 
     # -- health and metadata (control lane) ---------------------------------------------------------
     async def ServerLive(self, request, context):
@@ -426,8 +435,22 @@ class FrontDoor:
 UINT64_MAX = 2**64 - 1
 
 
+MIN_STREAM_RATE = 1 << 20   # bytes/s at which a client that reads takes a stream response, at least
+
+
 class _NotReading(ClientError):
-    """A stream's client took no response within stream_idle_s: the stream ends (never answered in-band)."""
+    """A stream's client took no response in its time: the stream ends (never answered in-band). `write`
+    is the response gRPC still holds for it."""
+
+    def __init__(self, code, message: str, write: asyncio.Future):
+        super().__init__(code, message)
+        self.write = write
+
+
+def _retrieved(write: asyncio.Future) -> None:
+    """A write's outcome is read even if no one waits for it any more (a client gone: no asyncio warning)."""
+    if not write.cancelled():
+        write.exception()
 
 
 class _Timing:

@@ -320,3 +320,35 @@ def test_a_stream_whose_client_stops_reading_ends_and_frees_the_models_turn(daem
     outcome = asyncio.run(run())
     assert outcome == ("OK", ""), outcome   # before: UNAVAILABLE, busy: no turn within 8 s
     assert "Traceback" not in daemon.stderr_path.read_text()   # ended quietly: no failed abort logged
+
+
+def test_a_stream_client_that_reads_slowly_is_not_cut_off(daemon_factory, demo_model, keys):
+    """The time a client has to take a stream response grows with its size (1 s per MiB on top of
+    stream_idle_s): a client whose small HTTP/2 window makes every 3 MiB answer wait 1.5 s for it still
+    gets all of them, and the stream ends OK."""
+    daemon = daemon_factory({"demo": {"path": demo_model}}, keys[1],
+                            server="[server.limits]\nstream_idle_s = 1").start()
+    big = infer_bytes("demo", 1 << 18)   # 3 MiB answers
+    slow = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024),
+            ("grpc.max_receive_message_length", 64 * MiB), ("grpc.max_send_message_length", 64 * MiB)]
+
+    async def run():
+        async with grpc.aio.insecure_channel(daemon.target, options=slow) as channel:
+            stream = channel.stream_stream(OIP + "ModelStreamInfer")(timeout=120)
+
+            async def send():   # (the daemon reads the next request once it has written an answer)
+                for _ in range(3):
+                    await stream.write(big)
+                await stream.done_writing()
+            sender = asyncio.ensure_future(send())
+            got = []
+            while True:
+                await asyncio.sleep(1.5)   # the next answer is pulled only when it is read
+                answer = await stream.read()
+                if answer is grpc.aio.EOF:
+                    break
+                got.append(len(answer))
+            await sender
+            return got, (await stream.code()).name
+    got, code = asyncio.run(run())
+    assert len(got) == 3 and min(got) > 3 * MiB and code == "OK", (got, code)

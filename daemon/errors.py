@@ -64,6 +64,12 @@ def from_worker_status(model: str, code: grpc.StatusCode, details: str) -> Clien
         return ClientError(_PASS_THROUGH[code], clean(details))   # the model's own words, bounded
     # INTERNAL (the engine failed), and PERMISSION_DENIED, UNAVAILABLE, ...: a worker has no business
     # there. A fixed text: the engine's own words about a failure may quote anything it holds.
+    return model_failed(model)
+
+
+def model_failed(model: str) -> ClientError:
+    """The one way to say a model's worker failed a call or broke its word (an answer that fails the
+    supervisor's checks): INTERNAL with a fixed text, nothing of what the worker said."""
     return ClientError(SC.INTERNAL, f"model '{model}' failed")
 
 

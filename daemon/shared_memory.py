@@ -405,7 +405,7 @@ class SharedCall:
         into its range (blocking). A worker that reported the wrong number of outputs failed; an output
         larger than its range is the client's error, as in Triton."""
         if len(sizes) != len(self.outputs):
-            raise ClientError(SC.INTERNAL, f"model '{model}' failed")
+            raise errors.model_failed(model)
         for (region, offset, size, what), arena, n in zip(self.outputs, self._out, sizes):
             if n > size:
                 raise _refuse(SC.INVALID_ARGUMENT, f"{what}: {n} bytes do not fit the {size} bytes given "
@@ -417,7 +417,7 @@ class SharedCall:
                 # A page the worker says it wrote and never did: copied through the mapping, it would be
                 # allocated for the root process. (A written page stays: the worker's seccomp filter has
                 # neither fallocate nor madvise(MADV_REMOVE) to punch it out again while this copies.)
-                raise ClientError(SC.INTERNAL, f"model '{model}' failed")
+                raise errors.model_failed(model)
             with memoryview(arena.mapping) as view:
                 write_output(region, offset, view[:n], what)
 

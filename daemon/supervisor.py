@@ -871,7 +871,7 @@ class Supervisor:
                 raise PeekError("the appended parameters changed")
             check_complete(memoryview(response)[:length])   # nothing in it can swallow the parameters appended
         except PeekError:
-            raise errors.ClientError(grpc.StatusCode.INTERNAL, f"model '{name}' failed") from None
+            raise errors.model_failed(name) from None
         model.failures.pop(worker.slot, None)  # it served: the next death starts the backoff afresh
         return response
 
